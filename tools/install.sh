@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One-command install: creates .venv in the repo root with torch, timm, this project and the
+# mm stack (mmengine, mmcv built once into a wheel cache, mmdet, mmpose).
+#
+#   bash tools/install.sh            # everything (first run builds mmcv: ~20 min on 2 cores)
+#   DAP_NO_MM=1 bash tools/install.sh  # pretraining only, no mmdet/mmpose
+#
+# GPU users who want mmcv's CUDA ops: FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" bash tools/install.sh
+# (a CUDA build gets its own cache key, so it never reuses the CPU wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV="$PWD/.venv"
+WHEELS=${DAP_WHEEL_CACHE:-$HOME/.cache/dap-pretrain/wheels}
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/pip"
+"$PIP" install -q --upgrade pip wheel
+"$PIP" install -q torch==2.14.1 torchvision==0.29.1
+"$PIP" install -q -e '.[dev]'
+
+if [ "${DAP_NO_MM:-0}" = 1 ]; then
+  echo "installed (no mm stack): $VENV"; exit 0
+fi
+
+"$PIP" install -q mmengine==0.10.7 pycocotools cython json_tricks munkres
+if ! "$VENV/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
+  tag=cpu; [ "${FORCE_CUDA:-0}" = 1 ] && tag="cuda${TORCH_CUDA_ARCH_LIST:-default}"
+  dest="$WHEELS/mmcv-2.1.0-torch2.14.1-${tag// /_}"
+  if ! ls "$dest"/mmcv-2.1.0-*.whl >/dev/null 2>&1; then
+    "$PIP" install -q 'setuptools<70'  # mmcv's setup.py imports pkg_resources (gone in setuptools 70+)
+    echo "building mmcv 2.1.0 with ops into $dest (about 20 minutes on 2 cores, once)"
+    src=$(mktemp -d)
+    "$PIP" download -q --no-deps --no-build-isolation --no-binary :all: mmcv==2.1.0 -d "$src"
+    tar -xzf "$src"/mmcv-2.1.0.tar.gz -C "$src"
+    # torch 2.14's headers need C++20; mmcv 2.1.0 hard-codes c++14/c++17.
+    sed -i -e 's/-std=c++14/-std=c++20/g' -e 's/-std=c++17/-std=c++20/g' "$src/mmcv-2.1.0/setup.py"
+    mkdir -p "$dest"
+    # --no-build-isolation: otherwise pip builds against a fresh torch-less env and silently drops the ops.
+    (cd "$src/mmcv-2.1.0" && MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} \
+      "$PIP" wheel -q --no-build-isolation --no-deps -w "$dest" .)
+    rm -rf "$src"
+  fi
+  "$PIP" install -q --no-deps "$dest"/mmcv-2.1.0-*.whl
+  "$PIP" install -q addict yapf opencv-python-headless
+fi
+"$PIP" install -q mmdet==3.3.0
+# mmpose's chumpy requirement does not build and is never imported; xtcocotools' wheel breaks on numpy 2.
+"$PIP" install -q --no-deps mmpose==1.3.2
+"$PIP" install -q --no-build-isolation --no-binary xtcocotools xtcocotools
+"$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmpose; print("mm stack ok: mmcv", mmcv.__version__, "mmdet", mmdet.__version__, "mmpose", mmpose.__version__)'
+echo "installed: $VENV"
