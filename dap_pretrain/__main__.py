@@ -1,0 +1,6 @@
+"""``python -m dap_pretrain plan|export``."""
+
+from dap_pretrain.cli import main
+
+if __name__ == "__main__":
+    main()

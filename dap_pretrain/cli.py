@@ -1,0 +1,139 @@
+"""Command-line plumbing shared by ``python -m dap_pretrain`` and the trainer.
+
+Only entry points import this module; library code takes keyword arguments (STYLE rule 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+
+from dap_pretrain.schedule import IMAGENET_NUM_SAMPLES, DaPConfig, plan, solve_keep
+
+
+# Paper settings (Section 4.3.1 for ImageNet, Tables 2-3 baselines for CIFAR), as plan defaults.
+PRESETS = {
+    "imagenet": dict(epochs=120, dap_warmup=10, dap_interval=2, dap_keep=0.9, dap_active=10, dap_reuse=[30, 60, 90],
+                     num_samples=IMAGENET_NUM_SAMPLES),
+    "imagenet-86": dict(epochs=120, dap_warmup=10, dap_interval=2, dap_keep=0.95, dap_active=10,
+                        dap_reuse=[30, 60, 90], num_samples=IMAGENET_NUM_SAMPLES),
+    "cifar10": dict(epochs=300, dap_warmup=40, dap_interval=10, dap_keep=0.9, dap_active=None, dap_reuse=[150],
+                    num_samples=50_000),
+    "cifar100": dict(epochs=300, dap_warmup=40, dap_interval=20, dap_keep=0.9, dap_active=None, dap_reuse=[150],
+                     num_samples=50_000),
+}
+
+
+class UsageError(ValueError):
+    """Bad input found by an entry point; printed as one line, exit code 2."""
+
+
+def add_dap_arguments(parser: argparse.ArgumentParser, *, with_epochs: bool = True) -> None:
+    """The DaP flags, identical for ``plan`` and the trainer."""
+    g = parser.add_argument_group("Drop-and-Pick")
+    if with_epochs:
+        g.add_argument("--epochs", type=int, default=120, help="total epochs E")
+    g.add_argument("--dap-warmup", type=int, default=10, metavar="W", help="warm-up epochs on all data")
+    g.add_argument("--dap-interval", type=int, default=2, metavar="I", help="drop every I epochs")
+    g.add_argument("--dap-keep", type=float, default=0.9, metavar="P", help="fraction of the current subset kept")
+    g.add_argument("--dap-active", type=int, default=None, metavar="A",
+                   help="drop only during the first A epochs of a cycle (default: unlimited)")
+    g.add_argument("--dap-reuse", type=int, nargs="*", default=None, metavar="R",
+                   help="epochs at whose end all data is picked up again (trainer default: the LR decay milestones)")
+    g.add_argument("--dap-target-compute", type=float, default=None, metavar="F",
+                   help="solve --dap-keep so the plan spends compute fraction F")
+
+
+def dap_config_from_args(args: argparse.Namespace, *, num_samples: int,
+                         default_reuse: tuple[int, ...] = ()) -> tuple[DaPConfig, str | None]:
+    """Build the :class:`DaPConfig`; with ``--dap-target-compute`` solve p first.
+
+    Returns the config and, when p was solved, a line saying what it achieves.
+    """
+    reuse = tuple(args.dap_reuse) if args.dap_reuse is not None else tuple(default_reuse)
+    kwargs = dict(epochs=args.epochs, warmup=args.dap_warmup, interval=args.dap_interval, active=args.dap_active,
+                  reuse=reuse)
+    DaPConfig(keep=1.0, **kwargs)  # validate everything but p before solving
+    note = None
+    keep = args.dap_keep
+    if args.dap_target_compute is not None:
+        keep, achieved = solve_keep(args.dap_target_compute, num_samples=num_samples, **kwargs)
+        note = f"solved --dap-keep {keep:.6f}: compute {achieved:.4f} for target {args.dap_target_compute:.4f}"
+        if abs(achieved - args.dap_target_compute) > 0.005:
+            note += " (closest reachable: warm-up and reuse epochs always train on all data)"
+    return DaPConfig(keep=keep, **kwargs), note
+
+
+def exits_cleanly(main):
+    """Turn expected bad-input errors into one stderr line and exit code 2 (never a traceback)."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except (ValueError, FileNotFoundError) as e:  # UsageError and data.DataError are ValueErrors
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error: {msg}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default prints usage on several lines
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def make_parser(**kwargs) -> argparse.ArgumentParser:
+    return _Parser(**kwargs)
+
+
+def _plan_main(args: argparse.Namespace) -> int:
+    cfg, note = dap_config_from_args(args, num_samples=args.num_samples)
+    p = plan(cfg, args.num_samples)
+    if args.json:
+        out = p.to_dict()
+        if args.dap_target_compute is not None:
+            out["target_compute"] = args.dap_target_compute
+        print(json.dumps(out))
+        return 0
+    print(f"{'epoch':>5}  {'subset':>10}  {'fraction':>8}  event at end")
+    for i, (size, event) in enumerate(zip(p.subset_sizes, p.events), start=1):
+        print(f"{i:>5}  {size:>10}  {size / p.num_samples:>8.4f}  {event}")
+    if note:
+        print(note)
+    print(f"compute fraction: {p.compute_fraction:.4f} ({p.compute_fraction:.1%}) = {p.samples_trained} samples "
+          f"/ ({cfg.epochs} epochs x {p.num_samples})")
+    return 0
+
+
+def _export_main(args: argparse.Namespace) -> int:
+    from dap_pretrain.export import export_backbone
+
+    out = export_backbone(args.checkpoint, args.out, use_ema=not args.no_ema, overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+@exits_cleanly
+def main(argv=None) -> int:
+    parser = make_parser(prog="python -m dap_pretrain", description="Drop-and-Pick planner and backbone export")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("plan", help="print the per-epoch subset sizes and compute fraction of a DaP schedule")
+    add_dap_arguments(p)
+    p.add_argument("--num-samples", type=int, default=IMAGENET_NUM_SAMPLES, help="dataset size N (default ImageNet-1k)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a paper setting; other flags override it")
+    e = sub.add_parser("export", help="release a training checkpoint as timm/mmdet/mmpose weights")
+    e.add_argument("checkpoint", help="a checkpoint written by the trainer (e.g. OUTPUT/last.pth.tar)")
+    e.add_argument("--out", required=True, help="folder to write model.safetensors, backbone.pth, meta.json")
+    e.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    args = parser.parse_args(argv)
+    if args.command == "plan" and args.preset:
+        p.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    return {"plan": _plan_main, "export": _export_main}[args.command](args)

@@ -1,0 +1,113 @@
+"""Training/eval loaders whose batches carry dataset indices: ``(input, target, index)``.
+
+timm's ``PrefetchLoader`` yields only ``(input, target)``; a loss recorded behind it cannot be
+tied to a sample. :class:`IndexedPrefetchLoader` does the same job (uint8 batches from the
+workers, transfer on a side stream, normalisation on the device) and keeps the index in the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from torchvision import transforms as T
+
+_logger = logging.getLogger(__name__)
+
+
+def indexed_uint8_collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collate ``(uint8 CHW image, target, index)`` samples into three tensors (no float copy)."""
+    images = torch.stack([torch.from_numpy(b[0]) if isinstance(b[0], np.ndarray) else b[0] for b in batch])
+    targets = torch.as_tensor([b[1] for b in batch], dtype=torch.int64)
+    indices = torch.as_tensor([b[2] for b in batch], dtype=torch.int64)
+    return images, targets, indices
+
+
+class IndexedPrefetchLoader:
+    """Wraps a DataLoader of uint8 ``(images, targets, indices)`` and yields normalised device batches.
+
+    On CUDA the next batch is copied on a side stream while the current one trains; on CPU the
+    same code runs synchronously. Yields ``(input float/channels_last, target, index)``; ``index``
+    stays on the CPU, where the loss recorder lives.
+    """
+
+    def __init__(self, loader: DataLoader, *, mean: tuple[float, ...], std: tuple[float, ...],
+                 device: torch.device, channels_last: bool = False, dtype: torch.dtype = torch.float32):
+        self.loader = loader
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        self.dtype = dtype
+        shape = (1, len(mean), 1, 1)
+        self.mean = torch.tensor([255 * m for m in mean], device=self.device, dtype=dtype).view(shape)
+        self.std = torch.tensor([255 * s for s in std], device=self.device, dtype=dtype).view(shape)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def _to_device(self, images, targets):
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        images = images.to(self.dtype).sub_(self.mean).div_(self.std)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, targets
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self.stream is None:
+            for images, targets, indices in self.loader:
+                yield (*self._to_device(images, targets), indices)
+            return
+        pending = None
+        for images, targets, indices in self.loader:
+            with torch.cuda.stream(self.stream):
+                batch = (*self._to_device(images, targets), indices)
+            if pending is not None:
+                yield pending
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            for t in batch[:2]:
+                t.record_stream(torch.cuda.current_stream(self.device))
+            pending = batch
+        if pending is not None:
+            yield pending
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+    @property
+    def dataset(self):
+        return self.loader.dataset
+
+
+def cifar_transform(*, img_size: int = 32, is_training: bool) -> T.Compose:
+    """The paper's CIFAR augmentation: 4-pixel padded random crop and horizontal flip (train)."""
+    steps = [T.RandomCrop(img_size, padding=4), T.RandomHorizontalFlip()] if is_training else [T.Resize(img_size)]
+    return T.Compose([*steps, T.PILToTensor()])
+
+
+def imagenet_transform(*, img_size: int, is_training: bool, **timm_kwargs) -> T.Compose:
+    """timm's ImageNet pipeline (RandomResizedCrop 8-100%, 3/4-4/3 aspect, flip) as uint8 tensors."""
+    from timm.data import create_transform
+
+    return create_transform(img_size, is_training=is_training, use_prefetcher=True, **timm_kwargs)
+
+
+def create_loader(dataset, *, batch_size: int, sampler: Sampler | None, mean: tuple[float, ...],
+                  std: tuple[float, ...], device: torch.device, num_workers: int = 2, drop_last: bool = False,
+                  channels_last: bool = False, pin_memory: bool | None = None,
+                  generator: torch.Generator | None = None) -> IndexedPrefetchLoader:
+    """Build a DataLoader over an :class:`IndexedDataset` (transform already set) and its prefetcher.
+
+    ``generator`` seeds the workers' augmentation streams (torch draws a base seed from it each
+    time an epoch's iterator starts), so a run restored with the same generator state repeats them.
+    """
+    device = torch.device(device)
+    pin = device.type == "cuda" if pin_memory is None else pin_memory
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+                        collate_fn=indexed_uint8_collate, pin_memory=pin, drop_last=drop_last,
+                        persistent_workers=False, generator=generator)
+    return IndexedPrefetchLoader(loader, mean=mean, std=std, device=device, channels_last=channels_last)
