@@ -4,6 +4,7 @@ Importing the package registers the paper's CIFAR networks as timm models
 (``timm.create_model('cifar_resnet110')``).
 """
 
+from dap_pretrain import models  # noqa: F401  (registers cifar_* with timm)
 from dap_pretrain.schedule import DaPConfig, DaPSchedule, plan, solve_keep
 
 __version__ = "0.1.0"

@@ -12,7 +12,6 @@ import sys
 
 from dap_pretrain.schedule import IMAGENET_NUM_SAMPLES, DaPConfig, plan, solve_keep
 
-
 # Paper settings (Section 4.3.1 for ImageNet, Tables 2-3 baselines for CIFAR), as plan defaults.
 PRESETS = {
     "imagenet": dict(epochs=120, dap_warmup=10, dap_interval=2, dap_keep=0.9, dap_active=10, dap_reuse=[30, 60, 90],

@@ -48,5 +48,8 @@ fi
 # mmpose's chumpy requirement does not build and is never imported; xtcocotools' wheel breaks on numpy 2.
 "$PIP" install -q --no-deps mmpose==1.3.2
 "$PIP" install -q --no-build-isolation --no-binary xtcocotools xtcocotools
+# torch 2.14 requires setuptools>=77.0.3; mmengine 0.10.7 resolves 'mmdet::'/'mmpose::' config bases through
+# pkg_resources, which setuptools 81 removed. (The mmcv build above pins <70 only while it builds.)
+"$PIP" install -q 'setuptools>=77.0.3,<81'
 "$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmpose; print("mm stack ok: mmcv", mmcv.__version__, "mmdet", mmdet.__version__, "mmpose", mmpose.__version__)'
 echo "installed: $VENV"

@@ -120,15 +120,21 @@ def select_subset(current: torch.Tensor, losses: torch.Tensor, *, keep: float, s
         raise ValueError(f"select={strategy!r} is invalid: must be one of {', '.join(SELECT_STRATEGIES)}")
     if strategy == "none":
         return current.clone()
-    k = keep_count(current.numel(), keep)
+    n = current.numel()
+    k = keep_count(n, keep)
+    mask = torch.zeros(n, dtype=torch.bool)
     if strategy == "random":
-        pick = torch.randperm(current.numel(), generator=generator)[:k]
-        return current[pick].sort().values
+        mask[torch.randperm(n, generator=generator)[:k]] = True
+        return current[mask]
+    # O(N) instead of a full sort (a 1.28M-element sort costs ~0.25 s on 2 cores): find the k-th
+    # largest score, keep everything above it, and fill the remaining places with the lowest-index
+    # members that equal it. Masking keeps the result in ascending index order.
     scores = losses[current].nan_to_num(nan=math.inf)
-    # Sort by (score desc, index asc): current is ascending, so a stable descending sort keeps
-    # lower indices first among equal scores.
-    order = torch.sort(scores, descending=True, stable=True).indices[:k]
-    return current[order].sort().values
+    threshold = torch.kthvalue(scores, n - k + 1).values
+    mask = scores > threshold
+    ties = torch.nonzero(scores == threshold).squeeze(1)
+    mask[ties[: k - int(mask.sum())]] = True
+    return current[mask]
 
 
 @dataclass

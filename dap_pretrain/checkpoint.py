@@ -1,0 +1,75 @@
+"""Checkpoints as plain dicts, written atomically; resume that restores every stateful piece.
+
+A checkpoint (``OUTPUT/last.pth.tar``, ``OUTPUT/model_best.pth.tar``) holds only tensors, numbers,
+strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it (no pickled argparse
+Namespace, unlike timm's). Keys: ``version``, ``arch``, ``num_classes``, ``epoch`` (epochs
+completed), ``state_dict``, ``state_dict_ema``, ``optimizer``, ``lr_scheduler``, ``scaler``,
+``sampler``, ``rng``, ``args`` (resolved config), ``history`` (per-epoch rows), ``best``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming the fix."""
+
+
+def rng_state() -> dict:
+    """Every RNG a training step may draw from, as plain tensors and lists."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` via a temp file and ``os.replace``: a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"version": CHECKPOINT_VERSION, **state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
+    """Read a trainer checkpoint safely (``weights_only=True``) or raise :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a last.pth.tar written by dap-train")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt, truncated, or pickles foreign objects
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is unreadable ({first[:120]}); "
+                              "pass a last.pth.tar written by dap-train") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} was not written by dap-train (no 'arch'/'state_dict'); "
+                              "use `python -m dap_pretrain export` only on dap-train checkpoints")
+    return ckpt

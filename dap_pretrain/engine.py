@@ -1,0 +1,119 @@
+"""One training epoch and one evaluation pass (ConvNeXt/DeiT ``engine.py`` shape).
+
+The training step computes the unreduced loss once, records it per sample for DaP, and
+back-propagates its mean: the losses DaP ranks by come from the training forward pass itself,
+with augmentation, as in the paper (Section 4.1). No second forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dap_pretrain.distributed import all_reduce_sum
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    samples: int  # samples this rank passed through the model (DDP padding included)
+    steps: int
+    seconds: float
+    lr: float
+
+
+def _progress(iterable, *, total: int, desc: str, enabled: bool):
+    """A tqdm bar on a terminal, the plain iterable otherwise (logs carry the per-epoch line)."""
+    if enabled and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+        except ImportError:
+            pass
+    return iterable
+
+
+def train_one_epoch(model, loader, optimizer, *, epoch: int, sampler, lr_scheduler, device: torch.device,
+                    smoothing: float = 0.0, amp_dtype: torch.dtype | None = None, scaler=None, model_ema=None,
+                    clip_grad: float | None = None, log_interval: int = 50, show_progress: bool = True) -> EpochStats:
+    """Train ``model`` for one epoch of ``loader`` (batches ``(input, target, index)``).
+
+    Called once per epoch after ``sampler.set_epoch(epoch)``; the caller calls
+    ``sampler.end_epoch()`` afterwards. LR is set before each step from epoch progress
+    ``epoch + step / steps_in_this_epoch`` so a DaP epoch with fewer steps follows the same curve.
+    """
+    model.train()
+    steps = len(loader)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no per-step sync
+    seen, start = 0, time.perf_counter()
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    lr = lr_scheduler.get_last_lr()
+    for step, (images, targets, indices) in enumerate(_progress(loader, total=steps, desc=f"epoch {epoch + 1}",
+                                                                enabled=show_progress)):
+        lr = lr_scheduler.step(epoch + step / steps)
+        with autocast:
+            output = model(images)
+            losses = F.cross_entropy(output.float(), targets, reduction="none", label_smoothing=smoothing)
+        loss = losses.mean()
+        sampler.record(indices, losses.detach())
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+        if model_ema is not None:
+            model_ema.update(model, step=epoch * steps + step)
+        batch_loss = float(loss.detach()) if (step % log_interval == 0 or step == steps - 1) else None
+        if batch_loss is not None:
+            if not math.isfinite(batch_loss):
+                raise FloatingPointError(f"training loss became {batch_loss} at epoch {epoch + 1} step {step}; "
+                                         "lower --lr or enable --clip-grad")
+            _logger.debug("epoch %d step %d/%d loss %.4f lr %.3g", epoch + 1, step, steps, batch_loss, lr)
+        loss_sum += losses.detach().sum()
+        seen += indices.numel()
+    return EpochStats(loss=float(loss_sum) / max(1, seen), samples=seen, steps=steps, seconds=time.perf_counter() - start,
+                      lr=lr)
+
+
+@torch.no_grad()
+def evaluate(model, loader, *, device: torch.device, amp_dtype: torch.dtype | None = None) -> dict:
+    """Top-1/top-5 accuracy (%) and mean loss over ``loader``, summed exactly over DDP ranks.
+
+    ``loader`` yields ``(input, target, index)``; under DDP each rank evaluates a disjoint shard
+    (no padding), and one all-reduce combines the counts.
+    """
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    correct1 = correct5 = loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
+    for images, targets, _ in loader:
+        with autocast:
+            output = model(images)
+        output = output.float()
+        loss_sum = loss_sum + F.cross_entropy(output, targets, reduction="sum")
+        top = output.topk(min(5, output.shape[1]), dim=1).indices
+        hit = top.eq(targets[:, None])
+        correct1 = correct1 + hit[:, :1].sum()
+        correct5 = correct5 + hit.sum()
+        n += targets.numel()
+    c1, c5, ls, total = all_reduce_sum([float(correct1), float(correct5), float(loss_sum), float(n)], device)
+    total = max(total, 1.0)
+    return {"top1": 100.0 * c1 / total, "top5": 100.0 * c5 / total, "loss": ls / total, "samples": int(total)}

@@ -1,0 +1,116 @@
+"""Pre-flight checks of the COCO inputs a config reads, run before anything is built or written.
+
+Each check raises :class:`downstream.TransferInputError` with one line naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from downstream import TransferInputError
+
+_COCO_KEYS = ("images", "annotations", "categories")
+
+
+def load_coco_json(path: str | Path, *, keypoints: bool = False) -> dict:
+    """Loads a COCO annotation file and checks its top-level structure.
+
+    Args:
+        path: the annotation JSON.
+        keypoints: also require a category with a ``keypoints`` list (person keypoints files).
+
+    Raises:
+        TransferInputError: the file is missing, not JSON, or lacks COCO's keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TransferInputError(
+            f"annotation file {path} not found; pass --data-root DIR with DIR/annotations/{path.name}"
+        )
+    try:
+        ann = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TransferInputError(
+            f"annotation file {path} is not valid JSON ({e}); restore the original COCO file"
+        ) from None
+    missing = [k for k in _COCO_KEYS if not isinstance(ann, dict) or not isinstance(ann.get(k), list)]
+    if missing:
+        raise TransferInputError(
+            f"annotation file {path} is malformed (no {', '.join(missing)} list); restore the original COCO file"
+        )
+    if keypoints and not any(isinstance(c, dict) and c.get("keypoints") for c in ann["categories"]):
+        raise TransferInputError(f"annotation file {path} has no keypoint category; pass person_keypoints_*.json")
+    return ann
+
+
+def check_images(ann: dict, *, img_dir: str | Path, ann_file: str | Path) -> None:
+    """Checks that every image the annotations list is in ``img_dir``.
+
+    Raises:
+        TransferInputError: some images are absent (names the count and the first one).
+    """
+    img_dir = Path(img_dir)
+    if not img_dir.is_dir():
+        raise TransferInputError(f"image folder {img_dir} not found (needed by {ann_file}); check --data-root")
+    present = set(os.listdir(img_dir))
+    absent = [im.get("file_name") for im in ann["images"] if os.path.basename(str(im.get("file_name"))) not in present]
+    if absent:
+        raise TransferInputError(
+            f"{len(absent)} of {len(ann['images'])} images listed in {ann_file} are not in {img_dir} "
+            f"(e.g. {absent[0]}); point --data-root at the folder these annotations belong to"
+        )
+
+
+def check_person_dets(path: str | Path) -> None:
+    """Checks a top-down person-detection file: a JSON list of ``{image_id, bbox, score, ...}``.
+
+    Raises:
+        TransferInputError: missing or malformed file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TransferInputError(f"person detection file {path} not found; pass an existing --person-dets or drop it")
+    try:
+        dets = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TransferInputError(
+            f"person detection file {path} is not valid JSON ({e}); pass the original file"
+        ) from None
+    if not isinstance(dets, list) or not all(isinstance(d, dict) and {"image_id", "bbox"} <= d.keys() for d in dets):
+        raise TransferInputError(
+            f"person detection file {path} is malformed (want a list of {{image_id, bbox, score}}); "
+            "pass e.g. COCO_val2017_detections_AP_H_56_person.json"
+        )
+
+
+def check_coco_inputs(cfg, *, keypoints: bool) -> None:
+    """Checks every dataset and evaluator annotation file ``cfg`` reads, and their image folders.
+
+    Args:
+        cfg: the filled mmengine config (after :func:`downstream.config.build_transfer_config`).
+        keypoints: the annotations must carry keypoints (pose).
+    """
+    seen: set[Path] = set()
+    for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        ds = cfg.get(name, {}).get("dataset")
+        if ds is None:
+            continue
+        root = Path(ds.get("data_root") or "")
+        ann_file = root / ds.ann_file
+        img_dir = root / ds.get("data_prefix", {}).get("img", "")
+        if (ann_file, img_dir) in seen:
+            continue
+        seen.add((ann_file, img_dir))
+        check_images(load_coco_json(ann_file, keypoints=keypoints), img_dir=img_dir, ann_file=ann_file)
+        if ds.get("bbox_file"):
+            check_person_dets(ds.bbox_file)
+    for name in ("val_evaluator", "test_evaluator"):
+        evaluator = cfg.get(name)
+        if (
+            isinstance(evaluator, dict)
+            and evaluator.get("ann_file")
+            and Path(evaluator.ann_file) not in {a for a, _ in seen}
+        ):
+            load_coco_json(evaluator.ann_file, keypoints=keypoints)

@@ -1,0 +1,194 @@
+"""Fine-tune and evaluate one backbone on one COCO task; the entry point ``tools/transfer_coco.sh`` calls.
+
+    python -m downstream.transfer TASK BACKBONE [--data-root DIR] [--work-dir DIR] [--cfg-options k=v ...]
+
+Writes ``WORK_DIR/metrics.json``: the COCO evaluator's keys (``coco/bbox_mAP``, ..., ``coco/AP (M)``)
+at the top level as floats in [0, 1] (-1 where COCO has no instance of that size), the export's
+``meta.json`` under ``backbone``, and how the run was made under ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from downstream import TransferInputError
+from downstream.backbone import BackboneSpec, check_backbone, resolve_backbone
+from downstream.checks import check_coco_inputs, check_person_dets
+from downstream.config import TASKS, build_transfer_config, config_path, get_task
+
+METRICS_FILE = "metrics.json"
+
+
+def _reference_state_dict(cfg, spec: BackboneSpec) -> dict:
+    """State dict of the backbone the config builds, randomly initialised, for the key check."""
+    if cfg.model.backbone.type == "DaPTimmBackbone":
+        import timm  # the wrapper loads the full timm model's state dict before feature wrapping
+
+        return timm.create_model(spec.model, num_classes=0, pretrained=False).state_dict()
+    from mmengine.registry import MODELS, init_default_scope
+
+    init_default_scope(cfg.get("default_scope"))
+    backbone = copy.deepcopy(cfg.model.backbone)
+    backbone.pop("init_cfg", None)
+    return MODELS.build(backbone).state_dict()
+
+
+def _train_sec_per_iter(runner) -> float:
+    """Mean wall time of a training iteration (IterTimerHook), leaving out the first (warm-up) one."""
+    times = runner.message_hub.get_scalar("train/time").data[0]
+    return float(np.mean(times[1:] if len(times) > 1 else times))
+
+
+def _finite_metrics(metrics: dict) -> dict[str, float]:
+    """The evaluator's numeric results as plain floats (mmdet also logs strings, which are dropped)."""
+    out = {}
+    for key, value in metrics.items():
+        try:
+            out[key] = float(value)
+        except (TypeError, ValueError):
+            continue
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        raise RuntimeError(f"evaluator returned non-finite {bad}")
+    return out
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def prepare_transfer(
+    *,
+    task: str,
+    backbone: str | Path,
+    data_root: str | Path,
+    work_dir: str | Path,
+    model: str | None = None,
+    person_dets: str | Path | None = None,
+    cfg_options: dict | None = None,
+    launcher: str = "none",
+    overwrite: bool = False,
+):
+    """Resolves and checks every input and returns ``(cfg, spec)``; writes nothing.
+
+    Raises:
+        TransferInputError: unknown task, bad backbone, bad annotations/images/detections, or a work
+            dir that already holds ``metrics.json`` while ``overwrite`` is false.
+    """
+    t = get_task(task)
+    metrics_file = Path(work_dir) / METRICS_FILE
+    if metrics_file.exists() and not overwrite:
+        raise TransferInputError(f"{metrics_file} exists; pass another --work-dir or --overwrite to replace it")
+    spec = resolve_backbone(backbone=backbone, model=model)
+    if person_dets is not None:
+        check_person_dets(person_dets)
+    cfg = build_transfer_config(
+        task=task,
+        spec=spec,
+        data_root=data_root,
+        work_dir=work_dir,
+        cfg_options=cfg_options,
+        person_dets=person_dets,
+        launcher=launcher,
+    )
+    check_coco_inputs(cfg, keypoints=t.is_pose)
+    path = config_path(task=task, model=spec.model)
+    check_backbone(spec=spec, reference=_reference_state_dict(cfg, spec), expected=f"the backbone of {path.name}")
+    return cfg, spec
+
+
+def run_transfer(*, task: str, person_dets: str | Path | None = None, **kwargs) -> dict:
+    """Fine-tunes, evaluates with the config's test evaluator and writes ``WORK_DIR/metrics.json``.
+
+    Keyword args are those of :func:`prepare_transfer`. Training runs under
+    :func:`downstream.compat.trusted_checkpoints` for the work dir and ``load_from``/``resume`` (torch>=2.6).
+
+    Returns:
+        The dict written to ``metrics.json`` (on every rank; rank 0 writes it).
+    """
+    cfg, spec = prepare_transfer(task=task, person_dets=person_dets, **kwargs)
+    from mmengine.dist import get_world_size, is_main_process
+    from mmengine.runner import Runner
+
+    from downstream.compat import trusted_checkpoints
+
+    runner = Runner.from_cfg(cfg)
+    trusted = [cfg.work_dir] + [p for p in (cfg.get("load_from"), cfg.get("resume")) if isinstance(p, str)]
+    with trusted_checkpoints(trusted):
+        runner.train()
+        sec_per_iter = _train_sec_per_iter(runner)
+        metrics = runner.test()  # the config's test evaluator on the final weights
+    t = get_task(task)
+    result = {
+        "task": task,
+        "method": t.method,
+        "table": t.table,
+        **_finite_metrics(metrics),
+        "backbone": spec.meta,
+        "run": {
+            "config": str(config_path(task=task, model=spec.model)),
+            "backbone_checkpoint": str(spec.checkpoint),
+            "data_root": str(kwargs["data_root"]),
+            "person_boxes": str(person_dets) if person_dets else ("gt" if t.is_pose else None),
+            "train_iters": runner.iter,
+            "train_sec_per_iter": sec_per_iter,
+            "world_size": get_world_size(),
+            "cfg_options": {k: repr(v) for k, v in (kwargs.get("cfg_options") or {}).items()},
+        },
+    }
+    if is_main_process():
+        _write_json_atomic(Path(cfg.work_dir) / METRICS_FILE, result)
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from mmengine.config import DictAction
+
+    p = argparse.ArgumentParser(prog="transfer_coco", description=__doc__.splitlines()[0])
+    p.add_argument("task", help=f"one of {', '.join(TASKS)}")
+    p.add_argument("backbone", help="export folder (backbone.pth + meta.json) or a .pth state dict with --model")
+    p.add_argument("--data-root", default="data/coco", help="COCO folder with annotations/, train2017/, val2017/")
+    p.add_argument("--work-dir", default=None, help="default: work_dirs/TASK/<backbone folder name>")
+    p.add_argument("--model", default=None, help="timm model name of a bare .pth backbone")
+    p.add_argument("--person-dets", default=None, help="person detection JSON for pose eval (default: GT boxes)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing WORK_DIR/metrics.json")
+    p.add_argument("--launcher", choices=["none", "pytorch"], default="none", help="pytorch under torchrun")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="key.path=value overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: parse, run, map :class:`TransferInputError` to one stderr line and exit code 2."""
+    args = parse_args(argv)
+    work_dir = args.work_dir or os.path.join("work_dirs", args.task, Path(args.backbone).resolve().stem)
+    try:
+        run_transfer(
+            task=args.task,
+            backbone=args.backbone,
+            data_root=args.data_root,
+            work_dir=work_dir,
+            model=args.model,
+            person_dets=args.person_dets,
+            cfg_options=args.cfg_options,
+            launcher=args.launcher,
+            overwrite=args.overwrite,
+        )
+    except TransferInputError as e:
+        print(f"transfer_coco: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {os.path.join(work_dir, METRICS_FILE)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

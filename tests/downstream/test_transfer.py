@@ -1,0 +1,219 @@
+"""End to end on coco_mini through tools/transfer_coco.sh: fine-tune a few iterations, COCO-evaluate,
+metrics.json, the report; and every bad input is one stderr line with exit code 2 and nothing written.
+
+Runs shrink the stock schedules with --cfg-options only (the configs stay the paper's):
+one epoch over a few images at reduced size, workers off, and a score threshold of 0 so the
+evaluator scores real (if poor) detections rather than an empty result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from downstream.report import main as report_main
+from downstream.transfer import main as transfer_main
+
+REPO = Path(__file__).resolve().parents[2]
+COCO_MINI = REPO.parent / "shared" / "data" / "coco_mini"
+SCRIPT = REPO / "tools" / "transfer_coco.sh"
+
+_LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
+_NO_WORKERS = [f"{s}.{k}={v}" for s in _LOADERS for k, v in (("num_workers", 0), ("persistent_workers", False))]
+# val_begin=2: no validation inside the one epoch (mmengine validates the last epoch); runner.test() evaluates.
+_ONE_EPOCH = ["train_cfg.max_epochs=1", "train_cfg.val_begin=2", "default_hooks.logger.interval=1"]
+_DET = [
+    "train_dataloader.dataset.indices=8",  # 4 iterations at batch 2
+    "train_dataloader.dataset.pipeline.2.scale=(400,240)",
+    "test_dataloader.dataset.pipeline.1.scale=(400,240)",
+    "model.test_cfg.rcnn.score_thr=0.0",
+    "model.test_cfg.rcnn.max_per_img=20",
+]
+FAST = {
+    "faster_rcnn": _NO_WORKERS + _ONE_EPOCH + _DET,
+    "mask_rcnn": _NO_WORKERS + _ONE_EPOCH + _DET,
+    "simplebaseline": _NO_WORKERS
+    + _ONE_EPOCH
+    + [
+        "train_dataloader.dataset.indices=16",  # 2 iterations at batch 8
+        "train_dataloader.batch_size=8",
+        "test_dataloader.batch_size=16",
+        "model.test_cfg.flip_test=False",  # halves the test time
+    ],
+}
+KEYS = {
+    "faster_rcnn": [f"coco/bbox_mAP{s}" for s in ("", "_50", "_75", "_s", "_m", "_l")],
+    "simplebaseline": [f"coco/{m}{s}" for m in ("AP", "AR") for s in ("", " .5", " .75", " (M)", " (L)")],
+}
+KEYS["mask_rcnn"] = KEYS["faster_rcnn"] + [k.replace("bbox", "segm") for k in KEYS["faster_rcnn"]]
+
+
+def transfer(task, backbone, work_dir, *extra, data_root=COCO_MINI):
+    cmd = ["bash", str(SCRIPT), task, str(backbone), "--data-root", str(data_root), "--work-dir", str(work_dir)]
+    return subprocess.run([*cmd, *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def runs(mm, exports, tmp_path_factory) -> dict[str, Path]:
+    """Work dirs of the four real runs: each task from the full export, and pose from the DaP export too."""
+    root = tmp_path_factory.mktemp("transfer")
+    plan = {
+        "faster_rcnn": ("faster_rcnn", "full"),
+        "mask_rcnn": ("mask_rcnn", "full"),
+        "simplebaseline": ("simplebaseline", "full"),
+        "simplebaseline_dap": ("simplebaseline", "dap"),
+    }
+    out = {}
+    for name, (task, export) in plan.items():
+        proc = transfer(task, exports[export], root / name, "--cfg-options", *FAST[task])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("name", ["faster_rcnn", "mask_rcnn", "simplebaseline"])
+def test_metrics_json_holds_every_evaluator_key(runs, exports, name):
+    result = json.loads((runs[name] / "metrics.json").read_text())
+    for key in KEYS[name]:
+        assert isinstance(result[key], float) and math.isfinite(result[key]), key
+    assert result["backbone"] == json.loads((exports["full"] / "meta.json").read_text())
+    assert result["run"]["train_iters"] >= 2 and result["run"]["train_sec_per_iter"] > 0
+    assert result["run"]["person_boxes"] == ("gt" if name == "simplebaseline" else None)
+
+
+def test_report_prints_table_9_with_deltas_and_table_8(runs, capsys):
+    dirs = [runs[n] for n in ("simplebaseline_dap", "simplebaseline", "faster_rcnn", "mask_rcnn")]
+    assert report_main([str(d) for d in dirs]) == 0
+    out = capsys.readouterr().out
+    full, dap = [json.loads((runs[n] / "metrics.json").read_text()) for n in ("simplebaseline", "simplebaseline_dap")]
+    delta = 100 * dap["coco/AP"] - 100 * full["coco/AP"]
+    rows = [line for line in out.splitlines() if line.startswith("| SimpleBaseline | ResNet-50 |")]
+    assert rows[0].startswith(
+        f"| SimpleBaseline | ResNet-50 | 100% | {'**' * (delta <= 0.05)}{100 * full['coco/AP']:.1f}"
+    )
+    assert rows[1].split(" | ")[3].endswith(f"({delta:+.1f})")
+    assert "| FPN | ResNet-50 | 100% |" in out and "| Mask R-CNN | ResNet-50 | 100% |" in out
+    assert "table,method,backbone,compute,AP_bb,AP_bb_delta" in out
+
+
+def test_mmengine_checkpoint_loads_only_from_trusted_folders(runs, tmp_path):
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    from downstream.compat import trusted_checkpoints
+
+    ckpt = runs["simplebaseline"] / "epoch_1.pth"
+    elsewhere = tmp_path / "epoch_1.pth"
+    shutil.copy(ckpt, elsewhere)
+    with pytest.raises(Exception, match="weights_only"):  # torch>=2.6 default refuses mmengine's pickled objects
+        CheckpointLoader.load_checkpoint(str(ckpt), map_location="cpu")
+    with trusted_checkpoints([runs["simplebaseline"]]):
+        state = CheckpointLoader.load_checkpoint(str(ckpt), map_location="cpu")
+        with pytest.raises(Exception, match="weights_only"):  # same bytes, untrusted folder
+            CheckpointLoader.load_checkpoint(str(elsewhere), map_location="cpu")
+    assert state["meta"]["epoch"] == 1 and "message_hub" in state
+    with pytest.raises(Exception, match="weights_only"):  # mmengine's own loader is back
+        CheckpointLoader.load_checkpoint(str(ckpt), map_location="cpu")
+
+
+# ---- bad input: one line on stderr, exit code 2, nothing written ----
+
+
+@pytest.fixture
+def data_root(tmp_path) -> Path:
+    """A writable copy of coco_mini's annotations with the image folders linked (read-only originals)."""
+    root = tmp_path / "coco"
+    shutil.copytree(COCO_MINI / "annotations", root / "annotations")
+    for split in ("train2017", "val2017"):
+        (root / split).symlink_to(COCO_MINI / split)
+    return root
+
+
+def _assert_refused(capsys, argv, expect, work_dir):
+    assert transfer_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("transfer_coco: error:") and expect in err, err
+    assert not work_dir.exists()
+
+
+def _bad_annotations(root):
+    (root / "annotations" / "instances_val2017.json").write_text('{"images": [')
+
+
+def _no_annotations(root):
+    (root / "annotations" / "instances_train2017.json").unlink()
+
+
+def _not_coco(root):
+    (root / "annotations" / "instances_val2017.json").write_text('{"info": {}}')
+
+
+def _wrong_images(root):
+    (root / "train2017").unlink()
+    (root / "train2017").symlink_to(COCO_MINI / "val2017")
+
+
+def _no_keypoints(root):
+    shutil.copy(root / "annotations" / "instances_val2017.json", root / "annotations" / "person_keypoints_val2017.json")
+
+
+@pytest.mark.parametrize(
+    "task, mutate, expect",
+    [
+        ("faster_rcnn", _bad_annotations, "instances_val2017.json is not valid JSON"),
+        ("mask_rcnn", _no_annotations, "instances_train2017.json not found"),
+        ("faster_rcnn", _not_coco, "malformed (no images, annotations, categories list)"),
+        ("faster_rcnn", _wrong_images, "images listed in"),
+        ("simplebaseline", _no_keypoints, "has no keypoint category"),
+    ],
+    ids=["malformed-json", "missing-file", "not-coco", "images-mismatch", "no-keypoints"],
+)
+def test_bad_annotations(mm, exports, data_root, tmp_path, capsys, task, mutate, expect):
+    mutate(data_root)
+    work = tmp_path / "work"
+    _assert_refused(
+        capsys, [task, str(exports["full"]), "--data-root", str(data_root), "--work-dir", str(work)], expect, work
+    )
+
+
+def test_backbone_of_another_architecture(mm, make_export, tmp_path, capsys):
+    r18 = make_export("r18", model="resnet18", compute_fraction=1.0, seed=0)
+    work = tmp_path / "work"
+    argv = ["faster_rcnn", str(r18 / "backbone.pth"), "--model", "resnet50", "--data-root", str(COCO_MINI)]
+    _assert_refused(capsys, [*argv, "--work-dir", str(work)], "does not fit the backbone of faster-rcnn_r50", work)
+
+
+def test_malformed_meta_and_missing_person_dets(mm, exports, tmp_path, capsys):
+    bad = tmp_path / "bad_export"
+    shutil.copytree(exports["full"], bad)
+    (bad / "meta.json").write_text("{}")
+    work = tmp_path / "work"
+    common = ["--data-root", str(COCO_MINI), "--work-dir", str(work)]
+    _assert_refused(capsys, ["simplebaseline", str(bad), *common], "meta.json is malformed", work)
+    missing = tmp_path / "dets.json"
+    argv = ["simplebaseline", str(exports["full"]), "--person-dets", str(missing), *common]
+    _assert_refused(capsys, argv, "person detection file", work)
+
+
+def test_existing_metrics_json_is_kept(mm, exports, tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "metrics.json").write_text("earlier result")
+    assert (
+        transfer_main(["faster_rcnn", str(exports["full"]), "--data-root", str(COCO_MINI), "--work-dir", str(work)])
+        == 2
+    )
+    assert "--overwrite" in capsys.readouterr().err
+    assert (work / "metrics.json").read_text() == "earlier result" and len(list(work.iterdir())) == 1
+
+
+def test_unknown_task_through_the_shell(tmp_path):
+    proc = transfer("detr", tmp_path, tmp_path / "work")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "transfer_coco: error: unknown TASK 'detr'; use one of faster_rcnn, mask_rcnn, simplebaseline"
+    ]

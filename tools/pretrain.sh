@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# DaP pretraining. With no arguments: the embedded default (CIFAR ResNet-20 on a CIFAR-10 subset
+# shipped in the repo, CPU, a few minutes). Any flag overrides the default config's.
+#
+#   tools/pretrain.sh                                   # embedded default
+#   tools/pretrain.sh --compare                         # ... plus a full-data baseline
+#   tools/pretrain.sh --config configs/pretrain/imagenet_resnet50_dap75.yaml --data-dir /data/imagenet
+#   NPROC_PER_NODE=8 tools/pretrain.sh --config ...     # DDP on one node
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPROC_PER_NODE=8 tools/pretrain.sh --config ...   # node 0 of 2
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+py="$root/.venv/bin/python"
+[ -x "$py" ] || py=python3
+args=("$@")
+has_config=0
+for a in "$@"; do case "$a" in -c|--config|--config=*) has_config=1 ;; esac; done
+[ "$has_config" = 1 ] || args=(--config "$root/configs/pretrain/embedded_cifar10.yaml" "${args[@]}")
+nproc=${NPROC_PER_NODE:-1}
+nnodes=${NNODES:-1}
+if [ "$nproc" -gt 1 ] || [ "$nnodes" -gt 1 ]; then
+  exec "$py" -m torch.distributed.run --nproc_per_node "$nproc" --nnodes "$nnodes" --node_rank "${NODE_RANK:-0}" \
+    --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" -m dap_pretrain.train "${args[@]}"
+fi
+exec "$py" -m dap_pretrain.train "${args[@]}"
