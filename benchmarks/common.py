@@ -108,21 +108,23 @@ def cifar_folder(data: Path, work_dir: Path, *, train_per_class: int | None = No
     return dest
 
 
-def imagenet_folder(data: Path, work_dir: Path, *, copies: int = 1, size: int = 224) -> Path:
+def imagenet_folder(data: Path, work_dir: Path, *, copies: int = 1, size: int = 224,
+                    max_classes: int | None = None) -> Path:
     """Returns ``work_dir/imagenet<size>x<copies>/train/<wnid>/``: each image center-cropped to ``size`` px.
 
     The crops are re-encoded once (JPEG quality 90) so workers decode a 224 px image, not a 256 px one; ``copies``
-    hard links of each make an epoch long enough to time (1,000 classes, ``1000 * copies`` images).
+    hard links of each make an epoch long enough to time (1,000 classes, ``1000 * copies`` images);
+    ``max_classes`` keeps the first classes by name (toy runs).
     """
     from PIL import Image
 
-    dest = work_dir / f"imagenet{size}x{copies}"
+    dest = work_dir / (f"imagenet{size}x{copies}" + (f"-{max_classes}cls" if max_classes else ""))
     if dest.is_dir():
         return dest
     work_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=work_dir))
     try:
-        for class_dir in sorted(p for p in data.iterdir() if p.is_dir()):
+        for class_dir in sorted(p for p in data.iterdir() if p.is_dir())[:max_classes]:
             out = tmp / "train" / class_dir.name
             out.mkdir(parents=True)
             for f in sorted(class_dir.iterdir()):
@@ -302,7 +304,7 @@ def bare_loop(*, model: str, data_root: Path, split: str, img_size: int, batch_s
                 loss.backward()
                 opt.step()
             n += targets.numel()
-        float(loss)  # wait for the device, as the trainer's epoch does
+        float(loss.detach())  # wait for the device, as the trainer's epoch does
         seconds = time.perf_counter() - t0
         out.append({"samples": n, "seconds": seconds, "img_per_s": n / seconds})
     return out

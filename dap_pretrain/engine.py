@@ -28,7 +28,7 @@ class EpochStats:
     samples: int  # samples this rank passed through the model (DDP padding included)
     steps: int
     seconds: float
-    lr: float
+    lr: float  # at the start of the epoch (progress == epoch): comparable across runs of any subset size
 
 
 def _progress(iterable, *, total: int, desc: str, enabled: bool):
@@ -57,7 +57,7 @@ def train_one_epoch(model, loader, optimizer, *, epoch: int, sampler, lr_schedul
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no per-step sync
     seen, start = 0, time.perf_counter()
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    lr = lr_scheduler.get_last_lr()
+    lr = lr_start = lr_scheduler.step(float(epoch))
     for step, (images, targets, indices) in enumerate(_progress(loader, total=steps, desc=f"epoch {epoch + 1}",
                                                                 enabled=show_progress)):
         lr = lr_scheduler.step(epoch + step / steps)
@@ -90,7 +90,7 @@ def train_one_epoch(model, loader, optimizer, *, epoch: int, sampler, lr_schedul
         loss_sum += losses.detach().sum()
         seen += indices.numel()
     return EpochStats(loss=float(loss_sum) / max(1, seen), samples=seen, steps=steps, seconds=time.perf_counter() - start,
-                      lr=lr)
+                      lr=lr_start)
 
 
 @torch.no_grad()

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import random
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,8 +79,9 @@ def _build_model(args, num_classes: int, device: torch.device):
 
 def _build_data(args, model_cfg: dict) -> Data:
     root = str(embedded_data_dir()) if args.data_dir == "embedded" else args.data_dir
-    train = create_dataset(name=args.dataset, root=root, split=args.train_split, is_training=True)
-    val = create_dataset(name=args.dataset, root=root, split=args.val_split, is_training=False) \
+    extra = {"download": True} if args.dataset_download else {}
+    train = create_dataset(name=args.dataset, root=root, split=args.train_split, is_training=True, **extra)
+    val = create_dataset(name=args.dataset, root=root, split=args.val_split, is_training=False, **extra) \
         if args.val_split else None
     img_size = args.img_size or model_cfg.get("input_size", (3, 224, 224))[-1]
     cifar = args.aug == "cifar" or (args.aug == "auto" and img_size <= 64)
@@ -136,11 +137,17 @@ def _gather_rng(world: int) -> list:
     return out
 
 
-def _epoch_row(epoch, stats, ev, report, acct, lr, seconds) -> dict:
+def subset_digest(subset: torch.Tensor) -> str:
+    """Short fingerprint of a subset, so runs (resumed, DDP, single) can be compared epoch by epoch."""
+    return f"{zlib.crc32(subset.numpy().tobytes()):08x}"
+
+
+def _epoch_row(epoch, stats, ev, report, acct, lr, seconds, digest) -> dict:
     return {"epoch": epoch, "train_loss": round(stats.loss, 6), "eval_loss": ev.get("loss"), "eval_top1": ev.get("top1"),
             "eval_top5": ev.get("top5"), "lr": lr, "subset_size": report.size_before, "samples_trained": report.seen,
             "cum_compute": acct.measured / acct.baseline, "event": report.event, "lost_drop_last": report.size_before - report.seen,
-            "epoch_time_s": round(seconds, 3), "img_per_s": round(stats.samples / max(stats.seconds, 1e-9), 2)}
+            "epoch_time_s": round(seconds, 3), "img_per_s": round(stats.samples / max(stats.seconds, 1e-9), 2),
+            "subset_digest": digest}
 
 
 def _write_summary(output: Path, history: list) -> None:
@@ -203,7 +210,7 @@ def run(args: argparse.Namespace) -> dict | None:
     from timm.optim import create_optimizer_v2
     from timm.utils import ModelEmaV3
 
-    from dap_pretrain.train import _git_commit, resolve_baselines
+    from dap_pretrain.train import resolve_baselines
 
     resolve_baselines(args)
     device, rank, world, output = _setup(args)
@@ -249,6 +256,7 @@ def run(args: argparse.Namespace) -> dict | None:
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
+        digest = subset_digest(sampler.subset)
         gen.manual_seed((args.seed + 1) * 1_000_003 + epoch * 1_009 + rank)  # worker augmentation streams
         stats = train_one_epoch(train_model, train_loader, optimizer, epoch=epoch, sampler=sampler,
                                 lr_scheduler=lr_sched, device=device, smoothing=args.smoothing, amp_dtype=amp_dtype,
@@ -266,7 +274,7 @@ def run(args: argparse.Namespace) -> dict | None:
         ev = evaluate(model, val_loader, device=device, amp_dtype=amp_dtype) if val_loader is not None else {}
         ema_ev = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype) \
             if (ema is not None and val_loader is not None) else {}
-        row = _epoch_row(epoch + 1, stats, ev, report, acct, stats.lr, time.perf_counter() - t0)
+        row = _epoch_row(epoch + 1, stats, ev, report, acct, stats.lr, time.perf_counter() - t0, digest)
         if ema_ev:
             row["ema_top1"] = ema_ev["top1"]
         acct.history.append(row)

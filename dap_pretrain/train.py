@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", default="embedded",
                    help="ImageFolder tree (with split subfolders), a .tar/.tar.gz of one, or 'embedded'")
     d.add_argument("--dataset", default="", help="timm dataset name ('' = ImageFolder, 'torch/cifar10', ...)")
+    d.add_argument("--dataset-download", action="store_true", help="let torchvision download a torch/* dataset")
     d.add_argument("--train-split", default="train")
     d.add_argument("--val-split", default="val", help="'' skips evaluation")
     d.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
@@ -92,13 +93,32 @@ def parse_args(argv=None) -> argparse.Namespace:
         path = Path(pre.config)
         if not path.is_file():
             raise UsageError(f"config file {path} does not exist; pass a YAML file such as configs/pretrain/*.yaml")
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = load_config(path)
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise UsageError(f"config {path} has unknown keys {unknown}; use the trainer's flag names with '_'")
         parser.set_defaults(**cfg)
     return parser.parse_args(argv)
+
+
+def load_config(path: Path, _seen: tuple = ()) -> dict:
+    """Read a YAML config; ``_base_: file`` (or a list) is read first and overridden (mmengine-style)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise UsageError(f"config {path} includes itself through _base_; remove the cycle")
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist; pass a YAML file such as configs/pretrain/*.yaml")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"config {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    bases = cfg.pop("_base_", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged.update(load_config(path.parent / base, (*_seen, path)))
+    merged.update(cfg)
+    return merged
 
 
 def _git_commit() -> str | None:

@@ -84,8 +84,14 @@ class IndexedPrefetchLoader:
 
 
 def cifar_transform(*, img_size: int = 32, is_training: bool) -> T.Compose:
-    """The paper's CIFAR augmentation: 4-pixel padded random crop and horizontal flip (train)."""
-    steps = [T.RandomCrop(img_size, padding=4), T.RandomHorizontalFlip()] if is_training else [T.Resize(img_size)]
+    """The paper's CIFAR augmentation: 4-pixel padded random crop and horizontal flip (train).
+
+    Images are first resized (short side) and centre-cropped to ``img_size``, a no-op on CIFAR's
+    32x32, so a folder of larger or non-square images still batches.
+    """
+    steps = [T.Resize(img_size), T.CenterCrop(img_size)]
+    if is_training:
+        steps += [T.RandomCrop(img_size, padding=4), T.RandomHorizontalFlip()]
     return T.Compose([*steps, T.PILToTensor()])
 
 

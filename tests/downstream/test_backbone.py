@@ -132,7 +132,7 @@ def test_pose_evaluates_detected_boxes_when_given_else_ground_truth(mm, exports,
     )
     init_default_scope(cfg.default_scope)
     dataset = DATASETS.build(cfg.test_dataloader.dataset)
-    scores = [float(dataset[i]["bbox_score"][0]) for i in range(len(dataset))]
+    scores = [float(dataset.get_data_info(i)["bbox_score"][0]) for i in range(len(dataset))]
     if with_dets:
         assert len(dataset) == len(json.loads(dets.read_text())) and min(scores) < 1.0
     else:  # one box per annotated person (with keypoints), scored 1

@@ -1,0 +1,44 @@
+"""Session fixtures: small real-image folders cut from ../shared/data (never written to)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _link_tree(pairs, root: Path) -> Path:
+    for src, dst in pairs:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src, dst)
+        except OSError:
+            dst.write_bytes(src.read_bytes())
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_tiny(tmp_path_factory) -> Path:
+    """Real CIFAR-10 JPEGs: train/ 40 and val/ 10 per class, cut from the embedded split."""
+    from dap_pretrain.data.dataset import embedded_data_dir
+
+    src = embedded_data_dir()
+    root = tmp_path_factory.mktemp("cifar_tiny")
+    pairs = []
+    for split, n in (("train", 40), ("val", 10)):
+        for cls in sorted(p for p in (src / split).iterdir() if p.is_dir()):
+            pairs += [(f, root / split / cls.name / f.name) for f in sorted(cls.iterdir())[:n]]
+    return _link_tree(pairs, root)
+
+
+@pytest.fixture(scope="session")
+def imagenet_tiny(tmp_path_factory) -> Path:
+    """Real ImageNet images: the first 16 classes of imagenet_sample (one image each), as train/ and val/."""
+    root = tmp_path_factory.mktemp("imagenet_tiny")
+    classes = sorted(p for p in (SHARED_DATA / "imagenet_sample").iterdir() if p.is_dir())[:16]
+    pairs = [(f, root / split / c.name / f.name) for split in ("train", "val") for c in classes for f in c.iterdir()]
+    return _link_tree(pairs, root)

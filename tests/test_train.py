@@ -1,0 +1,184 @@
+"""The trainer end to end on real images: DaP and full runs, accounting, LR, baselines, export, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dap_pretrain.lr import lr_at
+from dap_pretrain.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+# Tiny CIFAR schedule: 4 epochs, drop to half after epochs 1 and 2, LR decays (and DaP reuses) at epoch 3.
+CIFAR = ["--model", "cifar_resnet20", "-b", "64", "--workers", "1", "--lr", "0.05", "--epochs", "4",
+         "--decay-milestones", "3", "--dap-warmup", "1", "--dap-interval", "1", "--dap-keep", "0.5", "--no-plot"]
+
+
+def _rows(output: Path) -> list[dict]:
+    with (output / "summary.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _train(tmp_path, name, data, *extra):
+    out = tmp_path / name
+    summary = train_main([*CIFAR, "--data-dir", str(data), "--output", str(out), *extra])
+    return out, summary
+
+
+def test_dap_run_accounting_matches_plan(tmp_path, cifar_tiny):
+    out, s = _train(tmp_path, "dap", cifar_tiny, "--drop-last")
+    rows = _rows(out)
+    # 400 samples: epochs 1-2 all, epoch 3 half (drop after 2), epoch 4 all again (reuse at end of 3)
+    assert [int(r["subset_size"]) for r in rows] == [400, 400, 200, 400]
+    assert s["samples_planned"] == 1400 and s["compute_fraction_planned"] == pytest.approx(1400 / 1600)
+    # --drop-last with batch 64 loses 400 % 64 = 16 samples of each 400-epoch and 200 % 64 = 8 of the 200 one
+    assert s["samples_lost_drop_last"] == 16 * 3 + 8
+    assert s["samples_trained"] == 1400 - s["samples_lost_drop_last"]
+    assert s["compute_fraction_measured"] == pytest.approx(s["samples_trained"] / 1600)
+    assert 0 <= s["top1"] <= 100 and s["top5"] >= s["top1"]
+    run = json.loads((out / "run.json").read_text())
+    for key in ("compute_fraction_planned", "compute_fraction_measured", "samples_trained", "top1", "top5",
+                "wall_time_s", "epochs", "model", "dap"):
+        assert key in run
+    assert (out / "args.yaml").is_file() and (out / "last.pth.tar").is_file() and (out / "model_best.pth.tar").is_file()
+
+
+def test_full_run_and_same_lr_per_epoch(tmp_path, cifar_tiny):
+    dap_out, dap = _train(tmp_path, "dap", cifar_tiny)
+    full_out, full = _train(tmp_path, "full", cifar_tiny, "--dap-select", "none")
+    assert full["compute_fraction_measured"] == 1.0 == full["compute_fraction_planned"]
+    assert dap["compute_fraction_measured"] == dap["compute_fraction_planned"] == pytest.approx(1400 / 1600)
+    dap_rows, full_rows = _rows(dap_out), _rows(full_out)
+    # DaP's epoch 3 runs half the steps, yet both runs see the same LR at every epoch
+    assert [r["lr"] for r in dap_rows] == [r["lr"] for r in full_rows] == [str(0.05)] * 3 + [str(0.05 * 0.1)] * 1 or \
+        [float(r["lr"]) for r in dap_rows] == pytest.approx([float(r["lr"]) for r in full_rows])
+    assert float(dap_rows[3]["lr"]) == pytest.approx(0.005)
+
+
+def test_lr_is_a_function_of_epoch_progress():
+    kw = dict(base_lr=0.1, epochs=120, milestones=(30, 60, 90))
+    assert lr_at(29.99, **kw) == 0.1 and lr_at(30.0, **kw) == pytest.approx(0.01) and lr_at(95, **kw) == pytest.approx(1e-4)
+    assert lr_at(0.5, warmup_epochs=1, warmup_lr=0.0, **kw) == pytest.approx(0.05)
+    cos = dict(base_lr=1.0, sched="cosine", epochs=10)
+    assert lr_at(0, **cos) == 1.0 and lr_at(5, **cos) == pytest.approx(0.5) and lr_at(10, **cos) == pytest.approx(0.0)
+
+
+def test_table2f_baselines(tmp_path, cifar_tiny):
+    _, fewer = _train(tmp_path, "fewer", cifar_tiny, "--epochs-scale", "0.5")
+    assert fewer["epochs"] == 2 and fewer["compute_fraction_measured"] == pytest.approx(0.5)
+    _, fixed = _train(tmp_path, "fixed", cifar_tiny, "--fixed-subset", "0.25")
+    assert fixed["compute_fraction_measured"] == pytest.approx(0.25)
+    out, rnd = _train(tmp_path, "random", cifar_tiny, "--dap-select", "random")
+    assert rnd["compute_fraction_measured"] == pytest.approx(1400 / 1600)
+
+
+def test_imagenet_sample_resnet18_224(tmp_path, imagenet_tiny):
+    out = tmp_path / "r18"
+    s = train_main(["--model", "resnet18", "--data-dir", str(imagenet_tiny), "--img-size", "224", "-b", "8",
+                    "--epochs", "2", "--decay-milestones", "1", "--dap-warmup", "0", "--dap-interval", "1",
+                    "--dap-keep", "0.5", "--workers", "2", "--output", str(out), "--no-plot", "--export", "--amp"])
+    assert s["samples_trained"] == 16 + 8 and s["compute_fraction_measured"] == 0.75
+    assert (out / "export" / "backbone.pth").is_file()
+
+
+def test_export_round_trip(tmp_path, cifar_tiny):
+    import timm
+
+    from dap_pretrain.export import export_backbone, load_backbone
+
+    out, s = _train(tmp_path, "dap", cifar_tiny, "--model-ema", "--epochs", "2")
+    exp = export_backbone(out / "last.pth.tar", tmp_path / "export")
+    meta = json.loads((exp / "meta.json").read_text())
+    assert meta["model"] == "cifar_resnet20" and meta["weights"] == "ema"
+    assert meta["compute_fraction_measured"] == pytest.approx(s["compute_fraction_measured"])
+    assert meta["classifier_keys_removed"] == ["fc.bias", "fc.weight"]
+    ckpt = torch.load(out / "last.pth.tar", weights_only=True)
+    model = load_backbone(exp)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict_ema"][k]), k
+    feats = load_backbone(exp, features_only=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert [f.shape[1] for f in feats(x)] == [16, 32, 64]
+    backbone = torch.load(exp / "backbone.pth", weights_only=True)
+    assert "fc.weight" not in backbone and set(backbone) == set(model.state_dict()) - {"fc.weight", "fc.bias"}
+    with pytest.raises(ValueError, match="cifar_resnet20.*cifar_resnet56|cifar_resnet56.*cifar_resnet20"):
+        load_backbone(exp, model="cifar_resnet56")
+    with pytest.raises(ValueError, match="resnet18"):
+        load_backbone(exp / "model.safetensors", model="resnet18")
+    assert timm.is_model("cifar_resnet110")
+
+
+def test_resnet50_export_has_mmdet_resnet_keys(tmp_path):
+    """mmdet's/mmpose's ResNet use torchvision's key names; a timm resnet50 export must supply all of them."""
+    import torchvision
+
+    from dap_pretrain.checkpoint import save_checkpoint
+    from dap_pretrain.export import export_backbone
+
+    import timm
+
+    net = timm.create_model("resnet50", num_classes=1000)
+    save_checkpoint({"arch": "resnet50", "num_classes": 1000, "epoch": 1, "state_dict": net.state_dict()},
+                    tmp_path / "last.pth.tar")
+    backbone = torch.load(export_backbone(tmp_path / "last.pth.tar", tmp_path / "exp") / "backbone.pth",
+                          weights_only=True)
+    tv = {k for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")}
+    assert set(backbone) == tv
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "dap_pretrain.train", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def _assert_one_line_error(res, *words):
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_bad_input_one_line_exit_2(tmp_path, cifar_tiny):
+    base = [*CIFAR, "--epochs", "1"]
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    _assert_one_line_error(_cli(*base, "--data-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "o1")),
+                           "does not exist")
+    _assert_one_line_error(_cli(*base, "--data-dir", str(empty), "--output", str(tmp_path / "o2")), "no images")
+    _assert_one_line_error(_cli(*base, "--data-dir", str(cifar_tiny), "--model", "resnet_9000",
+                                "--output", str(tmp_path / "o3")), "unknown model")
+    _assert_one_line_error(_cli(*base, "--data-dir", str(cifar_tiny), "--dap-keep", "1.5",
+                                "--output", str(tmp_path / "o4")), "dap-keep")
+    _assert_one_line_error(_cli(*base, "--data-dir", str(cifar_tiny), "--dap-reuse", "9",
+                                "--output", str(tmp_path / "o5")), "dap-reuse")
+    _assert_one_line_error(_cli(*base, "--data-dir", str(cifar_tiny), "--mixup", "0.2",
+                                "--output", str(tmp_path / "o6")), "mixup")
+    # corrupt and foreign checkpoints
+    corrupt = tmp_path / "corrupt.pth.tar"
+    corrupt.write_bytes(b"not a checkpoint")
+    _assert_one_line_error(_cli(*base, "--data-dir", str(cifar_tiny), "--resume", str(corrupt),
+                                "--output", str(tmp_path / "o7")), "unreadable")
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, foreign)
+    _assert_one_line_error(_cli(*base, "--data-dir", str(cifar_tiny), "--resume", str(foreign),
+                                "--output", str(tmp_path / "o8")), "not written by dap-train")
+
+
+def test_output_holding_a_run_is_refused_and_kept(tmp_path, cifar_tiny):
+    out, _ = _train(tmp_path, "run", cifar_tiny, "--epochs", "1")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    res = _cli(*CIFAR, "--epochs", "1", "--data-dir", str(cifar_tiny), "--output", str(out))
+    _assert_one_line_error(res, "already holds a run", "--resume", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # resuming with another architecture names both
+    res = _cli(*CIFAR, "--epochs", "2", "--data-dir", str(cifar_tiny), "--output", str(out), "--model",
+               "cifar_resnet56", "--resume", str(out / "last.pth.tar"))
+    _assert_one_line_error(res, "cifar_resnet20", "cifar_resnet56")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
