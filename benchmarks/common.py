@@ -272,7 +272,7 @@ def bare_loop(*, model: str, data_root: Path, split: str, img_size: int, batch_s
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     dev = torch.device(device)
-    dataset = IndexedDataset(create_dataset(name="", root=data_root, split=split, is_training=True))
+    dataset = IndexedDataset(create_dataset(name="", root=Path(data_root), split=split, is_training=True))
     dataset.transform = cifar_transform(img_size=img_size, is_training=True) if img_size <= 64 else \
         imagenet_transform(img_size=img_size, is_training=True, interpolation="bilinear")
     num_classes = len(dataset.dataset.reader.class_to_idx)
@@ -310,6 +310,22 @@ def bare_loop(*, model: str, data_root: Path, split: str, img_size: int, batch_s
     return out
 
 
+def bare_loop_subprocess(*, timeout: float | None = None, **kwargs) -> list[dict]:
+    """:func:`bare_loop` in a fresh Python process, like the trainer's, so process state cannot favour either."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from common import bare_loop; "
+            "print('BARE ' + json.dumps(bare_loop(**json.loads(sys.argv[2]))))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), json.dumps(kwargs)],
+                             capture_output=True, text=True, cwd=REPO, env=child_env(kwargs.get("threads")),
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchmarkError(f"bare loop killed after its {timeout:.0f} s budget") from None
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("BARE ")]
+    if out.returncode or not lines:
+        raise BenchmarkError(f"bare loop failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(lines[-1][5:])
+
+
 def steady_img_per_s(epochs: list[dict], key: str = "img_per_s") -> float:
     """Median images/s over all epochs but the first (worker start-up and allocator warm-up)."""
     values = [float(e[key]) for e in epochs]
@@ -339,9 +355,9 @@ def trainer_vs_bare(*, model: str, data_root: Path, img_size: int, batch_size: i
         rows = read_summary_csv(out_dir / name)
         out[name] = {"img_per_s": steady_img_per_s(rows), "per_epoch": [r["img_per_s"] for r in rows],
                      "samples": [r["samples_trained"] for r in rows]}
-    bare = bare_loop(model=model, data_root=data_root, split="train", img_size=img_size, batch_size=batch_size,
-                     epochs=epochs, workers=workers, device=device, amp=amp, channels_last=channels_last,
-                     threads=threads)
+    bare = bare_loop_subprocess(model=model, data_root=str(data_root), split="train", img_size=img_size,
+                                batch_size=batch_size, epochs=epochs, workers=workers, device=device, amp=amp,
+                                channels_last=channels_last, threads=threads, timeout=timeout)
     out["bare_loop"] = {"img_per_s": steady_img_per_s(bare), "per_epoch": [e["img_per_s"] for e in bare],
                         "samples": [e["samples"] for e in bare]}
     out["trainer_none_vs_bare"] = out["trainer_none"]["img_per_s"] / out["bare_loop"]["img_per_s"]

@@ -110,7 +110,7 @@ def cifar_rows(args, work: Path, results: dict, deadline: float) -> None:
     data = find_dir(args.data, CIFAR_CANDIDATES, tuple(CIFAR_TARBALLS.values()))
     per = (20, 10) if args.dry_run else (None, None)
     roots = {"cifar10": cifar_folder(data, work, train_per_class=per[0], test_per_class=per[1])}
-    if not args.dry_run:  # Table 4 (cifar_ablation --dry-run covers the reduced dataset's code path)
+    if not (args.dry_run or args.no_table4):  # Table 4 (cifar_ablation --dry-run covers the reduced dataset)
         roots["cifar10_500pc"] = cifar_folder(data, work, train_per_class=500, test_per_class=None)
     sched = cifar_ablation.resolve_setting(args.cifar_epochs, None)
     base = ["--model", args.cifar_model, "--img-size", "32", "--aug", "cifar", "--train-split", "train",
@@ -123,7 +123,7 @@ def cifar_rows(args, work: Path, results: dict, deadline: float) -> None:
     error = None
     try:
         cifar_ablation.sweep(roots=roots, sched=sched, seeds=[0], base_flags=base, runs_dir=runs_dir,
-                             jobs=args.jobs, threads=2, deadline=deadline - 5)
+                             rows=tuple(args.cifar_rows), jobs=args.jobs, threads=2, deadline=deadline - 5)
     except BenchmarkError as e:
         error = str(e)
     records = cifar_ablation.collect(runs_dir)
@@ -186,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--cifar-epochs", type=int, default=30, help="E' (the CPU sweep uses 15)")
     p.add_argument("--cifar-workers", type=int, default=2, help="loader workers per concurrent CIFAR run")
     p.add_argument("--jobs", type=int, default=7, help="CIFAR runs at once (5 rows + 2 Table 4 runs)")
+    p.add_argument("--cifar-rows", nargs="+", choices=cifar_ablation.ROWS, default=list(cifar_ablation.ROWS))
+    p.add_argument("--no-table4", action="store_true", help="skip the CIFAR-10 500/class runs")
     p.add_argument("--skip-engine", action="store_true")
     p.add_argument("--skip-cifar", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, same code paths")

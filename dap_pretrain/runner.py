@@ -128,13 +128,17 @@ def _amp(args, device):
     return dtype, (torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
 
 
-def _gather_rng(world: int) -> list:
+def _gather_rng(world: int, digest: str) -> list:
+    """Every rank's RNG state (for the checkpoint), checking on the way that all ranks hold the same subset."""
     state = rng_state()
     if world == 1:
         return [state]
     out = [None] * world
-    dist.all_gather_object(out, state)
-    return out
+    dist.all_gather_object(out, (state, digest))
+    digests = {d for _, d in out}
+    if len(digests) > 1:
+        raise RuntimeError(f"DDP ranks disagree on the DaP subset ({sorted(digests)}); this is a bug, please report it")
+    return [s for s, _ in out]
 
 
 def subset_digest(subset: torch.Tensor) -> str:
@@ -278,7 +282,7 @@ def run(args: argparse.Namespace) -> dict | None:
         if ema_ev:
             row["ema_top1"] = ema_ev["top1"]
         acct.history.append(row)
-        rngs = _gather_rng(world)
+        rngs = _gather_rng(world, subset_digest(sampler.subset))
         if rank == 0:
             _log_epoch(row, args.epochs, report)
             _write_summary(output, acct.history)

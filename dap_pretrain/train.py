@@ -167,6 +167,8 @@ def resolve_baselines(args: argparse.Namespace) -> None:
                          "drop them or pass --dap-select none")
     if args.dap_select == "none":
         args.dap_warmup = min(args.dap_warmup, args.epochs - 1)  # DaP parameters unused: keep them valid
+    default_reuse = tuple(m for m in args.decay_milestones if 1 <= m <= args.epochs)
+    dap_config_from_args(args, num_samples=1, default_reuse=default_reuse)  # bad DaP flags fail before data loads
 
 
 def main(argv=None) -> dict:

@@ -47,6 +47,18 @@ def _train_sec_per_iter(runner) -> float:
     return float(np.mean(times[1:] if len(times) > 1 else times))
 
 
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "timm", "mmengine", "mmcv", "mmdet", "mmpose"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
 def _finite_metrics(metrics: dict) -> dict[str, float]:
     """The evaluator's numeric results as plain floats (mmdet also logs strings, which are dropped)."""
     out = {}
@@ -138,12 +150,13 @@ def run_transfer(*, task: str, person_dets: str | Path | None = None, **kwargs) 
         "run": {
             "config": str(config_path(task=task, model=spec.model)),
             "backbone_checkpoint": str(spec.checkpoint),
-            "data_root": str(kwargs["data_root"]),
+            "data_root": str(Path(kwargs["data_root"]).resolve()),
             "person_boxes": str(person_dets) if person_dets else ("gt" if t.is_pose else None),
             "train_iters": runner.iter,
             "train_sec_per_iter": sec_per_iter,
             "world_size": get_world_size(),
             "cfg_options": {k: repr(v) for k, v in (kwargs.get("cfg_options") or {}).items()},
+            "versions": _versions(),
         },
     }
     if is_main_process():

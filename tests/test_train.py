@@ -81,7 +81,7 @@ def test_table2f_baselines(tmp_path, cifar_tiny):
 def test_imagenet_sample_resnet18_224(tmp_path, imagenet_tiny):
     out = tmp_path / "r18"
     s = train_main(["--model", "resnet18", "--data-dir", str(imagenet_tiny), "--img-size", "224", "-b", "8",
-                    "--epochs", "2", "--decay-milestones", "1", "--dap-warmup", "0", "--dap-interval", "1",
+                    "--epochs", "2", "--decay-milestones", "1", "--dap-reuse", "--dap-warmup", "0", "--dap-interval", "1",
                     "--dap-keep", "0.5", "--workers", "2", "--output", str(out), "--no-plot", "--export", "--amp"])
     assert s["samples_trained"] == 16 + 8 and s["compute_fraction_measured"] == 0.75
     assert (out / "export" / "backbone.pth").is_file()
@@ -146,7 +146,7 @@ def _assert_one_line_error(res, *words):
 
 
 def test_bad_input_one_line_exit_2(tmp_path, cifar_tiny):
-    base = [*CIFAR, "--epochs", "1"]
+    base = [*CIFAR, "--epochs", "2"]
     empty = tmp_path / "empty"
     (empty / "train").mkdir(parents=True)
     _assert_one_line_error(_cli(*base, "--data-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "o1")),
@@ -172,13 +172,13 @@ def test_bad_input_one_line_exit_2(tmp_path, cifar_tiny):
 
 
 def test_output_holding_a_run_is_refused_and_kept(tmp_path, cifar_tiny):
-    out, _ = _train(tmp_path, "run", cifar_tiny, "--epochs", "1")
+    out, _ = _train(tmp_path, "run", cifar_tiny, "--epochs", "2")
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    res = _cli(*CIFAR, "--epochs", "1", "--data-dir", str(cifar_tiny), "--output", str(out))
+    res = _cli(*CIFAR, "--epochs", "2", "--data-dir", str(cifar_tiny), "--output", str(out))
     _assert_one_line_error(res, "already holds a run", "--resume", "--overwrite")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # resuming with another architecture names both
-    res = _cli(*CIFAR, "--epochs", "2", "--data-dir", str(cifar_tiny), "--output", str(out), "--model",
+    res = _cli(*CIFAR, "--epochs", "3", "--data-dir", str(cifar_tiny), "--output", str(out), "--model",
                "cifar_resnet56", "--resume", str(out / "last.pth.tar"))
     _assert_one_line_error(res, "cifar_resnet20", "cifar_resnet56")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before

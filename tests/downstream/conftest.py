@@ -104,3 +104,28 @@ def exports(tmp_path_factory) -> dict[str, Path]:
         "full": write_export(root / "r50_full", model="resnet50", compute_fraction=1.0, seed=0),
         "dap": write_export(root / "r50_dap", model="resnet50", compute_fraction=0.75, seed=1),
     }
+
+
+@pytest.fixture(scope="session")
+def coco_root(tmp_path_factory) -> Path:
+    """coco_mini with val cut to its first 20 images that show people with keypoints (the same images in the
+    instances and keypoints files), image folders linked read-only: a real COCO evaluation at CPU cost."""
+    root = tmp_path_factory.mktemp("coco_mini_val20")
+    (root / "annotations").mkdir()
+    for split in ("train2017", "val2017"):
+        (root / split).symlink_to(COCO_MINI / split)
+    for name in ("instances_train2017.json", "person_keypoints_train2017.json"):
+        (root / "annotations" / name).symlink_to(COCO_MINI / "annotations" / name)
+    kpt = json.loads((COCO_MINI / "annotations" / "person_keypoints_val2017.json").read_text())
+    with_people = [
+        i["id"]
+        for i in kpt["images"]
+        if any(a["image_id"] == i["id"] and a["num_keypoints"] for a in kpt["annotations"])
+    ]
+    keep = set(with_people[:20])
+    for name in ("instances_val2017.json", "person_keypoints_val2017.json"):
+        ann = json.loads((COCO_MINI / "annotations" / name).read_text())
+        ann["images"] = [i for i in ann["images"] if i["id"] in keep]
+        ann["annotations"] = [a for a in ann["annotations"] if a["image_id"] in keep]
+        (root / "annotations" / name).write_text(json.dumps(ann))
+    return root

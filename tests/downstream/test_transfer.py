@@ -1,5 +1,6 @@
-"""End to end on coco_mini through tools/transfer_coco.sh: fine-tune a few iterations, COCO-evaluate,
-metrics.json, the report; and every bad input is one stderr line with exit code 2 and nothing written.
+"""End to end on coco_mini (val cut to 20 images) through tools/transfer_coco.sh: fine-tune a few
+iterations, COCO-evaluate, metrics.json, the report; and every bad input is one stderr line with
+exit code 2 and nothing written.
 
 Runs shrink the stock schedules with --cfg-options only (the configs stay the paper's):
 one epoch over a few images at reduced size, workers off, and a score threshold of 0 so the
@@ -33,6 +34,11 @@ _DET = [
     "test_dataloader.dataset.pipeline.1.scale=(400,240)",
     "model.test_cfg.rcnn.score_thr=0.0",
     "model.test_cfg.rcnn.max_per_img=20",
+    # fewer RoIs (stock: 1000 test proposals, 512 sampled train RoIs): the RoI head dominates CPU time
+    "model.test_cfg.rpn.nms_pre=300",
+    "model.test_cfg.rpn.max_per_img=100",
+    "model.train_cfg.rpn_proposal.max_per_img=300",
+    "model.train_cfg.rcnn.sampler.num=128",
 ]
 FAST = {
     "faster_rcnn": _NO_WORKERS + _ONE_EPOCH + _DET,
@@ -53,13 +59,13 @@ KEYS = {
 KEYS["mask_rcnn"] = KEYS["faster_rcnn"] + [k.replace("bbox", "segm") for k in KEYS["faster_rcnn"]]
 
 
-def transfer(task, backbone, work_dir, *extra, data_root=COCO_MINI):
+def transfer(task, backbone, work_dir, *extra, data_root):
     cmd = ["bash", str(SCRIPT), task, str(backbone), "--data-root", str(data_root), "--work-dir", str(work_dir)]
     return subprocess.run([*cmd, *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
-def runs(mm, exports, tmp_path_factory) -> dict[str, Path]:
+def runs(mm, exports, coco_root, tmp_path_factory) -> dict[str, Path]:
     """Work dirs of the four real runs: each task from the full export, and pose from the DaP export too."""
     root = tmp_path_factory.mktemp("transfer")
     plan = {
@@ -70,7 +76,7 @@ def runs(mm, exports, tmp_path_factory) -> dict[str, Path]:
     }
     out = {}
     for name, (task, export) in plan.items():
-        proc = transfer(task, exports[export], root / name, "--cfg-options", *FAST[task])
+        proc = transfer(task, exports[export], root / name, "--cfg-options", *FAST[task], data_root=coco_root)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         out[name] = root / name
     return out
@@ -212,7 +218,7 @@ def test_existing_metrics_json_is_kept(mm, exports, tmp_path, capsys):
 
 
 def test_unknown_task_through_the_shell(tmp_path):
-    proc = transfer("detr", tmp_path, tmp_path / "work")
+    proc = transfer("detr", tmp_path, tmp_path / "work", data_root=COCO_MINI)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "transfer_coco: error: unknown TASK 'detr'; use one of faster_rcnn, mask_rcnn, simplebaseline"
