@@ -60,30 +60,48 @@ class LossRecorder:
         self._counts = torch.zeros(num_samples, dtype=torch.float64)
 
     def record(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
-        """Add one batch: ``indices`` (B,) int dataset indices, ``losses`` (B,) unreduced losses."""
-        indices = torch.as_tensor(indices).detach().reshape(-1).to("cpu", torch.int64)
-        losses = torch.as_tensor(losses).detach().reshape(-1).to("cpu", torch.float64)
+        """Add one batch: ``indices`` (B,) int dataset indices, ``losses`` (B,) unreduced losses.
+
+        Accumulates on the losses' device (the two vectors follow it there), so a GPU step is not
+        forced to synchronise; the non-finite check then runs once per epoch in :meth:`synchronize`
+        unless ``nonfinite='skip'`` asks for per-batch filtering.
+        """
+        losses = torch.as_tensor(losses).detach().reshape(-1)
+        indices = torch.as_tensor(indices).reshape(-1).to(losses.device, torch.int64, non_blocking=True)
         if indices.numel() != losses.numel():
             raise ValueError(f"record() got {indices.numel()} indices but {losses.numel()} losses; "
                              "pass the unreduced loss (reduction='none'), one value per sample")
-        finite = torch.isfinite(losses)
-        if not bool(finite.all()):
-            if self.nonfinite == "raise":
-                bad = int(indices[~finite][0])
-                raise NonFiniteLossError(f"loss of sample index {bad} is {float(losses[~finite][0])}; "
-                                         "lower the LR or check that sample, or record with nonfinite='skip'")
+        if self._sums.device != losses.device:
+            self._sums, self._counts = self._sums.to(losses.device), self._counts.to(losses.device)
+        losses = losses.to(torch.float64)
+        if self.nonfinite == "skip":
+            finite = torch.isfinite(losses)
             indices, losses = indices[finite], losses[finite]
+        elif losses.device.type == "cpu":
+            self._raise_if_nonfinite(indices, losses)
         self._sums.index_add_(0, indices, losses)
         self._counts.index_add_(0, indices, torch.ones_like(losses))
 
+    def _raise_if_nonfinite(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
+        bad = ~torch.isfinite(losses)
+        if bool(bad.any()):
+            i = int(indices[bad][0])
+            raise NonFiniteLossError(f"loss of sample index {i} is {float(losses[bad][0])}; lower the LR or check "
+                                     "that sample, or record with nonfinite='skip'")
+
     def synchronize(self) -> None:
-        """Sum every rank's recordings into every rank: one collective. No-op when not distributed."""
+        """Sum every rank's recordings into every rank (one collective) and bring them to the CPU.
+
+        Without a process group only the move and the non-finite check happen.
+        """
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            both = torch.stack([self._sums, self._counts]).to(backend_device)
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            both = torch.stack([self._sums, self._counts]).to(device)
             dist.all_reduce(both)
-            both = both.cpu()
-            self._sums, self._counts = both[0].clone(), both[1].clone()
+            self._sums, self._counts = both[0], both[1]
+        self._sums, self._counts = self._sums.cpu().clone(), self._counts.cpu().clone()
+        if self.nonfinite == "raise":
+            self._raise_if_nonfinite(torch.arange(self.num_samples), self._sums)
 
     def mean_losses(self) -> torch.Tensor:
         """(N,) mean loss per sample this epoch; NaN where the sample was not seen."""
@@ -93,11 +111,11 @@ class LossRecorder:
         return self._counts > 0
 
     def reset(self) -> None:
-        self._sums.zero_()
-        self._counts.zero_()
+        self._sums = torch.zeros(self.num_samples, dtype=torch.float64)
+        self._counts = torch.zeros(self.num_samples, dtype=torch.float64)
 
     def state_dict(self) -> dict:
-        return {"sums": self._sums.clone(), "counts": self._counts.clone(), "nonfinite": self.nonfinite}
+        return {"sums": self._sums.cpu().clone(), "counts": self._counts.cpu().clone(), "nonfinite": self.nonfinite}
 
     def load_state_dict(self, state: dict) -> None:
         if state["sums"].numel() != self.num_samples:
