@@ -1,0 +1,84 @@
+"""Benchmarks' bookkeeping (schedule rule, rows, tables, data cache) and the GPU check's ``--dry-run`` in CI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import cifar_ablation  # noqa: E402
+import common  # noqa: E402
+
+CIFAR = REPO.parent / "shared" / "data" / "cifar10"
+needs_cifar = pytest.mark.skipif(not (CIFAR / "cifar10_test_jpg.tar.gz").is_file(), reason="../shared/data/cifar10")
+
+
+def test_compressed_schedule_is_the_paper_at_300_and_scales_exactly_at_30():
+    assert common.compressed_schedule(300) == dict(epochs=300, warmup=40, interval=10, keep=0.9, reuse=150,
+                                                   milestones=[150, 225])
+    assert common.compressed_schedule(30) == dict(epochs=30, warmup=4, interval=1, keep=0.9, reuse=15,
+                                                  milestones=[15, 23])
+    s = common.compressed_schedule(4)  # toy: W and I stay >= 1, milestones inside the run
+    assert s["warmup"] >= 1 and s["interval"] >= 1 and all(1 <= m < 4 for m in s["milestones"])
+
+
+def test_resolve_setting_uses_the_planner():
+    s = cifar_ablation.resolve_setting(30, None)
+    assert s["keep"] == 0.9 and abs(s["planned_compute"] - 0.6267) < 1e-3  # the paper's 63% at E'=30
+    solved = cifar_ablation.resolve_setting(15, 0.63)
+    assert abs(solved["planned_compute"] - 0.63) < 0.005 and solved["keep"] < 0.9
+
+
+def test_row_flags():
+    assert cifar_ablation.row_flags("random", None) == ["--dap-select", "random"]
+    assert cifar_ablation.row_flags("fewer_epochs", 0.5) == ["--epochs-scale", "0.500000"]
+    assert cifar_ablation.row_flags("fixed_subset", 0.25) == ["--fixed-subset", "0.250000"]
+
+
+def test_tables_report_mean_std_and_difference_to_dap():
+    recs = [dict(dataset="cifar10", row=row, seed=s, top1=top1 + s, compute_fraction_measured=c, wall_time_s=10.0)
+            for row, top1, c in (("all", 90.0, 1.0), ("dap", 89.0, 0.63)) for s in (0, 2)]
+    lines = cifar_ablation.table(recs)
+    assert any(line.startswith("| all data (100%) | 2 | 91.00 ± 1.41 | +1.00 | 100.0%") for line in lines)
+    assert any(line.startswith("| DaP (hard) | 2 | 90.00 ± 1.41 |  | 63.0%") for line in lines)
+    assert "| cifar10 | 2 | 91.00 ± 1.41 | 90.00 ± 1.41 | -1.00 | 63.0% |" in cifar_ablation.table4(recs)
+
+
+@needs_cifar
+def test_cifar_folder_keeps_the_first_k_per_class_by_name(tmp_path):
+    root = common.cifar_folder(CIFAR, tmp_path, train_per_class=3, test_per_class=2)
+    for split, k in (("train", 3), ("test", 2)):
+        classes = sorted(p for p in (root / split).iterdir())
+        assert len(classes) == 10
+        for c in classes:
+            names = sorted(p.name for p in c.iterdir())
+            assert len(names) == k
+            extracted = common.find_dir(None, [tmp_path / "extracted"]).glob(f"*/{split}/{c.name}")
+            assert names == sorted(p.name for p in next(extracted).iterdir())[:k]
+    assert common.cifar_folder(CIFAR, tmp_path, train_per_class=3, test_per_class=2) == root  # built once
+
+
+def test_missing_data_is_one_line_error(tmp_path):
+    with pytest.raises(common.BenchmarkError, match="pass --data DIR"):
+        common.find_dir(str(tmp_path / "nope"), (), ("cifar10_train_jpg.tar.gz",))
+
+
+@pytest.mark.slow
+@needs_cifar
+def test_gpu_check_dry_run(tmp_path):
+    """The GPU script's code paths on the CPU at toy size: engine speed, CIFAR rows, summary last, JSON."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--work-dir", str(tmp_path / "work"),
+                           "--data", str(CIFAR), "--imagenet", str(REPO.parent / "shared/data/imagenet_sample")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("total ")
+    results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert results["engine"]["trainer_none"]["img_per_s"] > 0 and results["engine"]["bare_loop"]["img_per_s"] > 0
+    rows = {r["row"] for r in results["cifar"]["runs"]}
+    assert rows == set(cifar_ablation.ROWS), results.get("cifar", {}).get("error")
