@@ -36,15 +36,16 @@ def main():
     parser.add_argument("--epoch-seconds", type=float, default=300.0, help="one ResNet-50 ImageNet epoch on one GPU")
     args = parser.parse_args()
     n = args.num_samples
-    sampler = DaPSampler(n, config=DaPConfig(epochs=120, warmup=10, interval=2, keep=0.9, active=10,
-                                             reuse=(30, 60, 90)), seed=0)
+    sampler = DaPSampler(
+        n, config=DaPConfig(epochs=120, warmup=10, interval=2, keep=0.9, active=10, reuse=(30, 60, 90)), seed=0
+    )
     order = torch.randperm(n)
     batches = list(order.split(args.batch_size))
     losses = [torch.rand(b.numel()) for b in batches]
 
     def record():
         sampler.recorder.reset()
-        for idx, loss in zip(batches, losses):
+        for idx, loss in zip(batches, losses, strict=True):
             sampler.record(idx, loss)
 
     record()
@@ -59,12 +60,16 @@ def main():
         for _ in sampler:
             pass
 
-    rows = [("record one epoch (batches of %d)" % args.batch_size, _median_seconds(record, args.repeats)),
-            ("select next subset (hard, p=0.9)", _median_seconds(select, args.repeats)),
-            ("one sampler pass (shuffle + iterate)", _median_seconds(sampler_pass, args.repeats))]
+    rows = [
+        (f"record one epoch (batches of {args.batch_size})", _median_seconds(record, args.repeats)),
+        ("select next subset (hard, p=0.9)", _median_seconds(select, args.repeats)),
+        ("one sampler pass (shuffle + iterate)", _median_seconds(sampler_pass, args.repeats)),
+    ]
     total = sum(t for _, t in rows)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; N = {n:,}; median of {args.repeats}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; N = {n:,}; median of {args.repeats}"
+    )
     print(f"| {'step':<40} | {'seconds':>8} | {'% of a ' + str(int(args.epoch_seconds)) + ' s epoch':>16} |")
     print(f"|{'-' * 42}|{'-' * 10}:|{'-' * 18}:|")
     for name, t in rows + [("all bookkeeping", total)]:

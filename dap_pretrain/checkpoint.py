@@ -67,9 +67,12 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt, truncated, or pickles foreign objects
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is unreadable ({first[:120]}); "
-                              "pass a last.pth.tar written by dap-train") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({first[:120]}); pass a last.pth.tar written by dap-train"
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt:
-        raise CheckpointError(f"checkpoint {path} was not written by dap-train (no 'arch'/'state_dict'); "
-                              "use `python -m dap_pretrain export` only on dap-train checkpoints")
+        raise CheckpointError(
+            f"checkpoint {path} was not written by dap-train (no 'arch'/'state_dict'); "
+            "use `python -m dap_pretrain export` only on dap-train checkpoints"
+        )
     return ckpt

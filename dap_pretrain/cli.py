@@ -14,14 +14,30 @@ from dap_pretrain.schedule import IMAGENET_NUM_SAMPLES, DaPConfig, plan, solve_k
 
 # Paper settings (Section 4.3.1 for ImageNet, Tables 2-3 baselines for CIFAR), as plan defaults.
 PRESETS = {
-    "imagenet": dict(epochs=120, dap_warmup=10, dap_interval=2, dap_keep=0.9, dap_active=10, dap_reuse=[30, 60, 90],
-                     num_samples=IMAGENET_NUM_SAMPLES),
-    "imagenet-86": dict(epochs=120, dap_warmup=10, dap_interval=2, dap_keep=0.95, dap_active=10,
-                        dap_reuse=[30, 60, 90], num_samples=IMAGENET_NUM_SAMPLES),
-    "cifar10": dict(epochs=300, dap_warmup=40, dap_interval=10, dap_keep=0.9, dap_active=None, dap_reuse=[150],
-                    num_samples=50_000),
-    "cifar100": dict(epochs=300, dap_warmup=40, dap_interval=20, dap_keep=0.9, dap_active=None, dap_reuse=[150],
-                     num_samples=50_000),
+    "imagenet": dict(
+        epochs=120,
+        dap_warmup=10,
+        dap_interval=2,
+        dap_keep=0.9,
+        dap_active=10,
+        dap_reuse=[30, 60, 90],
+        num_samples=IMAGENET_NUM_SAMPLES,
+    ),
+    "imagenet-86": dict(
+        epochs=120,
+        dap_warmup=10,
+        dap_interval=2,
+        dap_keep=0.95,
+        dap_active=10,
+        dap_reuse=[30, 60, 90],
+        num_samples=IMAGENET_NUM_SAMPLES,
+    ),
+    "cifar10": dict(
+        epochs=300, dap_warmup=40, dap_interval=10, dap_keep=0.9, dap_active=None, dap_reuse=[150], num_samples=50_000
+    ),
+    "cifar100": dict(
+        epochs=300, dap_warmup=40, dap_interval=20, dap_keep=0.9, dap_active=None, dap_reuse=[150], num_samples=50_000
+    ),
 }
 
 
@@ -37,23 +53,41 @@ def add_dap_arguments(parser: argparse.ArgumentParser, *, with_epochs: bool = Tr
     g.add_argument("--dap-warmup", type=int, default=10, metavar="W", help="warm-up epochs on all data")
     g.add_argument("--dap-interval", type=int, default=2, metavar="I", help="drop every I epochs")
     g.add_argument("--dap-keep", type=float, default=0.9, metavar="P", help="fraction of the current subset kept")
-    g.add_argument("--dap-active", type=int, default=None, metavar="A",
-                   help="drop only during the first A epochs of a cycle (default: unlimited)")
-    g.add_argument("--dap-reuse", type=int, nargs="*", default=None, metavar="R",
-                   help="epochs at whose end all data is picked up again (trainer default: the LR decay milestones)")
-    g.add_argument("--dap-target-compute", type=float, default=None, metavar="F",
-                   help="solve --dap-keep so the plan spends compute fraction F")
+    g.add_argument(
+        "--dap-active",
+        type=int,
+        default=None,
+        metavar="A",
+        help="drop only during the first A epochs of a cycle (default: unlimited)",
+    )
+    g.add_argument(
+        "--dap-reuse",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="R",
+        help="epochs at whose end all data is picked up again (trainer default: the LR decay milestones)",
+    )
+    g.add_argument(
+        "--dap-target-compute",
+        type=float,
+        default=None,
+        metavar="F",
+        help="solve --dap-keep so the plan spends compute fraction F",
+    )
 
 
-def dap_config_from_args(args: argparse.Namespace, *, num_samples: int,
-                         default_reuse: tuple[int, ...] = ()) -> tuple[DaPConfig, str | None]:
+def dap_config_from_args(
+    args: argparse.Namespace, *, num_samples: int, default_reuse: tuple[int, ...] = ()
+) -> tuple[DaPConfig, str | None]:
     """Build the :class:`DaPConfig`; with ``--dap-target-compute`` solve p first.
 
     Returns the config and, when p was solved, a line saying what it achieves.
     """
     reuse = tuple(args.dap_reuse) if args.dap_reuse is not None else tuple(default_reuse)
-    kwargs = dict(epochs=args.epochs, warmup=args.dap_warmup, interval=args.dap_interval, active=args.dap_active,
-                  reuse=reuse)
+    kwargs = dict(
+        epochs=args.epochs, warmup=args.dap_warmup, interval=args.dap_interval, active=args.dap_active, reuse=reuse
+    )
     DaPConfig(keep=1.0, **kwargs)  # validate everything but p before solving
     note = None
     keep = args.dap_keep
@@ -100,12 +134,14 @@ def _plan_main(args: argparse.Namespace) -> int:
         print(json.dumps(out))
         return 0
     print(f"{'epoch':>5}  {'subset':>10}  {'fraction':>8}  event at end")
-    for i, (size, event) in enumerate(zip(p.subset_sizes, p.events), start=1):
+    for i, (size, event) in enumerate(zip(p.subset_sizes, p.events, strict=True), start=1):
         print(f"{i:>5}  {size:>10}  {size / p.num_samples:>8.4f}  {event}")
     if note:
         print(note)
-    print(f"compute fraction: {p.compute_fraction:.4f} ({p.compute_fraction:.1%}) = {p.samples_trained} samples "
-          f"/ ({cfg.epochs} epochs x {p.num_samples})")
+    print(
+        f"compute fraction: {p.compute_fraction:.4f} ({p.compute_fraction:.1%}) = {p.samples_trained} samples "
+        f"/ ({cfg.epochs} epochs x {p.num_samples})"
+    )
     return 0
 
 

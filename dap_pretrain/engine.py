@@ -43,9 +43,23 @@ def _progress(iterable, *, total: int, desc: str, enabled: bool):
     return iterable
 
 
-def train_one_epoch(model, loader, optimizer, *, epoch: int, sampler, lr_scheduler, device: torch.device,
-                    smoothing: float = 0.0, amp_dtype: torch.dtype | None = None, scaler=None, model_ema=None,
-                    clip_grad: float | None = None, log_interval: int = 50, show_progress: bool = True) -> EpochStats:
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    *,
+    epoch: int,
+    sampler,
+    lr_scheduler,
+    device: torch.device,
+    smoothing: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    scaler=None,
+    model_ema=None,
+    clip_grad: float | None = None,
+    log_interval: int = 50,
+    show_progress: bool = True,
+) -> EpochStats:
     """Train ``model`` for one epoch of ``loader`` (batches ``(input, target, index)``).
 
     Called once per epoch after ``sampler.set_epoch(epoch)``; the caller calls
@@ -54,13 +68,20 @@ def train_one_epoch(model, loader, optimizer, *, epoch: int, sampler, lr_schedul
     """
     model.train()
     steps = len(loader)
+    has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no per-step sync
     seen, start = 0, time.perf_counter()
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     lr = lr_start = lr_scheduler.step(float(epoch))
-    for step, (images, targets, indices) in enumerate(_progress(loader, total=steps, desc=f"epoch {epoch + 1}",
-                                                                enabled=show_progress)):
+    for step, (images, targets, indices) in enumerate(
+        _progress(loader, total=steps, desc=f"epoch {epoch + 1}", enabled=show_progress)
+    ):
         lr = lr_scheduler.step(epoch + step / steps)
+        if images.shape[0] == 1 and has_batchnorm:
+            # BatchNorm cannot train on one sample; a DaP subset can leave exactly one in the last batch.
+            # The sample gets no loss this epoch, so the accounting reports it as not trained.
+            _logger.info("epoch %d: skipped a final batch of 1 sample (BatchNorm needs 2)", epoch + 1)
+            continue
         with autocast:
             output = model(images)
             losses = F.cross_entropy(output.float(), targets, reduction="none", label_smoothing=smoothing)
@@ -84,13 +105,16 @@ def train_one_epoch(model, loader, optimizer, *, epoch: int, sampler, lr_schedul
         batch_loss = float(loss.detach()) if (step % log_interval == 0 or step == steps - 1) else None
         if batch_loss is not None:
             if not math.isfinite(batch_loss):
-                raise FloatingPointError(f"training loss became {batch_loss} at epoch {epoch + 1} step {step}; "
-                                         "lower --lr or enable --clip-grad")
+                raise FloatingPointError(
+                    f"training loss became {batch_loss} at epoch {epoch + 1} step {step}; "
+                    "lower --lr or enable --clip-grad"
+                )
             _logger.debug("epoch %d step %d/%d loss %.4f lr %.3g", epoch + 1, step, steps, batch_loss, lr)
         loss_sum += losses.detach().sum()
         seen += indices.numel()
-    return EpochStats(loss=float(loss_sum) / max(1, seen), samples=seen, steps=steps, seconds=time.perf_counter() - start,
-                      lr=lr_start)
+    return EpochStats(
+        loss=float(loss_sum) / max(1, seen), samples=seen, steps=steps, seconds=time.perf_counter() - start, lr=lr_start
+    )
 
 
 @torch.no_grad()

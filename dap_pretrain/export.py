@@ -30,8 +30,9 @@ def _classifier_prefixes(arch: str, num_classes: int) -> tuple[str, ...]:
     return tuple(f"{n}." for n in ((names,) if isinstance(names, str) else names))
 
 
-def export_backbone(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, use_ema: bool = True,
-                    overwrite: bool = False) -> Path:
+def export_backbone(
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, use_ema: bool = True, overwrite: bool = False
+) -> Path:
     """Write model.safetensors, backbone.pth and meta.json for a dap-train checkpoint; returns ``out_dir``.
 
     Refuses a non-empty ``out_dir`` unless ``overwrite``; files appear together (written to a temp
@@ -109,11 +110,17 @@ def load_backbone(path: str | os.PathLike, *, model: str | None = None, **create
         weights = torch.load(weights_file, map_location="cpu", weights_only=True)
     num_classes = meta.get("num_classes") or 1000
     _check_fits(weights, arch=arch, num_classes=num_classes, source=weights_file, holds=meta.get("model"))
-    if weights_file.name == "backbone.pth" or not any(k.startswith(_classifier_prefixes(arch, num_classes)) for k in weights):
+    if weights_file.name == "backbone.pth" or not any(
+        k.startswith(_classifier_prefixes(arch, num_classes)) for k in weights
+    ):
         create_kwargs.setdefault("num_classes", 0)  # no classifier in the file: build without one
     # timm's own loader adapts the weights to num_classes / features_only
-    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights_file), num_classes=num_classes),
-                             **{"num_classes": num_classes, **create_kwargs})
+    return timm.create_model(
+        arch,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(weights_file), num_classes=num_classes),
+        **{"num_classes": num_classes, **create_kwargs},
+    )
 
 
 def _check_fits(weights: dict, *, arch: str, num_classes: int, source, holds: str | None) -> None:
@@ -126,6 +133,8 @@ def _check_fits(weights: dict, *, arch: str, num_classes: int, source, holds: st
     unexpected = [k for k in weights if k not in expected]
     misshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
     if missing or unexpected or misshaped:
-        raise CheckpointError(f"{source} holds {holds or 'another architecture'}'s weights, not timm '{arch}' "
-                              f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped keys); "
-                              f"load it as {holds or 'the model it was trained as'}")
+        raise CheckpointError(
+            f"{source} holds {holds or 'another architecture'}'s weights, not timm '{arch}' "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped keys); "
+            f"load it as {holds or 'the model it was trained as'}"
+        )

@@ -12,8 +12,18 @@ import math
 import torch
 
 
-def lr_at(progress: float, *, base_lr: float, sched: str = "step", epochs: int, milestones: tuple[int, ...] = (),
-          decay_rate: float = 0.1, warmup_epochs: float = 0.0, warmup_lr: float = 1e-5, min_lr: float = 0.0) -> float:
+def lr_at(
+    progress: float,
+    *,
+    base_lr: float,
+    sched: str = "step",
+    epochs: int,
+    milestones: tuple[int, ...] = (),
+    decay_rate: float = 0.1,
+    warmup_epochs: float = 0.0,
+    warmup_lr: float = 1e-5,
+    min_lr: float = 0.0,
+) -> float:
     """LR at ``progress`` epochs into training (0 <= progress <= epochs).
 
     ``step``: ``base_lr * decay_rate ** (number of milestones <= progress)``; ``cosine``: from

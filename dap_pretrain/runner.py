@@ -69,7 +69,9 @@ def _build_model(args, num_classes: int, device: torch.device):
 
     if not timm.is_model(args.model):
         close = timm.list_models(f"*{args.model.split('_')[0]}*")[:5]
-        raise UsageError(f"unknown model '{args.model}'; pass a timm model name (e.g. {', '.join(close) or 'resnet50'})")
+        raise UsageError(
+            f"unknown model '{args.model}'; pass a timm model name (e.g. {', '.join(close) or 'resnet50'})"
+        )
     model = timm.create_model(args.model, pretrained=False, num_classes=num_classes)
     model.to(device)
     if args.channels_last:
@@ -81,21 +83,31 @@ def _build_data(args, model_cfg: dict) -> Data:
     root = str(embedded_data_dir()) if args.data_dir == "embedded" else args.data_dir
     extra = {"download": True} if args.dataset_download else {}
     train = create_dataset(name=args.dataset, root=root, split=args.train_split, is_training=True, **extra)
-    val = create_dataset(name=args.dataset, root=root, split=args.val_split, is_training=False, **extra) \
-        if args.val_split else None
+    val = (
+        create_dataset(name=args.dataset, root=root, split=args.val_split, is_training=False, **extra)
+        if args.val_split
+        else None
+    )
     img_size = args.img_size or model_cfg.get("input_size", (3, 224, 224))[-1]
     cifar = args.aug == "cifar" or (args.aug == "auto" and img_size <= 64)
-    train.transform = cifar_transform(img_size=img_size, is_training=True) if cifar else \
-        imagenet_transform(img_size=img_size, is_training=True, interpolation="bilinear")
+    train.transform = (
+        cifar_transform(img_size=img_size, is_training=True)
+        if cifar
+        else imagenet_transform(img_size=img_size, is_training=True, interpolation="bilinear")
+    )
     if val is not None:
-        val.transform = cifar_transform(img_size=img_size, is_training=False) if cifar else \
-            imagenet_transform(img_size=img_size, is_training=False)
+        val.transform = (
+            cifar_transform(img_size=img_size, is_training=False)
+            if cifar
+            else imagenet_transform(img_size=img_size, is_training=False)
+        )
     classes = getattr(getattr(train, "reader", None), "class_to_idx", None) or getattr(train, "class_to_idx", None)
     num_classes = args.num_classes or (len(classes) if classes else 1000)
     mean = tuple(model_cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(model_cfg.get("std", (0.229, 0.224, 0.225)))
-    return Data(IndexedDataset(train), IndexedDataset(val) if val is not None else None, num_classes, mean, std,
-                img_size, root)
+    return Data(
+        IndexedDataset(train), IndexedDataset(val) if val is not None else None, num_classes, mean, std, img_size, root
+    )
 
 
 def _build_sampler(args, num_samples: int, world: int, rank: int) -> tuple[DaPSampler, Accounting, dict, str | None]:
@@ -106,16 +118,29 @@ def _build_sampler(args, num_samples: int, world: int, rank: int) -> tuple[DaPSa
         g = torch.Generator().manual_seed(args.seed)
         k = max(1, round(args.fixed_subset * num_samples))
         initial = torch.randperm(num_samples, generator=g)[:k]
-    sampler = DaPSampler(num_samples, config=cfg, select=args.dap_select, num_replicas=world, rank=rank,
-                         seed=args.seed, drop_last=args.drop_last, initial_subset=initial)
+    sampler = DaPSampler(
+        num_samples,
+        config=cfg,
+        select=args.dap_select,
+        num_replicas=world,
+        rank=rank,
+        seed=args.seed,
+        drop_last=args.drop_last,
+        initial_subset=initial,
+    )
     if args.dap_select == "none":
         planned = args.epochs * sampler.subset.numel()
     else:
         planned = plan(cfg, num_samples).samples_trained
-    acct = Accounting(num_samples=num_samples, baseline_epochs=getattr(args, "baseline_epochs", args.epochs),
-                      planned=planned)
-    dap = {**cfg.to_dict(), "select": args.dap_select, "epochs_scale": args.epochs_scale,
-           "fixed_subset": args.fixed_subset}
+    acct = Accounting(
+        num_samples=num_samples, baseline_epochs=getattr(args, "baseline_epochs", args.epochs), planned=planned
+    )
+    dap = {
+        **cfg.to_dict(),
+        "select": args.dap_select,
+        "epochs_scale": args.epochs_scale,
+        "fixed_subset": args.fixed_subset,
+    }
     return sampler, acct, dap, note
 
 
@@ -147,11 +172,22 @@ def subset_digest(subset: torch.Tensor) -> str:
 
 
 def _epoch_row(epoch, stats, ev, report, acct, lr, seconds, digest) -> dict:
-    return {"epoch": epoch, "train_loss": round(stats.loss, 6), "eval_loss": ev.get("loss"), "eval_top1": ev.get("top1"),
-            "eval_top5": ev.get("top5"), "lr": lr, "subset_size": report.size_before, "samples_trained": report.seen,
-            "cum_compute": acct.measured / acct.baseline, "event": report.event, "lost_drop_last": report.size_before - report.seen,
-            "epoch_time_s": round(seconds, 3), "img_per_s": round(stats.samples / max(stats.seconds, 1e-9), 2),
-            "subset_digest": digest}
+    return {
+        "epoch": epoch,
+        "train_loss": round(stats.loss, 6),
+        "eval_loss": ev.get("loss"),
+        "eval_top1": ev.get("top1"),
+        "eval_top5": ev.get("top5"),
+        "lr": lr,
+        "subset_size": report.size_before,
+        "samples_trained": report.seen,
+        "cum_compute": acct.measured / acct.baseline,
+        "event": report.event,
+        "untrained": report.size_before - report.seen,
+        "epoch_time_s": round(seconds, 3),
+        "img_per_s": round(stats.samples / max(stats.seconds, 1e-9), 2),
+        "subset_digest": digest,
+    }
 
 
 def _write_summary(output: Path, history: list) -> None:
@@ -186,8 +222,10 @@ def _setup(args):
 def _resume(args, ckpt_path, *, model, optimizer, lr_sched, scaler, ema, sampler, acct, rank, world) -> int:
     ckpt = load_checkpoint(ckpt_path)
     if ckpt["arch"] != args.model:
-        raise CheckpointError(f"checkpoint {ckpt_path} is a {ckpt['arch']}, this run is a {args.model}; "
-                              f"pass --model {ckpt['arch']} or another --resume")
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} is a {ckpt['arch']}, this run is a {args.model}; "
+            f"pass --model {ckpt['arch']} or another --resume"
+        )
     model.load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_sched.load_state_dict(ckpt["lr_scheduler"])
@@ -202,8 +240,9 @@ def _resume(args, ckpt_path, *, model, optimizer, lr_sched, scaler, ema, sampler
     if len(rngs) == world:
         set_rng_state(rngs[rank])
     else:
-        _logger.warning("checkpoint has RNG states for %d processes, this run has %d: augmentation will differ",
-                        len(rngs), world)
+        _logger.warning(
+            "checkpoint has RNG states for %d processes, this run has %d: augmentation will differ", len(rngs), world
+        )
     _logger.info("resumed %s at epoch %d", ckpt_path, ckpt["epoch"])
     return int(ckpt["epoch"])
 
@@ -224,36 +263,80 @@ def run(args: argparse.Namespace) -> dict | None:
     sampler, acct, dap, note = _build_sampler(args, len(data.train), world, rank)
     if note:
         _logger.info(note)
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum)
-    lr_sched = EpochProgressLR(optimizer, base_lr=args.lr, sched=args.sched, epochs=args.epochs,
-                               milestones=tuple(args.decay_milestones), decay_rate=args.decay_rate,
-                               warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr, min_lr=args.min_lr)
+    optimizer = create_optimizer_v2(
+        model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+    )
+    lr_sched = EpochProgressLR(
+        optimizer,
+        base_lr=args.lr,
+        sched=args.sched,
+        epochs=args.epochs,
+        milestones=tuple(args.decay_milestones),
+        decay_rate=args.decay_rate,
+        warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr,
+        min_lr=args.min_lr,
+    )
     amp_dtype, scaler = _amp(args, device)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     gen = torch.Generator()
-    train_loader = create_loader(data.train, batch_size=args.batch_size, sampler=sampler, mean=data.mean,
-                                 std=data.std, device=device, num_workers=args.workers, drop_last=args.drop_last,
-                                 channels_last=args.channels_last, generator=gen)
+    train_loader = create_loader(
+        data.train,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        mean=data.mean,
+        std=data.std,
+        device=device,
+        num_workers=args.workers,
+        drop_last=args.drop_last,
+        channels_last=args.channels_last,
+        generator=gen,
+    )
     val_loader = None
     if data.val is not None:
-        val_loader = create_loader(data.val, batch_size=args.batch_size, sampler=range(rank, len(data.val), world),
-                                   mean=data.mean, std=data.std, device=device, num_workers=args.workers,
-                                   channels_last=args.channels_last)
+        val_loader = create_loader(
+            data.val,
+            batch_size=args.batch_size,
+            sampler=range(rank, len(data.val), world),
+            mean=data.mean,
+            std=data.std,
+            device=device,
+            num_workers=args.workers,
+            channels_last=args.channels_last,
+        )
     start_epoch = 0
     if args.resume:
-        start_epoch = _resume(args, args.resume, model=model, optimizer=optimizer, lr_sched=lr_sched, scaler=scaler,
-                              ema=ema, sampler=sampler, acct=acct, rank=rank, world=world)
+        start_epoch = _resume(
+            args,
+            args.resume,
+            model=model,
+            optimizer=optimizer,
+            lr_sched=lr_sched,
+            scaler=scaler,
+            ema=ema,
+            sampler=sampler,
+            acct=acct,
+            rank=rank,
+            world=world,
+        )
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     resolved = {k: v for k, v in vars(args).items()}
     if rank == 0:
         (output / "args.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    _logger.info("model %s (%.2fM params) on %s x%d; %d train / %s val samples; planned compute %.2f%%",
-                 args.model, sum(p.numel() for p in model.parameters()) / 1e6, device, world, len(data.train),
-                 len(data.val) if data.val is not None else "no", 100 * acct.planned / acct.baseline)
+    _logger.info(
+        "model %s (%.2fM params) on %s x%d; %d train / %s val samples; planned compute %.2f%%",
+        args.model,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        device,
+        world,
+        len(data.train),
+        len(data.val) if data.val is not None else "no",
+        100 * acct.planned / acct.baseline,
+    )
     run_start = time.perf_counter() - sum(r["epoch_time_s"] for r in acct.history)
     best = max((r["eval_top1"] or 0 for r in acct.history), default=-1.0)
     ev = {}
@@ -262,10 +345,22 @@ def run(args: argparse.Namespace) -> dict | None:
         sampler.set_epoch(epoch)
         digest = subset_digest(sampler.subset)
         gen.manual_seed((args.seed + 1) * 1_000_003 + epoch * 1_009 + rank)  # worker augmentation streams
-        stats = train_one_epoch(train_model, train_loader, optimizer, epoch=epoch, sampler=sampler,
-                                lr_scheduler=lr_sched, device=device, smoothing=args.smoothing, amp_dtype=amp_dtype,
-                                scaler=scaler, model_ema=ema, clip_grad=args.clip_grad,
-                                log_interval=args.log_interval, show_progress=rank == 0)
+        stats = train_one_epoch(
+            train_model,
+            train_loader,
+            optimizer,
+            epoch=epoch,
+            sampler=sampler,
+            lr_scheduler=lr_sched,
+            device=device,
+            smoothing=args.smoothing,
+            amp_dtype=amp_dtype,
+            scaler=scaler,
+            model_ema=ema,
+            clip_grad=args.clip_grad,
+            log_interval=args.log_interval,
+            show_progress=rank == 0,
+        )
         report = sampler.end_epoch()
         acct.measured += report.seen
         acct.lost += report.size_before - report.seen
@@ -273,11 +368,21 @@ def run(args: argparse.Namespace) -> dict | None:
             finite = report.losses[torch.isfinite(report.losses)]
             hist = torch.histogram(finite.double(), bins=40) if finite.numel() else None
             if hist is not None:
-                acct.drops.append({"epoch": epoch + 1, "counts": hist.hist.tolist(), "edges": hist.bin_edges.tolist(),
-                                   "kept": report.size_after, "of": report.size_before})
+                acct.drops.append(
+                    {
+                        "epoch": epoch + 1,
+                        "counts": hist.hist.tolist(),
+                        "edges": hist.bin_edges.tolist(),
+                        "kept": report.size_after,
+                        "of": report.size_before,
+                    }
+                )
         ev = evaluate(model, val_loader, device=device, amp_dtype=amp_dtype) if val_loader is not None else {}
-        ema_ev = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype) \
-            if (ema is not None and val_loader is not None) else {}
+        ema_ev = (
+            evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype)
+            if (ema is not None and val_loader is not None)
+            else {}
+        )
         row = _epoch_row(epoch + 1, stats, ev, report, acct, stats.lr, time.perf_counter() - t0, digest)
         if ema_ev:
             row["ema_top1"] = ema_ev["top1"]
@@ -286,8 +391,9 @@ def run(args: argparse.Namespace) -> dict | None:
         if rank == 0:
             _log_epoch(row, args.epochs, report)
             _write_summary(output, acct.history)
-            state = _checkpoint_state(args, model, optimizer, lr_sched, scaler, ema, sampler, acct, rngs, epoch + 1,
-                                      data.num_classes, dap)
+            state = _checkpoint_state(
+                args, model, optimizer, lr_sched, scaler, ema, sampler, acct, rngs, epoch + 1, data.num_classes, dap
+            )
             save_checkpoint(state, output / "last.pth.tar")
             if ev and ev["top1"] > best:
                 best = ev["top1"]
@@ -303,30 +409,54 @@ def run(args: argparse.Namespace) -> dict | None:
 
 def _log_epoch(row: dict, epochs: int, report) -> None:
     ev = f" top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f}" if row["eval_top1"] is not None else ""
-    lost = f" ({row['lost_drop_last']} lost to drop_last)" if row["lost_drop_last"] else ""
-    _logger.info("epoch %d/%d: subset %d, trained %d%s, %s -> next %d; loss %.4f%s lr %.4g; compute so far %.2f%%; "
-                 "%.1fs, %.0f img/s", row["epoch"], epochs, row["subset_size"], row["samples_trained"], lost,
-                 report.event, report.size_after, row["train_loss"], ev, row["lr"], 100 * row["cum_compute"],
-                 row["epoch_time_s"], row["img_per_s"])
+    lost = f" ({row['untrained']} untrained: drop_last or a batch of 1)" if row["untrained"] else ""
+    _logger.info(
+        "epoch %d/%d: subset %d, trained %d%s, %s -> next %d; loss %.4f%s lr %.4g; compute so far %.2f%%; "
+        "%.1fs, %.0f img/s",
+        row["epoch"],
+        epochs,
+        row["subset_size"],
+        row["samples_trained"],
+        lost,
+        report.event,
+        report.size_after,
+        row["train_loss"],
+        ev,
+        row["lr"],
+        100 * row["cum_compute"],
+        row["epoch_time_s"],
+        row["img_per_s"],
+    )
 
 
-def _checkpoint_state(args, model, optimizer, lr_sched, scaler, ema, sampler, acct, rngs, epochs_done, num_classes,
-                      dap) -> dict:
+def _checkpoint_state(
+    args, model, optimizer, lr_sched, scaler, ema, sampler, acct, rngs, epochs_done, num_classes, dap
+) -> dict:
     return {
-        "arch": args.model, "num_classes": num_classes, "epoch": epochs_done,
+        "arch": args.model,
+        "num_classes": num_classes,
+        "epoch": epochs_done,
         "state_dict": model.state_dict(),
         "state_dict_ema": ema.module.state_dict() if ema is not None else None,
-        "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_sched.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "sampler": sampler.state_dict(), "rng": rngs,
+        "sampler": sampler.state_dict(),
+        "rng": rngs,
         "accounting": {"measured": acct.measured, "lost": acct.lost, "drops": acct.drops},
         "history": acct.history,
         "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
-        "run": {"epochs": args.epochs, "dap": dap, "dataset": args.data_dir,
-                "compute_fraction_planned": acct.planned / acct.baseline,
-                "compute_fraction_measured": acct.measured / acct.baseline,
-                "top1": acct.history[-1]["eval_top1"], "top5": acct.history[-1]["eval_top5"],
-                "ema_top1": acct.history[-1].get("ema_top1"), "git_commit": _commit_cached()},
+        "run": {
+            "epochs": args.epochs,
+            "dap": dap,
+            "dataset": args.data_dir,
+            "compute_fraction_planned": acct.planned / acct.baseline,
+            "compute_fraction_measured": acct.measured / acct.baseline,
+            "top1": acct.history[-1]["eval_top1"],
+            "top5": acct.history[-1]["eval_top5"],
+            "ema_top1": acct.history[-1].get("ema_top1"),
+            "git_commit": _commit_cached(),
+        },
     }
 
 
@@ -343,20 +473,34 @@ def _commit_cached():
 
 def _finish(args, output: Path, acct: Accounting, ev: dict, ema_ev: dict, wall: float, dap: dict, data: Data) -> dict:
     summary = {
-        "model": args.model, "epochs": args.epochs, "dataset": args.data_dir, "num_samples": acct.num_samples,
+        "model": args.model,
+        "epochs": args.epochs,
+        "dataset": args.data_dir,
+        "num_samples": acct.num_samples,
         "compute_fraction_planned": acct.planned / acct.baseline,
         "compute_fraction_measured": acct.measured / acct.baseline,
-        "samples_trained": acct.measured, "samples_planned": acct.planned, "samples_baseline": acct.baseline,
-        "samples_lost_drop_last": acct.lost,
-        "top1": ev.get("top1"), "top5": ev.get("top5"), "ema_top1": ema_ev.get("top1"), "ema_top5": ema_ev.get("top5"),
-        "wall_time_s": round(wall, 2), "dap": dap, "git_commit": _commit_cached(), "torch": torch.__version__,
+        "samples_trained": acct.measured,
+        "samples_planned": acct.planned,
+        "samples_baseline": acct.baseline,
+        "samples_untrained": acct.lost,
+        "top1": ev.get("top1"),
+        "top5": ev.get("top5"),
+        "ema_top1": ema_ev.get("top1"),
+        "ema_top5": ema_ev.get("top5"),
+        "wall_time_s": round(wall, 2),
+        "dap": dap,
+        "git_commit": _commit_cached(),
+        "torch": torch.__version__,
     }
     tmp = output / ".run.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(output / "run.json")
     if acct.lost:
-        _logger.info("%d samples were lost to --drop-last over the run; measured compute is below planned by that",
-                     acct.lost)
+        _logger.info(
+            "%d samples went untrained (--drop-last, or a final batch of 1 under BatchNorm); "
+            "measured compute is below planned by that",
+            acct.lost,
+        )
     if not args.no_plot:
         from dap_pretrain.plots import plot_run
 
@@ -366,7 +510,9 @@ def _finish(args, output: Path, acct: Accounting, ev: dict, ema_ev: dict, wall: 
 
         export_backbone(output / "last.pth.tar", output / "export", overwrite=True)
     top1 = f"{summary['top1']:.2f}" if summary["top1"] is not None else "n/a (no --val-split)"
-    print(f"compute spent: {summary['compute_fraction_measured']:.2%} of full-data training "
-          f"({acct.measured:,} / {acct.baseline:,} samples; planned {summary['compute_fraction_planned']:.2%}); "
-          f"top-1 {top1}; wall {wall:.1f}s -> {output}")
+    print(
+        f"compute spent: {summary['compute_fraction_measured']:.2%} of full-data training "
+        f"({acct.measured:,} / {acct.baseline:,} samples; planned {summary['compute_fraction_planned']:.2%}); "
+        f"top-1 {top1}; wall {wall:.1f}s -> {output}"
+    )
     return summary

@@ -49,11 +49,20 @@ class DaPConfig:
         object.__setattr__(self, "reuse", tuple(int(r) for r in (self.reuse or ())))
         e = self.epochs
         _check(isinstance(e, int) and e >= 1, "epochs", "an integer >= 1", e)
-        _check(isinstance(self.warmup, int) and 0 <= self.warmup < e, "dap-warmup", f"an integer in [0, {e - 1}] (W < epochs)", self.warmup)
+        _check(
+            isinstance(self.warmup, int) and 0 <= self.warmup < e,
+            "dap-warmup",
+            f"an integer in [0, {e - 1}] (W < epochs)",
+            self.warmup,
+        )
         _check(isinstance(self.interval, int) and self.interval >= 1, "dap-interval", "an integer >= 1", self.interval)
         _check(isinstance(self.keep, (int, float)) and 0.0 < self.keep <= 1.0, "dap-keep", "in (0, 1]", self.keep)
-        _check(self.active is None or (isinstance(self.active, int) and self.active >= 1), "dap-active",
-               "an integer >= 1 (or omitted for unlimited)", self.active)
+        _check(
+            self.active is None or (isinstance(self.active, int) and self.active >= 1),
+            "dap-active",
+            "an integer >= 1 (or omitted for unlimited)",
+            self.active,
+        )
         r = list(self.reuse)
         _check(r == sorted(set(r)), "dap-reuse", "sorted ascending without duplicates", r)
         _check(all(1 <= x <= e for x in r), "dap-reuse", f"epochs in 1..{e}", r)
@@ -158,8 +167,17 @@ def plan(config: DaPConfig, num_samples: int = IMAGENET_NUM_SAMPLES) -> Plan:
     return Plan(config, num_samples, sizes, events)
 
 
-def solve_keep(target: float, *, epochs: int, warmup: int, interval: int, active: int | None = None,
-               reuse: tuple[int, ...] = (), num_samples: int = IMAGENET_NUM_SAMPLES, tol: float = 1e-6) -> tuple[float, float]:
+def solve_keep(
+    target: float,
+    *,
+    epochs: int,
+    warmup: int,
+    interval: int,
+    active: int | None = None,
+    reuse: tuple[int, ...] = (),
+    num_samples: int = IMAGENET_NUM_SAMPLES,
+    tol: float = 1e-6,
+) -> tuple[float, float]:
     """Find the keep fraction p whose plan lands closest to compute fraction ``target``.
 
     Compute is non-decreasing in p, so bisection on p in (0, 1] suffices. Returns (p, compute).

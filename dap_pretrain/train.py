@@ -7,16 +7,11 @@ Config precedence, as in timm: ``--config file.yaml`` sets argparse defaults, th
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from dap_pretrain.cli import UsageError, add_dap_arguments, dap_config_from_args, exits_cleanly, make_parser
@@ -30,15 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser(prog="dap-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", default="", help="YAML file of argparse defaults (command line overrides)")
     d = p.add_argument_group("Data")
-    d.add_argument("--data-dir", default="embedded",
-                   help="ImageFolder tree (with split subfolders), a .tar/.tar.gz of one, or 'embedded'")
+    d.add_argument(
+        "--data-dir",
+        default="embedded",
+        help="ImageFolder tree (with split subfolders), a .tar/.tar.gz of one, or 'embedded'",
+    )
     d.add_argument("--dataset", default="", help="timm dataset name ('' = ImageFolder, 'torch/cifar10', ...)")
     d.add_argument("--dataset-download", action="store_true", help="let torchvision download a torch/* dataset")
     d.add_argument("--train-split", default="train")
     d.add_argument("--val-split", default="val", help="'' skips evaluation")
     d.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
-    d.add_argument("--aug", choices=("auto", "cifar", "imagenet"), default="auto",
-                   help="cifar: pad-4 crop + flip; imagenet: timm RandomResizedCrop; auto: by image size")
+    d.add_argument(
+        "--aug",
+        choices=("auto", "cifar", "imagenet"),
+        default="auto",
+        help="cifar: pad-4 crop + flip; imagenet: timm RandomResizedCrop; auto: by image size",
+    )
     d.add_argument("-j", "--workers", type=int, default=2)
     d.add_argument("--drop-last", action="store_true", help="drop each epoch's last partial batch")
     m = p.add_argument_group("Model")
@@ -66,10 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_dap_arguments(p)
     g = p.add_argument_group("DaP selection and Table 2(f) baselines")
     g.add_argument("--dap-select", choices=("hard", "random", "none"), default="hard")
-    g.add_argument("--epochs-scale", type=float, default=None, metavar="F",
-                   help="baseline: all data for round(F x epochs) epochs, LR milestones scaled by F; DaP off")
-    g.add_argument("--fixed-subset", type=float, default=None, metavar="F",
-                   help="baseline: one fixed random fraction F of the data for all epochs; DaP off")
+    g.add_argument(
+        "--epochs-scale",
+        type=float,
+        default=None,
+        metavar="F",
+        help="baseline: all data for round(F x epochs) epochs, LR milestones scaled by F; DaP off",
+    )
+    g.add_argument(
+        "--fixed-subset",
+        type=float,
+        default=None,
+        metavar="F",
+        help="baseline: one fixed random fraction F of the data for all epochs; DaP off",
+    )
     r = p.add_argument_group("Run")
     r.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, --amp-dtype on GPU")
     r.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default="float16")
@@ -123,8 +135,9 @@ def load_config(path: Path, _seen: tuple = ()) -> dict:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                             timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -134,8 +147,10 @@ def check_output_dir(output: Path, *, resume: str, overwrite: bool) -> None:
     """Refuse to write into a folder that holds another run, unless resuming it or told to overwrite."""
     held = [m for m in RUN_MARKERS if (output / m).exists()]
     if held and not resume and not overwrite:
-        raise UsageError(f"output folder {output} already holds a run ({', '.join(held)}); pass --resume "
-                         f"{output / 'last.pth.tar'} to continue it, --overwrite to replace it, or another --output")
+        raise UsageError(
+            f"output folder {output} already holds a run ({', '.join(held)}); pass --resume "
+            f"{output / 'last.pth.tar'} to continue it, --overwrite to replace it, or another --output"
+        )
 
 
 def main_process_logging(rank: int, output: Path) -> None:
@@ -143,8 +158,9 @@ def main_process_logging(rank: int, output: Path) -> None:
     handlers = [logging.StreamHandler(sys.stdout)]
     if rank == 0:
         handlers.append(logging.FileHandler(output / "log.txt"))
-    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers,
-                        force=True)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers, force=True
+    )
 
 
 def resolve_baselines(args: argparse.Namespace) -> None:
@@ -163,8 +179,10 @@ def resolve_baselines(args: argparse.Namespace) -> None:
         args.dap_select = "none"
     if args.dap_select != "none" and (args.mixup > 0 or args.cutmix > 0):
         # A mixed image's loss belongs to two samples; ranking either by it would be silently wrong.
-        raise UsageError("--mixup/--cutmix cannot be combined with DaP (a mixed sample's loss has no single owner); "
-                         "drop them or pass --dap-select none")
+        raise UsageError(
+            "--mixup/--cutmix cannot be combined with DaP (a mixed sample's loss has no single owner); "
+            "drop them or pass --dap-select none"
+        )
     if args.dap_select == "none":
         args.dap_warmup = min(args.dap_warmup, args.epochs - 1)  # DaP parameters unused: keep them valid
     default_reuse = tuple(m for m in args.decay_milestones if 1 <= m <= args.epochs)
@@ -188,8 +206,10 @@ def main(argv=None) -> dict:
             print(f"\n{'run':<10} {'compute':>8} {'top-1':>7} {'wall s':>8}")
             for name, s in (("DaP", summary), ("full data", base)):
                 print(f"{name:<10} {s['compute_fraction_measured']:>8.1%} {s['top1']:>7.2f} {s['wall_time_s']:>8.1f}")
-            print(f"DaP top-1 {summary['top1'] - base['top1']:+.2f} points at {summary['compute_fraction_measured']:.1%}"
-                  f" compute, {summary['wall_time_s'] / max(base['wall_time_s'], 1e-9):.1%} wall-clock")
+            print(
+                f"DaP top-1 {summary['top1'] - base['top1']:+.2f} points at {summary['compute_fraction_measured']:.1%}"
+                f" compute, {summary['wall_time_s'] / max(base['wall_time_s'], 1e-9):.1%} wall-clock"
+            )
     return summary
 
 

@@ -19,10 +19,12 @@ needs_cifar = pytest.mark.skipif(not (CIFAR / "cifar10_test_jpg.tar.gz").is_file
 
 
 def test_compressed_schedule_is_the_paper_at_300_and_scales_exactly_at_30():
-    assert common.compressed_schedule(300) == dict(epochs=300, warmup=40, interval=10, keep=0.9, reuse=150,
-                                                   milestones=[150, 225])
-    assert common.compressed_schedule(30) == dict(epochs=30, warmup=4, interval=1, keep=0.9, reuse=15,
-                                                  milestones=[15, 23])
+    assert common.compressed_schedule(300) == dict(
+        epochs=300, warmup=40, interval=10, keep=0.9, reuse=150, milestones=[150, 225]
+    )
+    assert common.compressed_schedule(30) == dict(
+        epochs=30, warmup=4, interval=1, keep=0.9, reuse=15, milestones=[15, 23]
+    )
     s = common.compressed_schedule(4)  # toy: W and I stay >= 1, milestones inside the run
     assert s["warmup"] >= 1 and s["interval"] >= 1 and all(1 <= m < 4 for m in s["milestones"])
 
@@ -41,8 +43,11 @@ def test_row_flags():
 
 
 def test_tables_report_mean_std_and_difference_to_dap():
-    recs = [dict(dataset="cifar10", row=row, seed=s, top1=top1 + s, compute_fraction_measured=c, wall_time_s=10.0)
-            for row, top1, c in (("all", 90.0, 1.0), ("dap", 89.0, 0.63)) for s in (0, 2)]
+    recs = [
+        dict(dataset="cifar10", row=row, seed=s, top1=top1 + s, compute_fraction_measured=c, wall_time_s=10.0)
+        for row, top1, c in (("all", 90.0, 1.0), ("dap", 89.0, 0.63))
+        for s in (0, 2)
+    ]
     lines = cifar_ablation.table(recs)
     assert any(line.startswith("| all data (100%) | 2 | 91.00 ± 1.41 | +1.00 | 100.0%") for line in lines)
     assert any(line.startswith("| DaP (hard) | 2 | 90.00 ± 1.41 |  | 63.0%") for line in lines)
@@ -73,9 +78,24 @@ def test_missing_data_is_one_line_error(tmp_path):
 def test_gpu_check_dry_run(tmp_path):
     """The GPU script's code paths on the CPU at toy size: engine speed, CIFAR rows, summary last, JSON."""
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--work-dir", str(tmp_path / "work"),
-                           "--data", str(CIFAR), "--imagenet", str(REPO.parent / "shared/data/imagenet_sample")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            "bash",
+            "benchmarks/gpu_check.sh",
+            "--dry-run",
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--data",
+            str(CIFAR),
+            "--imagenet",
+            str(REPO.parent / "shared/data/imagenet_sample"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("total ")
     results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())

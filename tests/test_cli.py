@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from dap_pretrain.cli import main
+
 
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "dap_pretrain", *args], capture_output=True, text=True)
@@ -15,8 +17,23 @@ def test_plan_imagenet_preset_prints_74_and_86():
     out = _run("plan", "--preset", "imagenet")
     assert out.returncode == 0 and "compute fraction: 0.7391" in out.stdout
     assert len([ln for ln in out.stdout.splitlines() if ln.strip()[:1].isdigit()]) == 120
-    flags = ["--epochs", "120", "--dap-warmup", "10", "--dap-interval", "2", "--dap-keep", "0.95", "--dap-active", "10",
-             "--dap-reuse", "30", "60", "90", "--json"]
+    flags = [
+        "--epochs",
+        "120",
+        "--dap-warmup",
+        "10",
+        "--dap-interval",
+        "2",
+        "--dap-keep",
+        "0.95",
+        "--dap-active",
+        "10",
+        "--dap-reuse",
+        "30",
+        "60",
+        "90",
+        "--json",
+    ]
     data = json.loads(_run("plan", *flags).stdout)
     assert abs(data["compute_fraction"] - 0.86) < 0.005 and len(data["subset_sizes"]) == 120
     assert data["subset_sizes"][0] == 1_281_167
@@ -27,15 +44,33 @@ def test_plan_target_compute():
     assert abs(data["compute_fraction"] - 0.8) < 1e-3 and 0.9 < data["dap"]["keep"] < 0.95
 
 
-@pytest.mark.parametrize("args,name", [
-    (["--dap-keep", "0"], "dap-keep"), (["--dap-keep", "1.01"], "dap-keep"), (["--dap-interval", "0"], "dap-interval"),
-    (["--dap-warmup", "-1"], "dap-warmup"), (["--dap-warmup", "120"], "dap-warmup"), (["--dap-active", "0"], "dap-active"),
-    (["--dap-reuse", "60", "30"], "dap-reuse"), (["--dap-reuse", "30", "30"], "dap-reuse"),
-    (["--dap-reuse", "0"], "dap-reuse"), (["--dap-reuse", "121"], "dap-reuse"), (["--num-samples", "0"], "num-samples"),
-    (["--dap-target-compute", "0"], "target-compute"), (["--dap-target-compute", "1.5"], "target-compute"),
-    (["--dap-keep", "abc"], "dap-keep"),
-])
-def test_plan_bad_input_one_line_exit_2(args, name):
-    out = _run("plan", *args)
-    assert out.returncode == 2
-    assert out.stderr.count("\n") == 1 and name in out.stderr and "Traceback" not in out.stderr
+@pytest.mark.parametrize(
+    "args,name",
+    [
+        (["--dap-keep", "0"], "dap-keep"),
+        (["--dap-keep", "1.01"], "dap-keep"),
+        (["--dap-interval", "0"], "dap-interval"),
+        (["--dap-warmup", "-1"], "dap-warmup"),
+        (["--dap-warmup", "120"], "dap-warmup"),
+        (["--dap-active", "0"], "dap-active"),
+        (["--dap-reuse", "60", "30"], "dap-reuse"),
+        (["--dap-reuse", "30", "30"], "dap-reuse"),
+        (["--dap-reuse", "0"], "dap-reuse"),
+        (["--dap-reuse", "121"], "dap-reuse"),
+        (["--num-samples", "0"], "num-samples"),
+        (["--dap-target-compute", "0"], "target-compute"),
+        (["--dap-target-compute", "1.5"], "target-compute"),
+        (["--dap-keep", "abc"], "dap-keep"),
+    ],
+)
+def test_plan_bad_input_one_line_exit_2(args, name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.count("\n") == 1 and name in err and err.startswith("error: ")
+
+
+def test_bad_input_through_the_real_entry_point():
+    out = _run("plan", "--dap-keep", "2")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr

@@ -8,18 +8,38 @@ CIFAR_N = 50_000
 # Table 2 (CIFAR-10): baseline W=40, I=10, p=0.9, alpha=inf, R={150}, 300 epochs.
 # Table 3 (CIFAR-100): the same with I=20. Each row: (overrides, printed computation in %).
 TABLE_2 = [
-    (dict(warmup=0), 53), (dict(warmup=20), 58), (dict(warmup=40), 63),
-    (dict(warmup=60), 67), (dict(warmup=70), 69), (dict(warmup=90), 72),  # (a) warm-up
-    (dict(interval=2), 27), (dict(interval=5), 44), (dict(interval=10), 63),
-    (dict(interval=15), 73), (dict(interval=20), 79), (dict(interval=25), 83),  # (b) interval
-    (dict(keep=0.7), 35), (dict(keep=0.75), 39), (dict(keep=0.8), 45),
-    (dict(keep=0.85), 52), (dict(keep=0.9), 63), (dict(keep=0.95), 78),  # (c) percentage
-    (dict(active=20), 92), (dict(active=60), 72), (dict(active=None), 63),  # (d) active
-    (dict(reuse=()), 45), (dict(reuse=(150,)), 63), (dict(reuse=(150, 225)), 73),  # (e) reusing data
+    (dict(warmup=0), 53),
+    (dict(warmup=20), 58),
+    (dict(warmup=40), 63),
+    (dict(warmup=60), 67),
+    (dict(warmup=70), 69),
+    (dict(warmup=90), 72),  # (a) warm-up
+    (dict(interval=2), 27),
+    (dict(interval=5), 44),
+    (dict(interval=10), 63),
+    (dict(interval=15), 73),
+    (dict(interval=20), 79),
+    (dict(interval=25), 83),  # (b) interval
+    (dict(keep=0.7), 35),
+    (dict(keep=0.75), 39),
+    (dict(keep=0.8), 45),
+    (dict(keep=0.85), 52),
+    (dict(keep=0.9), 63),
+    (dict(keep=0.95), 78),  # (c) percentage
+    (dict(active=20), 92),
+    (dict(active=60), 72),
+    (dict(active=None), 63),  # (d) active
+    (dict(reuse=()), 45),
+    (dict(reuse=(150,)), 63),
+    (dict(reuse=(150, 225)), 73),  # (e) reusing data
 ]
 TABLE_3 = [
-    (dict(interval=10), 63), (dict(interval=20), 79), (dict(interval=30), 86),  # (a) interval
-    (dict(active=40), 92), (dict(active=60), 87), (dict(active=None), 79),  # (b) active
+    (dict(interval=10), 63),
+    (dict(interval=20), 79),
+    (dict(interval=30), 86),  # (a) interval
+    (dict(active=40), 92),
+    (dict(active=60), 87),
+    (dict(active=None), 79),  # (b) active
 ]
 
 
@@ -64,7 +84,8 @@ def test_plan_sizes_follow_events():
 def test_schedule_state_round_trip():
     cfg = DaPConfig(epochs=30, warmup=3, interval=2, keep=0.8, active=7, reuse=(15,))
     a, b = DaPSchedule(cfg), DaPSchedule(cfg)
-    first = [a.step(e) for e in range(1, 11)]
+    for e in range(1, 11):
+        a.step(e)
     b.load_state_dict(a.state_dict())
     assert [a.step(e) for e in range(11, 31)] == [b.step(e) for e in range(11, 31)]
 
@@ -77,11 +98,20 @@ def test_solve_keep_hits_target():
     assert compute > 0.1 and p < 0.01
 
 
-@pytest.mark.parametrize("kw,name", [
-    (dict(keep=0.0), "dap-keep"), (dict(keep=1.2), "dap-keep"), (dict(interval=0), "dap-interval"),
-    (dict(warmup=-1), "dap-warmup"), (dict(warmup=120), "dap-warmup"), (dict(active=0), "dap-active"),
-    (dict(reuse=(60, 30)), "dap-reuse"), (dict(reuse=(30, 30)), "dap-reuse"), (dict(reuse=(121,)), "dap-reuse"),
-])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(keep=0.0), "dap-keep"),
+        (dict(keep=1.2), "dap-keep"),
+        (dict(interval=0), "dap-interval"),
+        (dict(warmup=-1), "dap-warmup"),
+        (dict(warmup=120), "dap-warmup"),
+        (dict(active=0), "dap-active"),
+        (dict(reuse=(60, 30)), "dap-reuse"),
+        (dict(reuse=(30, 30)), "dap-reuse"),
+        (dict(reuse=(121,)), "dap-reuse"),
+    ],
+)
 def test_validation_names_parameter(kw, name):
     base = dict(epochs=120, warmup=10, interval=2, keep=0.9)
     base.update(kw)

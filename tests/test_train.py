@@ -16,8 +16,27 @@ from dap_pretrain.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny CIFAR schedule: 4 epochs, drop to half after epochs 1 and 2, LR decays (and DaP reuses) at epoch 3.
-CIFAR = ["--model", "cifar_resnet20", "-b", "64", "--workers", "1", "--lr", "0.05", "--epochs", "4",
-         "--decay-milestones", "3", "--dap-warmup", "1", "--dap-interval", "1", "--dap-keep", "0.5", "--no-plot"]
+CIFAR = [
+    "--model",
+    "cifar_resnet20",
+    "-b",
+    "64",
+    "--workers",
+    "1",
+    "--lr",
+    "0.05",
+    "--epochs",
+    "4",
+    "--decay-milestones",
+    "3",
+    "--dap-warmup",
+    "1",
+    "--dap-interval",
+    "1",
+    "--dap-keep",
+    "0.5",
+    "--no-plot",
+]
 
 
 def _rows(output: Path) -> list[dict]:
@@ -38,13 +57,22 @@ def test_dap_run_accounting_matches_plan(tmp_path, cifar_tiny):
     assert [int(r["subset_size"]) for r in rows] == [400, 400, 200, 400]
     assert s["samples_planned"] == 1400 and s["compute_fraction_planned"] == pytest.approx(1400 / 1600)
     # --drop-last with batch 64 loses 400 % 64 = 16 samples of each 400-epoch and 200 % 64 = 8 of the 200 one
-    assert s["samples_lost_drop_last"] == 16 * 3 + 8
-    assert s["samples_trained"] == 1400 - s["samples_lost_drop_last"]
+    assert s["samples_untrained"] == 16 * 3 + 8
+    assert s["samples_trained"] == 1400 - s["samples_untrained"]
     assert s["compute_fraction_measured"] == pytest.approx(s["samples_trained"] / 1600)
     assert 0 <= s["top1"] <= 100 and s["top5"] >= s["top1"]
     run = json.loads((out / "run.json").read_text())
-    for key in ("compute_fraction_planned", "compute_fraction_measured", "samples_trained", "top1", "top5",
-                "wall_time_s", "epochs", "model", "dap"):
+    for key in (
+        "compute_fraction_planned",
+        "compute_fraction_measured",
+        "samples_trained",
+        "top1",
+        "top5",
+        "wall_time_s",
+        "epochs",
+        "model",
+        "dap",
+    ):
         assert key in run
     assert (out / "args.yaml").is_file() and (out / "last.pth.tar").is_file() and (out / "model_best.pth.tar").is_file()
 
@@ -56,14 +84,19 @@ def test_full_run_and_same_lr_per_epoch(tmp_path, cifar_tiny):
     assert dap["compute_fraction_measured"] == dap["compute_fraction_planned"] == pytest.approx(1400 / 1600)
     dap_rows, full_rows = _rows(dap_out), _rows(full_out)
     # DaP's epoch 3 runs half the steps, yet both runs see the same LR at every epoch
-    assert [r["lr"] for r in dap_rows] == [r["lr"] for r in full_rows] == [str(0.05)] * 3 + [str(0.05 * 0.1)] * 1 or \
-        [float(r["lr"]) for r in dap_rows] == pytest.approx([float(r["lr"]) for r in full_rows])
+    assert [r["lr"] for r in dap_rows] == [r["lr"] for r in full_rows] == [str(0.05)] * 3 + [str(0.05 * 0.1)] * 1 or [
+        float(r["lr"]) for r in dap_rows
+    ] == pytest.approx([float(r["lr"]) for r in full_rows])
     assert float(dap_rows[3]["lr"]) == pytest.approx(0.005)
 
 
 def test_lr_is_a_function_of_epoch_progress():
     kw = dict(base_lr=0.1, epochs=120, milestones=(30, 60, 90))
-    assert lr_at(29.99, **kw) == 0.1 and lr_at(30.0, **kw) == pytest.approx(0.01) and lr_at(95, **kw) == pytest.approx(1e-4)
+    assert (
+        lr_at(29.99, **kw) == 0.1
+        and lr_at(30.0, **kw) == pytest.approx(0.01)
+        and lr_at(95, **kw) == pytest.approx(1e-4)
+    )
     assert lr_at(0.5, warmup_epochs=1, warmup_lr=0.0, **kw) == pytest.approx(0.05)
     cos = dict(base_lr=1.0, sched="cosine", epochs=10)
     assert lr_at(0, **cos) == 1.0 and lr_at(5, **cos) == pytest.approx(0.5) and lr_at(10, **cos) == pytest.approx(0.0)
@@ -80,9 +113,36 @@ def test_table2f_baselines(tmp_path, cifar_tiny):
 
 def test_imagenet_sample_resnet18_224(tmp_path, imagenet_tiny):
     out = tmp_path / "r18"
-    s = train_main(["--model", "resnet18", "--data-dir", str(imagenet_tiny), "--img-size", "224", "-b", "8",
-                    "--epochs", "2", "--decay-milestones", "1", "--dap-reuse", "--dap-warmup", "0", "--dap-interval", "1",
-                    "--dap-keep", "0.5", "--workers", "2", "--output", str(out), "--no-plot", "--export", "--amp"])
+    s = train_main(
+        [
+            "--model",
+            "resnet18",
+            "--data-dir",
+            str(imagenet_tiny),
+            "--img-size",
+            "224",
+            "-b",
+            "8",
+            "--epochs",
+            "2",
+            "--decay-milestones",
+            "1",
+            "--dap-reuse",
+            "--dap-warmup",
+            "0",
+            "--dap-interval",
+            "1",
+            "--dap-keep",
+            "0.5",
+            "--workers",
+            "2",
+            "--output",
+            str(out),
+            "--no-plot",
+            "--export",
+            "--amp",
+        ]
+    )
     assert s["samples_trained"] == 16 + 8 and s["compute_fraction_measured"] == 0.75
     assert (out / "export" / "backbone.pth").is_file()
 
@@ -116,25 +176,27 @@ def test_export_round_trip(tmp_path, cifar_tiny):
 
 def test_resnet50_export_has_mmdet_resnet_keys(tmp_path):
     """mmdet's/mmpose's ResNet use torchvision's key names; a timm resnet50 export must supply all of them."""
+    import timm
     import torchvision
 
     from dap_pretrain.checkpoint import save_checkpoint
     from dap_pretrain.export import export_backbone
 
-    import timm
-
     net = timm.create_model("resnet50", num_classes=1000)
-    save_checkpoint({"arch": "resnet50", "num_classes": 1000, "epoch": 1, "state_dict": net.state_dict()},
-                    tmp_path / "last.pth.tar")
-    backbone = torch.load(export_backbone(tmp_path / "last.pth.tar", tmp_path / "exp") / "backbone.pth",
-                          weights_only=True)
+    save_checkpoint(
+        {"arch": "resnet50", "num_classes": 1000, "epoch": 1, "state_dict": net.state_dict()}, tmp_path / "last.pth.tar"
+    )
+    backbone = torch.load(
+        export_backbone(tmp_path / "last.pth.tar", tmp_path / "exp") / "backbone.pth", weights_only=True
+    )
     tv = {k for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")}
     assert set(backbone) == tv
 
 
 def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "dap_pretrain.train", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dap_pretrain.train", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def _assert_one_line_error(res, *words):
@@ -149,26 +211,36 @@ def test_bad_input_one_line_exit_2(tmp_path, cifar_tiny):
     base = [*CIFAR, "--epochs", "2"]
     empty = tmp_path / "empty"
     (empty / "train").mkdir(parents=True)
-    _assert_one_line_error(_cli(*base, "--data-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "o1")),
-                           "does not exist")
+    _assert_one_line_error(
+        _cli(*base, "--data-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "o1")), "does not exist"
+    )
     _assert_one_line_error(_cli(*base, "--data-dir", str(empty), "--output", str(tmp_path / "o2")), "no images")
-    _assert_one_line_error(_cli(*base, "--data-dir", str(cifar_tiny), "--model", "resnet_9000",
-                                "--output", str(tmp_path / "o3")), "unknown model")
-    _assert_one_line_error(_cli(*base, "--data-dir", str(cifar_tiny), "--dap-keep", "1.5",
-                                "--output", str(tmp_path / "o4")), "dap-keep")
-    _assert_one_line_error(_cli(*base, "--data-dir", str(cifar_tiny), "--dap-reuse", "9",
-                                "--output", str(tmp_path / "o5")), "dap-reuse")
-    _assert_one_line_error(_cli(*base, "--data-dir", str(cifar_tiny), "--mixup", "0.2",
-                                "--output", str(tmp_path / "o6")), "mixup")
+    _assert_one_line_error(
+        _cli(*base, "--data-dir", str(cifar_tiny), "--model", "resnet_9000", "--output", str(tmp_path / "o3")),
+        "unknown model",
+    )
+    _assert_one_line_error(
+        _cli(*base, "--data-dir", str(cifar_tiny), "--dap-keep", "1.5", "--output", str(tmp_path / "o4")), "dap-keep"
+    )
+    _assert_one_line_error(
+        _cli(*base, "--data-dir", str(cifar_tiny), "--dap-reuse", "9", "--output", str(tmp_path / "o5")), "dap-reuse"
+    )
+    _assert_one_line_error(
+        _cli(*base, "--data-dir", str(cifar_tiny), "--mixup", "0.2", "--output", str(tmp_path / "o6")), "mixup"
+    )
     # corrupt and foreign checkpoints
     corrupt = tmp_path / "corrupt.pth.tar"
     corrupt.write_bytes(b"not a checkpoint")
-    _assert_one_line_error(_cli(*base, "--data-dir", str(cifar_tiny), "--resume", str(corrupt),
-                                "--output", str(tmp_path / "o7")), "unreadable")
+    _assert_one_line_error(
+        _cli(*base, "--data-dir", str(cifar_tiny), "--resume", str(corrupt), "--output", str(tmp_path / "o7")),
+        "unreadable",
+    )
     foreign = tmp_path / "foreign.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, foreign)
-    _assert_one_line_error(_cli(*base, "--data-dir", str(cifar_tiny), "--resume", str(foreign),
-                                "--output", str(tmp_path / "o8")), "not written by dap-train")
+    _assert_one_line_error(
+        _cli(*base, "--data-dir", str(cifar_tiny), "--resume", str(foreign), "--output", str(tmp_path / "o8")),
+        "not written by dap-train",
+    )
 
 
 def test_output_holding_a_run_is_refused_and_kept(tmp_path, cifar_tiny):
@@ -178,7 +250,25 @@ def test_output_holding_a_run_is_refused_and_kept(tmp_path, cifar_tiny):
     _assert_one_line_error(res, "already holds a run", "--resume", "--overwrite")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     # resuming with another architecture names both
-    res = _cli(*CIFAR, "--epochs", "3", "--data-dir", str(cifar_tiny), "--output", str(out), "--model",
-               "cifar_resnet56", "--resume", str(out / "last.pth.tar"))
+    res = _cli(
+        *CIFAR,
+        "--epochs",
+        "3",
+        "--data-dir",
+        str(cifar_tiny),
+        "--output",
+        str(out),
+        "--model",
+        "cifar_resnet56",
+        "--resume",
+        str(out / "last.pth.tar"),
+    )
     _assert_one_line_error(res, "cifar_resnet20", "cifar_resnet56")
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_final_batch_of_one_is_skipped_and_accounted(tmp_path, cifar_tiny):
+    """400 samples in batches of 133 leave one sample alone; BatchNorm cannot train on it."""
+    _, s = _train(tmp_path, "one", cifar_tiny, "-b", "133", "--epochs", "2", "--dap-select", "none")
+    assert s["samples_untrained"] == 2 and s["samples_trained"] == 798
+    assert s["compute_fraction_measured"] == pytest.approx(798 / 800)

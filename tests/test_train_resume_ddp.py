@@ -14,8 +14,27 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--model", "cifar_resnet20", "--workers", "1", "--lr", "0.05", "--epochs", "5", "--decay-milestones", "4",
-        "--dap-warmup", "1", "--dap-interval", "1", "--dap-keep", "0.6", "--dap-active", "2", "--no-plot"]
+ARGS = [
+    "--model",
+    "cifar_resnet20",
+    "--workers",
+    "1",
+    "--lr",
+    "0.05",
+    "--epochs",
+    "5",
+    "--decay-milestones",
+    "4",
+    "--dap-warmup",
+    "1",
+    "--dap-interval",
+    "1",
+    "--dap-keep",
+    "0.6",
+    "--dap-active",
+    "2",
+    "--no-plot",
+]
 
 
 def _digests(out: Path) -> list[tuple]:
@@ -33,8 +52,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, cifar_tiny):
     subprocess.run(_train_cmd(*common, "--output", str(full)), check=True, capture_output=True, cwd=REPO, timeout=600)
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(_train_cmd(*common, "--output", str(cut)), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(*common, "--output", str(cut)), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (cut / "last.pth.tar").exists() and torch.load(cut / "last.pth.tar", weights_only=True)["epoch"] >= 2:
@@ -46,8 +66,13 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, cifar_tiny):
     done = torch.load(cut / "last.pth.tar", weights_only=True)["epoch"]
     assert 2 <= done < 5 and not (cut / "run.json").exists()
 
-    subprocess.run(_train_cmd(*common, "--output", str(cut), "--resume", str(cut / "last.pth.tar")), check=True,
-                   capture_output=True, cwd=REPO, timeout=600)
+    subprocess.run(
+        _train_cmd(*common, "--output", str(cut), "--resume", str(cut / "last.pth.tar")),
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert _digests(cut) == _digests(full)
     a, b = (json.loads((d / "run.json").read_text()) for d in (full, cut))
     for key in ("samples_trained", "compute_fraction_measured", "compute_fraction_planned", "top1", "top5"):
@@ -62,14 +87,28 @@ def test_two_process_ddp_matches_single_process(tmp_path, cifar_tiny):
     for select in ("random", "hard"):
         ddp, single = tmp_path / f"ddp_{select}", tmp_path / f"single_{select}"
         common = [*ARGS, "--data-dir", str(cifar_tiny), "--dap-select", select, "--epochs", "4"]
-        subprocess.run(["bash", "tools/pretrain.sh", *common, "-b", "32", "--output", str(ddp)], check=True,
-                       cwd=REPO, env=env, capture_output=True, timeout=600)
-        subprocess.run(_train_cmd(*common, "-b", "64", "--output", str(single)), check=True, cwd=REPO,
-                       capture_output=True, timeout=600)
+        subprocess.run(
+            ["bash", "tools/pretrain.sh", *common, "-b", "32", "--output", str(ddp)],
+            check=True,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            timeout=600,
+        )
+        subprocess.run(
+            _train_cmd(*common, "-b", "64", "--output", str(single)),
+            check=True,
+            cwd=REPO,
+            capture_output=True,
+            timeout=600,
+        )
         d, s = _digests(ddp), _digests(single)
         assert [r[:3] for r in d] == [r[:3] for r in s]  # subset sizes and samples trained per epoch
         if select == "random":  # subsets do not depend on losses: identical sequence
             assert d == s
         a, b = (json.loads((x / "run.json").read_text()) for x in (ddp, single))
-        assert a["samples_trained"] == b["samples_trained"] and a["compute_fraction_measured"] == b["compute_fraction_measured"]
+        assert (
+            a["samples_trained"] == b["samples_trained"]
+            and a["compute_fraction_measured"] == b["compute_fraction_measured"]
+        )
         assert a["compute_fraction_measured"] < 1.0

@@ -123,8 +123,9 @@ def _make_tmp_beside(dest: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     except OSError as e:
-        raise DataError(f"cannot write the dataset cache {dest.parent} ({_one_line(e)}); "
-                        "set XDG_CACHE_HOME to a writable folder") from None
+        raise DataError(
+            f"cannot write the dataset cache {dest.parent} ({_one_line(e)}); set XDG_CACHE_HOME to a writable folder"
+        ) from None
 
 
 def _publish(tmp: Path, dest: Path) -> None:
@@ -148,12 +149,16 @@ def _extract(archive: Path, dest: Path) -> None:
             tar.extractall(tmp, **safe)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"archive {archive} is corrupt or not a tar file ({_one_line(e)}); re-create it with "
-                        "`tar -czf NAME.tar.gz FOLDER` or pass --data-dir the extracted folder") from None
+        raise DataError(
+            f"archive {archive} is corrupt or not a tar file ({_one_line(e)}); re-create it with "
+            "`tar -czf NAME.tar.gz FOLDER` or pass --data-dir the extracted folder"
+        ) from None
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"cannot extract {archive} into {dest.parent} ({_one_line(e)}); free disk space or set "
-                        "XDG_CACHE_HOME to a writable folder with room") from None
+        raise DataError(
+            f"cannot extract {archive} into {dest.parent} ({_one_line(e)}); free disk space or set "
+            "XDG_CACHE_HOME to a writable folder with room"
+        ) from None
     _publish(tmp, dest)
 
 
@@ -260,12 +265,21 @@ def _check_first_image(dataset: Any, folder: Path) -> None:
         with handle, Image.open(handle) as img:
             img.convert(getattr(dataset, "input_img_mode", None) or "RGB")
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot decode {dataset.filename(0, absolute=True)} ({_one_line(e)}); the images under "
-                        f"{folder} are unreadable: remove or re-encode the broken files") from None
+        raise DataError(
+            f"cannot decode {dataset.filename(0, absolute=True)} ({_one_line(e)}); the images under "
+            f"{folder} are unreadable: remove or re-encode the broken files"
+        ) from None
 
 
-def create_dataset(*, name: str, root: str | os.PathLike, split: str, is_training: bool,
-                   cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> torch.utils.data.Dataset:
+def create_dataset(
+    *,
+    name: str,
+    root: str | os.PathLike,
+    split: str,
+    is_training: bool,
+    cache_dir: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> torch.utils.data.Dataset:
     """Builds a dataset with ``timm.data.create_dataset``, first resolving archives, and checks it is usable.
 
     Called by the trainer once per split before wrapping the result in :class:`IndexedDataset`.
@@ -297,14 +311,19 @@ def create_dataset(*, name: str, root: str | os.PathLike, split: str, is_trainin
         _check_first_image(dataset, folder)
     elif name.lower().startswith("torch/"):
         try:
-            dataset = timm.data.create_dataset(name, root=str(Path(root).expanduser()), split=split,
-                                               is_training=is_training, **kwargs)
+            dataset = timm.data.create_dataset(
+                name, root=str(Path(root).expanduser()), split=split, is_training=is_training, **kwargs
+            )
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-            raise DataError(f"cannot load {name} from {root} ({_one_line(e)}); pass --dataset-download to fetch "
-                            "it there, or point --data-dir at the folder that holds it") from None
+            raise DataError(
+                f"cannot load {name} from {root} ({_one_line(e)}); pass --dataset-download to fetch "
+                "it there, or point --data-dir at the folder that holds it"
+            ) from None
     else:
         dataset = timm.data.create_dataset(name, root=root, split=split, is_training=is_training, **kwargs)
     if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0:
-        raise DataError(f"dataset {name or 'imagefolder'} at {root} split {split} is empty; "
-                        "point --data-dir at a folder with images")
+        raise DataError(
+            f"dataset {name or 'imagefolder'} at {root} split {split} is empty; "
+            "point --data-dir at a folder with images"
+        )
     return dataset

@@ -34,8 +34,16 @@ class IndexedPrefetchLoader:
     stays on the CPU, where the loss recorder lives.
     """
 
-    def __init__(self, loader: DataLoader, *, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: torch.device, channels_last: bool = False, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        loader: DataLoader,
+        *,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device,
+        channels_last: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.loader = loader
         self.device = torch.device(device)
         self.channels_last = channels_last
@@ -102,10 +110,20 @@ def imagenet_transform(*, img_size: int, is_training: bool, **timm_kwargs) -> T.
     return create_transform(img_size, is_training=is_training, use_prefetcher=True, **timm_kwargs)
 
 
-def create_loader(dataset, *, batch_size: int, sampler: Sampler | None, mean: tuple[float, ...],
-                  std: tuple[float, ...], device: torch.device, num_workers: int = 2, drop_last: bool = False,
-                  channels_last: bool = False, pin_memory: bool | None = None,
-                  generator: torch.Generator | None = None) -> IndexedPrefetchLoader:
+def create_loader(
+    dataset,
+    *,
+    batch_size: int,
+    sampler: Sampler | None,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    num_workers: int = 2,
+    drop_last: bool = False,
+    channels_last: bool = False,
+    pin_memory: bool | None = None,
+    generator: torch.Generator | None = None,
+) -> IndexedPrefetchLoader:
     """Build a DataLoader over an :class:`IndexedDataset` (transform already set) and its prefetcher.
 
     ``generator`` seeds the workers' augmentation streams (torch draws a base seed from it each
@@ -113,7 +131,16 @@ def create_loader(dataset, *, batch_size: int, sampler: Sampler | None, mean: tu
     """
     device = torch.device(device)
     pin = device.type == "cuda" if pin_memory is None else pin_memory
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-                        collate_fn=indexed_uint8_collate, pin_memory=pin, drop_last=drop_last,
-                        persistent_workers=False, generator=generator)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=indexed_uint8_collate,
+        pin_memory=pin,
+        drop_last=drop_last,
+        persistent_workers=False,
+        generator=generator,
+    )
     return IndexedPrefetchLoader(loader, mean=mean, std=std, device=device, channels_last=channels_last)

@@ -69,8 +69,10 @@ class LossRecorder:
         losses = torch.as_tensor(losses).detach().reshape(-1)
         indices = torch.as_tensor(indices).reshape(-1).to(losses.device, torch.int64, non_blocking=True)
         if indices.numel() != losses.numel():
-            raise ValueError(f"record() got {indices.numel()} indices but {losses.numel()} losses; "
-                             "pass the unreduced loss (reduction='none'), one value per sample")
+            raise ValueError(
+                f"record() got {indices.numel()} indices but {losses.numel()} losses; "
+                "pass the unreduced loss (reduction='none'), one value per sample"
+            )
         if self._sums.device != losses.device:
             self._sums, self._counts = self._sums.to(losses.device), self._counts.to(losses.device)
         losses = losses.to(torch.float64)
@@ -86,8 +88,10 @@ class LossRecorder:
         bad = ~torch.isfinite(losses)
         if bool(bad.any()):
             i = int(indices[bad][0])
-            raise NonFiniteLossError(f"loss of sample index {i} is {float(losses[bad][0])}; lower the LR or check "
-                                     "that sample, or record with nonfinite='skip'")
+            raise NonFiniteLossError(
+                f"loss of sample index {i} is {float(losses[bad][0])}; lower the LR or check "
+                "that sample, or record with nonfinite='skip'"
+            )
 
     def synchronize(self) -> None:
         """Sum every rank's recordings into every rank (one collective) and bring them to the CPU.
@@ -119,14 +123,17 @@ class LossRecorder:
 
     def load_state_dict(self, state: dict) -> None:
         if state["sums"].numel() != self.num_samples:
-            raise ValueError(f"recorder state is for {state['sums'].numel()} samples, this dataset has {self.num_samples}")
+            raise ValueError(
+                f"recorder state is for {state['sums'].numel()} samples, this dataset has {self.num_samples}"
+            )
         self._sums = state["sums"].to(torch.float64).clone()
         self._counts = state["counts"].to(torch.float64).clone()
         self.nonfinite = state.get("nonfinite", self.nonfinite)
 
 
-def select_subset(current: torch.Tensor, losses: torch.Tensor, *, keep: float, strategy: str,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def select_subset(
+    current: torch.Tensor, losses: torch.Tensor, *, keep: float, strategy: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Choose the next subset from ``current`` (sorted int64 dataset indices).
 
     ``hard`` keeps the ``keep_count(len(current), keep)`` members with the highest loss. Ties are
@@ -184,10 +191,20 @@ class DaPSampler(Sampler[int]):
         nonfinite: passed to :class:`LossRecorder`.
     """
 
-    def __init__(self, num_samples: int, *, config: DaPConfig | None = None, select: str = "hard",
-                 num_replicas: int | None = None, rank: int | None = None, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False, initial_subset: torch.Tensor | None = None,
-                 nonfinite: str = "raise"):
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        config: DaPConfig | None = None,
+        select: str = "hard",
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        initial_subset: torch.Tensor | None = None,
+        nonfinite: str = "raise",
+    ):
         if select not in SELECT_STRATEGIES:
             raise ValueError(f"dap-select={select!r} is invalid: must be one of {', '.join(SELECT_STRATEGIES)}")
         if not isinstance(num_samples, int) or num_samples < 1:
@@ -206,7 +223,9 @@ class DaPSampler(Sampler[int]):
         self.schedule = DaPSchedule(config) if config is not None else None
         self.recorder = LossRecorder(num_samples, nonfinite=nonfinite)
         full = torch.arange(num_samples, dtype=torch.int64)
-        self.full_subset = full if initial_subset is None else torch.as_tensor(initial_subset, dtype=torch.int64).sort().values
+        self.full_subset = (
+            full if initial_subset is None else torch.as_tensor(initial_subset, dtype=torch.int64).sort().values
+        )
         self.subset = self.full_subset.clone()
         self.epoch = 0
 
@@ -261,11 +280,13 @@ class DaPSampler(Sampler[int]):
             elif event == REUSE:
                 self.subset = self.full_subset.clone()
         if seen < before and event == DROP:
-            _logger.info("epoch %d: %d of %d subset samples had no loss (drop_last); kept as hard", epoch,
-                         before - seen, before)
+            _logger.info(
+                "epoch %d: %d of %d subset samples had no loss (drop_last); kept as hard", epoch, before - seen, before
+            )
         self.recorder.reset()
-        return EpochReport(epoch=epoch, event=event, size_before=before, size_after=self.subset.numel(), seen=seen,
-                           losses=losses)
+        return EpochReport(
+            epoch=epoch, event=event, size_before=before, size_after=self.subset.numel(), seen=seen, losses=losses
+        )
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -284,12 +305,16 @@ class DaPSampler(Sampler[int]):
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["num_samples"]) != self.num_samples:
-            raise ValueError(f"sampler state is for {state['num_samples']} samples, this dataset has {self.num_samples}; "
-                             "resume with the same dataset")
+            raise ValueError(
+                f"sampler state is for {state['num_samples']} samples, this dataset has {self.num_samples}; "
+                "resume with the same dataset"
+            )
         saved = state.get("config")
         if (saved is None) != (self.config is None) or (saved is not None and saved != self.config.to_dict()):
-            raise ValueError(f"sampler state was saved with DaP parameters {saved}, this run has "
-                             f"{self.config.to_dict() if self.config else None}; resume with the same --dap-* flags")
+            raise ValueError(
+                f"sampler state was saved with DaP parameters {saved}, this run has "
+                f"{self.config.to_dict() if self.config else None}; resume with the same --dap-* flags"
+            )
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
         self.subset = state["subset"].to(torch.int64).clone()

@@ -101,7 +101,8 @@ class _BasicBlock(nn.Module):
                 self.downsample = _PadShortcut(in_chs, out_chs, stride)
             else:
                 self.downsample = nn.Sequential(
-                    nn.Conv2d(in_chs, out_chs, 1, stride, bias=False), nn.BatchNorm2d(out_chs))
+                    nn.Conv2d(in_chs, out_chs, 1, stride, bias=False), nn.BatchNorm2d(out_chs)
+                )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -123,8 +124,15 @@ class CifarResNet(_ClassifierMixin, nn.Module):
         global_pool: timm pool type ('avg', 'max', ... or '' for none).
     """
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, shortcut: str = "A",
-                 drop_rate: float = 0.0, global_pool: str = "avg"):
+    def __init__(
+        self,
+        depth: int = 20,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        shortcut: str = "A",
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+    ):
         super().__init__()
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"depth={depth} is invalid for a CIFAR ResNet: must be 6n+2 (20, 56, 110, ...)")
@@ -140,7 +148,7 @@ class CifarResNet(_ClassifierMixin, nn.Module):
         for i, (chs, stride) in enumerate(((16, 1), (32, 2), (64, 2))):
             blocks = [_BasicBlock(in_chs if j == 0 else chs, chs, stride if j == 0 else 1, shortcut) for j in range(n)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=chs, reduction=2 ** i, module=f"layer{i + 1}"))
+            self.feature_info.append(dict(num_chs=chs, reduction=2**i, module=f"layer{i + 1}"))
             in_chs = chs
         self.num_features = self.head_hidden_size = in_chs
         self.reset_classifier(num_classes, global_pool)
@@ -192,8 +200,14 @@ class CifarPreActResNet(_ClassifierMixin, nn.Module):
         global_pool: timm pool type.
     """
 
-    def __init__(self, depth: int = 164, num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0,
-                 global_pool: str = "avg"):
+    def __init__(
+        self,
+        depth: int = 164,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+    ):
         super().__init__()
         if (depth - 2) % 9 or depth < 11:
             raise ValueError(f"depth={depth} is invalid for a pre-activation bottleneck ResNet: must be 9n+2 (164)")
@@ -210,7 +224,7 @@ class CifarPreActResNet(_ClassifierMixin, nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
             # the last stage is read after the final BN-ReLU, as timm's ResNetV2 does
             module = f"layer{i + 1}" if i < 2 else "norm"
-            self.feature_info.append(dict(num_chs=in_chs, reduction=2 ** i, module=module))
+            self.feature_info.append(dict(num_chs=in_chs, reduction=2**i, module=module))
         self.norm = BatchNormAct2d(in_chs)
         self.num_features = self.head_hidden_size = in_chs
         self.reset_classifier(num_classes, global_pool)
@@ -261,8 +275,16 @@ class CifarDenseNet(_ClassifierMixin, nn.Module):
         global_pool: timm pool type.
     """
 
-    def __init__(self, depth: int = 100, growth_rate: int = 12, compression: float = 0.5, num_classes: int = 10,
-                 in_chans: int = 3, drop_rate: float = 0.0, global_pool: str = "avg"):
+    def __init__(
+        self,
+        depth: int = 100,
+        growth_rate: int = 12,
+        compression: float = 0.5,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+    ):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"depth={depth} is invalid for DenseNet-BC: (depth - 4) must be divisible by 6 (100)")
@@ -272,10 +294,12 @@ class CifarDenseNet(_ClassifierMixin, nn.Module):
         self.conv1 = nn.Conv2d(in_chans, chs, 3, 1, 1, bias=False)
         self.feature_info = []
         for i in range(3):
-            self.add_module(f"dense{i + 1}", nn.Sequential(
-                *[_DenseLayer(chs + j * growth_rate, growth_rate, bn_size=4) for j in range(n)]))
+            self.add_module(
+                f"dense{i + 1}",
+                nn.Sequential(*[_DenseLayer(chs + j * growth_rate, growth_rate, bn_size=4) for j in range(n)]),
+            )
             chs += n * growth_rate
-            self.feature_info.append(dict(num_chs=chs, reduction=2 ** i, module=f"dense{i + 1}" if i < 2 else "norm"))
+            self.feature_info.append(dict(num_chs=chs, reduction=2**i, module=f"dense{i + 1}" if i < 2 else "norm"))
             if i < 2:
                 out_chs = int(chs * compression)
                 self.add_module(f"trans{i + 1}", _Transition(chs, out_chs))
@@ -298,19 +322,29 @@ class CifarDenseNet(_ClassifierMixin, nn.Module):
 
 def _cfg(**kwargs) -> dict:
     return {
-        "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8), "crop_pct": 1.0,
-        "interpolation": "bilinear", "mean": CIFAR10_MEAN, "std": CIFAR10_STD, "first_conv": "conv1",
-        "classifier": "fc", **kwargs,
+        "url": "",
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (8, 8),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": CIFAR10_MEAN,
+        "std": CIFAR10_STD,
+        "first_conv": "conv1",
+        "classifier": "fc",
+        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "cifar_resnet20": _cfg(),
-    "cifar_resnet56": _cfg(),
-    "cifar_resnet110": _cfg(),
-    "cifar_resnet164": _cfg(),
-    "cifar_densenet_bc100": _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "cifar_resnet20": _cfg(),
+        "cifar_resnet56": _cfg(),
+        "cifar_resnet110": _cfg(),
+        "cifar_resnet164": _cfg(),
+        "cifar_densenet_bc100": _cfg(),
+    }
+)
 
 
 def _create(model_cls: type[nn.Module], variant: str, pretrained: bool, **kwargs) -> nn.Module:

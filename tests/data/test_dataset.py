@@ -50,8 +50,9 @@ def test_archive_is_extracted_once_into_the_cache_and_reused(tmp_path, monkeypat
     monkeypatch.setattr(tarfile, "open", no_extraction)
     assert resolve_data_dir(CIFAR_TEST_TGZ, cache_dir=tmp_path) == root
     # an archive goes straight into create_dataset; with no train/ folder timm's fallback reads the root
-    dataset = create_dataset(name="imagefolder", root=CIFAR_TEST_TGZ, split="train", is_training=True,
-                             cache_dir=tmp_path)
+    dataset = create_dataset(
+        name="imagefolder", root=CIFAR_TEST_TGZ, split="train", is_training=True, cache_dir=tmp_path
+    )
     assert len(dataset) == 10_000
 
 
@@ -103,8 +104,9 @@ def test_indexed_dataset_on_a_real_folder_through_timm_loader(embedded_root):
     dataset.transform = ToTensor()
     assert base.transform is dataset.transform  # timm's create_loader sets dataset.transform
     assert dataset[0][0].shape == (3, 32, 32)
-    loader = timm.data.create_loader(dataset, input_size=(3, 32, 32), batch_size=64, is_training=False,
-                                     use_prefetcher=False, num_workers=0)
+    loader = timm.data.create_loader(
+        dataset, input_size=(3, 32, 32), batch_size=64, is_training=False, use_prefetcher=False, num_workers=0
+    )
     x, y, index = next(iter(loader))
     assert x.shape == (64, 3, 32, 32)
     assert y.tolist() == [dataset.targets[i] for i in index.tolist()]

@@ -65,7 +65,15 @@ def test_prefetch_loader_records_right_index():
     sampler = DaPSampler(600, config=DaPConfig(epochs=4, warmup=1, interval=1, keep=0.7), seed=2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # mean 0, std 1/255 makes the prefetcher's normalisation the identity on pixel values
-    loader = create_loader(ds, batch_size=32, sampler=sampler, mean=(0, 0, 0), std=(1 / 255,) * 3, device=device,
-                           num_workers=2, channels_last=True)
+    loader = create_loader(
+        ds,
+        batch_size=32,
+        sampler=sampler,
+        mean=(0, 0, 0),
+        std=(1 / 255,) * 3,
+        device=device,
+        num_workers=2,
+        channels_last=True,
+    )
     _check_epochs(loader, sampler)
     assert sampler.subset.min() == 600 - 205

@@ -33,7 +33,7 @@ TRAINER_DAP_ARGS = ["--epochs", "2", "--dap-warmup", "1", "--dap-interval", "1",
 
 
 def _mm_missing() -> list[str]:
-    return [m for m in ("mmcv.ops", "mmdet", "mmpose") if importlib.util.find_spec(m.split(".")[0]) is None]
+    return [m for m in ("mmcv", "mmdet", "mmpose") if importlib.util.find_spec(m) is None]
 
 
 @pytest.fixture(scope="session")
