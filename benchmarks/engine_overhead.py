@@ -28,6 +28,12 @@ def _median_seconds(fn, repeats):
     return statistics.median(times)
 
 
+def _cpu_name() -> str:
+    with open("/proc/cpuinfo") as f:
+        names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    return f"{names[0]} x{len(names)}" if names else platform.machine()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-samples", type=int, default=IMAGENET_NUM_SAMPLES)
@@ -67,7 +73,7 @@ def main():
     ]
     total = sum(t for _, t in rows)
     print(
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"machine: {_cpu_name()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; N = {n:,}; median of {args.repeats}"
     )
     print(f"| {'step':<40} | {'seconds':>8} | {'% of a ' + str(int(args.epoch_seconds)) + ' s epoch':>16} |")

@@ -154,11 +154,13 @@ def select_subset(
     # O(N) instead of a full sort (a 1.28M-element sort costs ~0.25 s on 2 cores): find the k-th
     # largest score, keep everything above it, and fill the remaining places with the lowest-index
     # members that equal it. Masking keeps the result in ascending index order.
-    scores = losses[current].nan_to_num(nan=math.inf)
+    scores = losses[current].float().nan_to_num_(nan=math.inf)  # losses are float32 at the source
     threshold = torch.kthvalue(scores, n - k + 1).values
-    mask = scores > threshold
-    ties = torch.nonzero(scores == threshold).squeeze(1)
-    mask[ties[: k - int(mask.sum())]] = True
+    mask = scores >= threshold
+    extra = int(mask.sum()) - k
+    if extra:  # ties at the threshold: drop the highest-index ones (rare with real-valued losses)
+        ties = torch.nonzero(scores == threshold).squeeze(1)
+        mask[ties[-extra:]] = False
     return current[mask]
 
 

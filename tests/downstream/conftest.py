@@ -1,7 +1,7 @@
 """Shared fixtures: backbone export folders and the mm-stack guard.
 
-The exports come from the trainer when it exists (``dap_pretrain.train`` + ``dap_pretrain.export``),
-else they are written by hand in the exporter's format from an untrained timm model.
+The ResNet-50 exports come from the real trainer and exporter (``dap_pretrain.train`` + ``python -m
+dap_pretrain export``); other architectures for the bad-input tests are written by hand in the export format.
 """
 
 from __future__ import annotations
@@ -23,13 +23,9 @@ DATA = REPO.parent / "shared" / "data"
 COCO_MINI = DATA / "coco_mini"
 COCO_POSE_TINY = DATA / "coco_pose_tiny"
 
-# The one-line switch: True builds the exports with the real trainer + exporter, False writes them by hand.
-# False for now: `python -m dap_pretrain.train ... --val-split .` on imagenet_sample stopped in its eval collate
-# (non-square images) when this was written, and two trainer runs cost ~2 of the suite's 10 minutes.
-USE_TRAINER = False
-# Trainer flags for the two exports: all data for 1 epoch, and DaP dropping half the data in epoch 2 (~75%).
-TRAINER_FULL_ARGS = ["--epochs", "1", "--dap-select", "none", "--dap-warmup", "0"]
-TRAINER_DAP_ARGS = ["--epochs", "2", "--dap-warmup", "1", "--dap-interval", "1", "--dap-keep", "0.5"]
+# Trainer flags for the two exports: all data for 2 epochs, and DaP dropping half the data in epoch 2 (75%).
+TRAINER_FULL_ARGS = ["--epochs", "2", "--dap-select", "none"]
+TRAINER_DAP_ARGS = ["--epochs", "2", "--dap-warmup", "0", "--dap-interval", "1", "--dap-keep", "0.5", "--dap-reuse"]
 
 
 def _mm_missing() -> list[str]:
@@ -71,12 +67,12 @@ def write_export(out_dir: Path, *, model: str, compute_fraction: float, seed: in
     return out_dir
 
 
-def train_export(out_dir: Path, *, model: str, extra_args: list[str]) -> Path:
-    """Trains on the ImageNet sample at 64 px and exports it with ``python -m dap_pretrain export``."""
+def train_export(out_dir: Path, *, data: Path, model: str, extra_args: list[str]) -> Path:
+    """Trains on real ImageNet images at 64 px and exports it with ``python -m dap_pretrain export``."""
     run_dir = out_dir.parent / f"{out_dir.name}_train"
-    common = ["--data-dir", str(DATA / "imagenet_sample"), "--train-split", ".", "--val-split", "."]
-    cmd = [sys.executable, "-m", "dap_pretrain.train", "--model", model, *common]
-    cmd += ["--img-size", "64", "-b", "32", "--no-plot", "--output", str(run_dir), *extra_args]
+    cmd = [sys.executable, "-m", "dap_pretrain.train", "--model", model, "--data-dir", str(data), "--aug", "imagenet"]
+    cmd += ["--img-size", "64", "-b", "8", "--decay-milestones", "1", "--no-plot", "--output", str(run_dir)]
+    cmd += extra_args
     subprocess.run(cmd, check=True, cwd=REPO)
     ckpt = run_dir / "last.pth.tar"
     subprocess.run(
@@ -92,17 +88,12 @@ def make_export(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def exports(tmp_path_factory) -> dict[str, Path]:
-    """Two ResNet-50 export folders: ``'full'`` (100% pre-train compute) and ``'dap'`` (DaP, 75% by hand)."""
+def exports(tmp_path_factory, imagenet_tiny) -> dict[str, Path]:
+    """Two ResNet-50 export folders: ``'full'`` (100% pre-train compute) and ``'dap'`` (DaP, 75%), both trained."""
     root = tmp_path_factory.mktemp("exports")
-    if USE_TRAINER:
-        return {
-            "full": train_export(root / "r50_full", model="resnet50", extra_args=TRAINER_FULL_ARGS),
-            "dap": train_export(root / "r50_dap", model="resnet50", extra_args=TRAINER_DAP_ARGS),
-        }
     return {
-        "full": write_export(root / "r50_full", model="resnet50", compute_fraction=1.0, seed=0),
-        "dap": write_export(root / "r50_dap", model="resnet50", compute_fraction=0.75, seed=1),
+        "full": train_export(root / "r50_full", data=imagenet_tiny, model="resnet50", extra_args=TRAINER_FULL_ARGS),
+        "dap": train_export(root / "r50_dap", data=imagenet_tiny, model="resnet50", extra_args=TRAINER_DAP_ARGS),
     }
 
 
