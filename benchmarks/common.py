@@ -250,6 +250,24 @@ def machine_info() -> dict:
             "git": (commit.stdout.strip() or "unknown") + ("+dirty" if dirty else "")}
 
 
+def sgd_step(net, opt, scaler, images, targets, *, dev, dtype):
+    """One plain mixed-precision training step (returns the loss): the bare loop's and the model-only timing's."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+        loss = F.cross_entropy(net(images).float(), targets)
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    return loss
+
+
 def bare_loop(*, model: str, data_root: Path, split: str, img_size: int, batch_size: int, epochs: int,
               workers: int, device: str = "cpu", amp: bool = False, amp_dtype: str = "float16",
               channels_last: bool = False, lr: float = 0.1, seed: int = 0, threads: int | None = None) -> list[dict]:
@@ -262,7 +280,6 @@ def bare_loop(*, model: str, data_root: Path, split: str, img_size: int, batch_s
     """
     import timm
     import torch
-    import torch.nn.functional as F
 
     import dap_pretrain.models  # noqa: F401  (registers cifar_*)
     from dap_pretrain.data.dataset import IndexedDataset, create_dataset
@@ -293,16 +310,7 @@ def bare_loop(*, model: str, data_root: Path, split: str, img_size: int, batch_s
         net.train()
         n, t0 = 0, time.perf_counter()
         for images, targets, _idx in loader:
-            with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                loss = F.cross_entropy(net(images).float(), targets)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            loss = sgd_step(net, opt, scaler, images, targets, dev=dev, dtype=dtype)
             n += targets.numel()
         float(loss.detach())  # wait for the device, as the trainer's epoch does
         seconds = time.perf_counter() - t0

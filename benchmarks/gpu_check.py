@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     imagenet_folder,
     machine_info,
     mean_std,
+    sgd_step,
     trainer_vs_bare,
 )
 
@@ -44,7 +45,6 @@ def model_only_img_per_s(*, model: str, img_size: int, batch_size: int, steps: i
     """Training images/s of ``model`` on one random batch kept on the device (no loader): the engine's ceiling."""
     import timm
     import torch
-    import torch.nn.functional as F
 
     dev = torch.device(device)
     net = timm.create_model(model, num_classes=1000).to(dev)
@@ -60,16 +60,7 @@ def model_only_img_per_s(*, model: str, img_size: int, batch_size: int, steps: i
         if i == warm:
             torch.cuda.synchronize() if dev.type == "cuda" else None
             t0 = time.perf_counter()
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(net(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
+        sgd_step(net, opt, scaler, x, y, dev=dev, dtype=dtype)
     torch.cuda.synchronize() if dev.type == "cuda" else None
     return steps * batch_size / (time.perf_counter() - t0)
 
