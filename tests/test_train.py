@@ -272,3 +272,16 @@ def test_final_batch_of_one_is_skipped_and_accounted(tmp_path, cifar_tiny):
     _, s = _train(tmp_path, "one", cifar_tiny, "-b", "133", "--epochs", "2", "--dap-select", "none")
     assert s["samples_untrained"] == 2 and s["samples_trained"] == 798
     assert s["compute_fraction_measured"] == pytest.approx(798 / 800)
+
+
+def test_embedded_default_takes_any_overriding_flag():
+    """`tools/pretrain.sh --epochs 6 --dap-keep 0.5` keeps the embedded data and still forms a valid schedule."""
+    from dap_pretrain.train import parse_args, resolve_baselines
+
+    config = str(REPO / "configs" / "pretrain" / "embedded_cifar10.yaml")
+    args = parse_args(["--config", config, "--epochs", "6", "--dap-keep", "0.5", "--output", "runs/x"])
+    resolve_baselines(args)
+    assert (args.data_dir, args.epochs, args.dap_keep, args.output) == ("embedded", 6, 0.5, "runs/x")
+    full = parse_args(["--config", config])
+    resolve_baselines(full)
+    assert full.epochs == 20 and full.dap_reuse is None and full.decay_milestones == [10]
