@@ -15,7 +15,6 @@ import cifar_ablation  # noqa: E402
 import common  # noqa: E402
 
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
-needs_cifar = pytest.mark.skipif(not (CIFAR / "cifar10_test_jpg.tar.gz").is_file(), reason="../shared/data/cifar10")
 
 
 def test_compressed_schedule_is_the_paper_at_300_and_scales_exactly_at_30():
@@ -54,7 +53,6 @@ def test_tables_report_mean_std_and_difference_to_dap():
     assert "| cifar10 | 2 | 91.00 ± 1.41 | 90.00 ± 1.41 | -1.00 | 63.0% |" in cifar_ablation.table4(recs)
 
 
-@needs_cifar
 def test_cifar_folder_keeps_the_first_k_per_class_by_name(tmp_path):
     root = common.cifar_folder(CIFAR, tmp_path, train_per_class=3, test_per_class=2)
     for split, k in (("train", 3), ("test", 2)):
@@ -74,7 +72,6 @@ def test_missing_data_is_one_line_error(tmp_path):
 
 
 @pytest.mark.slow
-@needs_cifar
 def test_gpu_check_dry_run(tmp_path):
     """The GPU script's code paths on the CPU at toy size: engine speed, CIFAR rows, summary last, JSON."""
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
