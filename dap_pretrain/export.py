@@ -22,11 +22,13 @@ import torch
 from dap_pretrain.checkpoint import CheckpointError, load_checkpoint
 
 
-def _classifier_prefixes(arch: str, num_classes: int) -> tuple[str, ...]:
-    import timm
+def _classifier_prefixes(arch: str) -> tuple[str, ...]:
+    """Key prefixes of ``arch``'s classifier, from timm's pretrained cfg (no model is built)."""
+    from timm.models import get_pretrained_cfg_value
 
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    names = model.default_cfg.get("classifier", "fc")
+    import dap_pretrain.models  # noqa: F401  (the cifar_* cfgs)
+
+    names = get_pretrained_cfg_value(arch, "classifier") or "fc"
     return tuple(f"{n}." for n in ((names,) if isinstance(names, str) else names))
 
 
@@ -48,7 +50,7 @@ def export_backbone(
     used_ema = bool(use_ema and ema)
     weights = ema if used_ema else ckpt["state_dict"]
     weights = {k.removeprefix("module."): v.contiguous() for k, v in weights.items()}
-    prefixes = _classifier_prefixes(ckpt["arch"], ckpt.get("num_classes", 1000))
+    prefixes = _classifier_prefixes(ckpt["arch"])
     backbone = {k: v for k, v in weights.items() if not k.startswith(prefixes)}
     run = ckpt.get("run", {})
     meta = {
@@ -110,9 +112,7 @@ def load_backbone(path: str | os.PathLike, *, model: str | None = None, **create
         weights = torch.load(weights_file, map_location="cpu", weights_only=True)
     num_classes = meta.get("num_classes") or 1000
     _check_fits(weights, arch=arch, num_classes=num_classes, source=weights_file, holds=meta.get("model"))
-    if weights_file.name == "backbone.pth" or not any(
-        k.startswith(_classifier_prefixes(arch, num_classes)) for k in weights
-    ):
+    if weights_file.name == "backbone.pth" or not any(k.startswith(_classifier_prefixes(arch)) for k in weights):
         create_kwargs.setdefault("num_classes", 0)  # no classifier in the file: build without one
     # timm's own loader adapts the weights to num_classes / features_only
     return timm.create_model(
@@ -128,7 +128,7 @@ def _check_fits(weights: dict, *, arch: str, num_classes: int, source, holds: st
     import timm
 
     expected = timm.create_model(arch, pretrained=False, num_classes=num_classes).state_dict()
-    head = _classifier_prefixes(arch, num_classes)
+    head = _classifier_prefixes(arch)
     missing = [k for k in expected if k not in weights and not k.startswith(head)]
     unexpected = [k for k in weights if k not in expected]
     misshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]

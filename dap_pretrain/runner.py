@@ -30,6 +30,7 @@ from dap_pretrain.distributed import barrier, init_distributed
 from dap_pretrain.engine import evaluate, train_one_epoch
 from dap_pretrain.lr import EpochProgressLR
 from dap_pretrain.schedule import plan
+from dap_pretrain.train import _git_commit
 
 _logger = logging.getLogger("dap_pretrain.train")
 
@@ -41,8 +42,6 @@ class Data:
     num_classes: int
     mean: tuple
     std: tuple
-    img_size: int
-    root: str
 
 
 @dataclass
@@ -105,14 +104,13 @@ def _build_data(args, model_cfg: dict) -> Data:
     num_classes = args.num_classes or (len(classes) if classes else 1000)
     mean = tuple(model_cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(model_cfg.get("std", (0.229, 0.224, 0.225)))
-    return Data(
-        IndexedDataset(train), IndexedDataset(val) if val is not None else None, num_classes, mean, std, img_size, root
-    )
+    return Data(IndexedDataset(train), IndexedDataset(val) if val is not None else None, num_classes, mean, std)
 
 
 def _build_sampler(args, num_samples: int, world: int, rank: int) -> tuple[DaPSampler, Accounting, dict, str | None]:
-    default_reuse = tuple(m for m in args.decay_milestones if 1 <= m <= args.epochs) if args.sched == "step" else ()
-    cfg, note = dap_config_from_args(args, num_samples=num_samples, default_reuse=default_reuse)
+    from dap_pretrain.train import default_reuse
+
+    cfg, note = dap_config_from_args(args, num_samples=num_samples, default_reuse=default_reuse(args))
     initial = None
     if args.fixed_subset is not None:
         g = torch.Generator().manual_seed(args.seed)
@@ -324,7 +322,7 @@ def run(args: argparse.Namespace) -> dict | None:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    resolved = {k: v for k, v in vars(args).items()}
+    resolved = dict(vars(args))
     if rank == 0:
         (output / "args.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     _logger.info(
@@ -455,20 +453,9 @@ def _checkpoint_state(
             "top1": acct.history[-1]["eval_top1"],
             "top5": acct.history[-1]["eval_top5"],
             "ema_top1": acct.history[-1].get("ema_top1"),
-            "git_commit": _commit_cached(),
+            "git_commit": _git_commit(),
         },
     }
-
-
-_COMMIT: list = []
-
-
-def _commit_cached():
-    if not _COMMIT:
-        from dap_pretrain.train import _git_commit
-
-        _COMMIT.append(_git_commit())
-    return _COMMIT[0]
 
 
 def _finish(args, output: Path, acct: Accounting, ev: dict, ema_ev: dict, wall: float, dap: dict, data: Data) -> dict:
@@ -489,7 +476,7 @@ def _finish(args, output: Path, acct: Accounting, ev: dict, ema_ev: dict, wall: 
         "ema_top5": ema_ev.get("top5"),
         "wall_time_s": round(wall, 2),
         "dap": dap,
-        "git_commit": _commit_cached(),
+        "git_commit": _git_commit(),
         "torch": torch.__version__,
     }
     tmp = output / ".run.json.tmp"

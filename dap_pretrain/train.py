@@ -7,6 +7,7 @@ Config precedence, as in timm: ``--config file.yaml`` sets argparse defaults, th
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import subprocess
 import sys
@@ -103,8 +104,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     pre, _ = parser.parse_known_args(argv)
     if pre.config:
         path = Path(pre.config)
-        if not path.is_file():
-            raise UsageError(f"config file {path} does not exist; pass a YAML file such as configs/pretrain/*.yaml")
         cfg = load_config(path)
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(cfg) - known)
@@ -133,6 +132,7 @@ def load_config(path: Path, _seen: tuple = ()) -> dict:
     return merged
 
 
+@functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -163,6 +163,13 @@ def main_process_logging(rank: int, output: Path) -> None:
     )
 
 
+def default_reuse(args: argparse.Namespace) -> tuple[int, ...]:
+    """The paper's R when --dap-reuse is not given: the step schedule's LR-decay epochs within the run."""
+    if args.sched != "step":
+        return ()
+    return tuple(m for m in args.decay_milestones if 1 <= m <= args.epochs)
+
+
 def resolve_baselines(args: argparse.Namespace) -> None:
     """Apply --epochs-scale / --fixed-subset (Table 2(f)) and the DaP-incompatible options, in place."""
     if args.epochs_scale is not None:
@@ -185,8 +192,7 @@ def resolve_baselines(args: argparse.Namespace) -> None:
         )
     if args.dap_select == "none":
         args.dap_warmup = min(args.dap_warmup, args.epochs - 1)  # DaP parameters unused: keep them valid
-    default_reuse = tuple(m for m in args.decay_milestones if 1 <= m <= args.epochs)
-    dap_config_from_args(args, num_samples=1, default_reuse=default_reuse)  # bad DaP flags fail before data loads
+    dap_config_from_args(args, num_samples=1, default_reuse=default_reuse(args))  # bad DaP flags fail before data loads
 
 
 def main(argv=None) -> dict:
