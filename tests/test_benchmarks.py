@@ -71,6 +71,19 @@ def test_missing_data_is_one_line_error(tmp_path):
         common.find_dir(str(tmp_path / "nope"), (), ("cifar10_train_jpg.tar.gz",))
 
 
+def test_finished_run_is_reused_only_with_the_same_flags(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"top1": 50.0}))
+    (out / "flags.json").write_text(json.dumps(["--epochs", "4"]))
+    assert common.run_trainer(out, ["--epochs", "4"], echo=False) == {"top1": 50.0}
+    # other flags: the run is started again (here with a flag the trainer refuses, so it fails fast)
+    with pytest.raises(common.BenchmarkError, match="exited 2"):
+        common.run_trainer(out, ["--epochs", "4", "--no-such-flag"], echo=False)
+    assert not (out / "run.json").exists()
+    assert json.loads((out / "flags.json").read_text()) == ["--epochs", "4", "--no-such-flag"]
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     """The GPU script's code paths on the CPU at toy size: engine speed, CIFAR rows, summary last, JSON."""
