@@ -1,13 +1,5 @@
-# Mask R-CNN FPN 1x with any timm CNN through DaPTimmBackbone (see faster-rcnn_timm_fpn_1x_coco_dap.py).
-_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
+# Mask R-CNN FPN 1x with any timm CNN through DaPTimmBackbone (configs/_base_/dap_timm_backbone.py);
+# the FPN's in_channels below are DenseNet-121's, set per run by `tools/transfer_coco.sh`.
+_base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', '../_base_/dap_timm_backbone.py']
 
-custom_imports = dict(imports=['downstream.timm_backbone'], allow_failed_imports=False)
-model = dict(
-    backbone=dict(
-        _delete_=True,
-        type='DaPTimmBackbone',
-        model_name='densenet121',
-        out_indices=(1, 2, 3, 4),
-        checkpoint='EXPORT_DIR/backbone.pth',
-        frozen_bn=True),
-    neck=dict(in_channels=[256, 512, 1024, 1024]))
+model = dict(backbone={{_base_.dap_timm_backbone}}, neck=dict(in_channels=[256, 512, 1024, 1024]))

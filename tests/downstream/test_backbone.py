@@ -83,6 +83,7 @@ def _stock(tmp_path, path):
     base = next(
         ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "_base_"
     )
+    base = next(b for b in ([base] if isinstance(base, str) else base) if b.startswith(("mmdet::", "mmpose::")))
     stub = tmp_path / "stock.py"
     stub.write_text(f"_base_ = {base!r}\n")
     return Config.fromfile(stub)
@@ -103,6 +104,7 @@ def test_config_overrides_only_the_backbone(mm, tmp_path, path):
         ours["model"][consumer]["in_channels"] = stock["model"][consumer]["in_channels"]
         ours["model"]["backbone"] = stock["model"]["backbone"]
         assert ours.pop("custom_imports") == dict(imports=["downstream.timm_backbone"], allow_failed_imports=False)
+        ours.pop("dap_timm_backbone"), ours.pop("dap_timm_backbone_last")  # configs/_base_/dap_timm_backbone.py
     else:
         assert backbone["init_cfg"]["checkpoint"] == "EXPORT_DIR/backbone.pth"
         backbone["init_cfg"]["checkpoint"] = stock["model"]["backbone"]["init_cfg"]["checkpoint"]
