@@ -24,6 +24,13 @@ if ! [[ "$gpus" =~ ^[1-9][0-9]*$ ]]; then
 fi
 
 if [ "$gpus" -gt 1 ]; then
+  # mmengine's 'pytorch' launcher binds one CUDA device per process: refuse early instead of N tracebacks
+  have=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+  if [ "$have" -lt "$gpus" ]; then
+    echo "transfer_coco: error: --gpus $gpus but torch sees $have CUDA device(s); pass --gpus $(( have > 1 ? have : 1 ))" \
+      "(one process per GPU; --gpus 1 runs on one GPU or the CPU)" >&2
+    exit 2
+  fi
   exec "$PY" -m torch.distributed.run --nproc_per_node="$gpus" --master_port="${MASTER_PORT:-29500}" \
     -m downstream.transfer "${args[@]}" --launcher pytorch
 fi

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from downstream.report import main as report_main
 from downstream.transfer import main as transfer_main
@@ -221,4 +222,18 @@ def test_unknown_task_through_the_shell(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "transfer_coco: error: unknown TASK 'detr'; use one of faster_rcnn, mask_rcnn, simplebaseline"
+    ]
+
+
+def test_more_gpus_than_torch_sees_is_one_line(tmp_path):
+    have = torch.cuda.device_count()
+    ask = max(have + 1, 2)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "simplebaseline", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--gpus", str(ask)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 2 and not (tmp_path / "w").exists()
+    assert proc.stderr.strip().splitlines() == [
+        f"transfer_coco: error: --gpus {ask} but torch sees {have} CUDA device(s); pass --gpus {max(have, 1)} "
+        "(one process per GPU; --gpus 1 runs on one GPU or the CPU)"
     ]
