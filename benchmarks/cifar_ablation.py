@@ -146,19 +146,30 @@ def write_csv(records: list[dict], path: Path) -> None:
 
 
 def table(records: list[dict], dataset: str = "cifar10") -> list[str]:
-    """Markdown table: per row, n seeds, top-1 mean +- std, difference to DaP, measured compute, wall-clock."""
+    """Markdown table: per row, n seeds, top-1 mean +- std, difference to DaP, measured compute, wall-clock.
+
+    "vs DaP" is the difference of the means; "paired" is the mean +- std over seeds of (row - DaP) for the seeds
+    both ran (the same seed gives both the same initial weights), with the number of seeds where DaP is ahead.
+    """
     by_row = {row: [r for r in records if r["dataset"] == dataset and r["row"] == row] for row in ROWS}
     dap_mean = mean_std([r["top1"] for r in by_row["dap"]])[0]
-    lines = ["| row | n | top-1 (%) mean ± std | vs DaP | compute (measured) | wall-clock (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    dap_by_seed = {r["seed"]: r["top1"] for r in by_row["dap"]}
+    lines = ["| row | n | top-1 (%) mean ± std | vs DaP | paired vs DaP (DaP ahead) | compute (measured) | "
+             "wall-clock (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for row, rs in by_row.items():
         if not rs:
             continue
         m, s = mean_std([r["top1"] for r in rs])
         c = mean_std([r["compute_fraction_measured"] for r in rs])[0]
         w = mean_std([r["wall_time_s"] for r in rs])[0]
-        diff = "" if row == "dap" else f"{m - dap_mean:+.2f}"
-        lines.append(f"| {LABELS[row]} | {len(rs)} | {m:.2f} ± {s:.2f} | {diff} | {c:.1%} | {w:.0f} |")
+        diff = paired = ""
+        if row != "dap":
+            diff = f"{m - dap_mean:+.2f}"
+            d = [r["top1"] - dap_by_seed[r["seed"]] for r in rs if r["seed"] in dap_by_seed]
+            if d:
+                pm, ps = mean_std(d)
+                paired = f"{pm:+.2f} ± {ps:.2f} ({sum(x < 0 for x in d)}/{len(d)})"
+        lines.append(f"| {LABELS[row]} | {len(rs)} | {m:.2f} ± {s:.2f} | {diff} | {paired} | {c:.1%} | {w:.0f} |")
     return lines
 
 

@@ -47,9 +47,14 @@ def test_tables_report_mean_std_and_difference_to_dap():
         for row, top1, c in (("all", 90.0, 1.0), ("dap", 89.0, 0.63))
         for s in (0, 2)
     ]
+    recs.append(dict(dataset="cifar10", row="random", seed=0, top1=89.5, compute_fraction_measured=0.63,
+                     wall_time_s=10.0))
     lines = cifar_ablation.table(recs)
-    assert any(line.startswith("| all data (100%) | 2 | 91.00 ± 1.41 | +1.00 | 100.0%") for line in lines)
-    assert any(line.startswith("| DaP (hard) | 2 | 90.00 ± 1.41 |  | 63.0%") for line in lines)
+    assert any(line.startswith("| all data (100%) | 2 | 91.00 ± 1.41 | +1.00 | +1.00 ± 0.00 (0/2) | 100.0%")
+               for line in lines)
+    assert any(line.startswith("| DaP (hard) | 2 | 90.00 ± 1.41 |  |  | 63.0%") for line in lines)
+    # paired by seed: random ran seed 0 only, where DaP had 89.0
+    assert any(line.startswith("| random drop | 1 | 89.50 ± 0.00 | -0.50 | +0.50 ± 0.00 (0/1) |") for line in lines)
     assert "| cifar10 | 2 | 91.00 ± 1.41 | 90.00 ± 1.41 | -1.00 | 63.0% |" in cifar_ablation.table4(recs)
 
 
