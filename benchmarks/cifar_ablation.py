@@ -197,13 +197,15 @@ def plot(records: list[dict], path: Path, title: str) -> None:
 
     datasets = [d for d in DATASETS if any(r["dataset"] == d for r in records)]
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    markers = dict(zip(ROWS, "osD^v", strict=True))
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        for row in ROWS:
+        for i, row in enumerate(ROWS):
             rs = [r for r in records if r["dataset"] == dataset and r["row"] == row]
-            if rs:
-                ax.scatter([100 * r["compute_fraction_measured"] for r in rs], [r["top1"] for r in rs],
-                           label=LABELS[row], alpha=0.8)
-        ax.set(xlabel="compute (% of all-data samples, measured)", ylabel="test top-1 (%)", title=dataset)
+            if rs:  # rows at the same compute are nudged apart by 0.4 points each, for legibility only
+                ax.scatter([100 * r["compute_fraction_measured"] + 0.4 * (i - 2) for r in rs],
+                           [r["top1"] for r in rs], label=LABELS[row], marker=markers[row], alpha=0.8)
+        ax.set(xlabel="compute (% of all-data samples, measured; rows nudged apart by 0.4 each)",
+               ylabel="test top-1 (%)", title=dataset)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
