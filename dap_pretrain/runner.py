@@ -30,7 +30,13 @@ from dap_pretrain.distributed import barrier, init_distributed
 from dap_pretrain.engine import evaluate, train_one_epoch
 from dap_pretrain.lr import EpochProgressLR
 from dap_pretrain.schedule import plan
-from dap_pretrain.train import _git_commit
+from dap_pretrain.train import (
+    _git_commit,
+    check_output_dir,
+    default_reuse,
+    main_process_logging,
+    resolve_baselines,
+)
 
 _logger = logging.getLogger("dap_pretrain.train")
 
@@ -108,8 +114,6 @@ def _build_data(args, model_cfg: dict) -> Data:
 
 
 def _build_sampler(args, num_samples: int, world: int, rank: int) -> tuple[DaPSampler, Accounting, dict, str | None]:
-    from dap_pretrain.train import default_reuse
-
     cfg, note = dap_config_from_args(args, num_samples=num_samples, default_reuse=default_reuse(args))
     initial = None
     if args.fixed_subset is not None:
@@ -203,13 +207,9 @@ def _setup(args):
     device, rank, world = init_distributed(args.device)
     output = Path(args.output)
     if rank == 0:
-        from dap_pretrain.train import check_output_dir
-
         check_output_dir(output, resume=args.resume, overwrite=args.overwrite)
         output.mkdir(parents=True, exist_ok=True)
     barrier()
-    from dap_pretrain.train import main_process_logging
-
     main_process_logging(rank, output)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed + rank)
@@ -250,8 +250,6 @@ def run(args: argparse.Namespace) -> dict | None:
     import timm
     from timm.optim import create_optimizer_v2
     from timm.utils import ModelEmaV3
-
-    from dap_pretrain.train import resolve_baselines
 
     resolve_baselines(args)
     device, rank, world, output = _setup(args)
