@@ -59,12 +59,18 @@ def train_one_epoch(
     clip_grad: float | None = None,
     log_interval: int = 50,
     show_progress: bool = True,
+    graph_step=None,
 ) -> EpochStats:
     """Train ``model`` for one epoch of ``loader`` (batches ``(input, target, index)``).
 
     Called once per epoch after ``sampler.set_epoch(epoch)``; the caller calls
     ``sampler.end_epoch()`` afterwards. LR is set before each step from epoch progress
     ``epoch + step / steps_in_this_epoch`` so a DaP epoch with fewer steps follows the same curve.
+
+    A sampler with ``loss_weights(indices)`` (InfoBatch) scales each sample's loss in the backward
+    pass; the recorded losses stay unscaled. ``graph_step`` (a
+    :class:`~dap_pretrain.cuda_graph.GraphedSGDStep`) trains the batches it accepts as a CUDA graph;
+    the others take the eager path below.
     """
     model.train()
     steps = len(loader)
@@ -73,6 +79,7 @@ def train_one_epoch(
     seen, start = 0, time.perf_counter()
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     lr = lr_start = lr_scheduler.step(float(epoch))
+    loss_weights = getattr(sampler, "loss_weights", None)
     for step, (images, targets, indices) in enumerate(
         _progress(loader, total=steps, desc=f"epoch {epoch + 1}", enabled=show_progress)
     ):
@@ -82,10 +89,17 @@ def train_one_epoch(
             # The sample gets no loss this epoch, so the accounting reports it as not trained.
             _logger.info("epoch %d: skipped a final batch of 1 sample (BatchNorm needs 2)", epoch + 1)
             continue
+        weights = loss_weights(indices) if loss_weights is not None else None
+        if graph_step is not None and graph_step.accepts(images):
+            losses = graph_step(images, targets, weights)
+            sampler.record(indices, losses)
+            loss_sum += losses.sum()
+            seen += indices.numel()
+            continue
         with autocast:
             output = model(images)
             losses = F.cross_entropy(output.float(), targets, reduction="none", label_smoothing=smoothing)
-        loss = losses.mean()
+        loss = (losses * weights).mean() if weights is not None else losses.mean()
         sampler.record(indices, losses.detach())
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

@@ -23,8 +23,11 @@ import yaml
 
 from dap_pretrain.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dap_pretrain.cli import UsageError, dap_config_from_args
+from dap_pretrain.cuda_graph import GraphedSGDStep, check_graphable
 from dap_pretrain.data.dataset import IndexedDataset, create_dataset, embedded_data_dir
+from dap_pretrain.data.infobatch import InfoBatchSampler
 from dap_pretrain.data.loader import cifar_transform, create_loader, imagenet_transform
+from dap_pretrain.data.memory import decoded_bytes, in_memory_loaders
 from dap_pretrain.data.sampler import DaPSampler
 from dap_pretrain.distributed import barrier, init_distributed
 from dap_pretrain.engine import evaluate, train_one_epoch
@@ -48,6 +51,8 @@ class Data:
     num_classes: int
     mean: tuple
     std: tuple
+    img_size: int = 224
+    cifar_aug: bool = False
 
 
 @dataclass
@@ -110,7 +115,9 @@ def _build_data(args, model_cfg: dict) -> Data:
     num_classes = args.num_classes or (len(classes) if classes else 1000)
     mean = tuple(model_cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(model_cfg.get("std", (0.229, 0.224, 0.225)))
-    return Data(IndexedDataset(train), IndexedDataset(val) if val is not None else None, num_classes, mean, std)
+    return Data(
+        IndexedDataset(train), IndexedDataset(val) if val is not None else None, num_classes, mean, std, img_size, cifar
+    )
 
 
 def _build_sampler(args, num_samples: int, world: int, rank: int) -> tuple[DaPSampler, Accounting, dict, str | None]:
@@ -120,17 +127,32 @@ def _build_sampler(args, num_samples: int, world: int, rank: int) -> tuple[DaPSa
         g = torch.Generator().manual_seed(args.seed)
         k = max(1, round(args.fixed_subset * num_samples))
         initial = torch.randperm(num_samples, generator=g)[:k]
-    sampler = DaPSampler(
-        num_samples,
-        config=cfg,
-        select=args.dap_select,
-        num_replicas=world,
-        rank=rank,
-        seed=args.seed,
-        drop_last=args.drop_last,
-        initial_subset=initial,
-    )
-    if args.dap_select == "none":
+    if args.dap_select == "infobatch":
+        sampler = InfoBatchSampler(
+            num_samples,
+            epochs=args.epochs,
+            ratio=args.infobatch_ratio,
+            delta=args.infobatch_delta,
+            target_compute=args.infobatch_target_compute,
+            num_replicas=world,
+            rank=rank,
+            seed=args.seed,
+            drop_last=args.drop_last,
+        )
+    else:
+        sampler = DaPSampler(
+            num_samples,
+            config=cfg,
+            select=args.dap_select,
+            num_replicas=world,
+            rank=rank,
+            seed=args.seed,
+            drop_last=args.drop_last,
+            initial_subset=initial,
+        )
+    if args.dap_select == "infobatch":  # data-dependent: the target if one is set, else an upper bound
+        planned = round((args.infobatch_target_compute or 1.0) * args.epochs * num_samples)
+    elif args.dap_select == "none":
         planned = args.epochs * sampler.subset.numel()
     else:
         planned = plan(cfg, num_samples).samples_trained
@@ -143,7 +165,83 @@ def _build_sampler(args, num_samples: int, world: int, rank: int) -> tuple[DaPSa
         "epochs_scale": args.epochs_scale,
         "fixed_subset": args.fixed_subset,
     }
+    if args.dap_select == "infobatch":
+        dap["infobatch"] = {
+            "ratio": args.infobatch_ratio,
+            "delta": args.infobatch_delta,
+            "target_compute": args.infobatch_target_compute,
+        }
     return sampler, acct, dap, note
+
+
+def use_in_memory(args, data: Data) -> bool:
+    """Whether the in-memory path applies: ``--in-memory on``, or ``auto`` with the CIFAR augmentation and room."""
+    if args.in_memory == "off":
+        return False
+    n = len(data.train) + (len(data.val) if data.val is not None else 0)
+    size_mb = decoded_bytes(n, data.img_size) / 2**20
+    if args.in_memory == "on":
+        if not data.cifar_aug:
+            raise UsageError(
+                "--in-memory on applies the CIFAR augmentation (pad-4 crop + flip); pass --aug cifar, or "
+                "--in-memory off for timm's ImageNet augmentation"
+            )
+        if size_mb > args.in_memory_max_mb:
+            raise UsageError(
+                f"the decoded data needs {size_mb:.0f} MiB, over --in-memory-max-mb {args.in_memory_max_mb:.0f}; "
+                "raise it or pass --in-memory off"
+            )
+        return True
+    return data.cifar_aug and size_mb <= args.in_memory_max_mb
+
+
+def _build_loaders(args, data: Data, sampler, *, device, rank: int, world: int, gen):
+    """Train and val loaders: the in-memory path (see :func:`use_in_memory`) or JPEG decoding in workers."""
+    val_batch = args.validation_batch_size or args.batch_size
+    val_indices = range(rank, len(data.val), world) if data.val is not None else None
+    if use_in_memory(args, data):
+        return in_memory_loaders(
+            data.train,
+            data.val,
+            img_size=data.img_size,
+            sampler=sampler,
+            val_indices=val_indices,
+            batch_size=args.batch_size,
+            val_batch_size=val_batch,
+            mean=data.mean,
+            std=data.std,
+            device=device,
+            seed=args.seed,
+            rank=rank,
+            workers=args.workers,
+            drop_last=args.drop_last,
+            channels_last=args.channels_last,
+        )
+    train_loader = create_loader(
+        data.train,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        mean=data.mean,
+        std=data.std,
+        device=device,
+        num_workers=args.workers,
+        drop_last=args.drop_last,
+        channels_last=args.channels_last,
+        generator=gen,
+    )
+    val_loader = None
+    if data.val is not None:
+        val_loader = create_loader(
+            data.val,
+            batch_size=val_batch,
+            sampler=val_indices,
+            mean=data.mean,
+            std=data.std,
+            device=device,
+            num_workers=args.workers,
+            channels_last=args.channels_last,
+        )
+    return train_loader, val_loader
 
 
 def _amp(args, device):
@@ -275,31 +373,22 @@ def run(args: argparse.Namespace) -> dict | None:
     )
     amp_dtype, scaler = _amp(args, device)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    gen = torch.Generator()
-    train_loader = create_loader(
-        data.train,
-        batch_size=args.batch_size,
-        sampler=sampler,
-        mean=data.mean,
-        std=data.std,
-        device=device,
-        num_workers=args.workers,
-        drop_last=args.drop_last,
-        channels_last=args.channels_last,
-        generator=gen,
-    )
-    val_loader = None
-    if data.val is not None:
-        val_loader = create_loader(
-            data.val,
-            batch_size=args.batch_size,
-            sampler=range(rank, len(data.val), world),
-            mean=data.mean,
-            std=data.std,
+    graph_step = None
+    if args.cuda_graph:
+        check_graphable(
             device=device,
-            num_workers=args.workers,
-            channels_last=args.channels_last,
+            optimizer=optimizer,
+            amp_dtype=amp_dtype,
+            scaler=scaler,
+            model_ema=ema,
+            clip_grad=args.clip_grad,
+            world=world,
         )
+        graph_step = GraphedSGDStep(
+            model, optimizer, batch_size=args.batch_size, amp_dtype=amp_dtype, smoothing=args.smoothing
+        )
+    gen = torch.Generator()
+    train_loader, val_loader = _build_loaders(args, data, sampler, device=device, rank=rank, world=world, gen=gen)
     start_epoch = 0
     if args.resume:
         start_epoch = _resume(
@@ -323,6 +412,8 @@ def run(args: argparse.Namespace) -> dict | None:
     resolved = dict(vars(args))
     if rank == 0:
         (output / "args.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    if hasattr(train_loader, "describe"):
+        _logger.info(train_loader.describe())
     _logger.info(
         "model %s (%.2fM params) on %s x%d; %d train / %s val samples; planned compute %.2f%%",
         args.model,
@@ -356,6 +447,7 @@ def run(args: argparse.Namespace) -> dict | None:
             clip_grad=args.clip_grad,
             log_interval=args.log_interval,
             show_progress=rank == 0,
+            graph_step=graph_step,
         )
         report = sampler.end_epoch()
         acct.measured += report.seen
@@ -373,12 +465,11 @@ def run(args: argparse.Namespace) -> dict | None:
                         "of": report.size_before,
                     }
                 )
-        ev = evaluate(model, val_loader, device=device, amp_dtype=amp_dtype) if val_loader is not None else {}
-        ema_ev = (
-            evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype)
-            if (ema is not None and val_loader is not None)
-            else {}
-        )
+        do_eval = val_loader is not None and ((epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs)
+        ev = evaluate(model, val_loader, device=device, amp_dtype=amp_dtype) if do_eval else {}
+        ema_ev = {}
+        if ema is not None and do_eval:
+            ema_ev = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype)
         row = _epoch_row(epoch + 1, stats, ev, report, acct, stats.lr, time.perf_counter() - t0, digest)
         if ema_ev:
             row["ema_top1"] = ema_ev["top1"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="cifar: pad-4 crop + flip; imagenet: timm RandomResizedCrop; auto: by image size",
     )
+    d.add_argument(
+        "--in-memory",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="decode the data once into a uint8 tensor on the device and augment there (CIFAR augmentation); "
+        "auto: on when the CIFAR augmentation applies and the decoded data fits --in-memory-max-mb",
+    )
+    d.add_argument("--in-memory-max-mb", type=float, default=4096, help="largest decoded dataset kept in memory")
     d.add_argument("-j", "--workers", type=int, default=2)
     d.add_argument("--drop-last", action="store_true", help="drop each epoch's last partial batch")
     m = p.add_argument_group("Model")
@@ -68,7 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--cutmix", type=float, default=0.0, help="refused with DaP (see docs)")
     add_dap_arguments(p)
     g = p.add_argument_group("DaP selection and Table 2(f) baselines")
-    g.add_argument("--dap-select", choices=("hard", "random", "none"), default="hard")
+    g.add_argument(
+        "--dap-select",
+        choices=("hard", "random", "none", "infobatch"),
+        default="hard",
+        help="hard: DaP; random: DaP's sizes, uniform choice; none: all data; infobatch: InfoBatch's policy instead",
+    )
+    g.add_argument("--infobatch-ratio", type=float, default=0.5, metavar="R", help="InfoBatch: pruned share r")
+    g.add_argument(
+        "--infobatch-delta", type=float, default=0.875, metavar="D", help="InfoBatch: prune in the first D of epochs"
+    )
+    g.add_argument(
+        "--infobatch-target-compute",
+        type=float,
+        default=None,
+        metavar="F",
+        help="InfoBatch: set r each epoch so the run spends compute fraction F (equal-compute comparisons)",
+    )
     g.add_argument(
         "--epochs-scale",
         type=float,
@@ -86,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("Run")
     r.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, --amp-dtype on GPU")
     r.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default="float16")
+    r.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each full training step as a CUDA graph (SGD, one GPU; for launch-bound small networks)",
+    )
+    r.add_argument("--eval-interval", type=int, default=1, metavar="N", help="evaluate every N epochs and at the last")
+    r.add_argument("-vb", "--validation-batch-size", type=int, default=None, help="default: --batch-size")
     r.add_argument("--device", default="auto")
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--output", default="runs/default", help="run folder (refused if it holds another run)")
@@ -134,6 +166,9 @@ def load_config(path: Path, _seen: tuple = ()) -> dict:
 
 @functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
+    """HEAD of the checkout this package runs from; ``DAP_GIT_COMMIT`` where the copy has no .git (GPU jobs)."""
+    if os.environ.get("DAP_GIT_COMMIT"):
+        return os.environ["DAP_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
@@ -172,6 +207,8 @@ def default_reuse(args: argparse.Namespace) -> tuple[int, ...]:
 
 def resolve_baselines(args: argparse.Namespace) -> None:
     """Apply --epochs-scale / --fixed-subset (Table 2(f)) and the DaP-incompatible options, in place."""
+    if args.dap_select == "infobatch" and (args.epochs_scale is not None or args.fixed_subset is not None):
+        raise UsageError("--dap-select infobatch cannot be combined with --epochs-scale/--fixed-subset; drop one")
     if args.epochs_scale is not None:
         if not 0 < args.epochs_scale <= 1:
             raise UsageError(f"--epochs-scale={args.epochs_scale} is invalid: must be in (0, 1]")
@@ -190,6 +227,8 @@ def resolve_baselines(args: argparse.Namespace) -> None:
             "--mixup/--cutmix cannot be combined with DaP (a mixed sample's loss has no single owner); "
             "drop them or pass --dap-select none"
         )
+    if args.eval_interval < 1:
+        raise UsageError(f"--eval-interval={args.eval_interval} is invalid: must be an integer >= 1")
     if args.dap_select == "none":
         args.dap_warmup = min(args.dap_warmup, args.epochs - 1)  # DaP parameters unused: keep them valid
     dap_config_from_args(args, num_samples=1, default_reuse=default_reuse(args))  # bad DaP flags fail before data loads

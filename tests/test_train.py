@@ -285,3 +285,68 @@ def test_embedded_default_takes_any_overriding_flag():
     full = parse_args(["--config", config])
     resolve_baselines(full)
     assert full.epochs == 20 and full.dap_reuse is None and full.decay_milestones == [10]
+
+
+def _final_train_loss(out: Path) -> tuple[float, float]:
+    rows = _rows(out)
+    return float(rows[0]["train_loss"]), float(rows[-1]["train_loss"])
+
+
+def test_in_memory_path_trains_like_the_jpeg_path(tmp_path, cifar_tiny):
+    """Same data, same augmentation distribution: the two paths' loss curves and top-1 agree within noise."""
+    flags = ("--dap-select", "none", "--epochs", "6", "--decay-milestones", "5", "--seed", "1")
+    mem, m = _train(tmp_path, "mem", cifar_tiny, "--in-memory", "on", *flags)
+    jpg, j = _train(tmp_path, "jpg", cifar_tiny, "--in-memory", "off", *flags)
+    assert "in-memory data: 400 images" in (mem / "log.txt").read_text()
+    assert "in-memory" not in (jpg / "log.txt").read_text()
+    (m0, m_end), (j0, j_end) = _final_train_loss(mem), _final_train_loss(jpg)
+    assert m_end < m0 - 0.2 and j_end < j0 - 0.2  # both learn
+    assert abs(m_end - j_end) < 0.25, (m_end, j_end)
+    assert m["top1"] > 15 and j["top1"] > 15 and abs(m["top1"] - j["top1"]) < 15, (m["top1"], j["top1"])
+    assert m["samples_trained"] == j["samples_trained"] == 6 * 400
+
+
+def test_infobatch_run_reports_its_measured_compute(tmp_path, cifar_tiny):
+    out, s = _train(
+        tmp_path,
+        "ib",
+        cifar_tiny,
+        "--dap-select",
+        "infobatch",
+        "--infobatch-target-compute",
+        "0.8",
+        "--epochs",
+        "5",
+        "--eval-interval",
+        "5",
+    )
+    rows = _rows(out)
+    assert [r["event"] for r in rows][-1] == "anneal" and int(rows[0]["subset_size"]) == 400
+    assert min(int(r["subset_size"]) for r in rows) < 400  # something was pruned
+    assert s["compute_fraction_measured"] == pytest.approx(sum(int(r["samples_trained"]) for r in rows) / 2000)
+    assert abs(s["compute_fraction_measured"] - 0.8) < 0.02
+    assert [r["eval_top1"] for r in rows][:4] == ["", "", "", ""] and float(rows[-1]["eval_top1"]) >= 0
+    assert s["dap"]["infobatch"]["target_compute"] == 0.8
+
+
+def test_cuda_graph_is_refused_on_cpu(tmp_path, cifar_tiny):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dap_pretrain.train",
+            *CIFAR,
+            "--data-dir",
+            str(cifar_tiny),
+            "--output",
+            str(tmp_path / "g"),
+            "--cuda-graph",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "--cuda-graph needs a CUDA device" in proc.stderr

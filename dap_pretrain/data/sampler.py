@@ -250,8 +250,12 @@ class DaPSampler(Sampler[int]):
             order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
         return order
 
+    def indices(self) -> torch.Tensor:
+        """This rank's indices for the current epoch, in order, as an int64 tensor (what ``__iter__`` yields)."""
+        return self._padded_order()[self.rank :: self.num_replicas]
+
     def __iter__(self) -> Iterator[int]:
-        yield from self._padded_order()[self.rank :: self.num_replicas].tolist()
+        yield from self.indices().tolist()
 
     def __len__(self) -> int:
         n, r = self.subset.numel(), self.num_replicas
