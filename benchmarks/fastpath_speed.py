@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     CIFAR_CANDIDATES,
     CIFAR_TARBALLS,
+    DEFAULT_WORK_DIR,
     REPO,
     BenchmarkError,
     cifar_folder,
@@ -61,7 +62,7 @@ def trainer_flags(*, network: str, data_dir: Path, epochs: int, device: str, gra
         "--in-memory",
         "on",
         "-j",
-        "0",
+        "4",
         "--eval-interval",
         "1000",
         "-vb",
@@ -85,7 +86,11 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", choices=("eager", "graph"), default=["eager", "graph"])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--budget-s", type=float, default=150, help="all runs together; a run past it is killed")
-    p.add_argument("--work-dir", default="/tmp/dap-fastpath")
+    p.add_argument(
+        "--work-dir",
+        default=str(DEFAULT_WORK_DIR / "paper_tables"),
+        help="data cache (shared with paper_tables.py) and runs",
+    )
     p.add_argument("--dry-run", action="store_true", help="CPU, 20 images per class, eager only")
     args = p.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
@@ -104,7 +109,7 @@ def main(argv=None) -> int:
                 flags = trainer_flags(
                     network=network, data_dir=root, epochs=args.epochs, device=device, graph=mode == "graph"
                 )
-                run_dir = Path(args.work_dir) / "runs" / f"{network}-{mode}"
+                run_dir = Path(args.work_dir) / "speed" / f"{network}-{mode}"
                 run_trainer(run_dir, flags, rerun=True, timeout=max(1.0, deadline - time.monotonic()))
                 rows = read_summary_csv(run_dir)
                 results["runs"].append(

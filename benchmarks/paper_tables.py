@@ -113,7 +113,7 @@ def row_flags(row: str, compute: float) -> list[str]:
 
 def speed_flags(device: str) -> list[str]:
     """Data on the device, only the last epoch evaluated; bf16 autocast and CUDA graphs on a GPU only."""
-    flags = f"--in-memory on --eval-interval {EVAL_INTERVAL} -vb 1000 -j 0 --no-plot --log-interval 100000".split()
+    flags = f"--in-memory on --eval-interval {EVAL_INTERVAL} -vb 1000 -j 4 --no-plot --log-interval 100000".split()
     flags.append("--channels-last")
     if device.startswith("cuda"):
         flags += "--amp --amp-dtype bfloat16 --cuda-graph".split()
@@ -356,10 +356,12 @@ class Sweep:
         trainer: tuple = (sys.executable, "-m", "dap_pretrain.train"),
         start_margin: float = START_MARGIN_S,
         grace: float = KILL_GRACE_S,
+        together: bool = False,
     ):
         self.runs, self.csv_path, self.device, self.deadline = runs, csv_path, device, deadline
         self.jobs, self.threads, self.t0 = jobs, threads, t0
         self.trainer, self.start_margin, self.grace = list(trainer), start_margin, grace
+        self.together = together  # True: each group of `jobs` runs shares one dap_pretrain.multirun process
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.in_csv = {(r["network"], r["row"], r["seed"]) for r in read_csv(csv_path)}
 
@@ -367,6 +369,8 @@ class Sweep:
         print(f"[{time.monotonic() - self.t0:5.0f} s] {msg}", flush=True)
 
     def run(self) -> None:
+        if self.together:
+            return self._run_together()
         with ThreadPoolExecutor(self.jobs) as pool:
             futures = [pool.submit(self._one, r) for r in self.runs]
             for f in futures:
@@ -430,6 +434,63 @@ class Sweep:
             tail = (run.out / "trainer.log").read_text().strip().splitlines()[-3:]
             run.status, run.error = "failed", f"exit {proc.returncode}: {' | '.join(tail)}"
             self.log(f"FAILED {run.name}: {run.error}")
+
+    def _run_together(self) -> None:
+        """Groups of ``jobs`` runs, each group in one multirun process (threads + CUDA streams), seed-major."""
+        pending = []
+        for run in self.runs:
+            if (run.out / "run.json").is_file():
+                self._step(run)  # finished in an earlier job: into the CSV
+            else:
+                pending.append(run)
+        for i in range(0, len(pending), self.jobs):
+            group = pending[i : i + self.jobs]
+            if self.stop.is_set() or self.deadline - time.monotonic() < self.start_margin:
+                for run in group:
+                    run.status = "not started"
+                    run.epoch_reached = run.epoch_start = _epoch_of(run.out)
+                continue
+            try:
+                self._train_together(group)
+            except KeyboardInterrupt:
+                self.stop.set()
+            for run in group:
+                if (run.out / "run.json").is_file():
+                    self._finish(run)
+
+    def _train_together(self, group: list[Run]) -> None:
+        cmd = [sys.executable, "-m", "dap_pretrain.multirun"]
+        for run in group:
+            ckpt = run.out / "last.pth.tar"
+            run.epoch_start = _epoch_of(run.out)
+            run.out.mkdir(parents=True, exist_ok=True)
+            (run.out / "flags.json").write_text(json.dumps(run.flags))
+            resume = ["--resume", str(ckpt)] if ckpt.is_file() else ["--overwrite"]
+            cmd += ["--run", shlex.join([*run.flags, "--output", str(run.out), *resume])]
+            self.log(
+                f"start {run.name} (together)"
+                + (f" (resume after epoch {run.epoch_start})" if resume[0] == "--resume" else "")
+            )
+        log_path = group[0].out.parents[2] / f"multirun-{int(time.time())}.log"
+        started, t0 = time.time(), time.monotonic()
+        with log_path.open("a") as log:
+            log.write(f"$ {shlex.join(cmd)}\n")
+            log.flush()
+            env = child_env(self.threads * len(group))
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+            stopped = self._wait(proc)
+        for run in group:
+            run.started_at, run.seconds = started, time.monotonic() - t0
+            run.epoch_reached = _epoch_of(run.out)
+            if (run.out / "run.json").is_file():
+                continue
+            if stopped or self.stop.is_set() or proc.returncode in KILLED:
+                run.status = "stopped"
+                self.log(f"stopped {run.name} at epoch {run.epoch_reached} (budget or signal)")
+            else:
+                tail = log_path.read_text().strip().splitlines()[-3:]
+                run.status, run.error = "failed", f"multirun exit {proc.returncode}: {' | '.join(tail)}"
+                self.log(f"FAILED {run.name}: {run.error}")
 
     def _wait(self, proc: subprocess.Popen) -> bool:
         """Waits for ``proc``; True if it was stopped for the deadline or ``stop``."""
@@ -674,6 +735,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (dry run: 0)")
     p.add_argument("--jobs", type=int, default=6, help="trainers at once")
     p.add_argument("--threads", type=int, default=None, help="torch threads per trainer (default: cores / jobs)")
+    p.add_argument(
+        "--mode",
+        choices=("together", "processes"),
+        default=None,
+        help="together: each group of --jobs runs in one process, a thread and CUDA stream each "
+        "(dap_pretrain.multirun; kernels of different runs can overlap); processes: a trainer process per run "
+        "(the GPU time-slices between them). Default: together on cuda, processes on cpu",
+    )
     p.add_argument("--budget-s", type=float, default=480, help="seconds from start; then running trainers stop")
     p.add_argument(
         "--csv",
@@ -701,6 +770,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.networks = args.networks or (["test_resnet"] if dry else list(NETWORKS))
     args.seeds = args.seeds if args.seeds is not None else ([0] if dry else [0, 1, 2])
     args.device = args.device or ("cpu" if dry else "cuda")
+    args.mode = args.mode or ("together" if args.device.startswith("cuda") else "processes")
     work = Path(args.work_dir).expanduser()
     args.runs_dir = work / "dry-run" / "runs" if dry else work / "runs"
     args.csv = Path(args.csv) if args.csv else (work / "dry-run" / "table2f_dry.csv" if dry else DEFAULT_CSV)
@@ -789,6 +859,7 @@ def run_job(args: argparse.Namespace, t0: float) -> int:
         jobs=args.jobs,
         threads=args.threads,
         t0=t0,
+        together=args.mode == "together",
     )
     previous = signal.signal(signal.SIGTERM, lambda *_: sweep.stop.set())
     s0 = time.monotonic()

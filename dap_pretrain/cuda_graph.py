@@ -151,6 +151,7 @@ class GraphedSGDStep:
         self._weighted = False
         self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's pool
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: runs sharing this process (dap_pretrain.multirun) keep launching work while this captures.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_losses = self._forward_backward(self.static_x, self.static_y, self.static_w)
             self._sgd_update()

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import random
+import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from dap_pretrain.train import (
 )
 
 _logger = logging.getLogger("dap_pretrain.train")
+_INIT_LOCK = threading.Lock()  # global-RNG seeding + model init (dap_pretrain.multirun runs share a process)
 
 
 @dataclass
@@ -309,10 +311,16 @@ def _setup(args):
         output.mkdir(parents=True, exist_ok=True)
     barrier()
     main_process_logging(rank, output)
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    np.random.seed((args.seed + rank) % 2**32)
     return device, rank, world, output
+
+
+def _seeded_model(args, num_classes: int, device: torch.device, rank: int):
+    """Seed the global RNGs and build the model under one lock, so runs sharing a process init reproducibly."""
+    with _INIT_LOCK:
+        torch.manual_seed(args.seed + rank)
+        random.seed(args.seed + rank)
+        np.random.seed((args.seed + rank) % 2**32)
+        return _build_model(args, num_classes, device)
 
 
 def _resume(args, ckpt_path, *, model, optimizer, lr_sched, scaler, ema, sampler, acct, rank, world) -> int:
@@ -353,7 +361,7 @@ def run(args: argparse.Namespace) -> dict | None:
     device, rank, world, output = _setup(args)
     model_cfg = timm.models.get_pretrained_cfg(args.model)
     data = _build_data(args, model_cfg.to_dict() if model_cfg else {})
-    model = _build_model(args, data.num_classes, device)
+    model = _seeded_model(args, data.num_classes, device, rank)
     sampler, acct, dap, note = _build_sampler(args, len(data.train), world, rank)
     if note:
         _logger.info(note)

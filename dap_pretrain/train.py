@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -188,14 +189,38 @@ def check_output_dir(output: Path, *, resume: str, overwrite: bool) -> None:
         )
 
 
+class _ThisThread(logging.Filter):
+    """Passes the records of the thread that made it: each run of ``dap_pretrain.multirun`` logs to its own file."""
+
+    def __init__(self):
+        super().__init__()
+        self.ident = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread == self.ident
+
+
 def main_process_logging(rank: int, output: Path) -> None:
-    level = logging.INFO if rank == 0 else logging.WARNING
+    """Log this thread's records to stdout and (rank 0) OUTPUT/log.txt, replacing its earlier run's handlers.
+
+    Handlers are per thread, so runs sharing a process (``dap_pretrain.multirun``) keep separate logs; handlers
+    that no run added (e.g. an earlier ``basicConfig``) are replaced too, as ``basicConfig(force=True)`` would.
+    """
+    root = logging.getLogger()
+    ident = threading.get_ident()
+    for handler in list(root.handlers):
+        if getattr(handler, "dap_thread", None) in (ident, None):
+            root.removeHandler(handler)
+            handler.close()
     handlers = [logging.StreamHandler(sys.stdout)]
     if rank == 0:
         handlers.append(logging.FileHandler(output / "log.txt"))
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", handlers=handlers, force=True
-    )
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        handler.addFilter(_ThisThread())
+        handler.dap_thread = ident
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def default_reuse(args: argparse.Namespace) -> tuple[int, ...]:

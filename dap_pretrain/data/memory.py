@@ -20,7 +20,9 @@ step (the only host-to-device copy is the epoch's index order, once).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -40,6 +42,21 @@ def decoded_bytes(num_samples: int, img_size: int) -> int:
     return num_samples * 3 * img_size * img_size
 
 
+_DECODED: dict = {}  # (file list digest, img_size) -> (images, targets): runs sharing a process decode once
+_DECODED_LOCK = threading.Lock()
+
+
+def _decoded_key(dataset, img_size: int) -> tuple | None:
+    """Identifies a folder dataset by its file list and labels; None where there is no cheap list (no sharing)."""
+    samples = getattr(getattr(getattr(dataset, "dataset", None), "reader", None), "samples", None)
+    if not samples:
+        return None
+    digest = hashlib.sha1()
+    for path, target in samples:
+        digest.update(f"{path}\t{target}\n".encode())
+    return digest.hexdigest(), img_size
+
+
 def decode_dataset(
     dataset, *, img_size: int, num_workers: int = 0, batch_size: int = 500
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,11 +64,23 @@ def decode_dataset(
 
     ``dataset`` is an :class:`~dap_pretrain.data.dataset.IndexedDataset`; its transform is replaced for the
     duration by the evaluation-time CIFAR transform (resize short side + centre crop to ``img_size``, no
-    augmentation) and restored afterwards. Decoding runs in ``num_workers`` loader processes.
+    augmentation) and restored afterwards. Decoding runs in ``num_workers`` loader processes. Within one process
+    a folder dataset is decoded once and the (read-only) result shared: ``dap_pretrain.multirun`` trains several
+    runs on the same data in threads.
 
     Raises:
         DataError: an image could not be stacked (e.g. a transform produced another size).
     """
+    key = _decoded_key(dataset, img_size)
+    if key is None:
+        return _decode(dataset, img_size=img_size, num_workers=num_workers, batch_size=batch_size)
+    with _DECODED_LOCK:  # held while decoding: the other runs wait for the one decode instead of repeating it
+        if key not in _DECODED:
+            _DECODED[key] = _decode(dataset, img_size=img_size, num_workers=num_workers, batch_size=batch_size)
+        return _DECODED[key]
+
+
+def _decode(dataset, *, img_size: int, num_workers: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     n = len(dataset)
     images = torch.empty((n, 3, img_size, img_size), dtype=torch.uint8)
     targets = torch.empty(n, dtype=torch.int64)

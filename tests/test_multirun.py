@@ -1,0 +1,65 @@
+"""Runs sharing a process (dap_pretrain.multirun) train exactly as they do alone, and keep separate logs."""
+
+from __future__ import annotations
+
+import csv
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from dap_pretrain.multirun import main as multirun_main
+from dap_pretrain.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = "--model cifar_resnet20 -b 64 -j 0 --lr 0.05 --epochs 3 --decay-milestones 3 --dap-warmup 1 --dap-interval 1 --dap-keep 0.5 "
+FLAGS += "--no-plot --in-memory on --device cpu"
+
+
+def _rows(out: Path) -> list[dict]:
+    with (out / "summary.csv").open() as f:
+        return [
+            {k: r[k] for k in ("train_loss", "subset_size", "subset_digest", "eval_top1")} for r in csv.DictReader(f)
+        ]
+
+
+def test_threads_match_solo_runs_and_logs_stay_apart(tmp_path, cifar_tiny):
+    runs = {
+        "dap": f"{FLAGS} --data-dir {cifar_tiny} --seed 1",
+        "all": f"{FLAGS} --data-dir {cifar_tiny} --seed 2 --dap-select none",
+    }
+    for name, flags in runs.items():
+        train_main([*shlex.split(flags), "--output", str(tmp_path / "solo" / name)])
+    code = multirun_main(sum((["--run", f"{f} --output {tmp_path / 'multi' / n}"] for n, f in runs.items()), []))
+    assert code == 0
+    for name in runs:
+        assert _rows(tmp_path / "multi" / name) == _rows(tmp_path / "solo" / name), name
+    assert [r["subset_size"] for r in _rows(tmp_path / "multi" / "dap")] == ["400", "400", "200"]
+    dap_log = (tmp_path / "multi" / "dap" / "log.txt").read_text()
+    all_log = (tmp_path / "multi" / "all" / "log.txt").read_text()
+    assert "drop -> next 200" in dap_log and "next 200" not in all_log
+    assert dap_log.count("epoch 1/3") == 1 and all_log.count("epoch 1/3") == 1
+
+
+def test_a_failing_run_does_not_stop_the_other(tmp_path, cifar_tiny):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    cmd = [
+        sys.executable,
+        "-m",
+        "dap_pretrain.multirun",
+        "--run",
+        f"{FLAGS} --epochs 2 --data-dir {cifar_tiny} --output {good}",
+        "--run",
+        f"{FLAGS} --data-dir {cifar_tiny} --output {bad} --model no_such_net",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr
+    assert (good / "run.json").is_file() and not (bad / "run.json").exists()
+    assert f"error: {bad}: unknown model 'no_such_net'" in proc.stderr
+    same = subprocess.run(
+        [sys.executable, "-m", "dap_pretrain.multirun", "--run", f"--output {good}", "--run", f"--output {good}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert same.returncode == 2 and "its own --output" in same.stderr
