@@ -30,15 +30,22 @@ A 300-epoch run does not fit in one GPU job, so the sweep is made to be cut and 
   before the sweep (never over a run folder that has finished here).
 
 Runs go ``--jobs`` at a time in seed-major order (seed 0's rows for the first network first), so a sweep cut
-short holds whole seeds. ``--report`` prints the table from the CSV (mean +- sample std over seeds, the
+short holds whole seeds. ``--mode together`` (the default on cuda) trains each group of ``--jobs`` runs in one
+``python -m dap_pretrain.multirun`` process, a thread and CUDA stream per run, so kernels of different runs
+overlap (H100, cifar_resnet20, 6 runs: about 17,200 img/s each, against about 8,800 as 6 processes, which the GPU
+time-slices; docs/RESULTS.md section 7); ``--mode processes`` starts a trainer process per run. ``--report``
+prints the table from the CSV (mean +- sample std over seeds, the
 difference to DaP paired by seed) beside the paper's numbers.
 
-    bash benchmarks/paper_tables.sh --jobs 6 --budget-s 480 --state-in .dap_state --state-out $OUT  # a GPU job
+    bash benchmarks/paper_tables.sh --jobs 6 --budget-s 480 --state-in benchmarks/state/table2f_e300 --state-out $OUT
     .venv/bin/python benchmarks/paper_tables.py --report          # the table so far
     .venv/bin/python benchmarks/paper_tables.py --dry-run         # CPU, toy size, same code paths
 
-After a GPU job, copy ``$OUT/table2f_e300.csv`` over ``docs/table2f_e300.csv`` and its ``paper_state_*.tar`` into
-the folder the next job gets as ``--state-in`` (omit --state-in on the first job). ``--dry-run`` (4 epochs of 20
+The sweep's state between sessions lives in the repo, in ``benchmarks/state/table2f_e300/`` (about 23 MB for six
+cifar_resnet20 runs): a job is ``--state-in benchmarks/state/table2f_e300 --state-out $OUT``; afterwards copy
+``$OUT/table2f_e300.csv`` over ``docs/table2f_e300.csv``, replace the folder's tars with ``$OUT/paper_state_*.tar``
+(and ``paper_tables.json`` as ``last_job.json``) and commit both. Set ``DAP_GIT_COMMIT=$(git rev-parse HEAD)``
+in the GPU command: the copy of the repo there may carry a stale ``.git``. ``--dry-run`` (4 epochs of 20
 train / 10 test images per class, ``test_resnet``, one seed, on the CPU) starts from an empty ``WORK/dry-run``,
 which also holds its CSV unless ``--csv`` is given.
 """
@@ -131,8 +138,21 @@ def trainer_flags(
 
 
 def portable(flags: list[str]) -> list[str]:
-    """``flags`` without the data folder's path, which differs between machines: what a resume must match."""
-    return [("<data>" if i and flags[i - 1] == "--data-dir" else f) for i, f in enumerate(flags)]
+    """``flags`` without what may differ between jobs and cannot change results: what a resume must match.
+
+    The data folder's path differs between machines; ``-j`` (loader processes, which only decode the data once on
+    the in-memory path) may be tuned per machine.
+    """
+    out, skip = [], False
+    for i, f in enumerate(flags):
+        if skip:
+            skip = False
+            continue
+        if f in ("-j", "--workers"):
+            skip = True
+            continue
+        out.append("<data>" if i and flags[i - 1] == "--data-dir" else f)
+    return out
 
 
 @dataclass

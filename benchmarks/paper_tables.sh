@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU job of the paper's Table 2(f) at 300 epochs (benchmarks/paper_tables.py): one NVIDIA H100/H200, offline,
 # its own torch + timm. Run from the repo root, e.g.
-#   bash benchmarks/paper_tables.sh --jobs 6 --budget-s 480 --state-in .dap_state --state-out $OUT
+#   DAP_GIT_COMMIT=<sha> bash benchmarks/paper_tables.sh --jobs 6 --budget-s 480 \
+#       --state-in benchmarks/state/table2f_e300 --state-out $OUT
 # (omit --state-in on the sweep's first job). Installs nothing: the repo is put on PYTHONPATH. Data: --data, else
 # ../shared/data/cifar10, then shared/data/cifar10. --state-out defaults to $OUT (else ./gpu_results/paper_tables):
 # it receives paper_state_NN.tar (unfinished runs), paper_tables.json and a copy of the results CSV, 8 files at most.
@@ -36,6 +37,9 @@ fi
 extra=()
 if [ "$state_out" = 0 ]; then
     extra=(--state-out "${OUT:-gpu_results/paper_tables}")
+fi
+if [ "$dry" = 0 ] && [ -z "${DAP_GIT_COMMIT:-}" ]; then
+    echo "warning: DAP_GIT_COMMIT is unset: the CSV's commit column comes from this copy's .git, which may be stale" >&2
 fi
 "$PY" -c "import torch, timm; print(f'torch {torch.__version__}, timm {timm.__version__}, cuda {torch.version.cuda}')"
 limit=$(( ${budget%.*} + 60 ))

@@ -19,10 +19,13 @@ so checkpoints keep using the optimizer's ``state_dict`` unchanged.
 
 from __future__ import annotations
 
+import threading
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time per process: concurrent captures fail (cudaErrorIllegalState)
 
 
 class GraphUnsupportedError(ValueError):
@@ -152,6 +155,6 @@ class GraphedSGDStep:
         self.optimizer.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's pool
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: runs sharing this process (dap_pretrain.multirun) keep launching work while this captures.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with _CAPTURE_LOCK, torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_losses = self._forward_backward(self.static_x, self.static_y, self.static_w)
             self._sgd_update()

@@ -12,8 +12,8 @@ from dap_pretrain.multirun import main as multirun_main
 from dap_pretrain.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
-FLAGS = "--model cifar_resnet20 -b 64 -j 0 --lr 0.05 --epochs 3 --decay-milestones 3 --dap-warmup 1 --dap-interval 1 --dap-keep 0.5 "
-FLAGS += "--no-plot --in-memory on --device cpu"
+FLAGS = "--model cifar_resnet20 -b 64 -j 0 --lr 0.05 --epochs 3 --decay-milestones 3 --dap-warmup 1 --dap-interval 1 "
+FLAGS += "--dap-keep 0.5 --no-plot --in-memory on --device cpu"
 
 
 def _rows(out: Path) -> list[dict]:

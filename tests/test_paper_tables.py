@@ -100,7 +100,7 @@ def test_trainer_flags_are_the_paper_config_plus_speed_flags():
         "--seed 2",
         "--in-memory on",
         "-vb 1000",
-        "-j 0",
+        "-j 4",
         "--amp --amp-dtype bfloat16",
         "--cuda-graph",
         "--channels-last",
@@ -397,3 +397,9 @@ def test_dry_run_end_to_end(tmp_path):
     assert {r["status"] for r in result["runs"]} == {"finished"} and result["aggregate_img_per_s"] > 0
     assert (out / "t.csv").read_text() == csv_path.read_text()
     assert proc.stdout.strip().splitlines()[-1].startswith("state out: 0 tars")
+
+
+def test_portable_ignores_loader_workers_but_not_the_schedule():
+    a = ["--data-dir", "/x", "-j", "0", "--epochs", "300"]
+    assert pt.portable(a) == pt.portable(["--data-dir", "/y", "-j", "4", "--epochs", "300"])
+    assert pt.portable(a) != pt.portable(["--data-dir", "/x", "-j", "0", "--epochs", "200"])
