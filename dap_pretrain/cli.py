@@ -149,7 +149,9 @@ def _export_main(args: argparse.Namespace) -> int:
     from dap_pretrain.export import export_backbone
 
     out = export_backbone(args.checkpoint, args.out, use_ema=not args.no_ema, overwrite=args.overwrite)
-    print(f"exported {args.checkpoint} -> {out}")
+    native = json.loads((out / "meta.json").read_text())["timm_native"]
+    load = f"timm.create_model('local-dir:{out}', pretrained=True)"
+    print(f"exported {args.checkpoint} -> {out}; load: {load}{'' if native else ' after `import dap_pretrain`'}")
     return 0
 
 
@@ -163,8 +165,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a paper setting; other flags override it")
     e = sub.add_parser("export", help="release a training checkpoint as timm/mmdet/mmpose weights")
-    e.add_argument("checkpoint", help="a checkpoint written by the trainer (e.g. OUTPUT/last.pth.tar)")
-    e.add_argument("--out", required=True, help="folder to write model.safetensors, backbone.pth, meta.json")
+    e.add_argument(
+        "checkpoint",
+        help="OUTPUT/last.pth.tar of dap-train, or WORK_DIR/epoch_N.pth of tools/pretrain_mm.sh "
+        "(mmengine's pickles objects: it is unpickled, so pass only your own training output)",
+    )
+    e.add_argument(
+        "--out", required=True, help="folder to write model.safetensors + config.json (timm), backbone.pth, meta.json"
+    )
     e.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
     e.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     args = parser.parse_args(argv)

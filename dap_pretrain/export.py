@@ -1,8 +1,14 @@
 """Release a trained backbone for timm, mmdet and mmpose, and load it back.
 
-``export_backbone(ckpt, out)`` writes:
+``export_backbone(ckpt, out)`` takes a dap-train checkpoint (``OUTPUT/last.pth.tar``) or an mmengine one
+written by the mmpretrain front end (``WORK_DIR/epoch_N.pth``) and writes:
 
 - ``out/model.safetensors``: the timm state dict (EMA weights when the run kept an EMA);
+- ``out/config.json``: timm's hub config (``architecture``, ``num_classes``, ``model_args``,
+  ``pretrained_cfg``), written by timm's own ``save_for_hf`` writer, so plain timm loads the folder
+  without this package: ``timm.create_model('local-dir:out', pretrained=True)``, and, once the folder
+  is uploaded, ``timm.create_model('hf-hub:ORG/NAME', pretrained=True)`` (see docs/MODEL_ZOO.md);
+  the project's own ``cifar_*`` architectures need ``import dap_pretrain`` first (noted in the file);
 - ``out/backbone.pth``: the same without the classifier, a plain state dict that mmdet/mmpose
   load with ``init_cfg=dict(type='Pretrained', checkpoint='out/backbone.pth')`` (timm's ResNet key
   names are torchvision's, which is what mmdet's and mmpose's ResNet expect);
@@ -11,15 +17,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from dap_pretrain.checkpoint import CheckpointError, load_checkpoint
+from dap_pretrain.checkpoint import CheckpointError
+
+RELEASE_FILES = ("model.safetensors", "config.json", "backbone.pth", "meta.json")
+# pretrained_cfg fields that describe timm's own weights for an architecture (their tag, paper, licence,
+# labels); a DaP release copying them would misattribute itself.
+_FOREIGN_CFG_FIELDS = tuple(
+    "tag license description origin_url paper_name paper_ids notes label_names label_descriptions "
+    "hf_hub_id hf_hub_filename url".split()
+)
+_REFETCH = "re-download the release or re-export it with `python -m dap_pretrain export CKPT --out DIR`"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Trained:
+    """What a training checkpoint releases, whichever front end wrote it."""
+
+    arch: str
+    num_classes: int
+    weights: dict[str, torch.Tensor]
+    weights_kind: str  # 'ema' or 'raw'
+    epochs_completed: int | None
+    run: dict
+    trainer: str  # 'dap-train' or 'mmengine'
+    data_config: dict  # the eval preprocessing, for config.json's pretrained_cfg
 
 
 def _classifier_prefixes(arch: str) -> tuple[str, ...]:
@@ -32,37 +63,195 @@ def _classifier_prefixes(arch: str) -> tuple[str, ...]:
     return tuple(f"{n}." for n in ((names,) if isinstance(names, str) else names))
 
 
+def _num_classes_in(weights: dict, arch: str) -> int:
+    """Rows of the classifier weight in ``weights``; 0 when the file holds no classifier."""
+    w = weights.get(f"{_classifier_prefixes(arch)[0]}weight")
+    return int(w.shape[0]) if w is not None else 0
+
+
+def _read_checkpoint(path: Path) -> dict:
+    """Load a training checkpoint the caller named, trusting it with ``weights_only=False`` only if it needs that.
+
+    dap-train checkpoints hold plain data and load with ``weights_only=True``. mmengine's cannot: its
+    message hub pickles ``HistoryBuffer`` methods through ``builtins.getattr``, which torch refuses. Such a
+    file is the caller's own training output named explicitly to ``export``, so it is loaded with
+    ``weights_only=False`` (the trusted-path rule of ``downstream/compat.py``). Files ``load_backbone``
+    reads (releases, possibly downloaded) never get this.
+    """
+    if not path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} does not exist; pass OUTPUT/last.pth.tar (dap-train) or WORK_DIR/epoch_N.pth (mmengine)"
+        )
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # a readable file that pickles objects: mmengine's message hub
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # corrupt, truncated, or not a torch file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({first[:120]}); pass a checkpoint written by dap-train or mmengine"
+        ) from None
+
+
+def _from_dap_train(ckpt: dict, *, use_ema: bool) -> _Trained:
+    ema = ckpt.get("state_dict_ema")
+    used_ema = bool(use_ema and ema)
+    weights = {k.removeprefix("module."): v for k, v in (ema if used_ema else ckpt["state_dict"]).items()}
+    run = dict(ckpt.get("run") or {})
+    run["top1"], run["top5"] = (
+        (run.get("ema_top1"), run.get("ema_top5")) if used_ema else (run.get("top1"), run.get("top5"))
+    )
+    args = ckpt.get("args") or {}
+    return _Trained(
+        arch=ckpt["arch"],
+        num_classes=ckpt.get("num_classes") or _num_classes_in(weights, ckpt["arch"]),
+        weights=weights,
+        weights_kind="ema" if used_ema else "raw",
+        epochs_completed=ckpt.get("epoch"),
+        run=run,
+        trainer="dap-train",
+        data_config=_dap_train_data_config(ckpt["arch"], args),
+    )
+
+
+def _dap_train_data_config(arch: str, args: dict) -> dict:
+    """The trainer's eval preprocessing (runner._build_data): CIFAR resize+crop at <= 64 px, else timm's at 87.5%."""
+    from timm.models import get_pretrained_cfg_value
+
+    img = args.get("img_size") or (get_pretrained_cfg_value(arch, "input_size") or (3, 224, 224))[-1]
+    cifar = args.get("aug") == "cifar" or (args.get("aug", "auto") == "auto" and img <= 64)
+    return {"input_size": (3, img, img), "crop_pct": 1.0 if cifar else 0.875, "interpolation": "bilinear"}
+
+
+def _from_mmengine(ckpt: dict, *, use_ema: bool, path: Path) -> _Trained:
+    """mmpretrain ``ImageClassifier`` keys -> timm: ``backbone.X`` -> ``X``, ``head.fc.X`` -> timm's classifier."""
+    run = dict((ckpt.get("dap") or {}).get("run") or {})
+    arch = run.get("timm_model")
+    if not arch:
+        raise CheckpointError(
+            f"{path} is an mmengine checkpoint without checkpoint['dap']['run']['timm_model']; "
+            "export checkpoints written by tools/pretrain_mm.sh (its DaP hook records the timm name)"
+        )
+    ema = ckpt.get("ema_state_dict")
+    # mmengine's EMAHook swaps on save: 'state_dict' holds the EMA weights, 'ema_state_dict' the raw ones
+    if ema and not use_ema:
+        source = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
+    else:
+        source = ckpt["state_dict"]
+    head = _classifier_prefixes(arch)[0]
+    weights = {}
+    for key, value in source.items():
+        if key.startswith("backbone."):
+            key = key.removeprefix("backbone.")
+        elif key.startswith("head.fc."):
+            key = head + key.removeprefix("head.fc.")
+        weights[key] = value  # anything else stays as it is, and _check_fits names it
+    return _Trained(
+        arch=arch,
+        num_classes=run.get("num_classes") or _num_classes_in(weights, arch),
+        weights=weights,
+        weights_kind="ema" if ema and use_ema else "raw",
+        epochs_completed=(ckpt.get("meta") or {}).get("epoch"),
+        run=run,
+        trainer="mmengine",
+        data_config=_mmpretrain_data_config(run),
+    )
+
+
+def _mmpretrain_data_config(run: dict) -> dict:
+    """The eval preprocessing the run recorded, else that of mmpretrain's ImageNet configs.
+
+    mmpretrain's ``_base_/datasets/imagenet_bs32.py`` evaluates at ResizeEdge 256 (short side), CenterCrop 224,
+    bilinear; the DaP hook may record ``img_size``, ``crop_pct`` and ``interpolation`` in ``dap.run`` instead.
+    """
+    img = run.get("img_size") or 224
+    return {
+        "input_size": (3, img, img),
+        "crop_pct": run.get("crop_pct") or 224 / 256,
+        "interpolation": run.get("interpolation") or "bilinear",
+    }
+
+
+def _trained(path: Path, *, use_ema: bool) -> _Trained:
+    ckpt = _read_checkpoint(path)
+    if isinstance(ckpt, dict) and "arch" in ckpt and isinstance(ckpt.get("state_dict"), dict):
+        return _from_dap_train(ckpt, use_ema=use_ema)
+    if isinstance(ckpt, dict) and "meta" in ckpt and isinstance(ckpt.get("state_dict"), dict):
+        return _from_mmengine(ckpt, use_ema=use_ema, path=path)
+    raise CheckpointError(
+        f"checkpoint {path} was written by neither dap-train (no 'arch'/'state_dict') nor mmengine (no 'meta'); "
+        "export OUTPUT/last.pth.tar of dap-train or WORK_DIR/epoch_N.pth of tools/pretrain_mm.sh"
+    )
+
+
+def _hub_config(model: torch.nn.Module, trained: _Trained, *, native: bool, path: Path) -> None:
+    """Write timm's ``config.json`` for ``model`` to ``path``, minus the fields that describe timm's own weights."""
+    # the writer behind timm's public save_for_hf/push_to_hf_hub; timm.models re-exports only those two
+    from timm.models._hub import save_config_for_hf
+
+    save_config_for_hf(model, str(path), data_config=trained.data_config)
+    config = json.loads(path.read_text())
+    for key in _FOREIGN_CFG_FIELDS:
+        config["pretrained_cfg"].pop(key, None)
+    config["pretrained_cfg"]["description"] = f"DaP-pretrain release ({trained.trainer}); see meta.json"
+    config["dap_pretrain"] = {"meta": "meta.json", "timm_native": native}
+    if not native:
+        config["dap_pretrain"]["requires"] = f"import dap_pretrain  # registers {trained.arch} with timm"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def export_backbone(
     checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, use_ema: bool = True, overwrite: bool = False
 ) -> Path:
-    """Write model.safetensors, backbone.pth and meta.json for a dap-train checkpoint; returns ``out_dir``.
+    """Write model.safetensors, config.json, backbone.pth and meta.json for a training checkpoint; returns ``out_dir``.
 
-    Refuses a non-empty ``out_dir`` unless ``overwrite``; files appear together (written to a temp
-    folder first), so a failed export leaves nothing half-written.
+    Args:
+        checkpoint: a dap-train checkpoint, or an mmengine one from the mmpretrain front end (its
+            ``checkpoint['dap']['run']`` names ``timm_model``). An mmengine checkpoint pickles objects and is
+            loaded with ``weights_only=False``: pass only your own training output.
+        out_dir: the release folder; refused when not empty unless ``overwrite``.
+        use_ema: release the EMA weights when the run kept an EMA.
+        overwrite: replace the release files in a non-empty ``out_dir``.
+
+    Raises:
+        CheckpointError: unreadable or foreign checkpoint, NaN/inf weights, or weights that do not fit the
+            timm architecture the checkpoint names.
+
+    The files appear together (written to a temp folder first), so a failed export leaves nothing half-written.
     """
     from safetensors.torch import save_file
+    from timm.models import model_entrypoint
 
-    ckpt = load_checkpoint(checkpoint)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"export folder {out} is not empty; choose another --out or pass --overwrite")
-    ema = ckpt.get("state_dict_ema")
-    used_ema = bool(use_ema and ema)
-    weights = ema if used_ema else ckpt["state_dict"]
-    weights = {k.removeprefix("module."): v.contiguous() for k, v in weights.items()}
-    prefixes = _classifier_prefixes(ckpt["arch"])
-    backbone = {k: v for k, v in weights.items() if not k.startswith(prefixes)}
-    run = ckpt.get("run", {})
+    trained = _trained(Path(checkpoint), use_ema=use_ema)
+    weights = {k: v.contiguous() for k, v in trained.weights.items()}
+    _check_finite(weights, source=checkpoint, fix="training diverged or the file is damaged; export another checkpoint")
+    model = _check_fits(
+        weights,
+        arch=trained.arch,
+        num_classes=trained.num_classes,
+        source=checkpoint,
+        holds=None,
+        fix=f"the checkpoint's weights are not the {trained.arch} it names; export a checkpoint of a timm architecture",
+    )
+    native = model_entrypoint(trained.arch).__module__.startswith("timm.")
+    backbone = {k: v for k, v in weights.items() if not k.startswith(_classifier_prefixes(trained.arch))}
+    run = trained.run
     meta = {
-        "model": ckpt["arch"],
-        "num_classes": ckpt.get("num_classes"),
-        "weights": "ema" if used_ema else "raw",
+        "model": trained.arch,
+        "num_classes": trained.num_classes,
+        "weights": trained.weights_kind,
+        "trainer": trained.trainer,
+        "timm_native": native,
         "epochs": run.get("epochs"),
-        "epochs_completed": ckpt.get("epoch"),
+        "epochs_completed": trained.epochs_completed,
         "compute_fraction_planned": run.get("compute_fraction_planned"),
         "compute_fraction_measured": run.get("compute_fraction_measured"),
-        "top1": run.get("ema_top1" if used_ema else "top1"),
-        "top5": run.get("ema_top5" if used_ema else "top5"),
+        "top1": run.get("top1"),
+        "top5": run.get("top5"),
         "dap": run.get("dap"),
         "dataset": run.get("dataset"),
         "git_commit": run.get("git_commit"),
@@ -72,69 +261,131 @@ def export_backbone(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"arch": ckpt["arch"]})
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"arch": trained.arch})
+        _hub_config(model, trained, native=native, path=tmp / "config.json")
         torch.save(backbone, tmp / "backbone.pth")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         out.mkdir(exist_ok=True)
-        for name in ("model.safetensors", "backbone.pth", "meta.json"):
+        for name in RELEASE_FILES:
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def load_backbone(path: str | os.PathLike, *, model: str | None = None, **create_kwargs) -> torch.nn.Module:
-    """Build the timm model an export (folder or ``model.safetensors``/``backbone.pth``) holds.
+def _release_model(folder: Path) -> str | None:
+    """The timm name in ``folder``'s meta.json, else in timm's config.json, else None."""
+    for name, key in (("meta.json", "model"), ("config.json", "architecture")):
+        file = folder / name
+        if file.is_file():
+            try:
+                return json.loads(file.read_text())[key]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{file} is malformed ({type(e).__name__}: {e}); {_REFETCH}") from None
+    return None
 
-    ``model`` defaults to ``meta.json``'s; pass it for a bare weights file. Extra keyword arguments
-    go to ``timm.create_model`` (e.g. ``features_only=True``, ``num_classes=0``). A file made for
-    another architecture raises :class:`CheckpointError` naming both.
+
+def _read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A tensor state dict from ``.safetensors`` or (``weights_only=True``) ``.pth``, or a one-line error."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            weights = load_file(str(file))
+        else:
+            weights = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or pickles objects
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file} is unreadable ({first[:120]}); {_REFETCH}") from None
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError(f"{file} is not a tensor state dict; pass model.safetensors or backbone.pth of a release")
+    return weights
+
+
+def load_backbone(path: str | os.PathLike, *, model: str | None = None, **create_kwargs) -> torch.nn.Module:
+    """Build the timm model a release holds.
+
+    Args:
+        path: a release folder, ``local-dir:DIR``, ``hf-hub:ORG/NAME`` (handed to timm as is), or a weights
+            file (``model.safetensors``, ``backbone.pth``). A folder without meta.json uses timm's config.json;
+            a bare file without either needs ``model``. The class count comes from the classifier in the file.
+        model: timm name; must agree with the release's meta.json/config.json when there is one.
+        **create_kwargs: passed to ``timm.create_model`` (e.g. ``features_only=True``, ``num_classes=0``).
+
+    Raises:
+        CheckpointError: one line naming the file and the fix: missing or unreadable file, NaN/inf weights
+            (a damaged or tampered file), no model name, or weights of another architecture.
     """
     import timm
 
     import dap_pretrain.models  # noqa: F401  (registers the CIFAR networks)
 
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    meta_file = folder / "meta.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    arch = model or meta.get("model")
+    name = os.fspath(path)
+    if name.startswith("hf-hub:"):
+        net = timm.create_model(name, pretrained=True, **create_kwargs)
+        arch = net.pretrained_cfg.get("architecture")
+        if model and arch and model != arch:
+            raise CheckpointError(f"{name} holds a {arch} backbone, not {model}; load it as {arch}")
+        _check_finite(net.state_dict(), source=name, fix=f"the upload is damaged; {_REFETCH} and upload it again")
+        return net
+    path = Path(name.removeprefix("local-dir:"))
+    if not path.exists():
+        raise CheckpointError(
+            f"{path} does not exist; pass a release folder, local-dir:DIR, hf-hub:ORG/NAME or a weights file"
+        )
+    holds = _release_model(path if path.is_dir() else path.parent)
+    arch = model or holds
     if arch is None:
-        raise CheckpointError(f"{path} has no meta.json naming the model; pass model='resnet50' (the timm name)")
-    if model and meta.get("model") and model != meta["model"]:
-        raise CheckpointError(f"{path} holds a {meta['model']} backbone, not {model}; load it as {meta['model']}")
+        raise CheckpointError(f"{path} has no meta.json or config.json naming the model; pass model='resnet50'")
+    if model and holds and model != holds:
+        raise CheckpointError(f"{path} holds a {holds} backbone, not {model}; load it as {holds}")
     weights_file = path / "model.safetensors" if path.is_dir() else path
-    if weights_file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        weights = load_file(str(weights_file))
-    else:
-        weights = torch.load(weights_file, map_location="cpu", weights_only=True)
-    num_classes = meta.get("num_classes") or 1000
-    _check_fits(weights, arch=arch, num_classes=num_classes, source=weights_file, holds=meta.get("model"))
-    if weights_file.name == "backbone.pth" or not any(k.startswith(_classifier_prefixes(arch)) for k in weights):
-        create_kwargs.setdefault("num_classes", 0)  # no classifier in the file: build without one
-    # timm's own loader adapts the weights to num_classes / features_only
+    if path.is_dir() and not weights_file.is_file():
+        weights_file = path / "backbone.pth"
+    if not weights_file.is_file():
+        raise CheckpointError(f"{path} holds neither model.safetensors nor backbone.pth; {_REFETCH}")
+    weights = _read_weights(weights_file)
+    _check_finite(weights, source=weights_file, fix=f"the file is damaged or tampered; {_REFETCH}")
+    file_classes = _num_classes_in(weights, arch)  # 0: no classifier in the file, build without one
+    _check_fits(weights, arch=arch, num_classes=file_classes, source=weights_file, holds=holds)
+    create_kwargs.setdefault("num_classes", file_classes)
+    # timm's own loader adapts the (already checked) weights to num_classes / features_only
     return timm.create_model(
         arch,
         pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(weights_file), num_classes=num_classes),
-        **{"num_classes": num_classes, **create_kwargs},
+        pretrained_cfg_overlay=dict(state_dict=weights, num_classes=file_classes),
+        **create_kwargs,
     )
 
 
-def _check_fits(weights: dict, *, arch: str, num_classes: int, source, holds: str | None) -> None:
-    """Raise one line naming both architectures unless ``weights`` is ``arch``'s state dict (classifier optional)."""
+def _check_finite(weights: dict, *, source, fix: str) -> None:
+    """Raise one line naming ``source`` and ``fix`` if any floating-point tensor holds NaN or inf."""
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{source} has NaN/inf values in {len(bad)} of its tensors (first: {bad[0]}); {fix}")
+
+
+def _check_fits(
+    weights: dict, *, arch: str, num_classes: int, source, holds: str | None, fix: str | None = None
+) -> torch.nn.Module:
+    """Return a fresh timm ``arch`` if ``weights`` is its state dict (classifier optional), else raise one line.
+
+    The message names both architectures and ``fix`` (default: load it as the architecture it holds).
+    """
     import timm
 
-    expected = timm.create_model(arch, pretrained=False, num_classes=num_classes).state_dict()
+    net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    expected = net.state_dict()
     head = _classifier_prefixes(arch)
     missing = [k for k in expected if k not in weights and not k.startswith(head)]
     unexpected = [k for k in weights if k not in expected]
     misshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
     if missing or unexpected or misshaped:
+        example = (missing or unexpected or misshaped)[0]
+        fix = fix or f"load it as {holds or 'the model it was trained as'}"
         raise CheckpointError(
             f"{source} holds {holds or 'another architecture'}'s weights, not timm '{arch}' "
-            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped keys); "
-            f"load it as {holds or 'the model it was trained as'}"
+            f"({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped keys, "
+            f"e.g. {example}); {fix}"
         )
+    return net

@@ -73,6 +73,31 @@ class Accounting:
     def baseline(self) -> int:
         return self.baseline_epochs * self.num_samples
 
+    def run_summary(
+        self, *, model: str, epochs: int, dataset, top1, top5, ema_top1, ema_top5, wall_s: float, dap: dict
+    ) -> dict:
+        """``run.json``: the same keys from both front ends (``dap-train`` and the mmengine ``DaPHook``)."""
+        return {
+            "model": model,
+            "epochs": epochs,
+            "dataset": dataset,
+            "num_samples": self.num_samples,
+            "compute_fraction_planned": self.planned / self.baseline,
+            "compute_fraction_measured": self.measured / self.baseline,
+            "samples_trained": self.measured,
+            "samples_planned": self.planned,
+            "samples_baseline": self.baseline,
+            "samples_untrained": self.lost,
+            "top1": top1,
+            "top5": top5,
+            "ema_top1": ema_top1,
+            "ema_top5": ema_top5,
+            "wall_time_s": round(wall_s, 2),
+            "dap": dap,
+            "git_commit": _git_commit(),
+            "torch": torch.__version__,
+        }
+
 
 def _build_model(args, num_classes: int, device: torch.device):
     import timm
@@ -556,26 +581,17 @@ def _checkpoint_state(
 
 
 def _finish(args, output: Path, acct: Accounting, ev: dict, ema_ev: dict, wall: float, dap: dict, data: Data) -> dict:
-    summary = {
-        "model": args.model,
-        "epochs": args.epochs,
-        "dataset": args.data_dir,
-        "num_samples": acct.num_samples,
-        "compute_fraction_planned": acct.planned / acct.baseline,
-        "compute_fraction_measured": acct.measured / acct.baseline,
-        "samples_trained": acct.measured,
-        "samples_planned": acct.planned,
-        "samples_baseline": acct.baseline,
-        "samples_untrained": acct.lost,
-        "top1": ev.get("top1"),
-        "top5": ev.get("top5"),
-        "ema_top1": ema_ev.get("top1"),
-        "ema_top5": ema_ev.get("top5"),
-        "wall_time_s": round(wall, 2),
-        "dap": dap,
-        "git_commit": _git_commit(),
-        "torch": torch.__version__,
-    }
+    summary = acct.run_summary(
+        model=args.model,
+        epochs=args.epochs,
+        dataset=args.data_dir,
+        top1=ev.get("top1"),
+        top5=ev.get("top5"),
+        ema_top1=ema_ev.get("top1"),
+        ema_top5=ema_ev.get("top5"),
+        wall_s=wall,
+        dap=dap,
+    )
     tmp = output / ".run.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(output / "run.json")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One-command install: creates .venv in the repo root with torch, timm, this project and the
-# mm stack (mmengine, mmcv built once into a wheel cache, mmdet, mmpose).
+# mm stack (mmengine, mmcv built once into a wheel cache, mmdet, mmpose, mmpretrain).
 #
 #   bash tools/install.sh            # everything (first run builds mmcv: ~20 min on 2 cores)
-#   DAP_NO_MM=1 bash tools/install.sh  # pretraining only, no mmdet/mmpose
+#   DAP_NO_MM=1 bash tools/install.sh  # timm pretraining only, no mmdet/mmpose/mmpretrain
 #
 # GPU users who want mmcv's CUDA ops: FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" bash tools/install.sh
 # (a CUDA build gets its own cache key, so it never reuses the CPU wheel).
@@ -48,8 +48,13 @@ fi
 # mmpose's chumpy requirement does not build and is never imported; xtcocotools' wheel breaks on numpy 2.
 "$PIP" install -q --no-deps mmpose==1.3.2
 "$PIP" install -q --no-build-isolation --no-binary xtcocotools xtcocotools
+# mmpretrain (pure Python) for tools/pretrain_mm.sh, without deps: its metadata names model-index as 'modelindex'
+# (the module's name); the packages it imports are installed explicitly.
+"$PIP" install -q --no-deps mmpretrain==1.2.0
+"$PIP" install -q einops importlib-metadata mat4py model-index rich
 # torch 2.14 requires setuptools>=77.0.3; mmengine 0.10.7 resolves 'mmdet::'/'mmpose::' config bases through
 # pkg_resources, which setuptools 81 removed. (The mmcv build above pins <70 only while it builds.)
 "$PIP" install -q 'setuptools>=77.0.3,<81'
-"$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmpose; print("mm stack ok: mmcv", mmcv.__version__, "mmdet", mmdet.__version__, "mmpose", mmpose.__version__)'
+"$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmpose, mmpretrain
+print("mm stack ok:", *(f"{m.__name__} {m.__version__}" for m in (mmcv, mmdet, mmpose, mmpretrain)))'
 echo "installed: $VENV"

@@ -1,0 +1,387 @@
+"""``DaPHook``: drives the DaP sampler from mmengine's epoch loop, and keeps the run's books.
+
+Who calls what, and when (mmengine calls the hook; the hook calls the engine):
+
+* ``after_load_checkpoint`` (``--resume`` or ``load_from``, before training starts): keeps ``checkpoint['dap']``.
+* ``before_train`` (all ranks; loops, optimizer and schedulers are built, weights loaded): resolves the config's
+  ``dap`` block (epochs from ``train_cfg.max_epochs``, reuse defaulted to the MultiStepLR milestones), refuses
+  what would make DaP wrong (iteration-counting loops or LR schedulers, a wrapped dataset, a head that cannot
+  record losses), configures the :class:`~dap_pretrain.mm.sampler.DaPMMSampler`, restores the kept state when the
+  runner resumed (``runner.epoch > 0``: sampler, accounting, history, every rank's RNGs, so the run continues
+  exactly) and attaches the sampler to the :class:`~dap_pretrain.mm.head.DaPClsHead` (detached in ``after_train``).
+  Validation- or test-only runs (``runner.val()``/``test()``) never call it, and the hook then does nothing.
+* ``before_train_epoch``: ``sampler.set_epoch(runner.epoch)``; ``after_train_epoch`` (priority NORMAL, so before
+  the checkpoint and LR hooks): ``sampler.end_epoch()`` on every rank, accounting, ``summary.csv``, the log line.
+* ``before_save_checkpoint`` (rank 0): ``checkpoint['dap'] = state`` (see :meth:`DaPHook.state`).
+* ``after_val_epoch``: top-1/5 into the epoch's row; mmengine saves before it validates, so the epoch's own
+  checkpoint file is brought up to date too (rank 0, local files).
+* ``after_train``: ``WORK_DIR/run.json`` with the timm trainer's keys.
+
+Exact resume with loader workers also needs a fixed ``randomness.seed``: with ``seed=None`` mmengine seeds the
+workers from a fresh draw in the resumed process, so augmentation (and with it the hard subsets) may differ after
+the resume. Checked here with ``num_workers=0`` and ``seed=0``: resumed == uninterrupted, weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from mmengine.dataset import BaseDataset
+from mmengine.dist import get_dist_info, is_main_process
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.optim.scheduler import MultiStepParamScheduler
+from mmengine.registry import HOOKS
+from mmengine.runner import EpochBasedTrainLoop
+
+from dap_pretrain.checkpoint import rng_state, set_rng_state
+from dap_pretrain.data.sampler import NonFiniteLossError
+from dap_pretrain.mm.head import DaPClsHead
+from dap_pretrain.mm.sampler import DaPMMSampler
+from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap
+from dap_pretrain.runner import Accounting, subset_digest
+from dap_pretrain.schedule import plan
+
+STATE_VERSION = 1
+_INF_STEPS = 10**8  # mmengine's schedulers end at int(1e9) "steps" when no end is given
+
+
+def _flat(schedulers) -> list:
+    if schedulers is None:
+        return []
+    if isinstance(schedulers, dict):  # one list per optimizer
+        return [s for group in schedulers.values() for s in _flat(group)]
+    return list(schedulers) if isinstance(schedulers, (list, tuple)) else [schedulers]
+
+
+def lr_milestones(schedulers) -> tuple[int, ...]:
+    """Epochs at whose end an epoch-based MultiStepLR decays the LR (the paper's reuse epochs R)."""
+    out = set()
+    for s in _flat(schedulers):
+        if isinstance(s, MultiStepParamScheduler) and s.param_name == "lr" and s.by_epoch:
+            out.update(s.begin + int(m) for m in s.milestones)
+    return tuple(sorted(out))
+
+
+def check_schedulers(schedulers, *, warmup: int, epoch_len: int) -> None:
+    """Refuse a scheduler that counts iterations past the DaP warm-up (where DaP starts to shorten epochs).
+
+    ``convert_to_iter_based=True`` fixes the epoch length at build time and ``by_epoch=False`` counts iterations, so
+    after the first drop their LR at a given epoch would no longer be the full-data run's. One that ends within the
+    warm-up (e.g. a linear LR warm-up) is exact: every warm-up epoch trains on all data.
+    """
+    limit = warmup * epoch_len
+    for s in _flat(schedulers):
+        if getattr(s, "by_epoch", True) or s.end <= limit:
+            continue
+        end = "no end" if s.end >= _INF_STEPS else f"ends at iteration {s.end}"
+        raise DaPMMError(
+            f"param_scheduler {type(s).__name__} counts iterations (by_epoch=False or convert_to_iter_based=True; "
+            f"{end}) but DaP shortens epochs after its warm-up (dap.warmup={warmup} epochs = {limit} iterations), "
+            "so its LR would drift from the full-data run's; use by_epoch=True without convert_to_iter_based"
+        )
+
+
+def unwrap(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+def timm_architecture(model) -> str | None:
+    """The timm model whose state dict is ``model``'s backbone + ``head.fc`` (keys and shapes), else ``None``.
+
+    mmpretrain's ``ResNet`` (pytorch style, no deep stem or avg-down) + global average pooling + a linear head is
+    torchvision's ResNet, which is timm's ``resnet{depth}``; the key/shape match is checked on the meta device.
+    """
+    import timm
+
+    backbone, neck, head = (getattr(model, k, None) for k in ("backbone", "neck", "head"))
+    if type(backbone).__name__ != "ResNet" or type(neck).__name__ != "GlobalAveragePooling" or not hasattr(head, "fc"):
+        return None
+    if backbone.style != "pytorch" or backbone.deep_stem or backbone.avg_down:
+        return None
+    name = f"resnet{backbone.depth}"
+    if not timm.is_model(name):
+        return None
+    with torch.device("meta"):
+        reference = timm.create_model(name, pretrained=False, num_classes=head.fc.out_features)
+    ours = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(("backbone.", "head.fc.")):
+            ours[key.removeprefix("backbone.").removeprefix("head.")] = tuple(value.shape)
+    return name if ours == {k: tuple(v.shape) for k, v in reference.state_dict().items()} else None
+
+
+def _gather_rng(digest: str) -> list:
+    """Every rank's RNG state (for the checkpoint), checking on the way that all ranks hold the same subset."""
+    state = rng_state()
+    _, world = get_dist_info()
+    if world == 1:
+        return [state]
+    out = [None] * world
+    dist.all_gather_object(out, (state, digest))
+    if len({d for _, d in out}) > 1:
+        raise RuntimeError(f"DDP ranks disagree on the DaP subset ({sorted({d for _, d in out})}); please report it")
+    return [s for s, _ in out]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+@HOOKS.register_module()
+class DaPHook(Hook):
+    """Drop-and-Pick for an mmengine epoch-based run (see the module docstring for the call contract).
+
+    Takes no arguments: the DaP parameters are the config's top-level ``dap = dict(...)`` block (``runner.cfg.dap``),
+    so ``--cfg-options dap.keep=...`` reaches them.
+    """
+
+    priority = "NORMAL"  # after_train_epoch must run before CheckpointHook (VERY_LOW) and ParamSchedulerHook (LOW)
+
+    def __init__(self):
+        self.settings: DaPSettings | None = None
+        self.sampler: DaPMMSampler | None = None
+        self.acct: Accounting | None = None
+        self.summary: dict | None = None  # run.json's content once training has ended
+        self.timm_model: str | None = None
+        self.num_classes: int | None = None
+        self._model_name = self._dataset = ""
+        self._loaded: dict | None = None
+        self._rngs: list = []
+        self._t_start = self._t_epoch = self._t_val = 0.0
+        self._iter0 = 0
+        self._digest = ""
+        self._lr = None
+
+    # -- setup ------------------------------------------------------------------------------------
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        self._loaded = checkpoint.get("dap")
+
+    def before_train(self, runner) -> None:
+        self._setup(runner)
+        state, self._loaded = self._loaded, None
+        if runner.epoch > 0:
+            if state is None:
+                raise DaPMMError(
+                    f"the resumed checkpoint (epoch {runner.epoch}) has no DaP state (checkpoint['dap']); resume "
+                    "from a checkpoint this DaP run wrote, or start a new run"
+                )
+            self._restore(runner, state)
+        elif state is not None:
+            runner.logger.info("the load_from checkpoint's DaP state is ignored: a new run starts DaP afresh")
+        unwrap(runner.model).head.attach(self.sampler)
+        self._t_start = time.perf_counter() - sum(r["epoch_time_s"] for r in self.acct.history)
+
+    def _setup(self, runner) -> None:
+        loop = runner.train_loop
+        if not isinstance(loop, EpochBasedTrainLoop):
+            raise DaPMMError(
+                f"DaP needs an epoch-based train loop, this config builds {type(loop).__name__}; "
+                "set train_cfg=dict(by_epoch=True, max_epochs=N)"
+            )
+        sampler, dataset = loop.dataloader.sampler, loop.dataloader.dataset
+        if not isinstance(sampler, DaPMMSampler):
+            raise DaPMMError(
+                f"train_dataloader.sampler is {type(sampler).__name__}; set train_dataloader.sampler="
+                "dict(type='DaPMMSampler') (configs/mmpretrain/*.py do)"
+            )
+        if not isinstance(dataset, BaseDataset):  # wrappers renumber samples: sample_idx != the sampler's index
+            raise DaPMMError(
+                f"the train dataset is a {type(dataset).__name__}; DaP needs a plain dataset whose sample_idx is "
+                "the sampler's index (no RepeatDataset/ConcatDataset/ClassBalancedDataset wrapper)"
+            )
+        model = unwrap(runner.model)
+        if not isinstance(getattr(model, "head", None), DaPClsHead):
+            raise DaPMMError("DaP records per-sample losses in its head; set model.head.type='DaPClsHead'")
+        milestones = lr_milestones(runner.param_schedulers)
+        self.settings = resolve_dap(runner.cfg.get("dap"), epochs=loop.max_epochs, milestones=milestones)
+        config = self.settings.config
+        if self.settings.select != "none":
+            check_schedulers(runner.param_schedulers, warmup=config.warmup, epoch_len=len(loop.dataloader))
+        sampler.configure(config=config, select=self.settings.select, seed=self.settings.seed)
+        n = sampler.num_samples
+        planned = config.epochs * n if self.settings.select == "none" else plan(config, n).samples_trained
+        self.sampler = sampler
+        self.acct = Accounting(num_samples=n, baseline_epochs=config.epochs, planned=planned)
+        self.timm_model = timm_architecture(model)
+        self.num_classes = getattr(model.head, "num_classes", None)
+        self._model_name = self.timm_model or f"mmpretrain:{type(model.backbone).__name__}"
+        self._dataset = str(getattr(dataset, "data_root", "") or dataset.data_prefix.get("img_path", ""))
+        runner.logger.info(
+            f"DaP: {n} training samples, {self.settings.to_dict()}; planned compute "
+            f"{planned / self.acct.baseline:.2%} of {config.epochs} full-data epochs"
+        )
+
+    def _restore(self, runner, state: dict) -> None:
+        if int(state["epoch"]) != runner.epoch:
+            raise DaPMMError(
+                f"the checkpoint's DaP state is for epoch {state['epoch']} but its weights for epoch {runner.epoch}; "
+                "resume from a checkpoint this DaP run wrote"
+            )
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as e:  # another dataset or other DaP parameters
+            raise DaPMMError(str(e).replace("the same --dap-* flags", "the same dap block")) from None
+        self.acct.measured = int(state["accounting"]["measured"])
+        self.acct.lost = int(state["accounting"]["lost"])
+        self.acct.history = [dict(r) for r in state["history"]]
+        rank, world = get_dist_info()
+        if len(state["rng"]) == world:
+            set_rng_state(state["rng"][rank])
+        else:
+            runner.logger.warning(
+                f"checkpoint has RNG states for {len(state['rng'])} processes, this run has {world}: "
+                "augmentation will differ from an uninterrupted run"
+            )
+        runner.logger.info(f"DaP resumed after epoch {runner.epoch}: next subset {self.sampler.subset.numel()}")
+
+    # -- each epoch -------------------------------------------------------------------------------
+    def before_train_epoch(self, runner) -> None:
+        self.sampler.set_epoch(runner.epoch)
+        self._digest = subset_digest(self.sampler.subset)
+        self._iter0 = runner.iter
+        lrs = runner.optim_wrapper.get_lr()
+        self._lr = next((v[0] for k, v in lrs.items() if not k.endswith("base_lr")), None)
+        self._t_epoch = time.perf_counter()
+
+    def after_train_epoch(self, runner) -> None:
+        try:
+            report = self.sampler.end_epoch()
+        except NonFiniteLossError as e:
+            raise DaPMMError(str(e).replace(", or record with nonfinite='skip'", "")) from None
+        seconds = time.perf_counter() - self._t_epoch
+        acct = self.acct
+        acct.measured += report.seen
+        acct.lost += report.size_before - report.seen
+        loss = runner.message_hub.get_scalar("train/loss").mean(max(1, runner.iter - self._iter0))
+        row = {
+            "epoch": runner.epoch + 1,
+            "train_loss": round(float(loss), 6),
+            "eval_loss": None,
+            "eval_top1": None,
+            "eval_top5": None,
+            "lr": self._lr,
+            "subset_size": report.size_before,
+            "samples_trained": report.seen,
+            "cum_compute": acct.measured / acct.baseline,
+            "event": report.event,
+            "untrained": report.size_before - report.seen,
+            "epoch_time_s": round(seconds, 3),
+            "img_per_s": round(report.seen / max(seconds, 1e-9), 2),
+            "subset_digest": self._digest,
+        }
+        acct.history.append(row)
+        self._rngs = _gather_rng(subset_digest(self.sampler.subset))
+        runner.message_hub.update_scalar("dap/subset_size", report.size_before)
+        runner.message_hub.update_scalar("dap/compute_fraction", row["cum_compute"])
+        runner.visualizer.add_scalars(
+            {"dap/subset_size": report.size_before, "dap/compute_fraction": row["cum_compute"]}, step=row["epoch"]
+        )
+        untrained = f" ({row['untrained']} untrained: drop_last)" if row["untrained"] else ""
+        runner.logger.info(
+            f"DaP epoch {row['epoch']}/{self.settings.config.epochs}: subset {report.size_before}, trained "
+            f"{report.seen}{untrained}, {report.event} -> next {report.size_after}; compute so far "
+            f"{row['cum_compute']:.2%} (planned for the run {acct.planned / acct.baseline:.2%})"
+        )
+        self._write_summary(runner)
+
+    def before_val_epoch(self, runner) -> None:
+        self._t_val = time.perf_counter()
+
+    def after_val_epoch(self, runner, metrics: dict | None = None) -> None:
+        if self.acct is None or not self.acct.history or self.acct.history[-1]["epoch"] != runner.epoch:
+            return  # a validation outside training
+        row = self.acct.history[-1]
+        metrics = metrics or {}
+        for key, name in (("eval_top1", "accuracy/top1"), ("eval_top5", "accuracy/top5")):
+            row[key] = float(metrics[name]) if name in metrics else None
+        row["epoch_time_s"] = round(row["epoch_time_s"] + time.perf_counter() - self._t_val, 3)
+        self._write_summary(runner)
+        if is_main_process():
+            self._update_saved_checkpoint(runner)
+
+    def after_train(self, runner) -> None:
+        unwrap(runner.model).head.detach()
+        self.summary = self.run_summary()
+        if is_main_process():
+            _write_atomic(Path(runner.work_dir) / "run.json", json.dumps(self.summary, indent=2) + "\n")
+        s = self.summary
+        runner.logger.info(
+            f"compute spent: {s['compute_fraction_measured']:.2%} of full-data training ({s['samples_trained']:,} / "
+            f"{s['samples_baseline']:,} samples; planned {s['compute_fraction_planned']:.2%}); top-1 {s['top1']}; "
+            f"wall {s['wall_time_s']:.1f}s -> {Path(runner.work_dir) / 'run.json'}"
+        )
+
+    # -- state and books --------------------------------------------------------------------------
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self.acct is not None:  # a checkpoint saved outside training carries no DaP state
+            checkpoint["dap"] = self.state()
+
+    def state(self) -> dict:
+        """``checkpoint['dap']``: plain tensors, numbers, strings, lists and dicts.
+
+        Keys: ``version``; ``epoch`` (epochs completed); ``sampler`` (``DaPSampler.state_dict()``); ``accounting``
+        (``planned``/``measured``/``lost`` samples); ``history`` (the ``summary.csv`` rows); ``rng`` (every rank's
+        RNG state); ``run``: :meth:`run_summary` so far plus ``timm_model`` (the timm architecture of
+        ``backbone.*`` + ``head.fc.*``, or ``None``) and ``num_classes``.
+        """
+        acct = self.acct
+        return {
+            "version": STATE_VERSION,
+            "epoch": acct.history[-1]["epoch"] if acct.history else 0,
+            "sampler": self.sampler.state_dict(),
+            "accounting": {"planned": acct.planned, "measured": acct.measured, "lost": acct.lost},
+            "history": [dict(r) for r in acct.history],
+            "rng": self._rngs,
+            "run": {**self.run_summary(), "timm_model": self.timm_model, "num_classes": self.num_classes},
+        }
+
+    def run_summary(self) -> dict:
+        """What ``run.json`` holds: the timm trainer's keys; top-1/5 from the last validated epoch (percent)."""
+        evaluated = [r for r in self.acct.history if r["eval_top1"] is not None]
+        last = evaluated[-1] if evaluated else {}
+        return self.acct.run_summary(
+            model=self._model_name,
+            epochs=self.settings.config.epochs,
+            dataset=self._dataset,
+            top1=last.get("eval_top1"),
+            top5=last.get("eval_top5"),
+            ema_top1=None,
+            ema_top5=None,
+            wall_s=time.perf_counter() - self._t_start,
+            dap=self.settings.to_dict(),
+        )
+
+    def _write_summary(self, runner) -> None:
+        if is_main_process():
+            _write_atomic(Path(runner.work_dir) / "summary.csv", _csv_text(self.acct.history))
+
+    def _update_saved_checkpoint(self, runner) -> None:
+        """Put the just-validated epoch's top-1/5 into that epoch's checkpoint (mmengine saved it before validating)."""
+        path = runner.message_hub.get_info("last_ckpt")
+        if not path or not os.path.isfile(path):  # no checkpoint yet, or a remote file backend
+            return
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # this run's own file, in its work dir
+        if "dap" not in ckpt or ckpt.get("meta", {}).get("epoch") != self.acct.history[-1]["epoch"]:
+            return  # saved at another epoch (CheckpointHook interval > 1)
+        ckpt["dap"] = self.state()
+        tmp = f"{path}.dap.tmp"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)

@@ -1,0 +1,57 @@
+"""``python -m dap_pretrain.mm.train CONFIG``: DaP pretraining with mmengine/mmpretrain (``tools/pretrain_mm.sh``).
+
+    python -m dap_pretrain.mm.train CONFIG [--data-root DIR] [--work-dir DIR] [--resume [CKPT]] [--overwrite]
+        [--launcher none|pytorch] [--cfg-options key=value ...]
+
+Writes mmengine's work dir (``epoch_N.pth`` with ``checkpoint['dap']``, logs) plus ``run.json`` and
+``summary.csv`` in the timm trainer's format. Bad input: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dap_pretrain.cli import make_parser
+from dap_pretrain.mm.settings import DaPMMError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from mmengine.config import DictAction
+
+    p = make_parser(prog="pretrain_mm", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="an mm config with a dap block, e.g. configs/mmpretrain/resnet50_dap75_in1k.py")
+    p.add_argument("--data-root", default=None, help="ImageFolder tree with train/ and val/ (default: the config's)")
+    p.add_argument("--work-dir", default=None, help="default: work_dirs/<config name>")
+    p.add_argument(
+        "--resume", nargs="?", const="auto", default=None, help="continue the work dir's latest checkpoint, or CKPT"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in the work dir")
+    p.add_argument("--launcher", choices=["none", "pytorch"], default="none", help="pytorch under torchrun")
+    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="key.path=value overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: parse, train, map :class:`DaPMMError` to one stderr line and exit code 2."""
+    args = parse_args(argv)
+    from dap_pretrain.mm.runner import pretrain_mm
+
+    try:
+        pretrain_mm(
+            config=args.config,
+            data_root=args.data_root,
+            work_dir=args.work_dir,
+            resume=args.resume,
+            cfg_options=args.cfg_options,
+            launcher=args.launcher,
+            overwrite=args.overwrite,
+        )
+    except DaPMMError as e:
+        print(f"pretrain_mm: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Real mmengine runs through tools/pretrain_mm.sh on real CIFAR-10 images (cifar_tiny: 400 train, 100 val).
+
+The configs stay the paper's; --cfg-options shrink them (ResNet-18 at 32 px, loader workers off, a fixed seed).
+The module's one 4-epoch run is the issue's "Done when" command; the others resume it, run it on 2 gloo ranks,
+and feed it an iteration-based scheduler.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dap_pretrain.schedule import DaPConfig, plan
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "tools" / "pretrain_mm.sh"
+CONFIG = "configs/mmpretrain/resnet18_dap75_in1k.py"
+FAST = [
+    "train_dataloader.dataset.pipeline.1.scale=32",  # RandomResizedCrop to 32 px (stock 224)
+    "val_dataloader.dataset.pipeline.1.scale=36",  # ResizeEdge, short side
+    "val_dataloader.dataset.pipeline.2.crop_size=32",  # CenterCrop
+    "train_dataloader.num_workers=0",
+    "val_dataloader.num_workers=0",
+    "randomness.seed=0",  # exact resume needs a fixed seed (the hook's docstring says why)
+]
+DONE_WHEN = ["train_cfg.max_epochs=4", "dap.warmup=1", "dap.interval=1", "dap.keep=0.5", "dap.reuse=[]"]
+DONE_WHEN_CONFIG = DaPConfig(epochs=4, warmup=1, interval=1, keep=0.5, active=10, reuse=())
+
+
+def pretrain_mm(work_dir: Path, data_root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = ["bash", str(SCRIPT), CONFIG, "--data-root", str(data_root), "--work-dir", str(work_dir), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+
+
+def rows(work_dir: Path) -> list[dict]:
+    with (work_dir / "summary.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def timm_run_json_keys() -> list[str]:
+    """The keys of the timm trainer's run.json (``runner._finish`` writes ``Accounting.run_summary``)."""
+    from dap_pretrain.runner import Accounting
+
+    acct = Accounting(num_samples=1, baseline_epochs=1, planned=1)
+    none = dict(top1=None, top5=None, ema_top1=None, ema_top5=None)
+    return list(acct.run_summary(model="m", epochs=1, dataset="d", wall_s=0.0, dap={}, **none))
+
+
+def timm_summary_columns() -> list[str]:
+    from dap_pretrain.runner import Accounting, _epoch_row
+
+    stats = SimpleNamespace(loss=0.0, samples=1, seconds=1.0)
+    report = SimpleNamespace(size_before=1, seen=1, event="keep")
+    return list(_epoch_row(1, stats, {}, report, Accounting(1, 1, 1), 0.1, 1.0, "0"))
+
+
+@pytest.fixture(scope="module")
+def done_when(cifar_tiny, tmp_path_factory) -> Path:
+    """The issue's "Done when" command (4 epochs, W=1, I=1, p=0.5, no reuse) on cifar_tiny; its work dir."""
+    work = tmp_path_factory.mktemp("mm_done_when") / "work"
+    proc = pretrain_mm(work, cifar_tiny, "--cfg-options", *DONE_WHEN, *FAST)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return work
+
+
+def test_done_when_run_spends_the_planned_compute(done_when):
+    p = plan(DONE_WHEN_CONFIG, 400)
+    run = json.loads((done_when / "run.json").read_text())
+    assert list(run) == timm_run_json_keys()
+    assert run["compute_fraction_measured"] == run["compute_fraction_planned"] == p.compute_fraction == 0.6875
+    assert run["samples_trained"] == p.samples_trained and run["samples_untrained"] == 0
+    assert run["model"] == "resnet18" and run["num_samples"] == 400 and run["epochs"] == 4
+    assert run["dap"]["keep"] == 0.5 and run["dap"]["reuse"] == [] and 0 <= run["top1"] <= 100
+    r = rows(done_when)
+    assert list(r[0]) == timm_summary_columns()
+    assert [int(x["subset_size"]) for x in r] == p.subset_sizes == [400, 400, 200, 100]
+    # every subset member's loss was recorded under its own index: sample_idx travels in the batch
+    assert [int(x["samples_trained"]) for x in r] == p.subset_sizes
+    assert [x["event"] for x in r] == ["keep", "drop", "drop", "drop"]
+    assert len({x["subset_digest"] for x in r}) == 3  # epochs 1-2 all data, then two different subsets
+
+
+def test_checkpoint_carries_the_dap_state_and_run(done_when):
+    ckpt = torch.load(done_when / "epoch_4.pth", map_location="cpu", weights_only=False)  # this test's own file
+    dap = ckpt["dap"]
+    assert set(dap) == {"version", "epoch", "sampler", "accounting", "history", "rng", "run"}
+    assert dap["epoch"] == 4 and dap["sampler"]["subset"].numel() == 50 and len(dap["rng"]) == 1
+    run = json.loads((done_when / "run.json").read_text())
+    assert dap["run"]["timm_model"] == "resnet18" and dap["run"]["num_classes"] == 10
+    for key in ("compute_fraction_measured", "samples_trained", "top1", "top5", "dap"):
+        assert dap["run"][key] == run[key], key  # the last epoch's validation reached its checkpoint too
+    assert [h["subset_digest"] for h in dap["history"]] == [x["subset_digest"] for x in rows(done_when)]
+    keys = {k for k in ckpt["state_dict"] if not k.startswith("backbone.")}
+    assert keys == {"head.fc.weight", "head.fc.bias"}
+
+
+def test_resume_from_the_mm_checkpoint_equals_the_uninterrupted_run(done_when, cifar_tiny, tmp_path):
+    work = tmp_path / "resumed"
+    work.mkdir()
+    shutil.copy(done_when / "epoch_2.pth", work / "epoch_2.pth")
+    (work / "last_checkpoint").write_text(str(work / "epoch_2.pth"))  # as if killed after epoch 2
+    proc = pretrain_mm(work, cifar_tiny, "--resume", "--cfg-options", *DONE_WHEN, *FAST)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    timing = ("epoch_time_s", "img_per_s")
+    strip = [{k: v for k, v in x.items() if k not in timing} for x in rows(work)]
+    assert strip == [{k: v for k, v in x.items() if k not in timing} for x in rows(done_when)]
+    a, b = (json.loads((d / "run.json").read_text()) for d in (done_when, work))
+    assert {k: v for k, v in a.items() if k != "wall_time_s"} == {k: v for k, v in b.items() if k != "wall_time_s"}
+    wa, wb = (torch.load(d / "epoch_4.pth", weights_only=False)["state_dict"] for d in (done_when, work))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_gloo_ranks_agree(cifar_tiny, tmp_path):
+    """2 processes (torchrun, gloo): the hook checks every epoch that both ranks hold the same subset (and raises if
+    not); the merged losses cover each subset, so compute is as planned."""
+    work = tmp_path / "ddp"
+    env = {"NPROC_PER_NODE": "2", "MASTER_PORT": str(30500 + os.getpid() % 1000)}
+    args = [*DONE_WHEN, "train_cfg.max_epochs=3", "train_dataloader.batch_size=16", *FAST]
+    proc = pretrain_mm(work, cifar_tiny, "--cfg-options", *args, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    p = plan(DaPConfig(epochs=3, warmup=1, interval=1, keep=0.5, active=10), 400)
+    assert [int(x["samples_trained"]) for x in rows(work)] == p.subset_sizes == [400, 400, 200]
+    run = json.loads((work / "run.json").read_text())
+    assert run["compute_fraction_measured"] == run["compute_fraction_planned"] == p.compute_fraction
+    assert len(torch.load(work / "epoch_3.pth", weights_only=False)["dap"]["rng"]) == 2  # gathered from both ranks
+
+
+def test_iteration_based_scheduler_is_refused_in_one_line(cifar_tiny, tmp_path):
+    args = [*DONE_WHEN, *FAST, "param_scheduler.convert_to_iter_based=True"]
+    proc = pretrain_mm(tmp_path / "iter", cifar_tiny, "--cfg-options", *args)
+    assert proc.returncode == 2
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("pretrain_mm:")]
+    assert len(ours) == 1 and ours[0] == proc.stderr.strip().splitlines()[-1]
+    assert ours[0].startswith("pretrain_mm: error: param_scheduler MultiStepLR counts iterations")
+    assert "use by_epoch=True" in ours[0] and "Traceback" not in proc.stderr

@@ -1,0 +1,154 @@
+"""The mmengine front end's pieces in-process, no Runner: one engine (the mm path picks the timm path's subsets),
+the dap block, the scheduler rule, the timm architecture of a checkpoint, and the bad-input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dap_pretrain.data.sampler import DaPSampler
+from dap_pretrain.schedule import DaPConfig
+
+
+def _data_samples(indices, labels):
+    from mmpretrain.structures import DataSample
+
+    return [
+        DataSample(metainfo={"sample_idx": int(i)}).set_gt_label(int(y)) for i, y in zip(indices, labels, strict=True)
+    ]
+
+
+def test_same_losses_pick_the_same_subsets_as_the_timm_sampler():
+    """The mm path (DaPClsHead -> DaPMMSampler) and the timm path (per-sample CE -> DaPSampler) fed the same logits
+    shuffle, record and choose identically, epoch after epoch; the head's loss is LinearClsHead's mean."""
+    from dap_pretrain.mm import DaPClsHead, DaPMMSampler
+
+    n, batch, classes = 64, 16, 5
+    config = DaPConfig(epochs=6, warmup=1, interval=1, keep=0.7, reuse=(4,))
+    mm = DaPMMSampler(list(range(n)), seed=3)
+    mm.configure(config=config, select="hard")
+    timm_side = DaPSampler(n, config=config, seed=3)
+    torch.manual_seed(0)
+    head = DaPClsHead(num_classes=classes, in_channels=8)
+    head.attach(mm)
+    labels = torch.randint(classes, (n,), generator=torch.Generator().manual_seed(1))
+    for epoch in range(config.epochs):
+        mm.set_epoch(epoch)
+        timm_side.set_epoch(epoch)
+        order = mm.indices()
+        assert torch.equal(order, timm_side.indices())
+        for start in range(0, order.numel(), batch):
+            idx = order[start : start + batch]
+            feats = torch.randn(idx.numel(), 8, generator=torch.Generator().manual_seed(epoch * 1000 + start))
+            loss = head.loss((feats,), _data_samples(idx, labels[idx]))["loss"]
+            logits = head((feats,)).detach()
+            timm_side.record(idx, F.cross_entropy(logits, labels[idx], reduction="none"))
+            assert torch.allclose(loss, F.cross_entropy(logits, labels[idx]))
+        a, b = mm.end_epoch(), timm_side.end_epoch()
+        assert (a.event, a.size_before, a.size_after, a.seen) == (b.event, b.size_before, b.size_after, b.seen)
+        assert torch.equal(mm.subset, timm_side.subset)
+    assert mm.subset.numel() < n  # the run dropped after the reuse at epoch 4
+
+
+def test_head_refuses_mixed_targets_and_missing_sample_idx():
+    from mmpretrain.structures import DataSample
+
+    from dap_pretrain.mm import DaPClsHead, DaPMMError
+
+    head = DaPClsHead(num_classes=3, in_channels=4)
+    head.attach(DaPSampler(4))
+    feats = (torch.randn(2, 4),)
+    mixed = [DataSample(metainfo={"sample_idx": i}).set_gt_score(torch.tensor([0.5, 0.5, 0.0])) for i in (0, 1)]
+    with pytest.raises(DaPMMError, match="mixup/cutmix"):
+        head.loss(feats, mixed)
+    with pytest.raises(DaPMMError, match="sample_idx"):
+        head.loss(feats, [DataSample().set_gt_label(0), DataSample().set_gt_label(1)])
+    head.detach()  # detached: stock LinearClsHead, no recording
+    assert "loss" in head.loss(feats, mixed)
+
+
+def test_dap_block_resolves_like_the_timm_trainer():
+    from dap_pretrain.mm import DaPMMError, resolve_dap
+
+    block = dict(warmup=10, interval=2, keep=0.9, active=10, reuse=None, select="hard", seed=None)
+    s = resolve_dap(block, epochs=120, milestones=(30, 60, 90, 200))  # reuse None: the LR milestones within 1..E
+    assert s.config == DaPConfig(epochs=120, warmup=10, interval=2, keep=0.9, active=10, reuse=(30, 60, 90))
+    assert s.to_dict()["select"] == "hard" and s.to_dict()["reuse"] == [30, 60, 90]
+    assert resolve_dap({**block, "reuse": []}, epochs=120, milestones=(30,)).config.reuse == ()
+    for bad, match in (
+        ({**block, "keep": 1.5}, r"dap\.keep=1\.5"),
+        ({**block, "reuse": [130]}, r"dap\.reuse"),
+        ({**block, "select": "easy"}, r"dap\.select"),
+        ({**block, "kep": 0.5}, "unknown dap keys"),
+        (None, "no `dap = dict"),
+    ):
+        with pytest.raises(DaPMMError, match=match):
+            resolve_dap(bad, epochs=120)
+
+
+def test_iteration_schedulers_only_within_the_dap_warmup():
+    """A converted (iteration-based) LR warm-up is exact while every epoch trains on all data; past that, refused."""
+    from mmengine.optim.scheduler import LinearLR, MultiStepLR
+
+    from dap_pretrain.mm import DaPMMError
+    from dap_pretrain.mm.hook import check_schedulers, lr_milestones
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    steps = MultiStepLR(opt, milestones=[30, 60, 90], by_epoch=True)
+    warm = LinearLR.build_iter_from_epoch(opt, start_factor=0.1, begin=0, end=5, epoch_length=13)
+    assert lr_milestones([warm, steps]) == (30, 60, 90)
+    check_schedulers([warm, steps], warmup=5, epoch_len=13)  # ends at iteration 65 = 5 full epochs: allowed
+    with pytest.raises(DaPMMError, match=r"LinearLR counts iterations .* use by_epoch=True"):
+        check_schedulers([warm, steps], warmup=4, epoch_len=13)
+    native = MultiStepLR(opt, milestones=[100], by_epoch=False)  # no end: counts iterations for the whole run
+    with pytest.raises(DaPMMError, match="no end"):
+        check_schedulers([native], warmup=10, epoch_len=13)
+
+
+def test_timm_architecture_names_the_timm_model_that_loads_the_weights():
+    """mmpretrain's ResNet-18 classifier is timm's resnet18: same keys (backbone./head. prefixes off), same logits."""
+    import timm
+    from mmengine.registry import init_default_scope
+    from mmpretrain.registry import MODELS
+
+    from dap_pretrain.mm.hook import timm_architecture
+
+    init_default_scope("mmpretrain")
+    cfg = dict(
+        type="ImageClassifier",
+        backbone=dict(type="ResNet", depth=18, out_indices=(3,), style="pytorch"),
+        neck=dict(type="GlobalAveragePooling"),
+        head=dict(type="DaPClsHead", num_classes=7, in_channels=512),
+    )
+    model = MODELS.build(cfg).eval()
+    assert timm_architecture(model) == "resnet18"
+    ref = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()
+    state = {k.removeprefix("backbone.").removeprefix("head."): v for k, v in model.state_dict().items()}
+    ref.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x, mode="tensor"), ref(x), atol=1e-5)
+    assert timm_architecture(MODELS.build({**cfg, "backbone": {**cfg["backbone"], "type": "ResNetV1c"}})) is None
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    from dap_pretrain.mm import DaPMMError
+    from dap_pretrain.mm.runner import _work_dir_lock, check_work_dir, set_data_root
+
+    work = tmp_path / "w"
+    with _work_dir_lock(work, enabled=True):
+        with pytest.raises(DaPMMError, match="in use by another run"):
+            with _work_dir_lock(work, enabled=True):
+                pass
+    (work / "run.json").write_text("{}")
+    with pytest.raises(DaPMMError, match="--resume to continue it"):
+        check_work_dir(work, resume=False, overwrite=False)
+    check_work_dir(work, resume=True, overwrite=False)
+    for split, cls in (("train", "a"), ("train", "b"), ("val", "a"), ("val", "c")):
+        (tmp_path / "data" / split / cls).mkdir(parents=True)
+        (tmp_path / "data" / split / cls / "x.jpg").write_bytes(b"")
+    with pytest.raises(DaPMMError, match="different class folders"):
+        set_data_root(None, tmp_path / "data")
+    with pytest.raises(DaPMMError, match="no train/ folder"):
+        set_data_root(None, tmp_path / "data" / "train")
