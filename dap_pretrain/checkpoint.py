@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +50,33 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` via a temp file and ``os.replace``: a kill never leaves half a file."""
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` then ``os.replace(tmp, path)``; on any failure (disk full, a kill signal) remove the tmp.
+
+    A kill -9 mid-write can still leave ``.NAME.tmpPID``; :func:`remove_stale_tmp` clears those at the next start.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"version": CHECKPOINT_VERSION, **state}, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def remove_stale_tmp(folder: str | os.PathLike) -> list[str]:
+    """Delete the temp files of killed writes (``.NAME.tmp*``) in ``folder``; call only while owning it."""
+    stale = sorted(p for p in Path(folder).glob(".*.tmp*") if p.is_file())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return [p.name for p in stale]
+
+
+def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
+    """Write ``state`` to ``path`` via a temp file and ``os.replace``: a kill never leaves half a file."""
+    return write_atomic(path, lambda tmp: torch.save({"version": CHECKPOINT_VERSION, **state}, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:

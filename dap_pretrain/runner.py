@@ -8,9 +8,13 @@ accounting and the checkpoints. Epoch numbers in logs, ``summary.csv`` and ``run
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
+import os
 import random
+import shutil
+import socket
 import threading
 import time
 import zlib
@@ -22,10 +26,24 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from dap_pretrain.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dap_pretrain.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    remove_stale_tmp,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_atomic,
+)
 from dap_pretrain.cli import UsageError, dap_config_from_args
 from dap_pretrain.cuda_graph import GraphedSGDStep, check_graphable
-from dap_pretrain.data.dataset import IndexedDataset, create_dataset, embedded_data_dir
+from dap_pretrain.data.dataset import (
+    IndexedDataset,
+    check_batch_size,
+    create_dataset,
+    dataset_classes,
+    embedded_data_dir,
+)
 from dap_pretrain.data.infobatch import InfoBatchSampler
 from dap_pretrain.data.loader import cifar_transform, create_loader, imagenet_transform
 from dap_pretrain.data.memory import decoded_bytes, in_memory_loaders
@@ -44,6 +62,17 @@ from dap_pretrain.train import (
 
 _logger = logging.getLogger("dap_pretrain.train")
 _INIT_LOCK = threading.Lock()  # global-RNG seeding + model init (dap_pretrain.multirun runs share a process)
+# What a run writes into OUTPUT (besides export/ and the .lock file); --overwrite removes them.
+RUN_FILES = (
+    "model_best.pth.tar",
+    "log.txt",
+    "summary.csv",
+    "run.json",
+    "args.yaml",
+    "last.pth.tar",
+    "dap_schedule.png",
+)
+RESUME_KEYS = ("epoch", "optimizer", "lr_scheduler", "sampler", "accounting", "history")
 
 
 @dataclass
@@ -121,7 +150,14 @@ def _build_data(args, model_cfg: dict) -> Data:
     extra = {"download": True} if args.dataset_download else {}
     train = create_dataset(name=args.dataset, root=root, split=args.train_split, is_training=True, **extra)
     val = (
-        create_dataset(name=args.dataset, root=root, split=args.val_split, is_training=False, **extra)
+        create_dataset(
+            name=args.dataset,
+            root=root,
+            split=args.val_split,
+            is_training=False,
+            class_to_idx=dataset_classes(train),  # the train split's labels, so an empty val class cannot shift them
+            **extra,
+        )
         if args.val_split
         else None
     )
@@ -271,6 +307,15 @@ def _build_loaders(args, data: Data, sampler, *, device, rank: int, world: int, 
     return train_loader, val_loader
 
 
+def _smallest_subset(args, sampler) -> int | None:
+    """The fewest samples any epoch will train (None for InfoBatch, whose sizes depend on the losses)."""
+    if args.dap_select == "infobatch":
+        return None
+    if args.dap_select == "none" or sampler.config is None:
+        return sampler.subset.numel()
+    return min(plan(sampler.config, sampler.num_samples).subset_sizes)
+
+
 def _amp(args, device):
     if not args.amp:
         return None, None
@@ -320,23 +365,101 @@ def _epoch_row(epoch, stats, ev, report, acct, lr, seconds, digest) -> dict:
 def _write_summary(output: Path, history: list) -> None:
     import csv
 
-    tmp = output / ".summary.csv.tmp"
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
-    tmp.replace(output / "summary.csv")
+    fields = list(dict.fromkeys(k for row in history for k in row))  # ema_* appear only on evaluated epochs
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(history)
+
+    write_atomic(output / "summary.csv", write)
 
 
-def _setup(args):
-    device, rank, world = init_distributed(args.device)
-    output = Path(args.output)
-    if rank == 0:
-        check_output_dir(output, resume=args.resume, overwrite=args.overwrite)
+class _HeldLogs(logging.Handler):
+    """Holds this thread's log records until the run folder is ready (checks passed, ``--overwrite`` cleared).
+
+    Attached on creation, replacing this thread's handlers as :func:`main_process_logging` does (so an earlier
+    run's log.txt gets none of this run's lines); :meth:`close` detaches it, :meth:`replay` sends the records on.
+    """
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        ident = threading.get_ident()
+        self.addFilter(lambda record: record.thread == ident)
+        self.dap_thread = ident  # other threads' runs (dap_pretrain.multirun) leave it in place
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if getattr(handler, "dap_thread", None) in (ident, None):
+                root.removeHandler(handler)
+                handler.close()
+        root.addHandler(self)
+        root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        logging.getLogger().removeHandler(self)
+        super().close()
+
+    def replay(self) -> None:
+        root = logging.getLogger()
+        for record in self.records:
+            root.handle(record)
+        self.records = []
+
+
+def _claim_output(output: Path, *, resume: str, overwrite: bool):
+    """Own OUTPUT: an advisory ``fcntl.flock`` on OUTPUT/.lock (the OS drops it when the process dies, so a
+    kill -9 leaves no stale lock), then the folder checks.
+
+    Returns the open lock file; closing it releases the folder. A folder owned by another live trainer, or one
+    holding another run, raises :class:`UsageError` with nothing in it changed. :func:`_take_over` writes the
+    owner's name into the lock file once every check of the run has passed.
+    """
+    try:
         output.mkdir(parents=True, exist_ok=True)
-    barrier()
-    main_process_logging(rank, output)
-    return device, rank, world, output
+        fd = os.open(output / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UsageError(f"cannot use {output} as the run folder ({e.strerror}); pass another --output") from None
+    lock = os.fdopen(fd, "r+")
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = lock.read().strip() or "one still starting"
+            raise UsageError(
+                f"output folder {output} is in use by another trainer ({other}); "
+                "wait for it to finish or pass another --output"
+            ) from None
+        check_output_dir(output, resume=resume, overwrite=overwrite)
+    except BaseException:
+        lock.close()
+        raise
+    return lock
+
+
+def _take_over(lock, output: Path, *, overwrite: bool) -> list[str]:
+    """Once every check has passed: name this trainer in the lock file, remove the temp files of killed writes
+    and, with ``--overwrite``, the previous run's files. Returns what it removed."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    return remove_stale_tmp(output) + (_clear_run(output) if overwrite else [])
+
+
+def _clear_run(output: Path) -> list[str]:
+    """``--overwrite``: delete the previous run's files (called only once every check has passed)."""
+    removed = [name for name in RUN_FILES if (output / name).is_file()]
+    for name in removed:
+        (output / name).unlink()
+    if (output / "export").is_dir():
+        shutil.rmtree(output / "export")
+        removed.append("export/")
+    return removed
 
 
 def _seeded_model(args, num_classes: int, device: torch.device, rank: int):
@@ -348,14 +471,35 @@ def _seeded_model(args, num_classes: int, device: torch.device, rank: int):
         return _build_model(args, num_classes, device)
 
 
-def _resume(args, ckpt_path, *, model, optimizer, lr_sched, scaler, ema, sampler, acct, rank, world) -> int:
-    ckpt = load_checkpoint(ckpt_path)
-    if ckpt["arch"] != args.model:
+def _check_resumable(ckpt: dict, ckpt_path, *, model: str, num_classes: int) -> None:
+    """Refuse a checkpoint this run cannot continue, naming what differs and the fix."""
+    if ckpt["arch"] != model:
         raise CheckpointError(
-            f"checkpoint {ckpt_path} is a {ckpt['arch']}, this run is a {args.model}; "
+            f"checkpoint {ckpt_path} is a {ckpt['arch']}, this run is a {model}; "
             f"pass --model {ckpt['arch']} or another --resume"
         )
-    model.load_state_dict(ckpt["state_dict"])
+    missing = [k for k in RESUME_KEYS if ckpt.get(k) is None]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} has no {', '.join(missing)} state, so training cannot continue from it; "
+            "pass a last.pth.tar written by dap-train (to start from its weights, export it instead)"
+        )
+    if ckpt.get("num_classes") is not None and ckpt["num_classes"] != num_classes:
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} has {ckpt['num_classes']} classes, this run has {num_classes}; resume on the "
+            f"data it was trained on (or pass --num-classes {ckpt['num_classes']}), or start a new run"
+        )
+
+
+def _resume(args, ckpt, *, model, optimizer, lr_sched, scaler, ema, sampler, acct, rank, world) -> int:
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:  # a head or layer of another shape than the checkpoint's num_classes says
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(
+            f"checkpoint {args.resume} does not fit this {args.model} ({first[:160]}); resume with the data and "
+            "--num-classes it was trained with"
+        ) from None
     optimizer.load_state_dict(ckpt["optimizer"])
     lr_sched.load_state_dict(ckpt["lr_scheduler"])
     if scaler is not None and ckpt.get("scaler"):
@@ -372,22 +516,72 @@ def _resume(args, ckpt_path, *, model, optimizer, lr_sched, scaler, ema, sampler
         _logger.warning(
             "checkpoint has RNG states for %d processes, this run has %d: augmentation will differ", len(rngs), world
         )
-    _logger.info("resumed %s at epoch %d", ckpt_path, ckpt["epoch"])
     return int(ckpt["epoch"])
+
+
+def _restore_best(ckpt: dict, output: Path, history: list) -> float:
+    """The best top-1 so far. A missing model_best.pth.tar (killed during its first write) is rewritten when the
+    resumed checkpoint is that best epoch (last and best are saved from one state); else the next evaluation
+    writes a new one."""
+    evaluated = [r for r in history if r["eval_top1"] is not None]
+    if not evaluated:
+        return -1.0
+    top = max(evaluated, key=lambda r: r["eval_top1"])  # the first epoch reaching it, as the `>` below keeps
+    path = output / "model_best.pth.tar"
+    if path.is_file():
+        return top["eval_top1"]
+    if top["epoch"] == ckpt["epoch"]:
+        save_checkpoint({k: v for k, v in ckpt.items() if k != "version"}, path)
+        _logger.warning("%s was missing; rewritten from the resumed checkpoint (its best epoch %d)", path, top["epoch"])
+        return top["eval_top1"]
+    _logger.warning(
+        "%s is missing and the weights of its best epoch %d are gone; the next evaluation writes a new one",
+        path,
+        top["epoch"],
+    )
+    return -1.0
+
+
+def _last_eval(history: list) -> dict:
+    """The last evaluated epoch's row (a resumed finished run reports it again); {} if none was evaluated."""
+    return next((r for r in reversed(history) if r["eval_top1"] is not None), {})
 
 
 def run(args: argparse.Namespace) -> dict | None:
     """Train per ``args``; rank 0 returns the run summary (also written to OUTPUT/run.json)."""
+    resolve_baselines(args)
+    device, rank, world = init_distributed(args.device)
+    output = Path(args.output)
+    held = _HeldLogs(rank)
+    lock = None
+    try:
+        if rank == 0:
+            lock = _claim_output(output, resume=args.resume, overwrite=args.overwrite)
+        barrier()
+        return _train(args, device=device, rank=rank, world=world, output=output, held=held, lock=lock)
+    finally:
+        held.close()
+        if lock is not None:
+            lock.close()
+
+
+def _train(args, *, device, rank: int, world: int, output: Path, held: _HeldLogs, lock) -> dict | None:
+    """:func:`run` once OUTPUT is owned: build, check and resume everything, only then touch the folder; train."""
     import timm
     from timm.optim import create_optimizer_v2
     from timm.utils import ModelEmaV3
 
-    resolve_baselines(args)
-    device, rank, world, output = _setup(args)
     model_cfg = timm.models.get_pretrained_cfg(args.model)
     data = _build_data(args, model_cfg.to_dict() if model_cfg else {})
     model = _seeded_model(args, data.num_classes, device, rank)
     sampler, acct, dap, note = _build_sampler(args, len(data.train), world, rank)
+    check_batch_size(
+        num_samples=len(data.train),
+        batch_size=args.batch_size,
+        drop_last=args.drop_last,
+        num_replicas=world,
+        smallest_subset=_smallest_subset(args, sampler),
+    )
     if note:
         _logger.info(note)
     optimizer = create_optimizer_v2(
@@ -422,11 +616,13 @@ def run(args: argparse.Namespace) -> dict | None:
         )
     gen = torch.Generator()
     train_loader, val_loader = _build_loaders(args, data, sampler, device=device, rank=rank, world=world, gen=gen)
-    start_epoch = 0
+    start_epoch, ckpt = 0, None
     if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        _check_resumable(ckpt, args.resume, model=args.model, num_classes=data.num_classes)
         start_epoch = _resume(
             args,
-            args.resume,
+            ckpt,
             model=model,
             optimizer=optimizer,
             lr_sched=lr_sched,
@@ -442,9 +638,18 @@ def run(args: argparse.Namespace) -> dict | None:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    # Every check has passed: only now is the run folder changed.
+    held.close()
+    removed = _take_over(lock, output, overwrite=args.overwrite) if rank == 0 else []
+    main_process_logging(rank, output)
+    held.replay()
+    if removed:
+        _logger.info("removed from %s before starting: %s", output, ", ".join(removed))
+    if ckpt is not None:
+        _logger.info("resumed %s at epoch %d", args.resume, ckpt["epoch"])
     resolved = dict(vars(args))
     if rank == 0:
-        (output / "args.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        write_atomic(output / "args.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False)))
     if hasattr(train_loader, "describe"):
         _logger.info(train_loader.describe())
     _logger.info(
@@ -458,8 +663,7 @@ def run(args: argparse.Namespace) -> dict | None:
         100 * acct.planned / acct.baseline,
     )
     run_start = time.perf_counter() - sum(r["epoch_time_s"] for r in acct.history)
-    best = max((r["eval_top1"] or 0 for r in acct.history), default=-1.0)
-    ev = {}
+    best = _restore_best(ckpt, output, acct.history) if ckpt is not None and rank == 0 else -1.0
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
@@ -505,7 +709,7 @@ def run(args: argparse.Namespace) -> dict | None:
             ema_ev = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype)
         row = _epoch_row(epoch + 1, stats, ev, report, acct, stats.lr, time.perf_counter() - t0, digest)
         if ema_ev:
-            row["ema_top1"] = ema_ev["top1"]
+            row["ema_top1"], row["ema_top5"] = ema_ev["top1"], ema_ev["top5"]
         acct.history.append(row)
         rngs = _gather_rng(world, subset_digest(sampler.subset))
         if rank == 0:
@@ -522,7 +726,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if rank != 0:
         barrier()
         return None
-    summary = _finish(args, output, acct, ev, ema_ev if ema is not None else {}, wall, dap, data)
+    summary = _finish(args, output, acct, wall, dap)
     barrier()
     return summary
 
@@ -580,21 +784,20 @@ def _checkpoint_state(
     }
 
 
-def _finish(args, output: Path, acct: Accounting, ev: dict, ema_ev: dict, wall: float, dap: dict, data: Data) -> dict:
+def _finish(args, output: Path, acct: Accounting, wall: float, dap: dict) -> dict:
+    last = _last_eval(acct.history)
     summary = acct.run_summary(
         model=args.model,
         epochs=args.epochs,
         dataset=args.data_dir,
-        top1=ev.get("top1"),
-        top5=ev.get("top5"),
-        ema_top1=ema_ev.get("top1"),
-        ema_top5=ema_ev.get("top5"),
+        top1=last.get("eval_top1"),
+        top5=last.get("eval_top5"),
+        ema_top1=last.get("ema_top1"),
+        ema_top5=last.get("ema_top5"),
         wall_s=wall,
         dap=dap,
     )
-    tmp = output / ".run.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(output / "run.json")
+    write_atomic(output / "run.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     if acct.lost:
         _logger.info(
             "%d samples went untrained (--drop-last, or a final batch of 1 under BatchNorm); "

@@ -157,9 +157,17 @@ def load_config(path: Path, _seen: tuple = ()) -> dict:
         cfg = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UsageError(f"config {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
-    bases = cfg.pop("_base_", [])
+    if not isinstance(cfg, dict):
+        raise UsageError(
+            f"config {path} holds a {type(cfg).__name__} at the top level; expected a mapping of flag names to "
+            "values (e.g. `lr: 0.1`)"
+        )
+    bases = cfg.pop("_base_", None)
+    bases = [] if bases is None else [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UsageError(f"config {path} has _base_: {bases!r}; expected a file name relative to it, or a list of them")
     merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         merged.update(load_config(path.parent / base, (*_seen, path)))
     merged.update(cfg)
     return merged
@@ -180,8 +188,23 @@ def _git_commit() -> str | None:
 
 
 def check_output_dir(output: Path, *, resume: str, overwrite: bool) -> None:
-    """Refuse to write into a folder that holds another run, unless resuming it or told to overwrite."""
+    """Refuse to write into a folder that holds another run, unless resuming it or told to overwrite.
+
+    ``--resume A/last.pth.tar`` continues run A: ``--output`` must be A's folder or hold no run (or ``--overwrite``
+    replaces the run there); ``--overwrite`` together with resuming the folder's own run is refused, since it would
+    delete the run being continued.
+    """
     held = [m for m in RUN_MARKERS if (output / m).exists()]
+    own = bool(resume) and output.exists() and Path(resume).resolve().parent == output.resolve()
+    if own and overwrite:
+        raise UsageError(
+            f"--overwrite would delete the run in {output} that --resume {resume} continues; drop --overwrite"
+        )
+    if held and resume and not own and not overwrite:
+        raise UsageError(
+            f"output folder {output} holds another run ({', '.join(held)}) than --resume {resume}; pass --output "
+            f"{Path(resume).parent} to continue that run there, an empty folder, or --overwrite to replace {output}"
+        )
     if held and not resume and not overwrite:
         raise UsageError(
             f"output folder {output} already holds a run ({', '.join(held)}); pass --resume "

@@ -7,7 +7,9 @@
 * :func:`embedded_data_dir` is the trainer's offline default: the CIFAR-10 test split shipped in the package
   (10 classes x 1,000 JPEGs, 3.2 MiB) split deterministically into ``train`` (first 800 per class by file name)
   and ``val`` (last 200).
-* :func:`create_dataset` wraps ``timm.data.create_dataset`` and turns bad input into one-line :class:`DataError`.
+* :func:`create_dataset` wraps ``timm.data.create_dataset`` and turns bad input into one-line :class:`DataError`;
+  the val split is read with the train split's class map (:func:`dataset_classes`) so labels stay aligned.
+* :func:`check_batch_size` refuses a ``--batch-size`` that ``--drop-last`` would leave with nothing to train.
 
 Everything written to the cache is built in a temporary folder beside its destination and published with
 ``os.replace``, so a reader never sees a half-built folder and concurrent callers (DDP ranks) can race safely.
@@ -29,13 +31,22 @@ import timm.data
 import torch.utils.data
 from PIL import Image
 
-__all__ = ["DataError", "IndexedDataset", "create_dataset", "embedded_data_dir", "resolve_data_dir"]
+__all__ = [
+    "DataError",
+    "IndexedDataset",
+    "check_batch_size",
+    "create_dataset",
+    "dataset_classes",
+    "embedded_data_dir",
+    "resolve_data_dir",
+]
 
 _logger = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 EMBEDDED_ARCHIVE = Path(__file__).resolve().parent / "embedded" / "cifar10_test_jpg.tar.gz"
 EMBEDDED_TRAIN_PER_CLASS = 800  # of CIFAR-10's 1,000 test images per class; the other 200 validate
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's 16/32-bit integer modes
 _DATA_DIR_HINT = "pass --data-dir pointing at an ImageFolder tree or a .tar/.tar.gz of one"
 
 
@@ -256,7 +267,11 @@ def _split_folder(root: Path, split: str) -> Path:
 
 
 def _check_first_image(dataset: Any, folder: Path) -> None:
-    """Decodes sample 0 directly: timm's ImageDataset would skip an unreadable file with only a warning."""
+    """Decodes sample 0 directly: timm's ImageDataset would skip an unreadable file with only a warning.
+
+    Also warns when it is a 16-bit (or 32-bit integer) grayscale image: PIL's ``convert('RGB')``, which timm
+    applies, clips such values at 255, so the image (and likely every other one in the folder) trains as white.
+    """
     reader = getattr(dataset, "reader", None)
     if reader is None or len(dataset) == 0:
         return
@@ -264,11 +279,123 @@ def _check_first_image(dataset: Any, folder: Path) -> None:
         handle = reader[0][0]
         with handle, Image.open(handle) as img:
             img.convert(getattr(dataset, "input_img_mode", None) or "RGB")
+            high_bit = img.mode in _HIGH_BIT_MODES and (img.getextrema()[1] or 0) > 255
+            mode = img.mode
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(
             f"cannot decode {dataset.filename(0, absolute=True)} ({_one_line(e)}); the images under "
             f"{folder} are unreadable: remove or re-encode the broken files"
         ) from None
+    if high_bit:
+        _logger.warning(
+            "%s is a 16-bit image (PIL mode %s): converting it to RGB clips every value above 255, so it trains "
+            "as pure white; re-encode the images under %s as 8-bit (e.g. `mogrify -depth 8 *.png`)",
+            dataset.filename(0, absolute=True),
+            mode,
+            folder,
+        )
+
+
+def dataset_classes(dataset: Any) -> dict[str, int] | None:
+    """The class name -> index map of a timm ImageFolder or torchvision dataset; None where it has none.
+
+    Pass the train split's map as ``create_dataset(..., class_to_idx=...)`` for the val split.
+    """
+    reader = getattr(dataset, "reader", None)
+    classes = getattr(reader, "class_to_idx", None) or getattr(dataset, "class_to_idx", None)
+    return dict(classes) if classes else None
+
+
+def _image_labels(folder: Path) -> set[str]:
+    """The labels timm's folder reader gives the images below ``folder``: their parent folders' names."""
+    extensions = set(timm.data.get_img_extensions(as_set=True))
+    labels = set()
+    for parent, _, files in os.walk(folder, followlinks=True):
+        if any(os.path.splitext(f)[1].lower() in extensions for f in files):
+            labels.add(os.path.basename(parent))
+    return labels
+
+
+def _check_class_folders(folder: Path, split: str, classes: dict[str, int], *, given: bool) -> None:
+    """Refuses class folders that would shift labels; see :func:`create_dataset` for the rules.
+
+    ``classes`` is the map the split is read with; ``given`` says it came from the caller (the train split's),
+    so an empty folder cannot shift labels but a class outside the map would lose its images.
+
+    Only ``<class>/`` folders missing from the map are walked (timm names classes after leaf folders, so a
+    folder absent from it is either empty or nested), which keeps this to one ``listdir`` on a normal tree.
+    """
+    if not folder.is_dir():
+        return
+    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for sub in subdirs:
+        if sub.name in classes:
+            continue
+        labels = _image_labels(sub)
+        if not labels:
+            if not given:
+                raise DataError(
+                    f"class folder {sub} has no images, so every later class would get a shifted label; "
+                    "remove the folder or add images to it"
+                )
+            continue  # the map fixes the labels; reported below with the other classes that have no images
+        foreign = sorted(labels - set(classes)) if given else []
+        if foreign:
+            raise DataError(
+                f"{split} class folder {sub} holds images of classes the train split does not have "
+                f"({', '.join(foreign[:5])}); the model cannot predict them: add them to train or remove them"
+            )
+
+
+def _warn_missing_classes(dataset: Any, folder: Path, split: str, class_to_idx: dict[str, int]) -> None:
+    present = {t for _, t in getattr(getattr(dataset, "reader", None), "samples", [])}
+    missing = [name for name, idx in sorted(class_to_idx.items(), key=lambda kv: kv[1]) if idx not in present]
+    if missing:
+        _logger.warning(
+            "%d of the train split's %d classes have no images under %s (%s%s); labels stay aligned with train, "
+            "but their %s accuracy is not measured: add images or remove those class folders",
+            len(missing),
+            len(class_to_idx),
+            folder,
+            ", ".join(missing[:5]),
+            ", ..." if len(missing) > 5 else "",
+            split,
+        )
+
+
+def check_batch_size(
+    *, num_samples: int, batch_size: int, drop_last: bool, num_replicas: int = 1, smallest_subset: int | None = None
+) -> None:
+    """Refuses a batch size that ``--drop-last`` would leave with nothing to train, before training starts.
+
+    Called by the trainer once the train dataset and the sampler's plan are known.
+
+    Args:
+        num_samples: training samples in the dataset.
+        batch_size: per process.
+        drop_last: whether each epoch's last partial batch is dropped (nothing to check otherwise).
+        num_replicas: processes sharing each epoch's samples.
+        smallest_subset: the fewest samples any epoch trains (DaP's smallest subset); default ``num_samples``.
+
+    Raises:
+        DataError: some epoch would train no sample at all.
+    """
+    if not drop_last:
+        return
+    per_rank = num_samples // num_replicas
+    if per_rank < batch_size:
+        raise DataError(
+            f"--batch-size {batch_size} is larger than the {per_rank} training samples per process, and "
+            f"--drop-last drops every batch, so nothing would train; pass -b {max(per_rank, 1)} or less, "
+            "or drop --drop-last"
+        )
+    if smallest_subset is not None and smallest_subset // num_replicas < batch_size:
+        small = smallest_subset // num_replicas
+        raise DataError(
+            f"--batch-size {batch_size} is larger than the smallest epoch's subset ({small} samples per process), and "
+            f"--drop-last drops every batch of it, so that epoch would train nothing; pass -b {max(small, 1)} or "
+            "less, drop --drop-last, or raise --dap-keep"
+        )
 
 
 def create_dataset(
@@ -278,11 +405,25 @@ def create_dataset(
     split: str,
     is_training: bool,
     cache_dir: str | os.PathLike | None = None,
+    class_to_idx: dict[str, int] | None = None,
     **kwargs: Any,
 ) -> torch.utils.data.Dataset:
     """Builds a dataset with ``timm.data.create_dataset``, first resolving archives, and checks it is usable.
 
-    Called by the trainer once per split before wrapping the result in :class:`IndexedDataset`.
+    Called by the trainer once per split before wrapping the result in :class:`IndexedDataset`: first the
+    train split, then the val split with ``class_to_idx=dataset_classes(train)``.
+
+    Class folders (ImageFolder trees). timm numbers the classes it finds images for, separately per split, so
+    an empty ``<class>/`` folder silently shifts every later label (a perfect model scores top-1 0 when it is
+    in val; an IndexError after a full epoch when it is in train). Hence:
+
+    * train (no ``class_to_idx``): an empty class folder is a :class:`DataError` naming it. Training without a
+      class the user laid out is never what they meant, and the fix (remove it or add images) is one command;
+      fewer than two classes is refused too (one class gives every sample loss 0, so DaP ranks nothing).
+    * val (with the train split's ``class_to_idx``): labels are the train split's, as timm's ``--class-map``
+      gives both splits the same map, so an empty or missing val class cannot shift anything; it only leaves
+      that class unmeasured, so it is a warning naming the classes, not a refusal of the whole run. A val class
+      with images that the train split lacks is a :class:`DataError` (timm would silently drop those images).
 
     Args:
         name: '' or 'imagefolder' for an ImageFolder tree (or an archive of one); timm names such as
@@ -290,25 +431,41 @@ def create_dataset(
         root: the dataset folder or archive (for 'torch/...' names, torchvision's download folder).
         split: split folder to read below ``root`` ('train', 'val', ...); as in timm, ``root`` itself is read
             when there is no such folder.
-        is_training: passed to timm (shuffling for iterable datasets).
+        is_training: passed to timm (shuffling for iterable datasets); a training split needs >= 2 classes.
         cache_dir: extraction cache, see :func:`resolve_data_dir`.
-        **kwargs: passed to ``timm.data.create_dataset`` (``class_map``, ``download``, ...).
+        class_to_idx: class name -> label, normally the train split's (:func:`dataset_classes`); ImageFolder
+            trees only. Default: numbered from this split's own folders, as timm does.
+        **kwargs: passed to ``timm.data.create_dataset`` (``download``, ...).
 
     Returns:
         The timm / torchvision dataset, yielding ``(img, target)``.
 
     Raises:
-        DataError: missing folder, corrupt archive, no images, or an undecodable first image.
+        DataError: missing folder, corrupt archive, no images, an empty class folder, a val class the train
+            split lacks, a one-class training split, or an undecodable first image.
     """
     if name.lower() in ("", "imagefolder"):
         root = resolve_data_dir(root, cache_dir=cache_dir)
         folder = _split_folder(root, split)
         where = str(folder) if folder != root else f"{root} (it has no {split}/ folder)"
+        if class_to_idx is not None:
+            _check_class_folders(folder, split, class_to_idx, given=True)  # before timm, which drops unmapped images
+            kwargs["class_map"] = dict(class_to_idx)
         try:
             dataset = timm.data.create_dataset("", root=str(root), split=split, is_training=is_training, **kwargs)
         except RuntimeError:  # timm's folder reader: "Found 0 images in subfolders of ..."
             raise DataError(f"no images found under {where}; expected <class>/<image> folders there") from None
         _check_first_image(dataset, folder)
+        if class_to_idx is None:
+            _check_class_folders(folder, split, dataset_classes(dataset) or {}, given=False)
+        else:
+            _warn_missing_classes(dataset, folder, split, class_to_idx)
+        classes = dataset_classes(dataset) or {}
+        if is_training and len(classes) < 2:
+            raise DataError(
+                f"the {split} split under {where} has {len(classes)} class ({', '.join(classes)}); a classifier "
+                "needs >= 2 (with one, every loss is 0 and DaP has nothing to rank): add <class>/ folders"
+            )
     elif name.lower().startswith("torch/"):
         try:
             dataset = timm.data.create_dataset(

@@ -33,7 +33,24 @@ _RANDOM_SALT = 0x5EED  # separates the random-drop stream from the shuffle strea
 
 
 class NonFiniteLossError(ValueError):
-    """A per-sample loss was NaN or inf; the message names the dataset index."""
+    """A per-sample loss was NaN or inf; the message names the dataset index and, when known, the epoch.
+
+    Attributes:
+        index: the first offending dataset index.
+        value: its loss (NaN or +-inf).
+        epoch: the 1-based epoch it was recorded in, or None where no sampler set it.
+    """
+
+    def __init__(self, index: int, value: float, epoch: int | None = None):
+        self.index, self.value, self.epoch = index, value, epoch
+        where = f" in epoch {epoch}" if epoch is not None else ""
+        super().__init__(
+            f"loss of sample index {index} is {value}{where}: training diverged; lower the learning rate "
+            "(--lr, or a longer --warmup-epochs) or clip gradients (--clip-grad 1.0), or check that sample"
+        )
+
+    def __reduce__(self):  # pickles (worker/process boundaries) with the fields, not the message
+        return type(self), (self.index, self.value, self.epoch)
 
 
 class LossRecorder:
@@ -49,6 +66,10 @@ class LossRecorder:
         num_samples: dataset size N.
         nonfinite: ``'raise'`` (default) raises :class:`NonFiniteLossError` naming the first
             offending index; ``'skip'`` leaves such samples unrecorded for this epoch.
+
+    Attributes:
+        epoch: the 1-based epoch being recorded, named in :class:`NonFiniteLossError`; set by
+            :meth:`DaPSampler.set_epoch`, None until then.
     """
 
     def __init__(self, num_samples: int, *, nonfinite: str = "raise"):
@@ -56,6 +77,7 @@ class LossRecorder:
             raise ValueError(f"nonfinite={nonfinite!r} is invalid: must be 'raise' or 'skip'")
         self.num_samples = num_samples
         self.nonfinite = nonfinite
+        self.epoch: int | None = None
         self._sums = torch.zeros(num_samples, dtype=torch.float64)
         self._counts = torch.zeros(num_samples, dtype=torch.float64)
 
@@ -87,11 +109,7 @@ class LossRecorder:
     def _raise_if_nonfinite(self, indices: torch.Tensor, losses: torch.Tensor) -> None:
         bad = ~torch.isfinite(losses)
         if bool(bad.any()):
-            i = int(indices[bad][0])
-            raise NonFiniteLossError(
-                f"loss of sample index {i} is {float(losses[bad][0])}; lower the LR or check "
-                "that sample, or record with nonfinite='skip'"
-            )
+            raise NonFiniteLossError(int(indices[bad][0]), float(losses[bad][0]), self.epoch)
 
     def synchronize(self) -> None:
         """Sum every rank's recordings into every rank (one collective) and bring them to the CPU.
@@ -235,6 +253,7 @@ class DaPSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         """Set the 0-based epoch about to run; decides the shuffle order."""
         self.epoch = int(epoch)
+        self.recorder.epoch = self.epoch + 1  # named, 1-based like the logs, if a loss is not finite
 
     def _padded_order(self) -> torch.Tensor:
         if self.shuffle:

@@ -265,7 +265,10 @@ class DaPHook(Hook):
         try:
             report = self.sampler.end_epoch()
         except NonFiniteLossError as e:
-            raise DaPMMError(str(e).replace(", or record with nonfinite='skip'", "")) from None
+            raise DaPMMError(
+                f"loss of sample index {e.index} is {e.value} in epoch {e.epoch}; lower the LR "
+                "(--cfg-options optim_wrapper.optimizer.lr=...) or add gradient clipping (optim_wrapper.clip_grad)"
+            ) from None
         seconds = time.perf_counter() - self._t_epoch
         acct = self.acct
         acct.measured += report.seen

@@ -1,0 +1,210 @@
+"""Bad input from issue 11's fault list: each gives a one-line error (exit 2) before training, or a warning naming it.
+
+Class-folder faults run on real CIFAR-10 JPEGs (the point is timm's real label numbering); the 16-bit PNG is made
+with PIL, since the point is its bit depth.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dap_pretrain.data.dataset import DataError, check_batch_size, create_dataset, dataset_classes
+from dap_pretrain.data.sampler import DaPSampler, LossRecorder, NonFiniteLossError
+from dap_pretrain.train import cli as train_cli
+
+CLASSES = ("airplane", "automobile", "bird")
+
+
+def _tree(src: Path, root: Path, layout: dict[str, tuple[str, ...]], per_class: int = 3) -> Path:
+    """``root/<split>/<class>/`` linked from the real ``cifar_tiny`` images; a class named with '-' prefix is empty."""
+    for split, classes in layout.items():
+        for cls in classes:
+            empty = cls.startswith("-")
+            cls = cls.lstrip("-")
+            (root / split / cls).mkdir(parents=True)
+            if empty:
+                continue
+            for f in sorted((src / split / cls).iterdir())[:per_class]:
+                os.link(f, root / split / cls / f.name)
+    return root
+
+
+def _one_line(excinfo: pytest.ExceptionInfo) -> str:
+    message = str(excinfo.value)
+    assert message and "\n" not in message
+    return message
+
+
+def _cli_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        train_cli(list(argv))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# -- (3) empty class folders ------------------------------------------------------------------------------------------
+
+
+def test_empty_train_class_folder_is_one_line_error_before_training(tmp_path, cifar_tiny, capsys):
+    root = _tree(cifar_tiny, tmp_path / "data", {"train": ("airplane", "-automobile", "bird"), "val": CLASSES})
+    with pytest.raises(DataError) as excinfo:
+        create_dataset(name="", root=root, split="train", is_training=True)
+    message = _one_line(excinfo)
+    assert str(root / "train" / "automobile") in message and "remove the folder or add images" in message
+    # through the entry point: exit 2 before anything trains (was an IndexError after a full epoch)
+    out = tmp_path / "run"
+    line = _cli_error(
+        capsys, "--data-dir", str(root), "--output", str(out), "--epochs", "2", "--dap-warmup", "1", "--no-plot"
+    )
+    assert str(root / "train" / "automobile") in line
+    assert not (out / "summary.csv").exists() and not (out / "last.pth.tar").exists()
+
+
+def test_val_read_with_train_class_map_keeps_labels_aligned_and_warns(tmp_path, cifar_tiny, caplog):
+    root = _tree(cifar_tiny, tmp_path / "data", {"train": CLASSES, "val": ("-airplane", "automobile", "bird")})
+    train = create_dataset(name="", root=root, split="train", is_training=True)
+    classes = dataset_classes(train)
+    assert classes == {"airplane": 0, "automobile": 1, "bird": 2}
+    # on its own map timm would number val's automobile 0 and bird 1 (a perfect model scored top-1 0.00): refused
+    with pytest.raises(DataError) as excinfo:
+        create_dataset(name="", root=root, split="val", is_training=False)
+    assert str(root / "val" / "airplane") in _one_line(excinfo)
+    with caplog.at_level(logging.WARNING, logger="dap_pretrain.data.dataset"):
+        val = create_dataset(name="", root=root, split="val", is_training=False, class_to_idx=classes)
+    by_class = {Path(p).parent.name: t for p, t in val.reader.samples}
+    assert by_class == {"automobile": 1, "bird": 2}  # the train split's labels
+    assert "1 of the train split's 3 classes have no images" in caplog.text and "(airplane)" in caplog.text
+
+
+def test_trainer_with_an_empty_val_class_trains_with_aligned_labels(tmp_path, cifar_tiny):
+    from dap_pretrain.train import main as train_main
+
+    root = _tree(cifar_tiny, tmp_path / "data", {"train": CLASSES, "val": ("-airplane", "automobile", "bird")}, 8)
+    out = tmp_path / "run"
+    s = train_main(
+        [
+            "--data-dir",
+            str(root),
+            "--output",
+            str(out),
+            "--epochs",
+            "1",
+            "-b",
+            "8",
+            "-j",
+            "0",
+            "--dap-warmup",
+            "0",
+            "--no-plot",
+        ]
+    )
+    assert s["num_samples"] == 24 and 0 <= s["top1"] <= 100
+    assert "have no images" in (out / "log.txt").read_text()
+
+
+def test_val_class_missing_from_train_is_one_line_error(tmp_path, cifar_tiny):
+    root = _tree(cifar_tiny, tmp_path / "data", {"train": CLASSES[:2], "val": CLASSES})
+    classes = dataset_classes(create_dataset(name="", root=root, split="train", is_training=True))
+    with pytest.raises(DataError) as excinfo:  # timm would silently drop val/bird's images
+        create_dataset(name="", root=root, split="val", is_training=False, class_to_idx=classes)
+    message = _one_line(excinfo)
+    assert str(root / "val" / "bird") in message and "train split does not have" in message
+
+
+# -- (6) YAML configs ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("- lr: 0.1\n", ("holds a list at the top level", "expected a mapping")),
+        ("_base_: 5\nlr: 0.1\n", ("_base_: 5", "expected a file name")),
+        ("_base_: [base.yaml, 5]\n", ("_base_:", "expected a file name")),
+        ("just a string\n", ("holds a str at the top level",)),
+    ],
+)
+def test_malformed_yaml_config_is_one_line_usage_error(tmp_path, capsys, text, words):
+    (tmp_path / "base.yaml").write_text("lr: 0.2\n")
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    line = _cli_error(capsys, "--config", str(config), "--output", str(tmp_path / "run"))
+    assert str(config) in line
+    for w in words:
+        assert w in line, line
+    assert not (tmp_path / "run").exists()
+
+
+# -- (7) batch size vs data, 16-bit PNG, one class, NaN loss ---------------------------------------------------------
+
+
+def test_batch_larger_than_data_with_drop_last_is_refused():
+    with pytest.raises(DataError) as excinfo:
+        check_batch_size(num_samples=100, batch_size=128, drop_last=True)
+    message = _one_line(excinfo)
+    assert "--batch-size 128" in message and "100 training samples" in message and "-b 100" in message
+    with pytest.raises(DataError, match="per process"):
+        check_batch_size(num_samples=200, batch_size=128, drop_last=True, num_replicas=2)
+    with pytest.raises(DataError, match="smallest epoch's subset"):
+        check_batch_size(num_samples=200, batch_size=64, drop_last=True, smallest_subset=50)
+    check_batch_size(num_samples=100, batch_size=128, drop_last=False)  # one partial batch trains
+    check_batch_size(num_samples=200, batch_size=64, drop_last=True, smallest_subset=64)
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_16bit_png_is_named_in_a_warning(tmp_path, caplog):
+    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
+    for cls in ("a", "b"):
+        _png(tmp_path / "deep" / "train" / cls / "0.png", ramp)
+        _png(tmp_path / "flat" / "train" / cls / "0.png", (ramp >> 8).astype(np.uint8))
+    first = tmp_path / "deep" / "train" / "a" / "0.png"
+    with Image.open(first) as img:  # what the hazard is: PIL reads it as I;16 and convert('RGB') clips to white
+        assert img.mode.startswith("I") and np.asarray(img.convert("RGB")).mean() > 250
+    with caplog.at_level(logging.WARNING, logger="dap_pretrain.data.dataset"):
+        create_dataset(name="", root=tmp_path / "deep", split="train", is_training=True)
+    assert str(first) in caplog.text and "16-bit" in caplog.text and "8-bit" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dap_pretrain.data.dataset"):
+        create_dataset(name="", root=tmp_path / "flat", split="train", is_training=True)
+    assert "16-bit" not in caplog.text
+
+
+def test_one_class_training_split_is_refused(tmp_path, cifar_tiny):
+    root = _tree(cifar_tiny, tmp_path / "data", {"train": ("airplane",), "val": ("airplane",)})
+    with pytest.raises(DataError) as excinfo:
+        create_dataset(name="", root=root, split="train", is_training=True)
+    message = _one_line(excinfo)
+    assert "1 class (airplane)" in message and ">= 2" in message
+    assert len(create_dataset(name="", root=root, split="val", is_training=False)) == 3  # evaluation may have one
+
+
+def test_nonfinite_loss_names_sample_and_epoch_and_a_real_fix():
+    sampler = DaPSampler(8, select="none", seed=0)
+    sampler.set_epoch(2)
+    with pytest.raises(NonFiniteLossError) as excinfo:
+        sampler.record(torch.tensor([5, 6]), torch.tensor([1.0, float("nan")]))
+    message = _one_line(excinfo)
+    assert "sample index 6" in message and "epoch 3" in message
+    assert "--lr" in message and "--clip-grad" in message and "nonfinite" not in message
+    assert (excinfo.value.index, excinfo.value.epoch) == (6, 3)
+    again = pickle.loads(pickle.dumps(excinfo.value))  # crosses process boundaries intact
+    assert str(again) == message
+    # the recorder alone (no sampler) still names the sample; the check deferred to synchronize() does too
+    recorder = LossRecorder(4)
+    recorder._sums[1] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="sample index 1 is inf: training diverged"):
+        recorder.synchronize()

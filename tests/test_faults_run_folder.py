@@ -1,0 +1,178 @@
+"""Run-folder faults (issue 11, items 1, 2, 4, 6): one owner per folder, resume/overwrite that lose nothing,
+best checkpoints and temp files that survive kills and full disks, checkpoints that do not fit."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dap_pretrain.checkpoint import save_checkpoint
+from dap_pretrain.cli import UsageError
+from dap_pretrain.runner import _claim_output
+from dap_pretrain.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+# One epoch on all data: a finished run in a few seconds.
+FLAGS = ["--model", "cifar_resnet20", "-b", "64", "--workers", "1", "--lr", "0.05", "--epochs", "1"]
+FLAGS += ["--dap-select", "none", "--no-plot"]
+
+
+def _cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "dap_pretrain.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env=env,
+    )
+
+
+def _one_line_error(res, *words) -> str:
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def _files(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, cifar_tiny) -> Path:
+    """A finished one-epoch run (read-only for the tests: copy it before changing anything)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train_main([*FLAGS, "--data-dir", str(cifar_tiny), "--output", str(out)])
+    return out
+
+
+def _copy(run: Path, dst: Path) -> Path:
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_second_trainer_on_an_owned_folder_exits_2_and_touches_nothing(tmp_path, cifar_tiny):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from dap_pretrain.runner import "
+         "_claim_output, _take_over; out = Path(sys.argv[1]); lock = _claim_output(out, resume='', overwrite=False); "
+         "_take_over(lock, out, overwrite=False); print('held', flush=True); time.sleep(300)", str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / "log.txt").write_text("the first trainer's log\n")
+        before = _files(out)
+        res = _cli(*FLAGS, "--data-dir", str(cifar_tiny), "--output", str(out))
+        _one_line_error(res, str(out), "in use by another trainer", f"pid {holder.pid}")
+        assert _files(out) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # kill -9 left no stale lock: the folder can be owned again at once
+    _claim_output(out, resume="", overwrite=True).close()
+
+
+def test_resumed_finished_run_keeps_its_top1(tmp_path, finished, cifar_tiny):
+    first = json.loads((finished / "run.json").read_text())
+    assert first["top1"] is not None
+    run = _copy(finished, tmp_path / "run")
+    (run / "run.json").unlink()  # as if killed while plotting, after the last checkpoint
+    res = _cli(*FLAGS, "--data-dir", str(cifar_tiny), "--output", str(run), "--resume", str(run / "last.pth.tar"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    again = json.loads((run / "run.json").read_text())
+    assert (again["top1"], again["top5"]) == (first["top1"], first["top5"])
+    assert "no --val-split" not in res.stdout
+
+
+def test_resume_into_another_run_is_refused_and_overwrite_clears_only_after_checks(tmp_path, finished, cifar_tiny):
+    other = _copy(finished, tmp_path / "other")
+    (other / "model_best.pth.tar").write_bytes(b"old best")
+    (other / "dap_schedule.png").write_bytes(b"old plot")
+    (other / "export").mkdir()
+    (other / "export" / "model.safetensors").write_bytes(b"old export")
+    (other / "log.txt").write_text("OLD RUN LOG\n")
+    before = _files(other)
+    resume = ["--resume", str(finished / "last.pth.tar")]
+    res = _cli(*FLAGS, "--data-dir", str(cifar_tiny), "--output", str(other), *resume)
+    _one_line_error(res, str(other), "holds another run", "--overwrite")
+    # resuming a folder's own run with --overwrite would delete it
+    res = _cli(*FLAGS, "--data-dir", str(cifar_tiny), "--output", str(other), "--overwrite", "--resume",
+               str(other / "last.pth.tar"))  # fmt: skip
+    _one_line_error(res, "--overwrite", "drop --overwrite")
+    # --overwrite with bad data: refused before anything of the old run is removed
+    res = _cli(*FLAGS, "--data-dir", str(tmp_path / "nope"), "--output", str(other), "--overwrite")
+    _one_line_error(res, "does not exist")
+    assert _files(other) == before
+    # --overwrite that passes its checks replaces the old run completely
+    res = _cli(*FLAGS, "--data-dir", str(cifar_tiny), "--output", str(other), "--overwrite")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "OLD RUN LOG" not in (other / "log.txt").read_text()
+    assert (other / "model_best.pth.tar").read_bytes() != b"old best"
+    assert not (other / "dap_schedule.png").exists() and not (other / "export").exists()
+    assert torch.load(other / "model_best.pth.tar", weights_only=True)["epoch"] == 1
+    # resuming into an empty folder is allowed and reports the resumed run's top-1
+    empty = tmp_path / "empty"
+    res = _cli(*FLAGS, "--data-dir", str(cifar_tiny), "--output", str(empty), *resume)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (
+        json.loads((empty / "run.json").read_text())["top1"] == json.loads((finished / "run.json").read_text())["top1"]
+    )
+
+
+def test_checkpoint_that_does_not_fit_is_one_line(tmp_path, finished, cifar_tiny):
+    ckpt = torch.load(finished / "last.pth.tar", weights_only=True)
+    base = [*FLAGS, "--data-dir", str(cifar_tiny)]
+    res = _cli(*base, "--output", str(tmp_path / "a"), "--num-classes", "5", "--resume", str(finished / "last.pth.tar"))
+    _one_line_error(res, "10 classes", "has 5", "--num-classes 10")
+    no_opt = tmp_path / "no_opt.pth.tar"
+    torch.save({k: v for k, v in ckpt.items() if k != "optimizer"}, no_opt)
+    _one_line_error(_cli(*base, "--output", str(tmp_path / "b"), "--resume", str(no_opt)), "no optimizer")
+    no_count = tmp_path / "no_count.pth.tar"  # an older checkpoint without num_classes: the shape error, one line
+    torch.save({k: v for k, v in ckpt.items() if k != "num_classes"}, no_count)
+    res = _cli(*base, "--output", str(tmp_path / "c"), "--num-classes", "5", "--resume", str(no_count))
+    _one_line_error(res, "does not fit", "--num-classes")
+
+
+def test_resume_rewrites_a_best_checkpoint_lost_to_a_kill_and_clears_temp_files(tmp_path, finished, cifar_tiny):
+    run = _copy(finished, tmp_path / "run")
+    (run / "model_best.pth.tar").unlink()  # killed during its first write: an empty temp file instead
+    (run / f".model_best.pth.tar.tmp{os.getpid()}").write_bytes(b"")
+    (run / ".summary.csv.tmp").write_bytes(b"epo")
+    res = _cli(*FLAGS, "--data-dir", str(cifar_tiny), "--output", str(run), "--resume", str(run / "last.pth.tar"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert torch.load(run / "model_best.pth.tar", weights_only=True)["epoch"] == 1
+    assert not list(run.glob(".*.tmp*"))
+
+
+def test_failed_checkpoint_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    def disk_full(obj, f):
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError):
+        save_checkpoint({"state_dict": {}}, tmp_path / "last.pth.tar")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_claim_output_refuses_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(UsageError, match="cannot use"):
+        _claim_output(f / "run", resume="", overwrite=False)
