@@ -5,7 +5,7 @@
 #       --state-in benchmarks/state/table2f_e300 --state-out $OUT
 # (omit --state-in on the sweep's first job). Installs nothing: the repo is put on PYTHONPATH. Data: --data, else
 # ../shared/data/cifar10, then shared/data/cifar10. --state-out defaults to $OUT (else ./gpu_results/paper_tables):
-# it receives paper_state_NN.tar (unfinished runs), paper_tables.json and a copy of the results CSV, 8 files at most.
+# it receives paper_state_NN.tar.gz (unfinished runs), paper_tables.json and a copy of the results CSV, 8 files at most.
 # The python call is killed 60 s after --budget-s (the sweep itself stops its trainers at the budget); the job's
 # summary table is printed last.
 set -euo pipefail

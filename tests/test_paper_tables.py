@@ -250,7 +250,7 @@ def test_state_pack_unpack_round_trip(tmp_path):
     out.mkdir()
     (out / "paper_state_07.tar").write_bytes(b"stale")
     tars = pt.pack_state(folders, src, out, limit=64 * 1024)
-    assert [t.name for t in tars] == ["paper_state_00.tar", "paper_state_01.tar"]  # 30k+20k | 30k in 64 KiB
+    assert [t.name for t in tars] == ["paper_state_00.tar.gz", "paper_state_01.tar.gz"]  # 30k+20k | 30k in 64 KiB
     assert not (out / "paper_state_07.tar").exists() and all(t.stat().st_size <= 64 * 1024 for t in tars)
     dest = tmp_path / "b"
     _fake_run(dest, "net/all/seed0", 10, finished=True)  # finished here: left alone
