@@ -102,6 +102,36 @@ class Accounting:
     def baseline(self) -> int:
         return self.baseline_epochs * self.num_samples
 
+    def epoch_row(
+        self,
+        *,
+        epoch: int,
+        report,
+        train_loss: float,
+        ev: dict,
+        lr: float,
+        seconds: float,
+        img_per_s: float,
+        digest: str,
+    ) -> dict:
+        """One ``summary.csv`` row (after this epoch's samples were added to ``measured``); both front ends."""
+        return {
+            "epoch": epoch,
+            "train_loss": round(train_loss, 6),
+            "eval_loss": ev.get("loss"),
+            "eval_top1": ev.get("top1"),
+            "eval_top5": ev.get("top5"),
+            "lr": lr,
+            "subset_size": report.size_before,
+            "samples_trained": report.seen,
+            "cum_compute": self.measured / self.baseline,
+            "event": report.event,
+            "untrained": report.size_before - report.seen,
+            "epoch_time_s": round(seconds, 3),
+            "img_per_s": round(img_per_s, 2),
+            "subset_digest": digest,
+        }
+
     def run_summary(
         self, *, model: str, epochs: int, dataset, top1, top5, ema_top1, ema_top5, wall_s: float, dap: dict
     ) -> dict:
@@ -190,6 +220,7 @@ def _build_sampler(args, num_samples: int, world: int, rank: int) -> tuple[DaPSa
         g = torch.Generator().manual_seed(args.seed)
         k = max(1, round(args.fixed_subset * num_samples))
         initial = torch.randperm(num_samples, generator=g)[:k]
+    common = dict(num_replicas=world, rank=rank, seed=args.seed, drop_last=args.drop_last)
     if args.dap_select == "infobatch":
         sampler = InfoBatchSampler(
             num_samples,
@@ -197,22 +228,10 @@ def _build_sampler(args, num_samples: int, world: int, rank: int) -> tuple[DaPSa
             ratio=args.infobatch_ratio,
             delta=args.infobatch_delta,
             target_compute=args.infobatch_target_compute,
-            num_replicas=world,
-            rank=rank,
-            seed=args.seed,
-            drop_last=args.drop_last,
+            **common,
         )
     else:
-        sampler = DaPSampler(
-            num_samples,
-            config=cfg,
-            select=args.dap_select,
-            num_replicas=world,
-            rank=rank,
-            seed=args.seed,
-            drop_last=args.drop_last,
-            initial_subset=initial,
-        )
+        sampler = DaPSampler(num_samples, config=cfg, select=args.dap_select, initial_subset=initial, **common)
     if args.dap_select == "infobatch":  # data-dependent: the target if one is set, else an upper bound
         planned = round((args.infobatch_target_compute or 1.0) * args.epochs * num_samples)
     elif args.dap_select == "none":
@@ -341,25 +360,6 @@ def _gather_rng(world: int, digest: str) -> list:
 def subset_digest(subset: torch.Tensor) -> str:
     """Short fingerprint of a subset, so runs (resumed, DDP, single) can be compared epoch by epoch."""
     return f"{zlib.crc32(subset.numpy().tobytes()):08x}"
-
-
-def _epoch_row(epoch, stats, ev, report, acct, lr, seconds, digest) -> dict:
-    return {
-        "epoch": epoch,
-        "train_loss": round(stats.loss, 6),
-        "eval_loss": ev.get("loss"),
-        "eval_top1": ev.get("top1"),
-        "eval_top5": ev.get("top5"),
-        "lr": lr,
-        "subset_size": report.size_before,
-        "samples_trained": report.seen,
-        "cum_compute": acct.measured / acct.baseline,
-        "event": report.event,
-        "untrained": report.size_before - report.seen,
-        "epoch_time_s": round(seconds, 3),
-        "img_per_s": round(stats.samples / max(stats.seconds, 1e-9), 2),
-        "subset_digest": digest,
-    }
 
 
 def _write_summary(output: Path, history: list) -> None:
@@ -707,7 +707,16 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: _HeldLogs
         ema_ev = {}
         if ema is not None and do_eval:
             ema_ev = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype)
-        row = _epoch_row(epoch + 1, stats, ev, report, acct, stats.lr, time.perf_counter() - t0, digest)
+        row = acct.epoch_row(
+            epoch=epoch + 1,
+            report=report,
+            train_loss=stats.loss,
+            ev=ev,
+            lr=stats.lr,
+            seconds=time.perf_counter() - t0,
+            img_per_s=stats.samples / max(stats.seconds, 1e-9),
+            digest=digest,
+        )
         if ema_ev:
             row["ema_top1"], row["ema_top5"] = ema_ev["top1"], ema_ev["top5"]
         acct.history.append(row)

@@ -195,9 +195,9 @@ def test_cifar_release_says_it_needs_dap_pretrain(tmp_path):
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
-def test_mm_release_loads_into_mmdet_resnet(mm_release):
+def test_mm_release_loads_into_mmdet_resnet(mm_release, require):
     """backbone.pth of an mmengine-path release initialises mmdet's ResNet (the transfer configs' backbone)."""
-    pytest.importorskip("mmdet", reason="mmdet not installed; run tools/install.sh")
+    require("mmdet")
     from mmdet.models.backbones import ResNet
 
     from downstream.backbone import check_backbone, resolve_backbone

@@ -195,7 +195,7 @@ class InMemoryLoader:
         return (self.seed + 1) * 1_000_003 + epoch * 1_009 + self.rank
 
     def __len__(self) -> int:
-        n = len(self._order())
+        n = len(self.sampler)  # the sampler's own count: no epoch permutation built just to be measured
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

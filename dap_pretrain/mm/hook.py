@@ -274,22 +274,16 @@ class DaPHook(Hook):
         acct.measured += report.seen
         acct.lost += report.size_before - report.seen
         loss = runner.message_hub.get_scalar("train/loss").mean(max(1, runner.iter - self._iter0))
-        row = {
-            "epoch": runner.epoch + 1,
-            "train_loss": round(float(loss), 6),
-            "eval_loss": None,
-            "eval_top1": None,
-            "eval_top5": None,
-            "lr": self._lr,
-            "subset_size": report.size_before,
-            "samples_trained": report.seen,
-            "cum_compute": acct.measured / acct.baseline,
-            "event": report.event,
-            "untrained": report.size_before - report.seen,
-            "epoch_time_s": round(seconds, 3),
-            "img_per_s": round(report.seen / max(seconds, 1e-9), 2),
-            "subset_digest": self._digest,
-        }
+        row = acct.epoch_row(
+            epoch=runner.epoch + 1,
+            report=report,
+            train_loss=float(loss),
+            ev={},
+            lr=self._lr,
+            seconds=seconds,
+            img_per_s=report.seen / max(seconds, 1e-9),
+            digest=self._digest,
+        )
         acct.history.append(row)
         self._rngs = _gather_rng(subset_digest(self.sampler.subset))
         runner.message_hub.update_scalar("dap/subset_size", report.size_before)

@@ -6,9 +6,7 @@ dap_pretrain export``); other architectures for the bad-input tests are written 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,19 +26,10 @@ TRAINER_FULL_ARGS = ["--epochs", "2", "--dap-select", "none"]
 TRAINER_DAP_ARGS = ["--epochs", "2", "--dap-warmup", "0", "--dap-interval", "1", "--dap-keep", "0.5", "--dap-reuse"]
 
 
-def _mm_missing() -> list[str]:
-    return [m for m in ("mmcv", "mmdet", "mmpose") if importlib.util.find_spec(m) is None]
-
-
 @pytest.fixture(scope="session")
-def mm():
+def mm(require):
     """Skips without mmdet/mmpose locally; under ``CI=true`` a missing mm stack fails the test instead."""
-    missing = _mm_missing()
-    if missing:
-        msg = f"{', '.join(missing)} not installed; run tools/install.sh"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require("mmcv", "mmdet", "mmpose")
 
 
 def write_export(out_dir: Path, *, model: str, compute_fraction: float, seed: int) -> Path:

@@ -56,11 +56,13 @@ def timm_run_json_keys() -> list[str]:
 
 
 def timm_summary_columns() -> list[str]:
-    from dap_pretrain.runner import Accounting, _epoch_row
+    from dap_pretrain.runner import Accounting
 
-    stats = SimpleNamespace(loss=0.0, samples=1, seconds=1.0)
     report = SimpleNamespace(size_before=1, seen=1, event="keep")
-    return list(_epoch_row(1, stats, {}, report, Accounting(1, 1, 1), 0.1, 1.0, "0"))
+    row = Accounting(1, 1, 1).epoch_row(
+        epoch=1, report=report, train_loss=0.0, ev={}, lr=0.1, seconds=1.0, img_per_s=1.0, digest="0"
+    )
+    return list(row)
 
 
 @pytest.fixture(scope="module")
