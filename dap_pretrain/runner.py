@@ -44,6 +44,7 @@ from dap_pretrain.data.dataset import (
     dataset_classes,
     embedded_data_dir,
 )
+from dap_pretrain.data.gpu_decode import GpuDecodeLoader, dataset_samples
 from dap_pretrain.data.infobatch import InfoBatchSampler
 from dap_pretrain.data.loader import cifar_transform, create_loader, imagenet_transform
 from dap_pretrain.data.memory import decoded_bytes, in_memory_loaders
@@ -278,10 +279,11 @@ def use_in_memory(args, data: Data) -> bool:
 
 
 def _build_loaders(args, data: Data, sampler, *, device, rank: int, world: int, gen):
-    """Train and val loaders: the in-memory path (see :func:`use_in_memory`) or JPEG decoding in workers."""
+    """Train and val loaders: the in-memory path (see :func:`use_in_memory`), the GPU JPEG pipeline for the train
+    split (``--gpu-decode``), or JPEG decoding in workers."""
     val_batch = args.validation_batch_size or args.batch_size
     val_indices = range(rank, len(data.val), world) if data.val is not None else None
-    if use_in_memory(args, data):
+    if not args.gpu_decode and use_in_memory(args, data):
         return in_memory_loaders(
             data.train,
             data.val,
@@ -299,18 +301,21 @@ def _build_loaders(args, data: Data, sampler, *, device, rank: int, world: int, 
             drop_last=args.drop_last,
             channels_last=args.channels_last,
         )
-    train_loader = create_loader(
-        data.train,
-        batch_size=args.batch_size,
-        sampler=sampler,
-        mean=data.mean,
-        std=data.std,
-        device=device,
-        num_workers=args.workers,
-        drop_last=args.drop_last,
-        channels_last=args.channels_last,
-        generator=gen,
-    )
+    if args.gpu_decode:
+        train_loader = _gpu_decode_loader(args, data, sampler, device=device, rank=rank)
+    else:
+        train_loader = create_loader(
+            data.train,
+            batch_size=args.batch_size,
+            sampler=sampler,
+            mean=data.mean,
+            std=data.std,
+            device=device,
+            num_workers=args.workers,
+            drop_last=args.drop_last,
+            channels_last=args.channels_last,
+            generator=gen,
+        )
     val_loader = None
     if data.val is not None:
         val_loader = create_loader(
@@ -324,6 +329,34 @@ def _build_loaders(args, data: Data, sampler, *, device, rank: int, world: int, 
             channels_last=args.channels_last,
         )
     return train_loader, val_loader
+
+
+def _gpu_decode_loader(args, data: Data, sampler, *, device, rank: int) -> GpuDecodeLoader:
+    """``--gpu-decode``: the train split decoded and augmented on the GPU; refused off CUDA or with CIFAR's aug."""
+    if device.type != "cuda":
+        raise UsageError(
+            f"--gpu-decode decodes JPEGs with nvjpeg on a CUDA GPU, and this run's device is {device}; "
+            "drop --gpu-decode (the loader workers then decode with PIL)"
+        )
+    if data.cifar_aug:
+        raise UsageError(
+            "--gpu-decode applies timm's ImageNet augmentation (RandomResizedCrop); pass --aug imagenet, or drop "
+            "--gpu-decode for the CIFAR augmentation"
+        )
+    return GpuDecodeLoader(
+        dataset_samples(data.train),
+        sampler=sampler,
+        batch_size=args.batch_size,
+        img_size=data.img_size,
+        mean=data.mean,
+        std=data.std,
+        device=device,
+        num_workers=args.workers,
+        seed=args.seed,
+        rank=rank,
+        drop_last=args.drop_last,
+        channels_last=args.channels_last,
+    )
 
 
 def _smallest_subset(args, sampler) -> int | None:
@@ -420,6 +453,7 @@ def _claim_output(output: Path, *, resume: str, overwrite: bool):
     owner's name into the lock file once every check of the run has passed.
     """
     try:
+        created = [p for p in (output, *output.parents) if not p.exists()]
         output.mkdir(parents=True, exist_ok=True)
         fd = os.open(output / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -438,7 +472,22 @@ def _claim_output(output: Path, *, resume: str, overwrite: bool):
     except BaseException:
         lock.close()
         raise
+    lock.created = created  # folders this call made: removed again if the run stops before writing anything
     return lock
+
+
+def _release_unused(lock, output: Path) -> None:
+    """After a run that stopped before writing anything: remove the lock file and the folders it created, so a
+    refused command leaves no trace (a folder holding anything else is kept)."""
+    created = getattr(lock, "created", [])
+    if not created or [p.name for p in output.iterdir()] != [".lock"]:
+        return
+    (output / ".lock").unlink(missing_ok=True)
+    for folder in created:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _take_over(lock, output: Path, *, overwrite: bool) -> list[str]:
@@ -559,6 +608,10 @@ def run(args: argparse.Namespace) -> dict | None:
             lock = _claim_output(output, resume=args.resume, overwrite=args.overwrite)
         barrier()
         return _train(args, device=device, rank=rank, world=world, output=output, held=held, lock=lock)
+    except BaseException:
+        if lock is not None:
+            _release_unused(lock, output)
+        raise
     finally:
         held.close()
         if lock is not None:

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         "auto: on when the CIFAR augmentation applies and the decoded data fits --in-memory-max-mb",
     )
     d.add_argument("--in-memory-max-mb", type=float, default=4096, help="largest decoded dataset kept in memory")
+    d.add_argument(
+        "--gpu-decode",
+        action="store_true",
+        help="train split: workers read file bytes, the GPU decodes them in batches (nvjpeg) and applies timm's "
+        "RandomResizedCrop + flip + colour jitter there (CUDA only; files nvjpeg refuses go through PIL)",
+    )
     d.add_argument("-j", "--workers", type=int, default=2)
     d.add_argument("--drop-last", action="store_true", help="drop each epoch's last partial batch")
     m = p.add_argument_group("Model")

@@ -1,0 +1,387 @@
+"""GPU JPEG pipeline (``--gpu-decode``): workers read file bytes, the GPU decodes and augments.
+
+Who calls what, and when:
+
+1. :class:`EncodedFiles` is the dataset the loader workers see: item ``i`` is the raw bytes of file ``i`` as a 1-D
+   uint8 tensor, its label and ``i``. Reading bytes costs the workers almost nothing, so a few of them keep up
+   with any GPU; PIL decoding, the usual bottleneck, leaves the CPU.
+2. :class:`GpuDecodeLoader` iterates those batches. For each it
+
+   * decodes every JPEG of the batch in one batched nvjpeg call (``torchvision.io.decode_jpeg(..., device)``);
+     a file nvjpeg cannot decode (a PNG under a ``.JPEG`` name, CMYK, an odd progressive file) is decoded on the
+     CPU by PIL instead, never dropped; a file nothing can decode is a :class:`DataError` naming it;
+   * draws timm's train augmentation parameters per sample on the host (:func:`rrc_params` is timm's
+     ``RandomResizedCropAndInterpolation.get_params``, draw for draw; flip with probability ``hflip``; colour
+     jitter factors and order as torchvision's ``ColorJitter``), from a ``random.Random`` seeded by
+     ``(seed, epoch, rank)``, so an epoch's augmentation is a function of those numbers alone and a resumed run
+     repeats it;
+   * crops and resizes all samples with one ``roi_align`` over the zero-padded batch (bilinear, with as many
+     samples per output pixel as the crop is larger than the output, which is what an antialiased downscale
+     does), flips, jitters and normalises the whole batch on the device.
+
+   Batches are ``(input, target, index)`` as from :func:`~dap_pretrain.data.loader.create_loader`, so the DaP
+   sampler and loss recorder drive this path exactly as the others. A producer thread prepares the next batches
+   on a side CUDA stream while the current one trains.
+
+The same code runs on CPU tensors (``device='cpu'``), which is how the tests check it; the trainer only offers it
+on CUDA (``--gpu-decode`` elsewhere is refused in one line).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import queue
+import random
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dap_pretrain.data.dataset import DataError
+
+_logger = logging.getLogger(__name__)
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec; decode_jpeg still is the batched nvjpeg path.
+warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
+
+
+class EncodedFiles(Dataset):
+    """Item ``i``: ``(bytes of file i as a uint8 tensor, label i, i)``.
+
+    Args:
+        samples: ``(path, label)`` pairs in dataset index order (a timm ImageFolder reader's ``samples``).
+    """
+
+    def __init__(self, samples: Sequence[tuple[str | Path, int]]):
+        self.samples = [(str(p), int(t)) for p, t in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        path, target = self.samples[index]
+        data = Path(path).read_bytes()
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), target, int(index)
+
+
+def encoded_collate(batch: list[tuple]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Collate ``(bytes, target, index)`` items: the byte tensors stay a list (they differ in length)."""
+    return (
+        [b[0] for b in batch],
+        torch.as_tensor([b[1] for b in batch], dtype=torch.int64),
+        torch.as_tensor([b[2] for b in batch], dtype=torch.int64),
+    )
+
+
+def dataset_samples(dataset) -> list[tuple[str, int]]:
+    """The ``(path, label)`` list of an :class:`IndexedDataset` over a timm ImageFolder.
+
+    Raises:
+        DataError: the dataset is not a folder of image files (e.g. a torchvision CIFAR object).
+    """
+    inner = getattr(dataset, "dataset", dataset)
+    samples = getattr(getattr(inner, "reader", None), "samples", None)
+    if not samples:
+        raise DataError(
+            "--gpu-decode reads image files from an ImageFolder tree; this dataset has no file list "
+            f"({type(inner).__name__}): pass --data-dir with class folders, or drop --gpu-decode"
+        )
+    return [(str(p), int(t)) for p, t in samples]
+
+
+def rrc_params(
+    height: int, width: int, *, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
+) -> tuple[int, int, int, int]:
+    """timm's ``RandomResizedCropAndInterpolation.get_params``, drawing from ``rng``: returns ``(top, left, h, w)``.
+
+    Ten tries at an area fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio`` that fits the
+    image; otherwise the central crop clamped to ``ratio``. With ``rng`` seeded as the ``random`` module was, the
+    result equals timm's draw for draw (tests/data/test_gpu_decode.py checks it).
+    """
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = rng.uniform(*scale) * area
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if w <= width and h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def jitter_params(strength: float, rng: random.Random) -> tuple[tuple[int, ...], tuple[float, float, float]]:
+    """torchvision ``ColorJitter(strength, strength, strength)``'s draw: an op order and three factors.
+
+    Returns ``(order, (brightness, contrast, saturation))``; ``order`` is a permutation of ``(0, 1, 2)`` (torchvision
+    permutes four ops, the fourth being hue, which timm leaves off). Factors are uniform on
+    ``[max(0, 1 - strength), 1 + strength]``.
+    """
+    order = [0, 1, 2]
+    rng.shuffle(order)
+    lo = max(0.0, 1.0 - strength)
+    return tuple(order), (rng.uniform(lo, 1 + strength), rng.uniform(lo, 1 + strength), rng.uniform(lo, 1 + strength))
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor(GRAY_WEIGHTS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(1, keepdim=True)
+
+
+def color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Per-sample brightness / contrast / saturation on a float batch in 0..255, each sample in its own order.
+
+    Args:
+        x: ``(B, 3, H, W)`` float, 0..255.
+        order: ``(B, 3)`` int, each row a permutation of 0 (brightness), 1 (contrast), 2 (saturation).
+        factors: ``(B, 3)`` float, the three factors per sample.
+
+    Each op is torchvision's blend (``factor * x + (1 - factor) * other``, clamped to 0..255) with ``other`` zero,
+    the grey image's mean, or the grey image. At each of three rounds every sample applies its own op of that
+    round; the batch is computed once per op and selected with ``where``.
+    """
+    f = factors.to(x.dtype).view(-1, 3, 1, 1, 1)
+    for k in range(3):
+        op = order[:, k].view(-1, 1, 1, 1)
+        gray = _gray(x)
+        bright = x * f[:, 0]
+        contrast = f[:, 1] * x + (1 - f[:, 1]) * gray.mean(dim=(1, 2, 3), keepdim=True)
+        satur = f[:, 2] * x + (1 - f[:, 2]) * gray
+        x = torch.where(op == 0, bright, torch.where(op == 1, contrast, satur)).clamp_(0, 255)
+    return x
+
+
+def decode_batch(data: list[torch.Tensor], *, device: torch.device, paths: Sequence[str] = ()) -> list[torch.Tensor]:
+    """Decode a batch of encoded images to ``(3, H, W)`` uint8 tensors on ``device``; never drops one.
+
+    JPEGs (by their first bytes, not their names) go through one batched ``decode_jpeg`` call on ``device``; if
+    that fails, each is tried alone; whatever nvjpeg refuses, and every non-JPEG, is decoded by PIL on the CPU and
+    moved to ``device``.
+
+    Raises:
+        DataError: a file neither decoder can read, named with its path.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list[torch.Tensor | None] = [None] * len(data)
+    jpeg = [i for i, d in enumerate(data) if bytes(d[:3].tolist()) == JPEG_MAGIC]
+    if jpeg:
+        try:
+            decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
+            for i, img in zip(jpeg, decoded, strict=True):
+                out[i] = img
+        except RuntimeError:
+            for i in jpeg:
+                try:
+                    out[i] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    pass
+    for i, img in enumerate(out):
+        if img is None or img.shape[0] != 3:
+            out[i] = _pil_decode(data[i], paths[i] if i < len(paths) else f"batch item {i}").to(device)
+    return out  # type: ignore[return-value]
+
+
+def _pil_decode(data: torch.Tensor, name: str) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises many types for a bad file
+        raise DataError(f"cannot decode image {name} ({type(e).__name__}: {e}); remove or replace the file") from e
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
+def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop ``boxes[k] = (top, left, h, w)`` from ``images[k]``, resize each to ``size`` px square: ``(B, 3, S, S)``.
+
+    One ``torchvision.ops.roi_align`` over the zero-padded float batch (``aligned=True``: pixel centres at +0.5,
+    as in PIL and ``interpolate(align_corners=False)``). Its adaptive sampling averages ``ceil(h / size)`` x
+    ``ceil(w / size)`` bilinear samples per output pixel, so a downscale is antialiased; an upscale is plain
+    bilinear. The crop never reaches the padding.
+    """
+    from torchvision.ops import roi_align
+
+    dev = images[0].device
+    hmax = max(int(im.shape[1]) for im in images)
+    wmax = max(int(im.shape[2]) for im in images)
+    batch = torch.zeros((len(images), 3, hmax, wmax), dtype=torch.uint8, device=dev)
+    for k, im in enumerate(images):
+        batch[k, :, : im.shape[1], : im.shape[2]].copy_(im)
+    b = boxes.to(dev, torch.float32)
+    item = torch.arange(len(images), device=dev, dtype=torch.float32)
+    rois = torch.stack([item, b[:, 1], b[:, 0], b[:, 1] + b[:, 3], b[:, 0] + b[:, 2]], dim=1)  # (k, x1, y1, x2, y2)
+    return roi_align(batch.float(), rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+class GpuDecodeLoader:
+    """Batches ``(input, target, index)`` of timm's train augmentation, decoded and augmented on ``device``.
+
+    Args:
+        samples: ``(path, label)`` per dataset index (:func:`dataset_samples`).
+        sampler: the epoch's index order (the DaP sampler; its ``epoch`` seeds the augmentation).
+        batch_size: images per batch (per process).
+        img_size: output side in pixels.
+        mean, std: normalisation in 0..1 units.
+        device: where decoding and augmentation run.
+        num_workers: loader processes reading file bytes (persistent across epochs).
+        seed, rank: with the sampler's epoch, seed each epoch's augmentation.
+        scale, ratio, hflip, color_jitter: timm's ``transforms_imagenet_train`` defaults.
+        drop_last: drop each epoch's last partial batch.
+        channels_last: return channels-last batches.
+        prefetch: batches prepared ahead by the producer thread.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        *,
+        sampler,
+        batch_size: int,
+        img_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device,
+        num_workers: int = 4,
+        seed: int = 0,
+        rank: int = 0,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        color_jitter: float = 0.4,
+        drop_last: bool = False,
+        channels_last: bool = False,
+        prefetch: int = 2,
+    ):
+        self.files = EncodedFiles(samples)
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.img_size = img_size
+        self.device = torch.device(device)
+        self.seed, self.rank = int(seed), int(rank)
+        self.scale, self.ratio, self.hflip, self.jitter = tuple(scale), tuple(ratio), float(hflip), float(color_jitter)
+        self.drop_last = drop_last
+        self.channels_last = channels_last
+        self.prefetch = max(1, prefetch)
+        shape = (1, len(mean), 1, 1)
+        self.mean = torch.tensor([255 * m for m in mean], device=self.device).view(shape)
+        self.std = torch.tensor([255 * s for s in std], device=self.device).view(shape)
+        self.loader = DataLoader(
+            self.files,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=encoded_collate,
+            drop_last=drop_last,
+            persistent_workers=num_workers > 0,
+            prefetch_factor=4 if num_workers > 0 else None,
+        )
+        self.cpu_fallbacks = 0
+
+    def describe(self) -> str:
+        """One line for the run log."""
+        return (
+            f"GPU JPEG pipeline: {len(self.files)} files, batched decode + RandomResizedCrop{self.scale}/"
+            f"ratio{tuple(round(r, 4) for r in self.ratio)} + flip {self.hflip} + jitter {self.jitter} on {self.device}"
+        )
+
+    def epoch_seed(self) -> int:
+        """The augmentation seed of the sampler's current epoch on this rank."""
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        return (self.seed + 1) * 1_000_003 + epoch * 1_009 + self.rank
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def dataset(self):
+        return self.files
+
+    def augment(
+        self, data: list[torch.Tensor], rng: random.Random, paths: Sequence[str] = ()
+    ) -> tuple[torch.Tensor, dict]:
+        """Decode and augment one batch; returns the normalised batch and the parameters drawn (for tests)."""
+        images = decode_batch(data, device=self.device, paths=paths)
+        boxes, flips, orders, factors = [], [], [], []
+        for im in images:  # the draws per sample, in timm's order: crop, flip, jitter
+            boxes.append(rrc_params(int(im.shape[1]), int(im.shape[2]), scale=self.scale, ratio=self.ratio, rng=rng))
+            flips.append(rng.random() < self.hflip)
+            if self.jitter > 0:
+                order, f = jitter_params(self.jitter, rng)
+                orders.append(order)
+                factors.append(f)
+        x = resized_crops(images, torch.tensor(boxes), self.img_size)
+        flip = torch.tensor(flips, device=self.device).view(-1, 1, 1, 1)
+        x = torch.where(flip, x.flip(-1), x)
+        if factors:
+            x = color_jitter(x, torch.tensor(orders, device=self.device), torch.tensor(factors, device=self.device))
+        x = x.sub_(self.mean).div_(self.std)
+        x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+        return x, {"boxes": boxes, "flips": flips, "orders": orders, "factors": factors}
+
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        rng = random.Random(self.epoch_seed())
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        try:
+            for data, targets, indices in self.loader:
+                if stop.is_set():
+                    return
+                paths = [self.files.samples[i][0] for i in indices.tolist()]
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        x, _ = self.augment(data, rng, paths)
+                        y = targets.to(self.device, non_blocking=True)
+                        ready = torch.cuda.Event()
+                        ready.record(stream)
+                else:
+                    x, _ = self.augment(data, rng, paths)
+                    y, ready = targets, None
+                out.put((x, y, indices, ready))
+        except BaseException as e:  # handed to the consumer, which raises it in the training thread
+            out.put(e)
+            return
+        out.put(None)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(q, stop), daemon=True, name="gpu-decode")
+        producer.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                x, y, indices, ready = item
+                if ready is not None:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(ready)
+                    x.record_stream(current)
+                    y.record_stream(current)
+                yield x, y, indices
+        finally:
+            stop.set()
+            while producer.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            producer.join()

@@ -1,0 +1,183 @@
+"""The GPU JPEG pipeline, run on CPU tensors: timm parity of the augmentation, index alignment, no dropped files."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from dap_pretrain.data.dataset import DataError
+from dap_pretrain.data.gpu_decode import (
+    GpuDecodeLoader,
+    color_jitter,
+    decode_batch,
+    rrc_params,
+)
+
+SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def _imagenet_files(n: int) -> list[str]:
+    return sorted(str(p) for p in (SHARED_DATA / "imagenet_sample").glob("*/*.JPEG"))[:n]
+
+
+@pytest.mark.parametrize("size", [(256, 341), (256, 256), (500, 60), (60, 500), (3, 1000)])
+def test_rrc_params_equal_timm_draw_for_draw(size):
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    h, w = size
+    img = Image.new("RGB", (w, h))
+    for seed in range(200):
+        random.seed(seed)
+        theirs = RandomResizedCropAndInterpolation.get_params(img, SCALE, RATIO)
+        ours = rrc_params(h, w, scale=SCALE, ratio=RATIO, rng=random.Random(seed))
+        assert ours == theirs, (seed, size)
+
+
+def _timm_ops(pil: Image.Image, box, flip: bool, order, factors, size: int) -> torch.Tensor:
+    """timm's train transform applied with given parameters: RRC (PIL bilinear), flip, ColorJitter ops."""
+    i, j, h, w = box
+    out = TF.resized_crop(pil, i, j, h, w, [size, size], interpolation=TF.InterpolationMode.BILINEAR)
+    if flip:
+        out = TF.hflip(out)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for k in order:
+        out = ops[k](out, factors[k])
+    return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1).float()
+
+
+def test_augmentation_matches_timm_transform_with_the_same_parameters():
+    """Per image, our decode + crop + flip + jitter against timm's PIL ops with the parameters we drew."""
+    files = _imagenet_files(48)
+    loader = GpuDecodeLoader(
+        [(f, 0) for f in files], sampler=range(len(files)), batch_size=48, img_size=224, mean=(0, 0, 0),
+        std=(1 / 255, 1 / 255, 1 / 255), device=torch.device("cpu"), num_workers=0,
+    )  # fmt: skip
+    data = [loader.files[k][0] for k in range(len(files))]
+    ours, params = loader.augment(data, random.Random(0))
+    assert ours.shape == (48, 3, 224, 224)
+    diffs = []
+    for k, f in enumerate(files):
+        with Image.open(f) as im:
+            pil = im.convert("RGB")
+        ref = _timm_ops(pil, params["boxes"][k], params["flips"][k], params["orders"][k], params["factors"][k], 224)
+        diffs.append((ours[k] - ref).abs().mean().item())
+    diffs = np.array(diffs)
+    # Two JPEG decoders (libjpeg-turbo in PIL, torchvision's on CPU here; nvjpeg on the GPU) and two resamplers
+    # (PIL's bilinear filter, roi_align's bilinear average) differ by a few grey levels out of 255, not more.
+    assert np.median(diffs) < 2.0 and diffs.max() < 3.0, diffs  # measured: 1.46 and 1.97
+    # Without parameters in common the outputs would differ by tens of levels: the test can fail.
+    shuffled = np.mean([(ours[k] - ours[(k + 1) % 48]).abs().mean().item() for k in range(48)])
+    assert shuffled > 20
+
+
+def test_parameter_statistics_match_timm():
+    """Area fraction, aspect and flip rate of our draws match timm's RandomResizedCrop + RandomHorizontalFlip."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    h, w = 256, 341
+    img = Image.new("RGB", (w, h))
+    rng = random.Random(1)
+    ours = [rrc_params(h, w, scale=SCALE, ratio=RATIO, rng=rng) for _ in range(4000)]
+    random.seed(2)
+    theirs = [RandomResizedCropAndInterpolation.get_params(img, SCALE, RATIO) for _ in range(4000)]
+    for stat in (lambda b: b[2] * b[3] / (h * w), lambda b: b[3] / b[2]):
+        a, t = np.array([stat(b) for b in ours]), np.array([stat(b) for b in theirs])
+        assert abs(a.mean() - t.mean()) < 0.03 * t.mean()
+        assert abs(np.median(a) - np.median(t)) < 0.05 * np.median(t)
+
+
+def test_color_jitter_matches_torchvision():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (6, 3, 20, 24), generator=g).float()
+    orders = torch.tensor([[0, 1, 2], [2, 1, 0], [1, 0, 2], [1, 2, 0], [0, 2, 1], [2, 0, 1]])
+    factors = torch.rand(6, 3, generator=g) * 0.8 + 0.6
+    ours = color_jitter(x.clone(), orders, factors)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for k in range(6):
+        ref = x[k] / 255
+        for op in orders[k].tolist():
+            ref = ops[op](ref, float(factors[k, op]))
+        torch.testing.assert_close(ours[k], ref * 255, atol=1e-3, rtol=1e-4)
+
+
+def _solid_jpeg(path, value: int, mode: str = "RGB", fmt: str = "JPEG") -> None:
+    im = Image.new("RGB", (40 + value % 7, 30 + value % 5), (value, value, value))
+    if mode == "CMYK":
+        im = im.convert("CMYK")
+    im.save(path, format=fmt)
+
+
+def test_index_alignment_and_no_file_dropped(tmp_path):
+    """Files whose pixels encode their index: every index comes back once, with its own pixels and label.
+
+    Among them a PNG under a .JPEG name and a CMYK JPEG, which take the CPU fallback instead of being dropped.
+    """
+    samples = []
+    for i in range(26):
+        path = tmp_path / f"{i:03d}.JPEG"
+        fmt, mode = ("PNG", "RGB") if i == 5 else ("JPEG", "CMYK" if i == 9 else "RGB")
+        _solid_jpeg(path, 8 * i + 20, mode=mode, fmt=fmt)
+        samples.append((str(path), i % 4))
+    order = list(range(26))
+    random.Random(3).shuffle(order)
+    for workers in (0, 2):
+        loader = GpuDecodeLoader(
+            samples, sampler=order, batch_size=8, img_size=16, mean=(0, 0, 0), std=(1 / 255,) * 3,
+            device=torch.device("cpu"), num_workers=workers, color_jitter=0.0,
+        )  # fmt: skip
+        seen = []
+        for x, y, idx in loader:
+            assert x.shape[1:] == (3, 16, 16)
+            for img, target, i in zip(x, y.tolist(), idx.tolist(), strict=True):
+                assert target == i % 4
+                assert abs(img.mean().item() - (8 * i + 20)) < 3, (i, img.mean().item())
+            seen += idx.tolist()
+        assert seen == order
+
+
+def test_undecodable_file_is_named(tmp_path):
+    bad = tmp_path / "broken.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
+    data = [torch.frombuffer(bytearray(bad.read_bytes()), dtype=torch.uint8)]
+    with pytest.raises(DataError, match="broken.JPEG.*remove or replace"):
+        decode_batch(data, device=torch.device("cpu"), paths=[str(bad)])
+
+
+def test_epoch_augmentation_is_a_function_of_seed_epoch_rank():
+    files = _imagenet_files(6)
+
+    class Epoch(list):
+        epoch = 3
+
+    def batches():
+        loader = GpuDecodeLoader(
+            [(f, 0) for f in files], sampler=Epoch(range(6)), batch_size=3, img_size=32, mean=(0.5,) * 3,
+            std=(0.25,) * 3, device=torch.device("cpu"), num_workers=0,
+        )  # fmt: skip
+        return [x for x, _, _ in loader]
+
+    a, b = batches(), batches()
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+
+
+def test_trainer_refuses_gpu_decode_without_cuda(tmp_path, imagenet_tiny, capsys):
+    from dap_pretrain.train import cli as train_cli
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        train_cli(
+            ["--data-dir", str(imagenet_tiny), "--model", "test_resnet", "--img-size", "64", "--aug", "imagenet",
+             "--device", "cpu", "--gpu-decode", "--output", str(out), "--epochs", "2", "--dap-warmup", "1",
+             "--no-plot"]
+        )  # fmt: skip
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert exc.value.code == 2 and len(lines) == 1 and "--gpu-decode" in lines[0] and "CUDA" in lines[0], err
+    assert not out.exists()  # the refused command leaves no folder behind
