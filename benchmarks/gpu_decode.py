@@ -1,0 +1,189 @@
+"""GPU JPEG pipeline against CPU decoding and timm's train.py, in one GPU job (issue 12 item 3; issue 11's gap).
+
+Data: ``imagenet_sample``'s 1,000 real JPEGs as they are (short side 256, as ImageNet training reads them after the
+usual resize), each hard-linked ``--copies`` times into ``train/<wnid>/``, so an epoch is ``1000 * copies`` files.
+Every run: ResNet-50, AMP float16, channels-last, batch 256, ``--workers`` loader processes, ``--epochs`` epochs,
+no evaluation, the same seed. Measured, in this order, each with its own time limit:
+
+1. ``model_only``: the model on one synthetic batch kept on the GPU (no loader): the ceiling.
+2. ``trainer_cpu_decode``: the trainer, ``--dap-select none``, PIL decoding + timm's transform in the workers.
+3. ``trainer_gpu_decode``: the same with ``--gpu-decode``.
+4. ``timm_train``: timm's own train.py (``--timm-train PATH``; not part of this repository) with the same flags
+   (``--amp --channels-last -b 256 -j W --train-interpolation bilinear``), its per-epoch running average img/s.
+5. ``dap_cpu_decode`` / ``dap_gpu_decode``: the trainer with DaP (W=1, I=1, p=0.5, no reuse) for 4 epochs: its
+   measured compute fraction against its wall-clock fraction (:func:`wall_vs_compute`); the difference is what
+   each epoch's fixed start (loader workers, first batch) costs.
+
+The trainer's figure is the median over epochs 2..E of summary.csv's ``img_per_s`` (samples / seconds of the
+epoch's training loop, the first batch's wait included). Results are written to ``$OUT/gpu_decode.json`` after
+every step and a table is printed last. ``--dry-run`` runs the same code on the CPU at toy size (no GPU decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    IMAGENET_CANDIDATES,
+    BenchmarkError,
+    _link,
+    child_env,
+    find_dir,
+    machine_info,
+    read_summary_csv,
+    run_trainer,
+    steady_img_per_s,
+)
+from gpu_check import model_only_img_per_s  # noqa: E402
+
+
+def original_folder(data: Path, work: Path, *, copies: int, max_classes: int | None) -> Path:
+    """``work/imagenet_orig_x<copies>/{train,val}/<wnid>/``: the original files, linked; val has one per class."""
+    dest = work / (f"imagenet_orig_x{copies}" + ("" if max_classes is None else f"_{max_classes}cls"))
+    if (dest / "train").is_dir():
+        return dest
+    for class_dir in sorted(p for p in data.iterdir() if p.is_dir())[:max_classes]:
+        files = sorted(class_dir.iterdir())
+        for f in files:
+            for k in range(copies):
+                dst = dest / "train" / class_dir.name / f"{f.stem}_{k}{f.suffix}"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _link(f, dst)
+        (dest / "val" / class_dir.name).mkdir(parents=True, exist_ok=True)
+        _link(files[0], dest / "val" / class_dir.name / files[0].name)
+    return dest
+
+
+def timm_train(script: Path, root: Path, out: Path, *, args, img_size: int, timeout: float) -> dict:
+    """timm's train.py on ``root`` with the trainer's flags; returns its last running-average img/s per epoch."""
+    cmd = [sys.executable, str(script), "--data-dir", str(root), "--train-split", "train", "--val-split", "val",
+           "--model", args.model, "--img-size", str(img_size), "-b", str(args.batch_size),
+           "--epochs", str(args.epochs), "-j", str(args.workers),
+           "--lr", "0.1", "--sched", "cosine", "--warmup-epochs", "0", "--train-interpolation", "bilinear",
+           "--seed", "0", "--output", str(out), "--log-interval", "10", "--pin-mem"]
+    cmd += ["--amp", "--channels-last"] if args.device == "cuda" else ["--device", "cpu"]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(None), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise BenchmarkError(f"timm train.py killed after {timeout:.0f} s") from None
+    (out / "timm_train.log").write_text(proc.stdout + proc.stderr)
+    # 'Train: 1 [  40/93 ( 44%)]  Loss: ...  Time: 0.067s, 3806.11/s  (0.068s, 3764.02/s)  LR: ...'
+    per_epoch: dict[int, float] = {}
+    for line in (proc.stdout + proc.stderr).splitlines():
+        m = re.search(r"Train: (\d+) \[.*\(\s*[\d.]+s,\s*([\d.]+)/s\)", line)
+        if m:
+            per_epoch[int(m.group(1))] = float(m.group(2))
+    if proc.returncode or not per_epoch:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise BenchmarkError(f"timm train.py exited {proc.returncode}: {' | '.join(tail)}")
+    rates = [per_epoch[e] for e in sorted(per_epoch)]
+    return {"img_per_s": statistics.median(rates[1:] or rates), "per_epoch": rates,
+            "wall_s": time.perf_counter() - t0}
+
+
+def wall_vs_compute(output: Path) -> dict:
+    """A DaP run's measured compute fraction against its wall-clock fraction: the sum of its epoch times over
+    E times the time of its steady full-data epoch (epoch 2; epoch 1 also pays start-up and warm-up)."""
+    rows = read_summary_csv(output)
+    run = json.loads((output / "run.json").read_text())
+    full = rows[1]["epoch_time_s"]
+    wall = sum(r["epoch_time_s"] for r in rows) - rows[0]["epoch_time_s"] + full  # epoch 1 counted at steady time
+    return {"compute_fraction": run["compute_fraction_measured"], "wall_fraction": wall / (len(rows) * full),
+            "epochs": [{k: r[k] for k in ("samples_trained", "epoch_time_s", "img_per_s")} for r in rows]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--imagenet", default=None, help="imagenet_sample folder")
+    p.add_argument("--timm-train", default=None, help="timm's train.py (from its repository at the installed version)")
+    p.add_argument("--work-dir", default="/tmp/dap-gpu-decode")
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("-b", "--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=14)
+    p.add_argument("--copies", type=int, default=24)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--step-timeout", type=float, default=120)
+    p.add_argument("--steps", nargs="+", default=["model_only", "trainer_cpu_decode", "trainer_gpu_decode",
+                                                  "timm_train", "dap_cpu_decode", "dap_gpu_decode"])
+    p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, no GPU decoding")
+    args = p.parse_args(argv)
+    args.device = "cpu" if args.dry_run else "cuda"
+    img_size, max_classes = 224, None
+    if args.dry_run:
+        args.model, args.batch_size, args.workers, args.copies, args.epochs = "test_resnet", 16, 1, 2, 2
+        img_size, max_classes = 64, 20
+        args.steps = [s for s in args.steps if "gpu_decode" not in s]
+    out = Path(os.environ.get("OUT") or "gpu_results")
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work_dir + ("-dry" if args.dry_run else ""))
+    root = original_folder(find_dir(args.imagenet, IMAGENET_CANDIDATES), work, copies=args.copies,
+                           max_classes=max_classes)
+    n = sum(1 for _ in root.glob("train/*/*"))
+    results = {"machine": machine_info(), "args": vars(args), "images_per_epoch": n, "steps": {}}
+    print(results["machine"], f"{n} images per epoch", flush=True)
+    common = ["--model", args.model, "--data-dir", str(root), "--train-split", "train", "--val-split", "",
+              "--img-size", str(img_size), "--aug", "imagenet", "-b", str(args.batch_size), "--sched", "cosine",
+              "--lr", "0.1", "-j", str(args.workers), "--device", args.device, "--seed", "0", "--channels-last"]
+    common += ["--amp", "--amp-dtype", "float16"] if args.device == "cuda" else []
+    none = ["--dap-select", "none", "--epochs", str(args.epochs)]
+    dap = ["--dap-select", "hard", "--epochs", "4", "--dap-warmup", "1", "--dap-interval", "1", "--dap-keep", "0.5",
+           "--dap-reuse"]
+    for step in args.steps:
+        t0 = time.monotonic()
+        try:
+            if step == "model_only":
+                res = {"img_per_s": model_only_img_per_s(model=args.model, img_size=img_size,
+                                                         batch_size=args.batch_size, steps=40, device=args.device,
+                                                         amp=True, channels_last=True)}
+            elif step == "timm_train":
+                if not args.timm_train:
+                    raise BenchmarkError("no --timm-train given")
+                res = timm_train(Path(args.timm_train), root, work / step, args=args, img_size=img_size,
+                                 timeout=args.step_timeout)
+            else:
+                flags = common + (none if step.startswith("trainer") else dap)
+                flags += ["--gpu-decode"] if step.endswith("gpu_decode") else []
+                run_trainer(work / step, flags, rerun=True, timeout=args.step_timeout)
+                rows = read_summary_csv(work / step)
+                res = {"img_per_s": steady_img_per_s(rows), "per_epoch": [r["img_per_s"] for r in rows]}
+                if step.startswith("dap"):
+                    res.update(wall_vs_compute(work / step))
+        except BenchmarkError as e:
+            res = {"error": str(e)}
+        res["seconds"] = time.monotonic() - t0
+        results["steps"][step] = res
+        print(f"{step}: {json.dumps(res)}", flush=True)
+        (out / "gpu_decode.json").write_text(json.dumps(results, indent=2, default=str))
+    info, steps = results["machine"], results["steps"]
+    ceiling = steps.get("model_only", {}).get("img_per_s")
+    print(f"\n== {info['gpu'] or info['cpu']}, torch {info['torch']}, timm {info['timm']}, {args.model} "
+          f"{img_size} px, batch {args.batch_size}, {args.workers} workers, {n} JPEGs/epoch ==")
+    print("| what | img/s | of model-only |\n|---|---:|---:|")
+    for step, res in steps.items():
+        if "img_per_s" in res:
+            frac = f"{res['img_per_s'] / ceiling:.3f}" if ceiling else "-"
+            extra = ""
+            if "compute_fraction" in res:
+                extra = (f" (DaP p=0.5, 4 epochs: compute {res['compute_fraction']:.4f}, wall-clock "
+                         f"{res['wall_fraction']:.4f})")
+            print(f"| {step}{extra} | {res['img_per_s']:.0f} | {frac} |")
+        else:
+            print(f"| {step} | {res.get('error')} | |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
