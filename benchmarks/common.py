@@ -32,8 +32,20 @@ IMAGENET_CANDIDATES = (REPO.parent / "shared/data/imagenet_sample", REPO / "shar
 CIFAR_TARBALLS = {"train": "cifar10_train_jpg.tar.gz", "test": "cifar10_test_jpg.tar.gz"}
 DEFAULT_WORK_DIR = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dap-pretrain" / "benchmarks"
 
-# The paper's CIFAR setting (Section 4.1 and Table 2's baseline), in epochs of a 300-epoch run.
-PAPER_CIFAR = dict(epochs=300, warmup=40, interval=10, keep=0.9, reuse=150, milestones=(150, 225))
+
+
+def _paper_cifar() -> dict:
+    """The paper's CIFAR setting (Section 4.1, Table 2's baseline), read from configs/pretrain like every preset."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from dap_pretrain.config import paper_setting
+
+    s = paper_setting("cifar10")
+    return dict(epochs=s["epochs"], warmup=s["dap_warmup"], interval=s["dap_interval"], keep=s["dap_keep"],
+                reuse=s["dap_reuse"][0], milestones=tuple(s["decay_milestones"]))
+
+
+PAPER_CIFAR = _paper_cifar()  # epochs=300, warmup=40, interval=10, keep=0.9, reuse=150, milestones=(150, 225)
 
 
 class BenchmarkError(RuntimeError):
@@ -280,8 +292,8 @@ def bare_loop(*, model: str, data_root: Path, split: str, img_size: int, batch_s
               channels_last: bool = False, lr: float = 0.1, seed: int = 0, threads: int | None = None) -> list[dict]:
     """Trains ``model`` with a plain PyTorch loop; returns per-epoch ``{"samples", "seconds", "img_per_s"}``.
 
-    Same dataset, transform and loader as the trainer (``create_dataset``, ``IndexedDataset``, ``cifar_transform``
-    for <= 64 px else ``imagenet_transform``, ``create_loader``), SGD with momentum and mean cross-entropy; no
+    Same dataset, transform and loader as the trainer (``create_dataset``, ``IndexedDataset``, ``trainer_transform``
+    (CIFAR augmentation up to 64 px, else timm's), ``create_loader``), SGD with momentum and mean cross-entropy; no
     per-sample loss recording, LR schedule, sampler bookkeeping, evaluation or checkpoints. An epoch is timed like
     the trainer's (from creating the iterator to the loss of the last step on the host).
     """
@@ -290,15 +302,14 @@ def bare_loop(*, model: str, data_root: Path, split: str, img_size: int, batch_s
 
     import dap_pretrain.models  # noqa: F401  (registers cifar_*)
     from dap_pretrain.data.dataset import IndexedDataset, create_dataset
-    from dap_pretrain.data.loader import cifar_transform, create_loader, imagenet_transform
+    from dap_pretrain.data.loader import create_loader, trainer_transform
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     dev = torch.device(device)
     dataset = IndexedDataset(create_dataset(name="", root=Path(data_root), split=split, is_training=True))
-    dataset.transform = cifar_transform(img_size=img_size, is_training=True) if img_size <= 64 else \
-        imagenet_transform(img_size=img_size, is_training=True, interpolation="bilinear")
+    dataset.transform = trainer_transform(img_size=img_size, aug="auto", is_training=True)
     num_classes = len(dataset.dataset.reader.class_to_idx)
     net = timm.create_model(model, num_classes=num_classes).to(dev)
     if channels_last:

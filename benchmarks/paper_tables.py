@@ -728,7 +728,7 @@ def _lock(runs_dir: Path):
 
 def check_config() -> None:
     """The config must be the paper's schedule (300 epochs, W=40, I=10, p=0.9, R=150, LR /10 at 150, 225)."""
-    from dap_pretrain.train import load_config
+    from dap_pretrain.config import load_config
 
     cfg = load_config(REPO / CONFIG)
     want = dict(

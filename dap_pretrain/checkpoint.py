@@ -18,12 +18,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dap_pretrain.errors import DapError
+
 _logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class StorageError(DapError):
+    """A file of a run could not be written (disk full, read-only or vanished folder); one line, exit 2."""
+
+
+class CheckpointError(DapError, ValueError):
     """A checkpoint that cannot be used; the message is one line naming the fix."""
 
 
@@ -60,6 +66,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # disk full, folder removed or made read-only mid-run: one line, the old file intact
+        tmp.unlink(missing_ok=True)
+        raise StorageError(
+            f"cannot write {path} ({e.strerror or e}); free space or fix the folder, then continue from the last "
+            "checkpoint written (--resume), which is intact"
+        ) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -97,3 +109,17 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
             "use `python -m dap_pretrain export` only on dap-train checkpoints"
         )
     return ckpt
+
+
+def state_dict_mismatch(weights: dict, reference: dict, *, optional: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """How ``weights`` fails to load into a module whose state dict is ``reference``: the one fit check of the
+    project (export, ``load_backbone``, the mm backbones).
+
+    Keys starting with an ``optional`` prefix (a classifier) may be absent from either side. Returns the
+    ``missing``, ``unexpected`` and ``mis-shaped`` keys; all empty when ``weights`` fits.
+    """
+    return {
+        "missing": [k for k in reference if k not in weights and not k.startswith(optional)],
+        "unexpected": [k for k in weights if k not in reference and not k.startswith(optional)],
+        "mis-shaped": [k for k in reference if k in weights and weights[k].shape != reference[k].shape],
+    }

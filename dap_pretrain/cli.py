@@ -6,43 +6,14 @@ Only entry points import this module; library code takes keyword arguments (STYL
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 
-from dap_pretrain.schedule import IMAGENET_NUM_SAMPLES, DaPConfig, plan, solve_keep
+from dap_pretrain.config import PAPER_SETTINGS, dap_config_from_args, paper_setting
+from dap_pretrain.errors import entry_point, user_input
+from dap_pretrain.schedule import IMAGENET_NUM_SAMPLES, plan
 
-# Paper settings (Section 4.3.1 for ImageNet, Tables 2-3 baselines for CIFAR), as plan defaults.
-PRESETS = {
-    "imagenet": dict(
-        epochs=120,
-        dap_warmup=10,
-        dap_interval=2,
-        dap_keep=0.9,
-        dap_active=10,
-        dap_reuse=[30, 60, 90],
-        num_samples=IMAGENET_NUM_SAMPLES,
-    ),
-    "imagenet-86": dict(
-        epochs=120,
-        dap_warmup=10,
-        dap_interval=2,
-        dap_keep=0.95,
-        dap_active=10,
-        dap_reuse=[30, 60, 90],
-        num_samples=IMAGENET_NUM_SAMPLES,
-    ),
-    "cifar10": dict(
-        epochs=300, dap_warmup=40, dap_interval=10, dap_keep=0.9, dap_active=None, dap_reuse=[150], num_samples=50_000
-    ),
-    "cifar100": dict(
-        epochs=300, dap_warmup=40, dap_interval=20, dap_keep=0.9, dap_active=None, dap_reuse=[150], num_samples=50_000
-    ),
-}
-
-
-class UsageError(ValueError):
-    """Bad input found by an entry point; printed as one line, exit code 2."""
+exits_cleanly = entry_point  # the name entry points used before dap_pretrain.errors
 
 
 def add_dap_arguments(parser: argparse.ArgumentParser, *, with_epochs: bool = True) -> None:
@@ -77,43 +48,6 @@ def add_dap_arguments(parser: argparse.ArgumentParser, *, with_epochs: bool = Tr
     )
 
 
-def dap_config_from_args(
-    args: argparse.Namespace, *, num_samples: int, default_reuse: tuple[int, ...] = ()
-) -> tuple[DaPConfig, str | None]:
-    """Build the :class:`DaPConfig`; with ``--dap-target-compute`` solve p first.
-
-    Returns the config and, when p was solved, a line saying what it achieves.
-    """
-    reuse = tuple(args.dap_reuse) if args.dap_reuse is not None else tuple(default_reuse)
-    kwargs = dict(
-        epochs=args.epochs, warmup=args.dap_warmup, interval=args.dap_interval, active=args.dap_active, reuse=reuse
-    )
-    DaPConfig(keep=1.0, **kwargs)  # validate everything but p before solving
-    note = None
-    keep = args.dap_keep
-    if args.dap_target_compute is not None:
-        keep, achieved = solve_keep(args.dap_target_compute, num_samples=num_samples, **kwargs)
-        note = f"solved --dap-keep {keep:.6f}: compute {achieved:.4f} for target {args.dap_target_compute:.4f}"
-        if abs(achieved - args.dap_target_compute) > 0.005:
-            note += " (closest reachable: warm-up and reuse epochs always train on all data)"
-    return DaPConfig(keep=keep, **kwargs), note
-
-
-def exits_cleanly(main):
-    """Turn expected bad-input errors into one stderr line and exit code 2 (never a traceback)."""
-
-    @functools.wraps(main)
-    def wrapper(argv=None):
-        try:
-            return main(argv)
-        except (ValueError, FileNotFoundError) as e:  # UsageError and data.DataError are ValueErrors
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"error: {msg}", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's default prints usage on several lines
         print(f"error: {message} (see --help)", file=sys.stderr)
@@ -125,8 +59,9 @@ def make_parser(**kwargs) -> argparse.ArgumentParser:
 
 
 def _plan_main(args: argparse.Namespace) -> int:
-    cfg, note = dap_config_from_args(args, num_samples=args.num_samples)
-    p = plan(cfg, args.num_samples)
+    with user_input():
+        cfg, note = dap_config_from_args(args, num_samples=args.num_samples)
+        p = plan(cfg, args.num_samples)
     if args.json:
         out = p.to_dict()
         if args.dap_target_compute is not None:
@@ -163,7 +98,11 @@ def main(argv=None) -> int:
     add_dap_arguments(p)
     p.add_argument("--num-samples", type=int, default=IMAGENET_NUM_SAMPLES, help="dataset size N (default ImageNet-1k)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a paper setting; other flags override it")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PAPER_SETTINGS),
+        help="start from a paper setting (read from configs/pretrain); other flags override it",
+    )
     e = sub.add_parser("export", help="release a training checkpoint as timm/mmdet/mmpose weights")
     e.add_argument(
         "checkpoint",
@@ -177,6 +116,7 @@ def main(argv=None) -> int:
     e.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     args = parser.parse_args(argv)
     if args.command == "plan" and args.preset:
-        p.set_defaults(**PRESETS[args.preset])
+        setting = paper_setting(args.preset)
+        p.set_defaults(**{k: v for k, v in setting.items() if k != "decay_milestones"})
         args = parser.parse_args(argv)
     return {"plan": _plan_main, "export": _export_main}[args.command](args)

@@ -25,10 +25,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from dap_pretrain.errors import DapError
+
 _CAPTURE_LOCK = threading.Lock()  # one capture at a time per process: concurrent captures fail (cudaErrorIllegalState)
 
 
-class GraphUnsupportedError(ValueError):
+class GraphUnsupportedError(DapError, ValueError):
     """This configuration cannot run as a CUDA graph; the message names the flag to change."""
 
 

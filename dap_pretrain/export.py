@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dap_pretrain.checkpoint import CheckpointError
+from dap_pretrain.checkpoint import CheckpointError, state_dict_mismatch
 
 RELEASE_FILES = ("model.safetensors", "config.json", "backbone.pth", "meta.json")
 # pretrained_cfg fields that describe timm's own weights for an architecture (their tag, paper, licence,
@@ -53,7 +53,7 @@ class _Trained:
     data_config: dict  # the eval preprocessing, for config.json's pretrained_cfg
 
 
-def _classifier_prefixes(arch: str) -> tuple[str, ...]:
+def classifier_prefixes(arch: str) -> tuple[str, ...]:
     """Key prefixes of ``arch``'s classifier, from timm's pretrained cfg (no model is built)."""
     from timm.models import get_pretrained_cfg_value
 
@@ -65,7 +65,7 @@ def _classifier_prefixes(arch: str) -> tuple[str, ...]:
 
 def _num_classes_in(weights: dict, arch: str) -> int:
     """Rows of the classifier weight in ``weights``; 0 when the file holds no classifier."""
-    w = weights.get(f"{_classifier_prefixes(arch)[0]}weight")
+    w = weights.get(f"{classifier_prefixes(arch)[0]}weight")
     return int(w.shape[0]) if w is not None else 0
 
 
@@ -139,7 +139,7 @@ def _from_mmengine(ckpt: dict, *, use_ema: bool, path: Path) -> _Trained:
         source = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
     else:
         source = ckpt["state_dict"]
-    head = _classifier_prefixes(arch)[0]
+    head = classifier_prefixes(arch)[0]
     weights = {}
     for key, value in source.items():
         if key.startswith("backbone."):
@@ -201,6 +201,12 @@ def _hub_config(model: torch.nn.Module, trained: _Trained, *, native: bool, path
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def export_backbone(
     checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, use_ema: bool = True, overwrite: bool = False
 ) -> Path:
@@ -224,6 +230,9 @@ def export_backbone(
     from timm.models import model_entrypoint
 
     out = Path(out_dir)
+    blocked = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise CheckpointError(f"export folder {out} cannot be made: {blocked} is a file; pass another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"export folder {out} is not empty; choose another --out or pass --overwrite")
     trained = _trained(Path(checkpoint), use_ema=use_ema)
@@ -238,7 +247,7 @@ def export_backbone(
         fix=f"the checkpoint's weights are not the {trained.arch} it names; export a checkpoint of a timm architecture",
     )
     native = model_entrypoint(trained.arch).__module__.startswith("timm.")
-    backbone = {k: v for k, v in weights.items() if not k.startswith(_classifier_prefixes(trained.arch))}
+    backbone = {k: v for k, v in weights.items() if not k.startswith(classifier_prefixes(trained.arch))}
     run = trained.run
     meta = {
         "model": trained.arch,
@@ -266,8 +275,14 @@ def export_backbone(
         torch.save(backbone, tmp / "backbone.pth")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         out.mkdir(exist_ok=True)
+        mode = 0o666 & ~_umask()  # as a plain open() would create them (the temp folder's files are private)
         for name in RELEASE_FILES:
+            os.chmod(tmp / name, mode)
             os.replace(tmp / name, out / name)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write the release into {out} ({e.strerror or e}); free space or pass another --out"
+        ) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -375,11 +390,8 @@ def _check_fits(
     import timm
 
     net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
-    expected = net.state_dict()
-    head = _classifier_prefixes(arch)
-    missing = [k for k in expected if k not in weights and not k.startswith(head)]
-    unexpected = [k for k in weights if k not in expected]
-    misshaped = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    bad = state_dict_mismatch(weights, net.state_dict(), optional=classifier_prefixes(arch))
+    missing, unexpected, misshaped = bad["missing"], bad["unexpected"], bad["mis-shaped"]
     if missing or unexpected or misshaped:
         example = (missing or unexpected or misshaped)[0]
         fix = fix or f"load it as {holds or 'the model it was trained as'}"

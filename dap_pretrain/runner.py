@@ -8,13 +8,9 @@ accounting and the checkpoints. Epoch numbers in logs, ``summary.csv`` and ``run
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
-import os
 import random
-import shutil
-import socket
 import threading
 import time
 import zlib
@@ -29,13 +25,12 @@ import yaml
 from dap_pretrain.checkpoint import (
     CheckpointError,
     load_checkpoint,
-    remove_stale_tmp,
     rng_state,
     save_checkpoint,
     set_rng_state,
     write_atomic,
 )
-from dap_pretrain.cli import UsageError, dap_config_from_args
+from dap_pretrain.config import dap_config_from_args, default_reuse, resolve_baselines
 from dap_pretrain.cuda_graph import GraphedSGDStep, check_graphable
 from dap_pretrain.data.dataset import (
     IndexedDataset,
@@ -46,33 +41,19 @@ from dap_pretrain.data.dataset import (
 )
 from dap_pretrain.data.gpu_decode import GpuDecodeLoader, dataset_samples
 from dap_pretrain.data.infobatch import InfoBatchSampler
-from dap_pretrain.data.loader import cifar_transform, create_loader, imagenet_transform
+from dap_pretrain.data.loader import create_loader, trainer_transform, uses_cifar_aug
 from dap_pretrain.data.memory import decoded_bytes, in_memory_loaders
 from dap_pretrain.data.sampler import DaPSampler
-from dap_pretrain.distributed import barrier, init_distributed
+from dap_pretrain.distributed import barrier, init_distributed, pick_threads, rank0_outcome
 from dap_pretrain.engine import evaluate, train_one_epoch
+from dap_pretrain.errors import UsageError, user_input
+from dap_pretrain.logs import HeldLogs, main_process_logging
 from dap_pretrain.lr import EpochProgressLR
+from dap_pretrain.run_folder import claim_output, git_commit, release_unused, take_over
 from dap_pretrain.schedule import plan
-from dap_pretrain.train import (
-    _git_commit,
-    check_output_dir,
-    default_reuse,
-    main_process_logging,
-    resolve_baselines,
-)
 
 _logger = logging.getLogger("dap_pretrain.train")
 _INIT_LOCK = threading.Lock()  # global-RNG seeding + model init (dap_pretrain.multirun runs share a process)
-# What a run writes into OUTPUT (besides export/ and the .lock file); --overwrite removes them.
-RUN_FILES = (
-    "model_best.pth.tar",
-    "log.txt",
-    "summary.csv",
-    "run.json",
-    "args.yaml",
-    "last.pth.tar",
-    "dap_schedule.png",
-)
 RESUME_KEYS = ("epoch", "optimizer", "lr_scheduler", "sampler", "accounting", "history")
 
 
@@ -154,7 +135,7 @@ class Accounting:
             "ema_top5": ema_top5,
             "wall_time_s": round(wall_s, 2),
             "dap": dap,
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "torch": torch.__version__,
         }
 
@@ -193,18 +174,10 @@ def _build_data(args, model_cfg: dict) -> Data:
         else None
     )
     img_size = args.img_size or model_cfg.get("input_size", (3, 224, 224))[-1]
-    cifar = args.aug == "cifar" or (args.aug == "auto" and img_size <= 64)
-    train.transform = (
-        cifar_transform(img_size=img_size, is_training=True)
-        if cifar
-        else imagenet_transform(img_size=img_size, is_training=True, interpolation="bilinear")
-    )
+    cifar = uses_cifar_aug(img_size=img_size, aug=args.aug)
+    train.transform = trainer_transform(img_size=img_size, aug=args.aug, is_training=True)
     if val is not None:
-        val.transform = (
-            cifar_transform(img_size=img_size, is_training=False)
-            if cifar
-            else imagenet_transform(img_size=img_size, is_training=False)
-        )
+        val.transform = trainer_transform(img_size=img_size, aug=args.aug, is_training=False)
     classes = getattr(getattr(train, "reader", None), "class_to_idx", None) or getattr(train, "class_to_idx", None)
     num_classes = args.num_classes or (len(classes) if classes else 1000)
     mean = tuple(model_cfg.get("mean", (0.485, 0.456, 0.406)))
@@ -278,7 +251,7 @@ def use_in_memory(args, data: Data) -> bool:
     return data.cifar_aug and size_mb <= args.in_memory_max_mb
 
 
-def _build_loaders(args, data: Data, sampler, *, device, rank: int, world: int, gen):
+def _build_loaders(args, data: Data, sampler, *, device, rank: int, world: int):
     """Train and val loaders: the in-memory path (see :func:`use_in_memory`), the GPU JPEG pipeline for the train
     split (``--gpu-decode``), or JPEG decoding in workers."""
     val_batch = args.validation_batch_size or args.batch_size
@@ -314,7 +287,7 @@ def _build_loaders(args, data: Data, sampler, *, device, rank: int, world: int, 
             num_workers=args.workers,
             drop_last=args.drop_last,
             channels_last=args.channels_last,
-            generator=gen,
+            seed=args.seed,  # per-sample augmentation seeds: the same on every rank and worker count
         )
     val_loader = None
     if data.val is not None:
@@ -409,108 +382,6 @@ def _write_summary(output: Path, history: list) -> None:
     write_atomic(output / "summary.csv", write)
 
 
-class _HeldLogs(logging.Handler):
-    """Holds this thread's log records until the run folder is ready (checks passed, ``--overwrite`` cleared).
-
-    Attached on creation, replacing this thread's handlers as :func:`main_process_logging` does (so an earlier
-    run's log.txt gets none of this run's lines); :meth:`close` detaches it, :meth:`replay` sends the records on.
-    """
-
-    def __init__(self, rank: int):
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-        ident = threading.get_ident()
-        self.addFilter(lambda record: record.thread == ident)
-        self.dap_thread = ident  # other threads' runs (dap_pretrain.multirun) leave it in place
-        root = logging.getLogger()
-        for handler in list(root.handlers):
-            if getattr(handler, "dap_thread", None) in (ident, None):
-                root.removeHandler(handler)
-                handler.close()
-        root.addHandler(self)
-        root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def close(self) -> None:
-        logging.getLogger().removeHandler(self)
-        super().close()
-
-    def replay(self) -> None:
-        root = logging.getLogger()
-        for record in self.records:
-            root.handle(record)
-        self.records = []
-
-
-def _claim_output(output: Path, *, resume: str, overwrite: bool):
-    """Own OUTPUT: an advisory ``fcntl.flock`` on OUTPUT/.lock (the OS drops it when the process dies, so a
-    kill -9 leaves no stale lock), then the folder checks.
-
-    Returns the open lock file; closing it releases the folder. A folder owned by another live trainer, or one
-    holding another run, raises :class:`UsageError` with nothing in it changed. :func:`_take_over` writes the
-    owner's name into the lock file once every check of the run has passed.
-    """
-    try:
-        created = [p for p in (output, *output.parents) if not p.exists()]
-        output.mkdir(parents=True, exist_ok=True)
-        fd = os.open(output / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise UsageError(f"cannot use {output} as the run folder ({e.strerror}); pass another --output") from None
-    lock = os.fdopen(fd, "r+")
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = lock.read().strip() or "one still starting"
-            raise UsageError(
-                f"output folder {output} is in use by another trainer ({other}); "
-                "wait for it to finish or pass another --output"
-            ) from None
-        check_output_dir(output, resume=resume, overwrite=overwrite)
-    except BaseException:
-        lock.close()
-        raise
-    lock.created = created  # folders this call made: removed again if the run stops before writing anything
-    return lock
-
-
-def _release_unused(lock, output: Path) -> None:
-    """After a run that stopped before writing anything: remove the lock file and the folders it created, so a
-    refused command leaves no trace (a folder holding anything else is kept)."""
-    created = getattr(lock, "created", [])
-    if not created or [p.name for p in output.iterdir()] != [".lock"]:
-        return
-    (output / ".lock").unlink(missing_ok=True)
-    for folder in created:  # deepest first
-        try:
-            folder.rmdir()
-        except OSError:
-            break
-
-
-def _take_over(lock, output: Path, *, overwrite: bool) -> list[str]:
-    """Once every check has passed: name this trainer in the lock file, remove the temp files of killed writes
-    and, with ``--overwrite``, the previous run's files. Returns what it removed."""
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    lock.flush()
-    return remove_stale_tmp(output) + (_clear_run(output) if overwrite else [])
-
-
-def _clear_run(output: Path) -> list[str]:
-    """``--overwrite``: delete the previous run's files (called only once every check has passed)."""
-    removed = [name for name in RUN_FILES if (output / name).is_file()]
-    for name in removed:
-        (output / name).unlink()
-    if (output / "export").is_dir():
-        shutil.rmtree(output / "export")
-        removed.append("export/")
-    return removed
-
-
 def _seeded_model(args, num_classes: int, device: torch.device, rank: int):
     """Seed the global RNGs and build the model under one lock, so runs sharing a process init reproducibly."""
     with _INIT_LOCK:
@@ -601,16 +472,24 @@ def run(args: argparse.Namespace) -> dict | None:
     resolve_baselines(args)
     device, rank, world = init_distributed(args.device)
     output = Path(args.output)
-    held = _HeldLogs(rank)
+    held = HeldLogs(rank)
     lock = None
     try:
+        refused = None
         if rank == 0:
-            lock = _claim_output(output, resume=args.resume, overwrite=args.overwrite)
-        barrier()
+            try:
+                lock = claim_output(output, resume=args.resume, overwrite=args.overwrite)
+            except UsageError as e:
+                refused = e
+        message = rank0_outcome(str(refused) if refused is not None else None)
+        if refused is not None:
+            raise refused
+        if message is not None:  # the other ranks stop with rank 0's line instead of hanging at a barrier
+            raise UsageError(message)
         return _train(args, device=device, rank=rank, world=world, output=output, held=held, lock=lock)
     except BaseException:
         if lock is not None:
-            _release_unused(lock, output)
+            release_unused(lock, output)
         raise
     finally:
         held.close()
@@ -618,7 +497,7 @@ def run(args: argparse.Namespace) -> dict | None:
             lock.close()
 
 
-def _train(args, *, device, rank: int, world: int, output: Path, held: _HeldLogs, lock) -> dict | None:
+def _train(args, *, device, rank: int, world: int, output: Path, held: HeldLogs, lock) -> dict | None:
     """:func:`run` once OUTPUT is owned: build, check and resume everything, only then touch the folder; train."""
     import timm
     from timm.optim import create_optimizer_v2
@@ -627,30 +506,31 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: _HeldLogs
     model_cfg = timm.models.get_pretrained_cfg(args.model)
     data = _build_data(args, model_cfg.to_dict() if model_cfg else {})
     model = _seeded_model(args, data.num_classes, device, rank)
-    sampler, acct, dap, note = _build_sampler(args, len(data.train), world, rank)
-    check_batch_size(
-        num_samples=len(data.train),
-        batch_size=args.batch_size,
-        drop_last=args.drop_last,
-        num_replicas=world,
-        smallest_subset=_smallest_subset(args, sampler),
-    )
-    if note:
-        _logger.info(note)
-    optimizer = create_optimizer_v2(
-        model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
-    )
-    lr_sched = EpochProgressLR(
-        optimizer,
-        base_lr=args.lr,
-        sched=args.sched,
-        epochs=args.epochs,
-        milestones=tuple(args.decay_milestones),
-        decay_rate=args.decay_rate,
-        warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr,
-        min_lr=args.min_lr,
-    )
+    with user_input():  # the flags' values are checked by the components they configure
+        sampler, acct, dap, note = _build_sampler(args, len(data.train), world, rank)
+        check_batch_size(
+            num_samples=len(data.train),
+            batch_size=args.batch_size,
+            drop_last=args.drop_last,
+            num_replicas=world,
+            smallest_subset=_smallest_subset(args, sampler),
+        )
+        if note:
+            _logger.info(note)
+        optimizer = create_optimizer_v2(
+            model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+        )
+        lr_sched = EpochProgressLR(
+            optimizer,
+            base_lr=args.lr,
+            sched=args.sched,
+            epochs=args.epochs,
+            milestones=tuple(args.decay_milestones),
+            decay_rate=args.decay_rate,
+            warmup_epochs=args.warmup_epochs,
+            warmup_lr=args.warmup_lr,
+            min_lr=args.min_lr,
+        )
     amp_dtype, scaler = _amp(args, device)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     graph_step = None
@@ -667,8 +547,10 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: _HeldLogs
         graph_step = GraphedSGDStep(
             model, optimizer, batch_size=args.batch_size, amp_dtype=amp_dtype, smoothing=args.smoothing
         )
-    gen = torch.Generator()
-    train_loader, val_loader = _build_loaders(args, data, sampler, device=device, rank=rank, world=world, gen=gen)
+    train_loader, val_loader = _build_loaders(args, data, sampler, device=device, rank=rank, world=world)
+    decoding_workers = 0 if hasattr(train_loader, "store") else args.workers  # in-memory: workers only at start
+    threads, threads_note = pick_threads(workers=decoding_workers, device_type=device.type)
+    torch.set_num_threads(threads)
     start_epoch, ckpt = 0, None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
@@ -693,7 +575,7 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: _HeldLogs
         )
     # Every check has passed: only now is the run folder changed.
     held.close()
-    removed = _take_over(lock, output, overwrite=args.overwrite) if rank == 0 else []
+    removed = take_over(lock, output, overwrite=args.overwrite) if rank == 0 else []
     main_process_logging(rank, output)
     held.replay()
     if removed:
@@ -703,6 +585,7 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: _HeldLogs
     resolved = dict(vars(args))
     if rank == 0:
         write_atomic(output / "args.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False)))
+    _logger.info(threads_note)
     if hasattr(train_loader, "describe"):
         _logger.info(train_loader.describe())
     _logger.info(
@@ -721,7 +604,6 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: _HeldLogs
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         digest = subset_digest(sampler.subset)
-        gen.manual_seed((args.seed + 1) * 1_000_003 + epoch * 1_009 + rank)  # worker augmentation streams
         stats = train_one_epoch(
             train_model,
             train_loader,
@@ -841,7 +723,7 @@ def _checkpoint_state(
             "top1": acct.history[-1]["eval_top1"],
             "top5": acct.history[-1]["eval_top5"],
             "ema_top1": acct.history[-1].get("ema_top1"),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
         },
     }
 

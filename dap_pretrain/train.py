@@ -7,21 +7,17 @@ Config precedence, as in timm: ``--config file.yaml`` sets argparse defaults, th
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
-import os
-import subprocess
 import sys
-import threading
 from pathlib import Path
 
-import yaml
-
-from dap_pretrain.cli import UsageError, add_dap_arguments, dap_config_from_args, exits_cleanly, make_parser
+from dap_pretrain.cli import add_dap_arguments, make_parser
+from dap_pretrain.config import default_reuse, load_config, resolve_baselines  # noqa: F401  (this entry's interface)
+from dap_pretrain.errors import UsageError, entry_point
+from dap_pretrain.logs import main_process_logging  # noqa: F401
+from dap_pretrain.run_folder import RUN_MARKERS, check_output_dir, git_commit  # noqa: F401
 
 _logger = logging.getLogger("dap_pretrain.train")
-
-RUN_MARKERS = ("run.json", "args.yaml", "last.pth.tar", "summary.csv")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,142 +148,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_config(path: Path, _seen: tuple = ()) -> dict:
-    """Read a YAML config; ``_base_: file`` (or a list) is read first and overridden (mmengine-style)."""
-    path = Path(path).resolve()
-    if path in _seen:
-        raise UsageError(f"config {path} includes itself through _base_; remove the cycle")
-    if not path.is_file():
-        raise UsageError(f"config file {path} does not exist; pass a YAML file such as configs/pretrain/*.yaml")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(f"config {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
-    if not isinstance(cfg, dict):
-        raise UsageError(
-            f"config {path} holds a {type(cfg).__name__} at the top level; expected a mapping of flag names to "
-            "values (e.g. `lr: 0.1`)"
-        )
-    bases = cfg.pop("_base_", None)
-    bases = [] if bases is None else [bases] if isinstance(bases, str) else bases
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise UsageError(f"config {path} has _base_: {bases!r}; expected a file name relative to it, or a list of them")
-    merged: dict = {}
-    for base in bases:
-        merged.update(load_config(path.parent / base, (*_seen, path)))
-    merged.update(cfg)
-    return merged
-
-
-@functools.lru_cache(maxsize=1)
-def _git_commit() -> str | None:
-    """HEAD of the checkout this package runs from; ``DAP_GIT_COMMIT`` where the copy has no .git (GPU jobs)."""
-    if os.environ.get("DAP_GIT_COMMIT"):
-        return os.environ["DAP_GIT_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def check_output_dir(output: Path, *, resume: str, overwrite: bool) -> None:
-    """Refuse to write into a folder that holds another run, unless resuming it or told to overwrite.
-
-    ``--resume A/last.pth.tar`` continues run A: ``--output`` must be A's folder or hold no run (or ``--overwrite``
-    replaces the run there); ``--overwrite`` together with resuming the folder's own run is refused, since it would
-    delete the run being continued.
-    """
-    held = [m for m in RUN_MARKERS if (output / m).exists()]
-    own = bool(resume) and output.exists() and Path(resume).resolve().parent == output.resolve()
-    if own and overwrite:
-        raise UsageError(
-            f"--overwrite would delete the run in {output} that --resume {resume} continues; drop --overwrite"
-        )
-    if held and resume and not own and not overwrite:
-        raise UsageError(
-            f"output folder {output} holds another run ({', '.join(held)}) than --resume {resume}; pass --output "
-            f"{Path(resume).parent} to continue that run there, an empty folder, or --overwrite to replace {output}"
-        )
-    if held and not resume and not overwrite:
-        raise UsageError(
-            f"output folder {output} already holds a run ({', '.join(held)}); pass --resume "
-            f"{output / 'last.pth.tar'} to continue it, --overwrite to replace it, or another --output"
-        )
-
-
-class _ThisThread(logging.Filter):
-    """Passes the records of the thread that made it: each run of ``dap_pretrain.multirun`` logs to its own file."""
-
-    def __init__(self):
-        super().__init__()
-        self.ident = threading.get_ident()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread == self.ident
-
-
-def main_process_logging(rank: int, output: Path) -> None:
-    """Log this thread's records to stdout and (rank 0) OUTPUT/log.txt, replacing its earlier run's handlers.
-
-    Handlers are per thread, so runs sharing a process (``dap_pretrain.multirun``) keep separate logs; handlers
-    that no run added (e.g. an earlier ``basicConfig``) are replaced too, as ``basicConfig(force=True)`` would.
-    """
-    root = logging.getLogger()
-    ident = threading.get_ident()
-    for handler in list(root.handlers):
-        if getattr(handler, "dap_thread", None) in (ident, None):
-            root.removeHandler(handler)
-            handler.close()
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if rank == 0:
-        handlers.append(logging.FileHandler(output / "log.txt"))
-    for handler in handlers:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-        handler.addFilter(_ThisThread())
-        handler.dap_thread = ident
-        root.addHandler(handler)
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-
-
-def default_reuse(args: argparse.Namespace) -> tuple[int, ...]:
-    """The paper's R when --dap-reuse is not given: the step schedule's LR-decay epochs within the run."""
-    if args.sched != "step":
-        return ()
-    return tuple(m for m in args.decay_milestones if 1 <= m <= args.epochs)
-
-
-def resolve_baselines(args: argparse.Namespace) -> None:
-    """Apply --epochs-scale / --fixed-subset (Table 2(f)) and the DaP-incompatible options, in place."""
-    if args.dap_select == "infobatch" and (args.epochs_scale is not None or args.fixed_subset is not None):
-        raise UsageError("--dap-select infobatch cannot be combined with --epochs-scale/--fixed-subset; drop one")
-    if args.epochs_scale is not None:
-        if not 0 < args.epochs_scale <= 1:
-            raise UsageError(f"--epochs-scale={args.epochs_scale} is invalid: must be in (0, 1]")
-        args.baseline_epochs = args.epochs
-        args.epochs = max(1, round(args.epochs * args.epochs_scale))
-        args.decay_milestones = [round(m * args.epochs_scale) for m in args.decay_milestones]
-        args.warmup_epochs = args.warmup_epochs * args.epochs_scale
-        args.dap_select = "none"
-    if args.fixed_subset is not None:
-        if not 0 < args.fixed_subset <= 1:
-            raise UsageError(f"--fixed-subset={args.fixed_subset} is invalid: must be in (0, 1]")
-        args.dap_select = "none"
-    if args.dap_select != "none" and (args.mixup > 0 or args.cutmix > 0):
-        # A mixed image's loss belongs to two samples; ranking either by it would be silently wrong.
-        raise UsageError(
-            "--mixup/--cutmix cannot be combined with DaP (a mixed sample's loss has no single owner); "
-            "drop them or pass --dap-select none"
-        )
-    if args.eval_interval < 1:
-        raise UsageError(f"--eval-interval={args.eval_interval} is invalid: must be an integer >= 1")
-    if args.dap_select == "none":
-        args.dap_warmup = min(args.dap_warmup, args.epochs - 1)  # DaP parameters unused: keep them valid
-    dap_config_from_args(args, num_samples=1, default_reuse=default_reuse(args))  # bad DaP flags fail before data loads
-
-
 def main(argv=None) -> dict:
     """Train one run and, with ``--compare``, its full-data baseline. Returns the run summary."""
     args = parse_args(argv)
@@ -312,7 +172,7 @@ def main(argv=None) -> dict:
     return summary
 
 
-cli = exits_cleanly(lambda argv=None: (main(argv), 0)[1])
+cli = entry_point(lambda argv=None: (main(argv), 0)[1])
 
 if __name__ == "__main__":
     sys.exit(cli())

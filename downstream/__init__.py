@@ -13,8 +13,10 @@ without the mm stack. The pieces:
 * :mod:`downstream.report` turns work dirs into the paper's tables.
 """
 
+from dap_pretrain.errors import DapError
 
-class TransferInputError(ValueError):
+
+class TransferInputError(DapError, ValueError):
     """Bad user input; the message is one line naming the problem and the fix.
 
     Entry points catch it, print the message on stderr and exit with code 2.

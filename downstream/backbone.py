@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from dap_pretrain.checkpoint import state_dict_mismatch
+from dap_pretrain.export import classifier_prefixes
 from downstream import TransferInputError
 
 # Keys a classification checkpoint may carry that no detection/pose backbone has.
-_CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.", "last_linear.")
+_CLASSIFIER_PREFIXES = ("fc.", "classifier.", "head.", "last_linear.")  # only where the timm model is unknown
 # Wrappers training scripts put around the state dict (timm saver: 'state_dict', ConvNeXt: 'model').
 _STATE_DICT_KEYS = ("state_dict", "model", "module")
 
@@ -96,22 +98,20 @@ def load_backbone_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def compare_state_dicts(*, checkpoint: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> list[str]:
+def compare_state_dicts(
+    *, checkpoint: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], model: str | None = None
+) -> list[str]:
     """Lists the problems loading ``checkpoint`` into a module whose state dict is ``reference``.
 
-    Classifier keys in the checkpoint are ignored; everything else must match by name and shape.
+    The project's one fit check (:func:`dap_pretrain.checkpoint.state_dict_mismatch`); the classifier keys of
+    timm ``model`` (from its pretrained config; common names when ``model`` is unknown) are ignored.
 
     Returns:
         Human-readable problems, empty when the checkpoint fits.
     """
-    missing = [k for k in reference if k not in checkpoint]
-    unexpected = [k for k in checkpoint if k not in reference and not k.startswith(_CLASSIFIER_PREFIXES)]
-    shapes = [k for k in reference if k in checkpoint and checkpoint[k].shape != reference[k].shape]
-    problems = []
-    for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", shapes)):
-        if keys:
-            problems.append(f"{len(keys)} {what} keys, e.g. {keys[0]}")
-    return problems
+    optional = classifier_prefixes(model) if model else _CLASSIFIER_PREFIXES
+    bad = state_dict_mismatch(checkpoint, reference, optional=optional)
+    return [f"{len(keys)} {what} keys, e.g. {keys[0]}" for what, keys in bad.items() if keys]
 
 
 def check_backbone(*, spec: BackboneSpec, reference: dict[str, torch.Tensor], expected: str) -> None:
@@ -125,7 +125,9 @@ def check_backbone(*, spec: BackboneSpec, reference: dict[str, torch.Tensor], ex
     Raises:
         TransferInputError: names the mismatch and the fix.
     """
-    problems = compare_state_dicts(checkpoint=load_backbone_state_dict(spec.checkpoint), reference=reference)
+    problems = compare_state_dicts(
+        checkpoint=load_backbone_state_dict(spec.checkpoint), reference=reference, model=spec.model
+    )
     if problems:
         raise TransferInputError(
             f"backbone {spec.checkpoint} ({spec.model}) does not fit {expected}: {'; '.join(problems)}; "

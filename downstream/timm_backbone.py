@@ -67,7 +67,9 @@ def _check_checkpoint(model_name: str, checkpoint: str) -> None:
     """timm loads features_only weights non-strictly (it expects the classifier to be missing), so a checkpoint
     of another architecture would load nothing, silently; compare it with the full model first."""
     reference = timm.create_model(model_name, num_classes=0, pretrained=False).state_dict()
-    problems = compare_state_dicts(checkpoint=load_backbone_state_dict(checkpoint), reference=reference)
+    problems = compare_state_dicts(
+        checkpoint=load_backbone_state_dict(checkpoint), reference=reference, model=model_name
+    )
     if problems:
         raise ValueError(f"{checkpoint} does not fit timm {model_name}: {'; '.join(problems)}")
 

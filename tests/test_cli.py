@@ -74,3 +74,46 @@ def test_plan_bad_input_one_line_exit_2(args, name, capsys):
 def test_bad_input_through_the_real_entry_point():
     out = _run("plan", "--dap-keep", "2")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+ENTRY_POINTS = {"__main__.py", "cli.py", "train.py", "multirun.py", "mm/train.py"}
+
+
+def test_library_modules_never_import_the_command_line():
+    """Only entry points import dap_pretrain.cli / dap_pretrain.train (issue 11: the library takes keyword args)."""
+    import ast
+    from pathlib import Path
+
+    import dap_pretrain
+
+    root = Path(dap_pretrain.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel in ENTRY_POINTS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n in ("dap_pretrain.cli", "dap_pretrain.train") for n in names):
+                offenders.append(rel)
+    assert not offenders, offenders
+
+
+def test_entry_point_maps_expected_failures_only():
+    """A DapError is one line and exit 2; any other exception (a real bug, a torch error) keeps its traceback."""
+    import pytest
+
+    from dap_pretrain.errors import UsageError, entry_point
+
+    def boom(exc):
+        return entry_point(lambda argv=None: (_ for _ in ()).throw(exc))
+
+    with pytest.raises(SystemExit) as e:
+        boom(UsageError("bad flag; pass another"))()
+    assert e.value.code == 2
+    with pytest.raises(ValueError, match="from torch"):
+        boom(ValueError("from torch"))()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -221,3 +222,24 @@ def test_local_dir_model_resaved_for_the_hub_keeps_weights_and_provenance(mm_rel
     assert config["dap_pretrain"] == meta and "paper_ids" not in config["pretrained_cfg"]
     reloaded = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True)
     assert all(torch.equal(v, weights[k]) for k, v in reloaded.state_dict().items())
+
+
+def test_export_into_a_file_is_one_line_and_release_files_are_world_readable(mm_release, tmp_path, capsys):
+    """Issue 11 fault 5: ``export --out`` under a file is one line, exit 2; release files are 0644 (were 0600)."""
+    release, _ = mm_release
+    for name in ("model.safetensors", "backbone.pth", "meta.json", "config.json"):
+        assert (release / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    src = release.parent / "epoch_4.pth"
+    with pytest.raises(SystemExit) as e:
+        cli_main(["export", str(src), "--out", str(blocker / "release")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "is a file" in err, err
+    assert blocker.read_text() == "x"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

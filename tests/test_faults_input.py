@@ -208,3 +208,53 @@ def test_nonfinite_loss_names_sample_and_epoch_and_a_real_fix():
     recorder._sums[1] = float("inf")
     with pytest.raises(NonFiniteLossError, match="sample index 1 is inf: training diverged"):
         recorder.synchronize()
+
+
+# -- speed: intra-op threads ------------------------------------------------------------------------------------------
+
+
+def test_pick_threads_leaves_room_for_workers_and_other_processes(monkeypatch):
+    from dap_pretrain.distributed import pick_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert pick_threads(workers=2, device_type="cpu", environ={})[0] == 6
+    assert pick_threads(workers=2, device_type="cuda", environ={})[0] == 8  # workers run beside the GPU's host
+    assert pick_threads(workers=2, device_type="cpu", environ={"LOCAL_WORLD_SIZE": "2"})[0] == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.4, 0.0, 0.0))  # three busy processes elsewhere
+    n, note = pick_threads(workers=2, device_type="cpu", environ={})
+    assert n == 3 and "load 3.4" in note and "OMP_NUM_THREADS" in note
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert pick_threads(workers=2, device_type="cpu", environ={})[0] == 1  # never below one
+    assert pick_threads(workers=2, device_type="cpu", environ={"OMP_NUM_THREADS": "5"}) == (
+        5,
+        "intra-op threads 5 (OMP_NUM_THREADS)",
+    )
+
+
+def test_unreadable_images_are_named_and_not_counted_as_trained(tmp_path, cifar_tiny, capsys):
+    """(7) A 0-byte and a truncated JPEG: each epoch skips them with a warning naming them, reports them untrained
+    and records no loss for them (timm would have handed back the next file's image under their index)."""
+    from dap_pretrain.train import main as train_main
+
+    root = _tree(cifar_tiny, tmp_path / "data", {"train": CLASSES, "val": CLASSES}, 8)
+    empty = sorted((root / "train" / "bird").iterdir())[3]
+    truncated = sorted((root / "train" / "airplane").iterdir())[3]  # not the first: that one is checked up front
+    data = truncated.read_bytes()
+    empty.unlink()
+    empty.write_bytes(b"")
+    truncated.unlink()
+    truncated.write_bytes(data[: len(data) // 3])
+    flags = ["--data-dir", str(root), "--epochs", "2", "-b", "8", "-j", "0", "--dap-warmup", "1", "--no-plot"]
+    out = tmp_path / "run"
+    s = train_main([*flags, "--output", str(out), "--in-memory", "off"])
+    rows = [r for r in (out / "summary.csv").read_text().splitlines()[1:]]
+    assert s["num_samples"] == 24 and len(rows) == 2
+    header = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    first = dict(zip(header, rows[0].split(","), strict=True))
+    assert int(first["samples_trained"]) == 22 and int(first["untrained"]) == 2
+    log = (out / "log.txt").read_text() + capsys.readouterr().out
+    assert str(empty) in log or empty.name in log
+    # the in-memory path decodes everything once at the start: there an unreadable file is a one-line error
+    line = _cli_error(capsys, *flags, "--output", str(tmp_path / "run2"), "--in-memory", "on")
+    assert "cannot be decoded" in line and ("bird" in line or "airplane" in line)

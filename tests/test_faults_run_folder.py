@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dap_pretrain.checkpoint import save_checkpoint
-from dap_pretrain.cli import UsageError
-from dap_pretrain.runner import _claim_output
+from dap_pretrain.checkpoint import StorageError, save_checkpoint
+from dap_pretrain.errors import UsageError
+from dap_pretrain.run_folder import claim_output as _claim_output
 from dap_pretrain.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,9 +67,9 @@ def _copy(run: Path, dst: Path) -> Path:
 def test_second_trainer_on_an_owned_folder_exits_2_and_touches_nothing(tmp_path, cifar_tiny):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from dap_pretrain.runner import "
-         "_claim_output, _take_over; out = Path(sys.argv[1]); lock = _claim_output(out, resume='', overwrite=False); "
-         "_take_over(lock, out, overwrite=False); print('held', flush=True); time.sleep(300)", str(out)],
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from dap_pretrain.run_folder import "
+         "claim_output, take_over; out = Path(sys.argv[1]); lock = claim_output(out, resume='', overwrite=False); "
+         "take_over(lock, out, overwrite=False); print('held', flush=True); time.sleep(300)", str(out)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
@@ -165,10 +165,14 @@ def test_failed_checkpoint_write_leaves_no_temp_file(tmp_path, monkeypatch):
         Path(f).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    (tmp_path / "last.pth.tar").write_bytes(b"the previous epoch's checkpoint")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError) as e:  # (5) disk full mid-run: one line naming the file, exit 2 at the entry
         save_checkpoint({"state_dict": {}}, tmp_path / "last.pth.tar")
-    assert list(tmp_path.iterdir()) == []
+    message = str(e.value)
+    assert "\n" not in message and "No space left on device" in message and "last.pth.tar" in message
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth.tar"]
+    assert (tmp_path / "last.pth.tar").read_bytes() == b"the previous epoch's checkpoint"
 
 
 def test_claim_output_refuses_a_file(tmp_path):

@@ -112,3 +112,40 @@ def test_two_process_ddp_matches_single_process(tmp_path, cifar_tiny):
             and a["compute_fraction_measured"] == b["compute_fraction_measured"]
         )
         assert a["compute_fraction_measured"] < 1.0
+
+
+def test_ddp_refusal_on_rank0_stops_every_rank_in_one_line(tmp_path, cifar_tiny):
+    """Rank 0 refuses an output folder holding another run; rank 1 stops with the same line (it used to wait at
+    the next barrier until the process-group timeout)."""
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "run.json").write_text("{}")
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(30500 + os.getpid() % 1000), "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    proc = subprocess.run(
+        ["bash", "tools/pretrain.sh", *ARGS, "--data-dir", str(cifar_tiny), "--output", str(held)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and time.time() - t0 < 120
+    refusals = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: output folder")]
+    assert len(refusals) == 2, proc.stderr  # one line from each rank
+    assert "dap_pretrain/" not in proc.stderr  # no traceback of ours (torchrun adds its own failure report)
+    assert (held / "run.json").read_text() == "{}"
+
+
+def test_augmentation_does_not_depend_on_the_worker_count(tmp_path, cifar_tiny):
+    """Per-sample seeds (seed, epoch, index): JPEG decoding in 0 or 2 persistent workers trains the same weights."""
+    runs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"j{workers}"
+        subprocess.run(
+            _train_cmd(*ARGS, "-b", "64", "--data-dir", str(cifar_tiny), "--epochs", "2", "--in-memory", "off",
+                       "--workers", workers, "--output", str(out)),
+            check=True, capture_output=True, cwd=REPO, timeout=600,
+        )  # fmt: skip
+        runs[workers] = torch.load(out / "last.pth.tar", weights_only=True)["state_dict"]
+    assert all(torch.equal(runs["0"][k], runs["2"][k]) for k in runs["0"])

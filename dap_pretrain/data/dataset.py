@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import random
 import shutil
 import tarfile
 import tempfile
@@ -30,6 +31,8 @@ from typing import Any
 import timm.data
 import torch.utils.data
 from PIL import Image
+
+from dap_pretrain.errors import DapError
 
 __all__ = [
     "DataError",
@@ -50,7 +53,7 @@ _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's 16/32-bit in
 _DATA_DIR_HINT = "pass --data-dir pointing at an ImageFolder tree or a .tar/.tar.gz of one"
 
 
-class DataError(ValueError):
+class DataError(DapError, ValueError):
     """Bad input data. The message is one line naming the problem and the fix; the CLI prints it and exits 2."""
 
 
@@ -74,12 +77,48 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset: torch.utils.data.Dataset):
         self.dataset = dataset
+        if hasattr(dataset, "_max_retries"):
+            # timm hands back the NEXT file's image for an unreadable one, which would credit its loss to this
+            # index; with one try it raises instead, and __getitem__ returns the sample as skipped.
+            dataset._max_retries = 1
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
-        img, target = self.dataset[index]
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, Any, int]:
+        """``index``, or ``(index, seed)`` from :class:`~dap_pretrain.data.loader.SeededSampler`: then the
+        transform's random draws (``random`` and torch's global generator) start from ``seed``, so a sample's
+        augmentation depends on the seed alone, not on which worker process loads it or what it loaded before.
+
+        An image file that cannot be read comes back as ``(None, -1, index)`` with a warning naming it; the
+        collate function drops it, so it is neither trained nor counted as trained (the epoch reports it as
+        untrained)."""
+        if not isinstance(index, tuple):
+            return self._load(index)
+        index, seed = index
+        if torch.utils.data.get_worker_info() is None:  # the main process: leave its generators as they were
+            py_state, torch_state = random.getstate(), torch.get_rng_state()
+            try:
+                random.seed(seed)
+                torch.random.default_generator.manual_seed(seed)
+                return self._load(index)
+            finally:
+                random.setstate(py_state)
+                torch.set_rng_state(torch_state)
+        random.seed(seed)
+        torch.random.default_generator.manual_seed(seed)  # the CPU generator only: workers have no CUDA
+        return self._load(index)
+
+    def _load(self, index: int) -> tuple[Any, Any, int]:
+        try:
+            img, target = self.dataset[index]
+        except RuntimeError as e:
+            if not str(e).startswith("Failed to load"):  # timm's unreadable-file error; anything else is a bug
+                raise
+            samples = getattr(getattr(self.dataset, "reader", None), "samples", None)
+            name = samples[index][0] if samples else f"sample {index}"
+            _logger.warning("skipped unreadable image %s: not trained this epoch; remove or replace the file", name)
+            return None, -1, int(index)
         return img, target, int(index)
 
     @property

@@ -165,12 +165,14 @@ def color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) ->
     return x
 
 
-def decode_batch(data: list[torch.Tensor], *, device: torch.device, paths: Sequence[str] = ()) -> list[torch.Tensor]:
+def decode_batch(
+    data: list[torch.Tensor], *, device: torch.device, paths: Sequence[str] = (), stats: dict | None = None
+) -> list[torch.Tensor]:
     """Decode a batch of encoded images to ``(3, H, W)`` uint8 tensors on ``device``; never drops one.
 
     JPEGs (by their first bytes, not their names) go through one batched ``decode_jpeg`` call on ``device``; if
     that fails, each is tried alone; whatever nvjpeg refuses, and every non-JPEG, is decoded by PIL on the CPU and
-    moved to ``device``.
+    moved to ``device`` (counted in ``stats['cpu']`` when a dict is given).
 
     Raises:
         DataError: a file neither decoder can read, named with its path.
@@ -193,6 +195,8 @@ def decode_batch(data: list[torch.Tensor], *, device: torch.device, paths: Seque
     for i, img in enumerate(out):
         if img is None or img.shape[0] != 3:
             out[i] = _pil_decode(data[i], paths[i] if i < len(paths) else f"batch item {i}").to(device)
+            if stats is not None:
+                stats["cpu"] = stats.get("cpu", 0) + 1
     return out  # type: ignore[return-value]
 
 
@@ -292,7 +296,7 @@ class GpuDecodeLoader:
             persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
         )
-        self.cpu_fallbacks = 0
+        self.stats: dict = {}  # files PIL decoded because nvjpeg refused them (this epoch)
 
     def describe(self) -> str:
         """One line for the run log."""
@@ -317,7 +321,7 @@ class GpuDecodeLoader:
         self, data: list[torch.Tensor], rng: random.Random, paths: Sequence[str] = ()
     ) -> tuple[torch.Tensor, dict]:
         """Decode and augment one batch; returns the normalised batch and the parameters drawn (for tests)."""
-        images = decode_batch(data, device=self.device, paths=paths)
+        images = decode_batch(data, device=self.device, paths=paths, stats=self.stats)
         boxes, flips, orders, factors = [], [], [], []
         for im in images:  # the draws per sample, in timm's order: crop, flip, jitter
             boxes.append(rrc_params(int(im.shape[1]), int(im.shape[2]), scale=self.scale, ratio=self.ratio, rng=rng))
@@ -337,6 +341,7 @@ class GpuDecodeLoader:
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
         rng = random.Random(self.epoch_seed())
+        self.stats = {}
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         try:
             for data, targets, indices in self.loader:
@@ -367,6 +372,10 @@ class GpuDecodeLoader:
             while True:
                 item = q.get()
                 if item is None:
+                    if self.stats.get("cpu"):
+                        _logger.warning(
+                            "%d images of this epoch were decoded by PIL: nvjpeg refused them", self.stats["cpu"]
+                        )
                     return
                 if isinstance(item, BaseException):
                     raise item

@@ -19,7 +19,18 @@ _logger = logging.getLogger(__name__)
 
 
 def indexed_uint8_collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Collate ``(uint8 CHW image, target, index)`` samples into three tensors (no float copy)."""
+    """Collate ``(uint8 CHW image, target, index)`` samples into three tensors (no float copy).
+
+    Samples whose image is None (unreadable files, see :class:`~dap_pretrain.data.dataset.IndexedDataset`) are
+    left out, so their index never reaches the loss recorder; a batch of only such samples is empty.
+    """
+    batch = [b for b in batch if b[0] is not None]
+    if not batch:
+        return (
+            torch.empty((0, 3, 1, 1), dtype=torch.uint8),
+            torch.empty(0, dtype=torch.int64),
+            torch.empty(0, dtype=torch.int64),
+        )
     images = torch.stack([torch.from_numpy(b[0]) if isinstance(b[0], np.ndarray) else b[0] for b in batch])
     targets = torch.as_tensor([b[1] for b in batch], dtype=torch.int64)
     indices = torch.as_tensor([b[2] for b in batch], dtype=torch.int64)
@@ -64,10 +75,13 @@ class IndexedPrefetchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.stream is None:
             for images, targets, indices in self.loader:
-                yield (*self._to_device(images, targets), indices)
+                if indices.numel():
+                    yield (*self._to_device(images, targets), indices)
             return
         pending = None
         for images, targets, indices in self.loader:
+            if not indices.numel():  # every file of the batch was unreadable
+                continue
             with torch.cuda.stream(self.stream):
                 batch = (*self._to_device(images, targets), indices)
             if pending is not None:
@@ -84,7 +98,8 @@ class IndexedPrefetchLoader:
 
     @property
     def sampler(self):
-        return self.loader.sampler
+        sampler = self.loader.sampler
+        return sampler.sampler if isinstance(sampler, SeededSampler) else sampler
 
     @property
     def dataset(self):
@@ -110,6 +125,43 @@ def imagenet_transform(*, img_size: int, is_training: bool, **timm_kwargs) -> T.
     return create_transform(img_size, is_training=is_training, use_prefetcher=True, **timm_kwargs)
 
 
+class SeededSampler:
+    """Yields ``(index, seed)`` for each index of ``sampler``'s epoch; the seed is a function of ``(seed, epoch,
+    index)`` alone (``sampler.epoch``, 0 where it has none).
+
+    With :class:`~dap_pretrain.data.dataset.IndexedDataset` this makes every sample's augmentation independent of
+    the worker that loads it: loader workers can persist across epochs, the worker count can change on resume,
+    and a resumed run still repeats each epoch's augmentation exactly.
+    """
+
+    def __init__(self, sampler, *, seed: int):
+        self.sampler = sampler
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        base = ((self.seed + 1) * 1_000_003 + epoch * 1_009) * 2_000_003
+        for index in self.sampler:
+            yield int(index), (base + int(index)) % 2**63
+
+
+def uses_cifar_aug(*, img_size: int, aug: str = "auto") -> bool:
+    """The trainer's augmentation rule: ``cifar`` or ``imagenet`` as asked; ``auto`` is CIFAR's up to 64 px."""
+    return aug == "cifar" or (aug == "auto" and img_size <= 64)
+
+
+def trainer_transform(*, img_size: int, aug: str = "auto", is_training: bool):
+    """The transform the trainer uses for ``img_size`` and ``--aug`` (see :func:`uses_cifar_aug`)."""
+    if uses_cifar_aug(img_size=img_size, aug=aug):
+        return cifar_transform(img_size=img_size, is_training=is_training)
+    if is_training:
+        return imagenet_transform(img_size=img_size, is_training=True, interpolation="bilinear")
+    return imagenet_transform(img_size=img_size, is_training=False)
+
+
 def create_loader(
     dataset,
     *,
@@ -122,25 +174,25 @@ def create_loader(
     drop_last: bool = False,
     channels_last: bool = False,
     pin_memory: bool | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> IndexedPrefetchLoader:
     """Build a DataLoader over an :class:`IndexedDataset` (transform already set) and its prefetcher.
 
-    ``generator`` seeds the workers' augmentation streams (torch draws a base seed from it each
-    time an epoch's iterator starts), so a run restored with the same generator state repeats them.
+    With ``seed``, the sampler is wrapped in :class:`SeededSampler`: each sample's augmentation is drawn from a
+    seed of ``(seed, epoch, index)``, so the workers persist across epochs (no per-epoch start-up) and a resumed
+    run repeats the augmentation whatever ``num_workers`` is. Without it (evaluation) the order is plain indices.
     """
     device = torch.device(device)
     pin = device.type == "cuda" if pin_memory is None else pin_memory
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
+        sampler=SeededSampler(sampler, seed=seed) if seed is not None else sampler,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=indexed_uint8_collate,
         pin_memory=pin,
         drop_last=drop_last,
-        persistent_workers=False,
-        generator=generator,
+        persistent_workers=num_workers > 0,
     )
     return IndexedPrefetchLoader(loader, mean=mean, std=std, device=device, channels_last=channels_last)

@@ -90,7 +90,10 @@ def _decode(dataset, *, img_size: int, num_workers: int, batch_size: int) -> tup
         loader = DataLoader(
             dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=indexed_uint8_collate
         )
+        filled = torch.zeros(n, dtype=torch.bool)
         for batch, y, idx in loader:
+            if not idx.numel():
+                continue
             if batch.shape[1:] != images.shape[1:]:
                 raise DataError(
                     f"image {int(idx[0])} decoded to shape {tuple(batch.shape[1:])}, expected "
@@ -98,6 +101,15 @@ def _decode(dataset, *, img_size: int, num_workers: int, batch_size: int) -> tup
                 )
             images[idx] = batch
             targets[idx] = y
+            filled[idx] = True
+        if not bool(filled.all()):
+            missing = int((~filled).nonzero()[0])
+            samples = getattr(getattr(getattr(dataset, "dataset", None), "reader", None), "samples", None)
+            name = samples[missing][0] if samples else f"sample {missing}"
+            raise DataError(
+                f"image {name} cannot be decoded ({int((~filled).sum())} unreadable in all); remove or replace it, "
+                "or pass --in-memory off to skip unreadable files each epoch"
+            )
     finally:
         dataset.transform = saved
     return images, targets

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from dap_pretrain.errors import DapError
 from dap_pretrain.schedule import DROP, REUSE, DaPConfig, DaPSchedule, keep_count
 
 _logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ SELECT_STRATEGIES = ("hard", "random", "none")
 _RANDOM_SALT = 0x5EED  # separates the random-drop stream from the shuffle stream of the same epoch
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(DapError, ValueError):
     """A per-sample loss was NaN or inf; the message names the dataset index and, when known, the epoch.
 
     Attributes:

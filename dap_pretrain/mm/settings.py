@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dap_pretrain.cli import UsageError
 from dap_pretrain.data.sampler import SELECT_STRATEGIES
+from dap_pretrain.errors import UsageError
 from dap_pretrain.schedule import DaPConfig
 
 DAP_KEYS = ("warmup", "interval", "keep", "active", "reuse", "select", "seed")

@@ -1,0 +1,52 @@
+"""Expected failures and the one way entry points report them.
+
+An expected failure (bad flags, bad data, a run folder in use, a full disk) is a :class:`DapError` whose message is
+one line naming the problem and the fix. Every entry point is wrapped by :func:`entry_point`, which prints that
+line and exits 2; any other exception keeps its traceback, since it is a bug or a fault we did not foresee.
+Library code raises plain ``ValueError`` for invalid arguments, as timm and torch do; :func:`user_input` turns
+those into :class:`UsageError` where the values came from the user.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from contextlib import contextmanager
+
+
+class DapError(Exception):
+    """An expected failure; its message is one line naming the problem and the fix (exit code 2)."""
+
+
+class UsageError(DapError, ValueError):
+    """Bad input found by an entry point; printed as one line, exit code 2."""
+
+
+def one_line(text: object) -> str:
+    """``text`` with its whitespace runs (newlines included) collapsed to single spaces."""
+    return " ".join(str(text).split())
+
+
+@contextmanager
+def user_input():
+    """Inside: a ``ValueError`` raised by validating user-given values becomes a :class:`UsageError`."""
+    try:
+        yield
+    except DapError:
+        raise
+    except ValueError as e:
+        raise UsageError(one_line(e)) from e
+
+
+def entry_point(main):
+    """Wrap an entry point: a :class:`DapError` becomes ``error: <line>`` on stderr and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(argv=None):
+        try:
+            return main(argv)
+        except DapError as e:
+            print(f"error: {one_line(e) or type(e).__name__}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

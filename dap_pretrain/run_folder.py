@@ -1,0 +1,137 @@
+"""The run folder: who owns it (a lock), whether it may be written (another run's files), and provenance.
+
+:func:`claim_output` runs before anything is built; :func:`take_over` once every check of the run has passed;
+:func:`release_unused` when a run stops before writing anything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from dap_pretrain.checkpoint import remove_stale_tmp
+from dap_pretrain.errors import UsageError
+
+RUN_MARKERS = ("run.json", "args.yaml", "last.pth.tar", "summary.csv")
+# What a run writes into OUTPUT (besides export/ and the .lock file); --overwrite removes them.
+RUN_FILES = (
+    "model_best.pth.tar",
+    "log.txt",
+    "summary.csv",
+    "run.json",
+    "args.yaml",
+    "last.pth.tar",
+    "dap_schedule.png",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """HEAD of the checkout this package runs from; ``DAP_GIT_COMMIT`` where the copy has no .git (GPU jobs)."""
+    if os.environ.get("DAP_GIT_COMMIT"):
+        return os.environ["DAP_GIT_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def check_output_dir(output: Path, *, resume: str, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds another run, unless resuming it or told to overwrite.
+
+    ``--resume A/last.pth.tar`` continues run A: ``--output`` must be A's folder or hold no run (or ``--overwrite``
+    replaces the run there); ``--overwrite`` together with resuming the folder's own run is refused, since it would
+    delete the run being continued.
+    """
+    held = [m for m in RUN_MARKERS if (output / m).exists()]
+    own = bool(resume) and output.exists() and Path(resume).resolve().parent == output.resolve()
+    if own and overwrite:
+        raise UsageError(
+            f"--overwrite would delete the run in {output} that --resume {resume} continues; drop --overwrite"
+        )
+    if held and resume and not own and not overwrite:
+        raise UsageError(
+            f"output folder {output} holds another run ({', '.join(held)}) than --resume {resume}; pass --output "
+            f"{Path(resume).parent} to continue that run there, an empty folder, or --overwrite to replace {output}"
+        )
+    if held and not resume and not overwrite:
+        raise UsageError(
+            f"output folder {output} already holds a run ({', '.join(held)}); pass --resume "
+            f"{output / 'last.pth.tar'} to continue it, --overwrite to replace it, or another --output"
+        )
+
+
+def claim_output(output: Path, *, resume: str, overwrite: bool):
+    """Own OUTPUT: an advisory ``fcntl.flock`` on OUTPUT/.lock (the OS drops it when the process dies, so a
+    kill -9 leaves no stale lock), then the folder checks.
+
+    Returns the open lock file; closing it releases the folder. A folder owned by another live trainer, or one
+    holding another run, raises :class:`UsageError` with nothing in it changed. :func:`take_over` writes the
+    owner's name into the lock file once every check of the run has passed.
+    """
+    try:
+        created = [p for p in (output, *output.parents) if not p.exists()]
+        output.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UsageError(f"cannot use {output} as the run folder ({e.strerror}); pass another --output") from None
+    lock = os.fdopen(fd, "r+")
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = lock.read().strip() or "one still starting"
+            raise UsageError(
+                f"output folder {output} is in use by another trainer ({other}); "
+                "wait for it to finish or pass another --output"
+            ) from None
+        check_output_dir(output, resume=resume, overwrite=overwrite)
+    except BaseException:
+        lock.close()
+        raise
+    lock.created = created  # folders this call made: removed again if the run stops before writing anything
+    return lock
+
+
+def release_unused(lock, output: Path) -> None:
+    """After a run that stopped before writing anything: remove the lock file and the folders it created, so a
+    refused command leaves no trace (a folder holding anything else is kept)."""
+    created = getattr(lock, "created", [])
+    if not created or [p.name for p in output.iterdir()] != [".lock"]:
+        return
+    (output / ".lock").unlink(missing_ok=True)
+    for folder in created:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def take_over(lock, output: Path, *, overwrite: bool) -> list[str]:
+    """Once every check has passed: name this trainer in the lock file, remove the temp files of killed writes
+    and, with ``--overwrite``, the previous run's files. Returns what it removed."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    return remove_stale_tmp(output) + (clear_run(output) if overwrite else [])
+
+
+def clear_run(output: Path) -> list[str]:
+    """``--overwrite``: delete the previous run's files (called only once every check has passed)."""
+    removed = [name for name in RUN_FILES if (output / name).is_file()]
+    for name in removed:
+        (output / name).unlink()
+    if (output / "export").is_dir():
+        shutil.rmtree(output / "export")
+        removed.append("export/")
+    return removed
