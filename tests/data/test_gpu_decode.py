@@ -20,7 +20,10 @@ from dap_pretrain.data.gpu_decode import (
 )
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+_REPO = Path(__file__).resolve().parents[2]
+# ../shared/data beside the checkout; a GPU job carries a copy inside it (shared/data)
+SHARED_DATA = next((p for p in (_REPO.parent / "shared" / "data", _REPO / "shared" / "data") if p.is_dir()), Path())
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on a GPU machine the same tests run on it
 
 
 def _imagenet_files(n: int) -> list[str]:
@@ -114,7 +117,8 @@ def _solid_jpeg(path, value: int, mode: str = "RGB", fmt: str = "JPEG") -> None:
     im.save(path, format=fmt)
 
 
-def test_index_alignment_and_no_file_dropped(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_index_alignment_and_no_file_dropped(tmp_path, device):
     """Files whose pixels encode their index: every index comes back once, with its own pixels and label.
 
     Among them a PNG under a .JPEG name and a CMYK JPEG, which take the CPU fallback instead of being dropped.
@@ -130,16 +134,18 @@ def test_index_alignment_and_no_file_dropped(tmp_path):
     for workers in (0, 2):
         loader = GpuDecodeLoader(
             samples, sampler=order, batch_size=8, img_size=16, mean=(0, 0, 0), std=(1 / 255,) * 3,
-            device=torch.device("cpu"), num_workers=workers, color_jitter=0.0,
+            device=torch.device(device), num_workers=workers, color_jitter=0.0,
         )  # fmt: skip
         seen = []
         for x, y, idx in loader:
             assert x.shape[1:] == (3, 16, 16)
-            for img, target, i in zip(x, y.tolist(), idx.tolist(), strict=True):
+            assert x.device.type == device
+            for img, target, i in zip(x.cpu(), y.tolist(), idx.tolist(), strict=True):
                 assert target == i % 4
                 assert abs(img.mean().item() - (8 * i + 20)) < 3, (i, img.mean().item())
             seen += idx.tolist()
         assert seen == order
+        assert loader.stats.get("cpu", 0) >= 1  # the PNG at least went through PIL
 
 
 def test_undecodable_file_is_named(tmp_path):
