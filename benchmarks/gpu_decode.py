@@ -94,6 +94,49 @@ def timm_train(script: Path, root: Path, out: Path, *, args, img_size: int, time
             "wall_s": time.perf_counter() - t0}
 
 
+def loader_only(kind: str, root: Path, *, args, img_size: int, batches: int = 30) -> dict:
+    """images/s of a loader alone (no model): ``gpu`` (GpuDecodeLoader), ``cpu`` (workers decode with PIL, timm's
+    transform) or ``nvjpeg`` (decode_batch alone on bytes already in memory, the same batches)."""
+    import torch
+
+    from dap_pretrain.data.dataset import IndexedDataset, create_dataset
+    from dap_pretrain.data.gpu_decode import GpuDecodeLoader, dataset_samples, decode_batch
+    from dap_pretrain.data.loader import create_loader, trainer_transform
+
+    dev = torch.device(args.device)
+    ds = IndexedDataset(create_dataset(name="", root=root, split="train", is_training=True))
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[: batches * args.batch_size].tolist()
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if kind == "nvjpeg":
+        samples = dataset_samples(ds)
+        data = [torch.frombuffer(bytearray(Path(samples[i][0]).read_bytes()), dtype=torch.uint8) for i in order]
+        chunks = [data[k : k + args.batch_size] for k in range(0, len(data), args.batch_size)]
+        decode_batch(chunks[0], device=dev)
+        sync()
+        t0 = time.perf_counter()
+        for chunk in chunks[1:]:
+            decode_batch(chunk, device=dev)
+        sync()
+        return {"img_per_s": sum(len(c) for c in chunks[1:]) / (time.perf_counter() - t0)}
+    if kind == "gpu":
+        loader = GpuDecodeLoader(dataset_samples(ds), sampler=order, batch_size=args.batch_size, img_size=img_size,
+                                 mean=mean, std=std, device=dev, num_workers=args.workers, channels_last=True)
+    else:
+        ds.transform = trainer_transform(img_size=img_size, aug="imagenet", is_training=True)
+        loader = create_loader(ds, batch_size=args.batch_size, sampler=order, mean=mean, std=std, device=dev,
+                               num_workers=args.workers, channels_last=True, seed=0)
+    n, t0 = 0, None
+    for k, (_x, _, idx) in enumerate(loader):
+        if k == 2:
+            sync()
+            t0 = time.perf_counter()
+        elif k > 2:
+            n += idx.numel()
+    sync()
+    return {"img_per_s": n / (time.perf_counter() - t0)}
+
+
 def wall_vs_compute(output: Path) -> dict:
     """A DaP run's measured compute fraction against its wall-clock fraction: the sum of its epoch times over
     E times the time of its steady full-data epoch (epoch 2; epoch 1 also pays start-up and warm-up)."""
@@ -108,6 +151,7 @@ def wall_vs_compute(output: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--imagenet", default=None, help="imagenet_sample folder")
+    p.add_argument("--max-classes", type=int, default=None, help="use the first N classes (a smaller carried copy)")
     p.add_argument("--timm-train", default=None, help="timm's train.py (from its repository at the installed version)")
     p.add_argument("--work-dir", default="/tmp/dap-gpu-decode")
     p.add_argument("--model", default="resnet50")
@@ -117,15 +161,16 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--step-timeout", type=float, default=120)
     p.add_argument("--steps", nargs="+", default=["model_only", "trainer_cpu_decode", "trainer_gpu_decode",
-                                                  "timm_train", "dap_cpu_decode", "dap_gpu_decode"])
+                                                  "timm_train", "dap_cpu_decode", "dap_gpu_decode"],
+                   help="also: loader_only_gpu, loader_only_cpu, loader_only_nvjpeg (a loader without a model)")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, no GPU decoding")
     args = p.parse_args(argv)
     args.device = "cpu" if args.dry_run else "cuda"
-    img_size, max_classes = 224, None
+    img_size, max_classes = 224, args.max_classes
     if args.dry_run:
         args.model, args.batch_size, args.workers, args.copies, args.epochs = "test_resnet", 16, 1, 2, 2
         img_size, max_classes = 64, 20
-        args.steps = [s for s in args.steps if "gpu_decode" not in s]
+        args.steps = [s for s in args.steps if "gpu_decode" not in s and s != "loader_only_nvjpeg"]
     out = Path(os.environ.get("OUT") or "gpu_results")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work_dir + ("-dry" if args.dry_run else ""))
@@ -148,6 +193,8 @@ def main(argv=None) -> int:
                 res = {"img_per_s": model_only_img_per_s(model=args.model, img_size=img_size,
                                                          batch_size=args.batch_size, steps=40, device=args.device,
                                                          amp=True, channels_last=True)}
+            elif step.startswith("loader_only_"):
+                res = loader_only(step.removeprefix("loader_only_"), root, args=args, img_size=img_size)
             elif step == "timm_train":
                 if not args.timm_train:
                     raise BenchmarkError("no --timm-train given")

@@ -71,13 +71,22 @@ class EncodedFiles(Dataset):
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), target, int(index)
 
 
-def encoded_collate(batch: list[tuple]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Collate ``(bytes, target, index)`` items: the byte tensors stay a list (they differ in length)."""
+def encoded_collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collate ``(bytes, target, index)`` items into ``(all bytes in one uint8 tensor, end offsets, targets,
+    indices)``: one shared-memory tensor per batch crosses from the worker, not one per file."""
+    ends = torch.tensor([b[0].numel() for b in batch], dtype=torch.int64).cumsum(0)
     return (
-        [b[0] for b in batch],
+        torch.cat([b[0] for b in batch]) if batch else torch.empty(0, dtype=torch.uint8),
+        ends,
         torch.as_tensor([b[1] for b in batch], dtype=torch.int64),
         torch.as_tensor([b[2] for b in batch], dtype=torch.int64),
     )
+
+
+def split_encoded(flat: torch.Tensor, ends: torch.Tensor) -> list[torch.Tensor]:
+    """The per-file byte tensors of :func:`encoded_collate`'s ``flat``: contiguous views, no copy."""
+    starts = [0, *ends[:-1].tolist()]
+    return [flat[a:b] for a, b in zip(starts, ends.tolist(), strict=True)]
 
 
 def dataset_samples(dataset) -> list[tuple[str, int]]:
@@ -344,9 +353,10 @@ class GpuDecodeLoader:
         self.stats = {}
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         try:
-            for data, targets, indices in self.loader:
+            for flat, ends, targets, indices in self.loader:
                 if stop.is_set():
                     return
+                data = split_encoded(flat, ends)
                 paths = [self.files.samples[i][0] for i in indices.tolist()]
                 if stream is not None:
                     with torch.cuda.stream(stream):

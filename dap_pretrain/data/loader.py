@@ -38,11 +38,17 @@ def indexed_uint8_collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tenso
 
 
 class IndexedPrefetchLoader:
-    """Wraps a DataLoader of uint8 ``(images, targets, indices)`` and yields normalised device batches.
+    """Wraps a DataLoader of uint8 ``(images, targets, indices)`` chunks and yields normalised device batches.
 
-    On CUDA the next batch is copied on a side stream while the current one trains; on CPU the
-    same code runs synchronously. Yields ``(input float/channels_last, target, index)``; ``index``
-    stays on the CPU, where the loss recorder lives.
+    The workers load chunks of ``loader.batch_size`` samples (a divisor of ``batch_size``, see
+    :func:`chunk_size`); this class joins consecutive chunks into batches of ``batch_size``, so the batches are the
+    sampler's order cut every ``batch_size`` samples exactly as one DataLoader of ``batch_size`` would cut it. Why
+    chunks: an epoch's first batch then waits for one chunk per worker, decoded in parallel, not for one worker to
+    decode a whole batch (on one H100, ResNet-50, 14 workers, that wait cost about 1.1 s per epoch).
+
+    On CUDA the chunks are copied and normalised on a side stream while the current batch trains; on CPU the same
+    code runs synchronously. Yields ``(input float/channels_last, target, index)``; ``index`` stays on the CPU,
+    where the loss recorder lives.
     """
 
     def __init__(
@@ -54,8 +60,12 @@ class IndexedPrefetchLoader:
         device: torch.device,
         channels_last: bool = False,
         dtype: torch.dtype = torch.float32,
+        batch_size: int | None = None,
+        drop_last: bool = False,
     ):
         self.loader = loader
+        self.batch_size = batch_size or loader.batch_size
+        self.drop_last = drop_last
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.dtype = dtype
@@ -64,26 +74,38 @@ class IndexedPrefetchLoader:
         self.std = torch.tensor([255 * s for s in std], device=self.device, dtype=dtype).view(shape)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def _to_device(self, images, targets):
-        images = images.to(self.device, non_blocking=True)
-        targets = targets.to(self.device, non_blocking=True)
+    def _groups(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """The loader's chunks, grouped (and split where needed) into lists of exactly ``batch_size`` samples."""
+        group, n = [], 0
+        for images, targets, indices in self.loader:
+            while indices.numel():  # an empty chunk (only unreadable files) adds nothing
+                take = min(self.batch_size - n, indices.numel())
+                group.append((images[:take], targets[:take], indices[:take]))
+                images, targets, indices = images[take:], targets[take:], indices[take:]
+                n += take
+                if n == self.batch_size:
+                    yield group
+                    group, n = [], 0
+        if group and not self.drop_last:
+            yield group
+
+    def _to_device(self, chunks):
+        images = torch.cat([c[0].to(self.device, non_blocking=True) for c in chunks])
+        targets = torch.cat([c[1] for c in chunks]).to(self.device, non_blocking=True)
+        indices = torch.cat([c[2] for c in chunks])
         images = images.to(self.dtype).sub_(self.mean).div_(self.std)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, targets
+        return images, targets, indices
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.stream is None:
-            for images, targets, indices in self.loader:
-                if indices.numel():
-                    yield (*self._to_device(images, targets), indices)
+            yield from (self._to_device(group) for group in self._groups())
             return
         pending = None
-        for images, targets, indices in self.loader:
-            if not indices.numel():  # every file of the batch was unreadable
-                continue
+        for group in self._groups():
             with torch.cuda.stream(self.stream):
-                batch = (*self._to_device(images, targets), indices)
+                batch = self._to_device(group)
             if pending is not None:
                 yield pending
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
@@ -94,7 +116,8 @@ class IndexedPrefetchLoader:
             yield pending
 
     def __len__(self) -> int:
-        return len(self.loader)
+        n = len(self.loader.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     @property
     def sampler(self):
@@ -104,6 +127,16 @@ class IndexedPrefetchLoader:
     @property
     def dataset(self):
         return self.loader.dataset
+
+
+def chunk_size(batch_size: int, num_workers: int) -> int:
+    """Samples per worker task: the largest divisor of ``batch_size`` not above ``batch_size / num_workers``
+    (rounded up), so a batch is spread over all workers; the whole batch where that would be under 4 samples."""
+    if num_workers <= 1:
+        return batch_size
+    target = -(-batch_size // num_workers)
+    chunk = max(d for d in range(1, target + 1) if batch_size % d == 0)
+    return chunk if chunk >= min(4, target) else batch_size
 
 
 def cifar_transform(*, img_size: int = 32, is_training: bool) -> T.Compose:
@@ -186,13 +219,22 @@ def create_loader(
     pin = device.type == "cuda" if pin_memory is None else pin_memory
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=chunk_size(batch_size, num_workers),
         sampler=SeededSampler(sampler, seed=seed) if seed is not None else sampler,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=indexed_uint8_collate,
         pin_memory=pin,
-        drop_last=drop_last,
+        drop_last=False,  # the prefetcher cuts batches and drops the last partial one
         persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
     )
-    return IndexedPrefetchLoader(loader, mean=mean, std=std, device=device, channels_last=channels_last)
+    return IndexedPrefetchLoader(
+        loader,
+        mean=mean,
+        std=std,
+        device=device,
+        channels_last=channels_last,
+        batch_size=batch_size,
+        drop_last=drop_last,
+    )

@@ -77,3 +77,22 @@ def test_prefetch_loader_records_right_index():
     )
     _check_epochs(loader, sampler)
     assert sampler.subset.min() == 600 - 205
+
+
+def test_chunked_workers_cut_the_same_batches_as_one_dataloader():
+    """Workers load chunks; the prefetcher joins them into exactly the batches a plain DataLoader would cut."""
+    from dap_pretrain.data.loader import chunk_size
+
+    assert chunk_size(256, 14) == 16 and chunk_size(128, 2) == 64 and chunk_size(100, 14) == 5
+    assert chunk_size(127, 14) == 127 and chunk_size(64, 0) == 64  # prime: no useful divisor; no workers
+    ds = IndexedDataset(SelfIndexingImages(203))
+    for drop_last in (False, True):
+        sampler = DaPSampler(203, config=DaPConfig(epochs=2, warmup=1, interval=1, keep=0.7), seed=5)
+        sampler.set_epoch(0)
+        plain = DataLoader(ds, batch_size=24, sampler=sampler, collate_fn=indexed_uint8_collate, drop_last=drop_last)
+        chunked = create_loader(ds, batch_size=24, sampler=sampler, mean=(0, 0, 0), std=(1 / 255,) * 3,
+                                device="cpu", num_workers=3, drop_last=drop_last, seed=0)  # fmt: skip
+        assert chunked.loader.batch_size == 8
+        want = [idx.tolist() for _, _, idx in plain]
+        got = [idx.tolist() for _, _, idx in chunked]
+        assert got == want and len(chunked) == len(want)
