@@ -117,3 +117,22 @@ def test_gpu_check_dry_run(tmp_path):
     assert results["engine"]["trainer_none"]["img_per_s"] > 0 and results["engine"]["bare_loop"]["img_per_s"] > 0
     rows = {r["row"] for r in results["cifar"]["runs"]}
     assert rows == set(cifar_ablation.ROWS), results.get("cifar", {}).get("error")
+
+
+def test_gpu_decode_wall_fraction_and_original_folder(tmp_path):
+    import gpu_decode
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [(16000, 6.0), (16000, 4.0), (8000, 2.5), (4000, 1.5)]  # epoch 1 pays start-up; epoch 2 is the reference
+    (run / "summary.csv").write_text(
+        "epoch,samples_trained,epoch_time_s,img_per_s\n"
+        + "".join(f"{i + 1},{n},{t},{n / t}\n" for i, (n, t) in enumerate(rows))
+    )
+    (run / "run.json").write_text(json.dumps({"compute_fraction_measured": 0.6875}))
+    res = gpu_decode.wall_vs_compute(run)
+    assert res["compute_fraction"] == 0.6875
+    assert res["wall_fraction"] == pytest.approx((4.0 + 4.0 + 2.5 + 1.5) / (4 * 4.0))
+    src = REPO.parent / "shared" / "data" / "imagenet_sample"
+    root = gpu_decode.original_folder(src, tmp_path, copies=2, max_classes=3)
+    assert len(list(root.glob("train/*/*"))) == 6 and len(list(root.glob("val/*/*"))) == 3
