@@ -80,6 +80,26 @@ class Accounting:
     history: list = field(default_factory=list)
     drops: list = field(default_factory=list)  # loss histograms at each drop, for the plot
 
+    def add_epoch(self, epoch: int, report) -> None:
+        """Count an epoch's :class:`~dap_pretrain.data.sampler.EpochReport`: samples trained, samples of the subset
+        left untrained, and (at a drop) the loss histogram the plot shows."""
+        self.measured += report.seen
+        self.lost += report.size_before - report.seen
+        if report.losses is None:
+            return
+        finite = report.losses[torch.isfinite(report.losses)]
+        if finite.numel():
+            hist = torch.histogram(finite.double(), bins=40)
+            self.drops.append(
+                {
+                    "epoch": epoch,
+                    "counts": hist.hist.tolist(),
+                    "edges": hist.bin_edges.tolist(),
+                    "kept": report.size_after,
+                    "of": report.size_before,
+                }
+            )
+
     @property
     def baseline(self) -> int:
         return self.baseline_epochs * self.num_samples
@@ -411,32 +431,83 @@ def _check_resumable(ckpt: dict, ckpt_path, *, model: str, num_classes: int) -> 
         )
 
 
-def _resume(args, ckpt, *, model, optimizer, lr_sched, scaler, ema, sampler, acct, rank, world) -> int:
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:  # a head or layer of another shape than the checkpoint's num_classes says
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(
-            f"checkpoint {args.resume} does not fit this {args.model} ({first[:160]}); resume with the data and "
-            "--num-classes it was trained with"
-        ) from None
-    optimizer.load_state_dict(ckpt["optimizer"])
-    lr_sched.load_state_dict(ckpt["lr_scheduler"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None and ckpt.get("state_dict_ema"):
-        ema.module.load_state_dict(ckpt["state_dict_ema"])
-    sampler.load_state_dict(ckpt["sampler"])
-    acct.measured, acct.lost = ckpt["accounting"]["measured"], ckpt["accounting"]["lost"]
-    acct.history, acct.drops = list(ckpt["history"]), list(ckpt["accounting"]["drops"])
-    rngs = ckpt.get("rng") or []
-    if len(rngs) == world:
-        set_rng_state(rngs[rank])
-    else:
-        _logger.warning(
-            "checkpoint has RNG states for %d processes, this run has %d: augmentation will differ", len(rngs), world
-        )
-    return int(ckpt["epoch"])
+@dataclass
+class TrainState:
+    """What a checkpoint holds of a run, and what ``--resume`` restores: one place for both directions.
+
+    The checkpoint keys (``state_dict``, ``optimizer``, ``lr_scheduler``, ``scaler``, ``state_dict_ema``,
+    ``sampler``, ``accounting``, ``history``, ``rng``, ...) are the trainer's file format: runs written by earlier
+    versions resume unchanged.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_sched: EpochProgressLR
+    sampler: object
+    acct: Accounting
+    scaler: object = None
+    ema: object = None
+    best: float = -1.0
+
+    def state_dict(self, *, args, epoch: int, rngs: list, num_classes: int, dap: dict) -> dict:
+        """The checkpoint after ``epoch`` epochs (``rngs``: every rank's RNG states, see :func:`_gather_rng`)."""
+        acct = self.acct
+        return {
+            "arch": args.model,
+            "num_classes": num_classes,
+            "epoch": epoch,
+            "state_dict": self.model.state_dict(),
+            "state_dict_ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "sampler": self.sampler.state_dict(),
+            "rng": rngs,
+            "accounting": {"measured": acct.measured, "lost": acct.lost, "drops": acct.drops},
+            "history": acct.history,
+            "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+            "run": {
+                "epochs": args.epochs,
+                "dap": dap,
+                "dataset": args.data_dir,
+                "compute_fraction_planned": acct.planned / acct.baseline,
+                "compute_fraction_measured": acct.measured / acct.baseline,
+                "top1": acct.history[-1]["eval_top1"],
+                "top5": acct.history[-1]["eval_top5"],
+                "ema_top1": acct.history[-1].get("ema_top1"),
+                "git_commit": git_commit(),
+            },
+        }
+
+    def load_state_dict(self, ckpt: dict, *, source, model_name: str, rank: int, world: int) -> int:
+        """Restore from a checkpoint already checked by :func:`_check_resumable`; returns the epochs it had done."""
+        try:
+            self.model.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as e:  # a head or layer of another shape than the checkpoint's num_classes says
+            first = str(e).strip().splitlines()[-1].strip()
+            raise CheckpointError(
+                f"checkpoint {source} does not fit this {model_name} ({first[:160]}); resume with the data and "
+                "--num-classes it was trained with"
+            ) from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.lr_sched.load_state_dict(ckpt["lr_scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("state_dict_ema"):
+            self.ema.module.load_state_dict(ckpt["state_dict_ema"])
+        self.sampler.load_state_dict(ckpt["sampler"])
+        self.acct.measured, self.acct.lost = ckpt["accounting"]["measured"], ckpt["accounting"]["lost"]
+        self.acct.history, self.acct.drops = list(ckpt["history"]), list(ckpt["accounting"]["drops"])
+        rngs = ckpt.get("rng") or []
+        if len(rngs) == world:
+            set_rng_state(rngs[rank])
+        else:
+            _logger.warning(
+                "checkpoint has RNG states for %d processes, this run has %d: augmentation will differ",
+                len(rngs),
+                world,
+            )
+        return int(ckpt["epoch"])
 
 
 def _restore_best(ckpt: dict, output: Path, history: list) -> float:
@@ -551,23 +622,12 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: HeldLogs,
     decoding_workers = 0 if hasattr(train_loader, "store") else args.workers  # in-memory: workers only at start
     threads, threads_note = pick_threads(workers=decoding_workers, device_type=device.type)
     torch.set_num_threads(threads)
+    state = TrainState(model, optimizer, lr_sched, sampler, acct, scaler=scaler, ema=ema)
     start_epoch, ckpt = 0, None
     if args.resume:
         ckpt = load_checkpoint(args.resume)
         _check_resumable(ckpt, args.resume, model=args.model, num_classes=data.num_classes)
-        start_epoch = _resume(
-            args,
-            ckpt,
-            model=model,
-            optimizer=optimizer,
-            lr_sched=lr_sched,
-            scaler=scaler,
-            ema=ema,
-            sampler=sampler,
-            acct=acct,
-            rank=rank,
-            world=world,
-        )
+        start_epoch = state.load_state_dict(ckpt, source=args.resume, model_name=args.model, rank=rank, world=world)
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -599,7 +659,8 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: HeldLogs,
         100 * acct.planned / acct.baseline,
     )
     run_start = time.perf_counter() - sum(r["epoch_time_s"] for r in acct.history)
-    best = _restore_best(ckpt, output, acct.history) if ckpt is not None and rank == 0 else -1.0
+    if ckpt is not None and rank == 0:
+        state.best = _restore_best(ckpt, output, acct.history)
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
@@ -622,26 +683,12 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: HeldLogs,
             graph_step=graph_step,
         )
         report = sampler.end_epoch()
-        acct.measured += report.seen
-        acct.lost += report.size_before - report.seen
-        if report.losses is not None:
-            finite = report.losses[torch.isfinite(report.losses)]
-            hist = torch.histogram(finite.double(), bins=40) if finite.numel() else None
-            if hist is not None:
-                acct.drops.append(
-                    {
-                        "epoch": epoch + 1,
-                        "counts": hist.hist.tolist(),
-                        "edges": hist.bin_edges.tolist(),
-                        "kept": report.size_after,
-                        "of": report.size_before,
-                    }
-                )
+        acct.add_epoch(epoch + 1, report)
         do_eval = val_loader is not None and ((epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs)
         ev = evaluate(model, val_loader, device=device, amp_dtype=amp_dtype) if do_eval else {}
-        ema_ev = {}
-        if ema is not None and do_eval:
-            ema_ev = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype)
+        ema_ev = (
+            evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype) if ema is not None and do_eval else {}
+        )
         row = acct.epoch_row(
             epoch=epoch + 1,
             report=report,
@@ -659,13 +706,11 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: HeldLogs,
         if rank == 0:
             _log_epoch(row, args.epochs, report)
             _write_summary(output, acct.history)
-            state = _checkpoint_state(
-                args, model, optimizer, lr_sched, scaler, ema, sampler, acct, rngs, epoch + 1, data.num_classes, dap
-            )
-            save_checkpoint(state, output / "last.pth.tar")
-            if ev and ev["top1"] > best:
-                best = ev["top1"]
-                save_checkpoint(state, output / "model_best.pth.tar")
+            ckpt_state = state.state_dict(args=args, epoch=epoch + 1, rngs=rngs, num_classes=data.num_classes, dap=dap)
+            save_checkpoint(ckpt_state, output / "last.pth.tar")
+            if ev and ev["top1"] > state.best:
+                state.best = ev["top1"]
+                save_checkpoint(ckpt_state, output / "model_best.pth.tar")
     wall = time.perf_counter() - run_start
     if rank != 0:
         barrier()
@@ -695,37 +740,6 @@ def _log_epoch(row: dict, epochs: int, report) -> None:
         row["epoch_time_s"],
         row["img_per_s"],
     )
-
-
-def _checkpoint_state(
-    args, model, optimizer, lr_sched, scaler, ema, sampler, acct, rngs, epochs_done, num_classes, dap
-) -> dict:
-    return {
-        "arch": args.model,
-        "num_classes": num_classes,
-        "epoch": epochs_done,
-        "state_dict": model.state_dict(),
-        "state_dict_ema": ema.module.state_dict() if ema is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_sched.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "sampler": sampler.state_dict(),
-        "rng": rngs,
-        "accounting": {"measured": acct.measured, "lost": acct.lost, "drops": acct.drops},
-        "history": acct.history,
-        "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
-        "run": {
-            "epochs": args.epochs,
-            "dap": dap,
-            "dataset": args.data_dir,
-            "compute_fraction_planned": acct.planned / acct.baseline,
-            "compute_fraction_measured": acct.measured / acct.baseline,
-            "top1": acct.history[-1]["eval_top1"],
-            "top5": acct.history[-1]["eval_top5"],
-            "ema_top1": acct.history[-1].get("ema_top1"),
-            "git_commit": git_commit(),
-        },
-    }
 
 
 def _finish(args, output: Path, acct: Accounting, wall: float, dap: dict) -> dict:
