@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -293,13 +294,50 @@ def test_unknown_task_through_the_shell(tmp_path):
 
 def test_more_gpus_than_torch_sees_is_one_line(tmp_path):
     have = torch.cuda.device_count()
-    ask = max(have + 1, 2)
+    ask = have + 1  # on a CPU machine: --gpus 1, which also goes through torchrun
     proc = subprocess.run(
         ["bash", str(SCRIPT), "simplebaseline", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--gpus", str(ask)],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode == 2 and not (tmp_path / "w").exists()
+    fix = "drop --gpus to run one process on the CPU" if have == 0 else f"pass --gpus {have} or fewer"
     assert proc.stderr.strip().splitlines() == [
-        f"transfer_coco: error: --gpus {ask} but torch sees {have} CUDA device(s); pass --gpus {max(have, 1)} "
-        "(one process per GPU; --gpus 1 runs on one GPU or the CPU)"
+        f"transfer_coco: error: --gpus {ask} but torch sees {have} CUDA device(s); {fix} "
+        "(--gpus N starts N processes through torchrun, one per GPU)"
     ]
+
+
+@pytest.mark.parametrize(
+    "gpus, launch",
+    [
+        ([], "-m downstream.transfer faster_rcnn EXPORT --work-dir W"),
+        (
+            ["--gpus", "1"],
+            "-m torch.distributed.run --nproc_per_node=1 --master_port=29500 -m downstream.transfer "
+            "faster_rcnn EXPORT --work-dir W --launcher pytorch",
+        ),
+        (
+            ["--gpus=2"],
+            "-m torch.distributed.run --nproc_per_node=2 --master_port=29500 -m downstream.transfer "
+            "faster_rcnn EXPORT --work-dir W --launcher pytorch",
+        ),
+    ],
+    ids=["plain", "gpus-1-torchrun", "gpus-2-torchrun"],
+)
+def test_gpus_n_always_goes_through_torchrun(tmp_path, gpus, launch):
+    """The launch line the script builds, with DAP_PYTHON standing in for a python whose torch sees 2 GPUs."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\nif [ "$1" = -c ]; then echo 2; else echo "$@"; fi\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "DAP_PYTHON": str(fake)}
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "faster_rcnn", "EXPORT", *gpus, "--work-dir", "W"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == launch, proc.stderr
