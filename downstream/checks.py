@@ -12,6 +12,7 @@ from pathlib import Path
 from downstream import TransferInputError
 
 _COCO_KEYS = ("images", "annotations", "categories")
+_DET_KEYS = {"image_id", "category_id", "bbox", "score"}  # what mmpose reads from each detected box
 
 
 def load_coco_json(path: str | Path, *, keypoints: bool = False) -> dict:
@@ -63,11 +64,21 @@ def check_images(ann: dict, *, img_dir: str | Path, ann_file: str | Path) -> Non
         )
 
 
-def check_person_dets(path: str | Path) -> None:
-    """Checks a top-down person-detection file: a JSON list of ``{image_id, bbox, score, ...}``.
+def check_person_dets(
+    path: str | Path, *, ann: dict | None = None, ann_file: str | Path | None = None, score_thr: float = 0.0
+) -> None:
+    """Checks a top-down person-detection file: a JSON list of ``{image_id, category_id, bbox, score}``.
+
+    Args:
+        path: the detection file.
+        ann: the annotations the boxes are evaluated against (``ann_file``'s content); when given, every box
+            must be on one of its images (mmpose looks each one up) and at least one person box must reach
+            ``score_thr``: without any, pose evaluation would have nothing to score.
+        ann_file: the annotation file's name, for the message.
+        score_thr: the dataset's ``filter_cfg.bbox_score_thr`` (boxes scored below it are dropped).
 
     Raises:
-        TransferInputError: missing or malformed file.
+        TransferInputError: missing or malformed file, boxes on unknown images, or no usable person box.
     """
     path = Path(path)
     if not path.is_file():
@@ -78,10 +89,25 @@ def check_person_dets(path: str | Path) -> None:
         raise TransferInputError(
             f"person detection file {path} is not valid JSON ({e}); pass the original file"
         ) from None
-    if not isinstance(dets, list) or not all(isinstance(d, dict) and {"image_id", "bbox"} <= d.keys() for d in dets):
+    if not isinstance(dets, list) or not all(isinstance(d, dict) and _DET_KEYS <= d.keys() for d in dets):
         raise TransferInputError(
-            f"person detection file {path} is malformed (want a list of {{image_id, bbox, score}}); "
+            f"person detection file {path} is malformed (want a list of {{image_id, category_id, bbox, score}}); "
             "pass e.g. COCO_val2017_detections_AP_H_56_person.json"
+        )
+    if ann is None:
+        return
+    image_ids = {im.get("id") for im in ann["images"]}
+    foreign = [d["image_id"] for d in dets if d["image_id"] not in image_ids]
+    if foreign:
+        raise TransferInputError(
+            f"{len(foreign)} of {len(dets)} boxes in person detection file {path} are on images not in {ann_file} "
+            f"(e.g. image_id {foreign[0]}); pass the detection file made for these annotations"
+        )
+    if not any(d["category_id"] == 1 and d["score"] >= score_thr for d in dets):
+        raise TransferInputError(
+            f"person detection file {path} has no person box (category_id 1) with score >= {score_thr} on the "
+            f"images of {ann_file}: pose evaluation would have nothing to score; pass another file or lower "
+            "filter_cfg.bbox_score_thr"
         )
 
 
@@ -92,7 +118,8 @@ def check_coco_inputs(cfg, *, keypoints: bool) -> None:
         cfg: the filled mmengine config (after :func:`downstream.config.build_transfer_config`).
         keypoints: the annotations must carry keypoints (pose).
     """
-    seen: set[Path] = set()
+    loaded: dict[Path, dict] = {}
+    checked: set[tuple[Path, Path]] = set()
     for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
         ds = cfg.get(name, {}).get("dataset")
         if ds is None:
@@ -100,17 +127,15 @@ def check_coco_inputs(cfg, *, keypoints: bool) -> None:
         root = Path(ds.get("data_root") or "")
         ann_file = root / ds.ann_file
         img_dir = root / ds.get("data_prefix", {}).get("img", "")
-        if (ann_file, img_dir) in seen:
-            continue
-        seen.add((ann_file, img_dir))
-        check_images(load_coco_json(ann_file, keypoints=keypoints), img_dir=img_dir, ann_file=ann_file)
+        if ann_file not in loaded:
+            loaded[ann_file] = load_coco_json(ann_file, keypoints=keypoints)
+        if (ann_file, img_dir) not in checked:
+            checked.add((ann_file, img_dir))
+            check_images(loaded[ann_file], img_dir=img_dir, ann_file=ann_file)
         if ds.get("bbox_file"):
-            check_person_dets(ds.bbox_file)
+            thr = (ds.get("filter_cfg") or {}).get("bbox_score_thr", 0.0)
+            check_person_dets(ds.bbox_file, ann=loaded[ann_file], ann_file=ann_file, score_thr=thr)
     for name in ("val_evaluator", "test_evaluator"):
         evaluator = cfg.get(name)
-        if (
-            isinstance(evaluator, dict)
-            and evaluator.get("ann_file")
-            and Path(evaluator.ann_file) not in {a for a, _ in seen}
-        ):
+        if isinstance(evaluator, dict) and evaluator.get("ann_file") and Path(evaluator.ann_file) not in loaded:
             load_coco_json(evaluator.ann_file, keypoints=keypoints)

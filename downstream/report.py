@@ -6,7 +6,9 @@ Each WORK_DIR holds the ``metrics.json`` of one ``tools/transfer_coco.sh`` run. 
 (method, backbone); within a group the 100% pre-train-compute row is the baseline every other row's
 delta is taken against, and the best value of each column is marked (Markdown bold, CSV ``best``
 column). Values are percent (the evaluator's fractions x 100); ``-`` where a run has no such metric
-or COCO had no instance of that size.
+or COCO had no instance of that size. A run whose ``metrics.json`` carries a ``note`` (an evaluation
+that scored nothing, recorded as 0.0) shows it in a last ``Note`` column (Markdown, only in tables
+that have one) and in the CSV's ``note`` column.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class Row:
     compute: float | None
     work_dir: str
     values: list[float | None]
+    note: str = ""
     deltas: list[float | None] = dataclasses.field(default_factory=list)
     best: list[bool] = dataclasses.field(default_factory=list)
 
@@ -114,7 +117,8 @@ def _row(run: dict, work_dir: str) -> Row:
             100 * v if isinstance(v, (int, float)) and v >= 0 else None
         )  # COCO writes -1 for "no such instances"
     model = meta.get("model", "?")
-    return Row(run["method"], _BACKBONE_NAMES.get(model, model), _compute_fraction(meta), work_dir, values)
+    note = str(run.get("note") or "")
+    return Row(run["method"], _BACKBONE_NAMES.get(model, model), _compute_fraction(meta), work_dir, values, note)
 
 
 def _fill_group(rows: list[Row]) -> None:
@@ -168,29 +172,31 @@ def _cell(row: Row, i: int) -> str:
 
 
 def format_markdown(table: int, rows: list[Row]) -> str:
-    """The table as Markdown: ``value (delta)``, best of each column in bold."""
+    """The table as Markdown: ``value (delta)``, best of each column in bold; a ``Note`` column if a run has one."""
+    notes = any(r.note for r in rows)
     headers = ["Method", "Backbone", "Pre-train Computation"] + [h for _, h, _ in TABLE_COLUMNS[table]]
+    headers += ["Note"] if notes else []
     lines = [f"**{TABLE_TITLES[table]}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
         cells = [r.method, r.backbone, r.compute_str] + [_cell(r, i) for i in range(len(r.values))]
+        cells += [r.note.replace("|", "/")] if notes else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def format_csv(table: int, rows: list[Row]) -> str:
-    """The table as CSV: a value and a delta column per metric, and a ``best`` column naming the metrics won."""
+    """The table as CSV: a value and a delta column per metric, a ``best`` column naming the metrics won, ``note``."""
     labels = [lab for lab, _, _ in TABLE_COLUMNS[table]]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
-        ["table", "method", "backbone", "compute", *[c for lab in labels for c in (lab, f"{lab}_delta")], "best"]
-    )
+    metric_cells = [c for lab in labels for c in (lab, f"{lab}_delta")]
+    w.writerow(["table", "method", "backbone", "compute", *metric_cells, "best", "note"])
     for r in rows:
         cells = []
         for v, d in zip(r.values, r.deltas, strict=True):
             cells += ["" if v is None else f"{v:.1f}", "" if d is None else f"{d:+.1f}"]
         best = ";".join(lab for lab, b in zip(labels, r.best, strict=True) if b)
-        w.writerow([table, r.method, r.backbone, r.compute_str, *cells, best])
+        w.writerow([table, r.method, r.backbone, r.compute_str, *cells, best, r.note])
     return buf.getvalue().rstrip("\n")
 
 

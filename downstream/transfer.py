@@ -4,7 +4,10 @@
 
 Writes ``WORK_DIR/metrics.json``: the COCO evaluator's keys (``coco/bbox_mAP``, ..., ``coco/AP (M)``)
 at the top level as floats in [0, 1] (-1 where COCO has no instance of that size), the export's
-``meta.json`` under ``backbone``, and how the run was made under ``run``.
+``meta.json`` under ``backbone``, and how the run was made under ``run`` (device, seconds per iteration, ...).
+An evaluation that scores nothing (no detection above the score threshold: mmdet logs "The testing results
+of the whole dataset is empty" and returns no metric) is a result too: every column the evaluator would
+have written is recorded as 0.0 and ``note`` says why, in one line that is also printed.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from downstream import TransferInputError
 from downstream.backbone import BackboneSpec, check_backbone, resolve_backbone
 from downstream.checks import check_coco_inputs, check_person_dets
 from downstream.config import TASKS, build_transfer_config, config_path, get_task
+from downstream.report import TABLE_COLUMNS
 
 METRICS_FILE = "metrics.json"
+_ZEROS = "every COCO column recorded as 0.0"
 
 
 def _reference_state_dict(cfg, spec: BackboneSpec) -> dict:
@@ -41,10 +46,45 @@ def _reference_state_dict(cfg, spec: BackboneSpec) -> dict:
     return MODELS.build(backbone).state_dict()
 
 
-def _train_sec_per_iter(runner) -> float:
-    """Mean wall time of a training iteration (IterTimerHook), leaving out the first (warm-up) one."""
-    times = runner.message_hub.get_scalar("train/time").data[0]
+def _train_sec_per_iter(runner, key: str = "train/time") -> float:
+    """Mean seconds per training iteration (IterTimerHook), leaving out the first (warm-up) one.
+
+    ``key``: ``train/time`` (the whole iteration) or ``train/data_time`` (waiting for the loader).
+    """
+    times = runner.message_hub.get_scalar(key).data[0]
     return float(np.mean(times[1:] if len(times) > 1 else times))
+
+
+def _device_name(model) -> str:
+    """Where the model trained: the CUDA device's name (``NVIDIA H100 80GB HBM3``) or ``cpu``."""
+    import torch
+
+    device = next(model.parameters()).device
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def evaluator_columns(cfg, table: int) -> list[str]:
+    """The ``metrics.json`` keys the config's COCO test evaluator writes for a run of paper ``table``.
+
+    Detection: the box columns, plus the mask columns when the evaluator's ``metric`` includes ``segm``
+    (Mask R-CNN); keypoints: all AP/AR columns.
+    """
+    keys = [key for _, _, key in TABLE_COLUMNS[table]]
+    evaluator = cfg.get("test_evaluator")
+    if table == 9 or not isinstance(evaluator, dict):
+        return keys
+    metric = evaluator.get("metric", "bbox")
+    kinds = {metric} if isinstance(metric, str) else set(metric)
+    return [key for key in keys if key.split("/")[-1].split("_")[0] in kinds]
+
+
+def empty_evaluation_note(cfg, *, is_pose: bool, n_test: int) -> str:
+    """The one line that says why an evaluation scored nothing."""
+    if is_pose:
+        return f"no keypoint prediction on the {n_test} test person boxes: {_ZEROS}"
+    thr = (cfg.model.get("test_cfg") or {}).get("rcnn", {}).get("score_thr")
+    where = f" (model.test_cfg.rcnn.score_thr={thr})" if thr is not None else ""
+    return f"no detection above the score threshold{where} on the {n_test} test images: {_ZEROS}"
 
 
 def _versions() -> dict[str, str]:
@@ -139,13 +179,20 @@ def run_transfer(*, task: str, person_dets: str | Path | None = None, **kwargs) 
     with trusted_checkpoints(trusted):
         runner.train()
         sec_per_iter = _train_sec_per_iter(runner)
-        metrics = runner.test()  # the config's test evaluator on the final weights
+        data_sec_per_iter = _train_sec_per_iter(runner, "train/data_time")
+        metrics = _finite_metrics(runner.test())  # the config's test evaluator on the final weights
     t = get_task(task)
+    note = None
+    columns = evaluator_columns(cfg, t.table)
+    if not any(key in metrics for key in columns):  # mmdet: "The testing results of the whole dataset is empty"
+        note = empty_evaluation_note(cfg, is_pose=t.is_pose, n_test=len(runner.test_dataloader.dataset))
+        metrics.update(dict.fromkeys(columns, 0.0))
     result = {
         "task": task,
         "method": t.method,
         "table": t.table,
-        **_finite_metrics(metrics),
+        **metrics,
+        **({"note": note} if note else {}),
         "backbone": spec.meta,
         "run": {
             "config": str(config_path(task=task, model=spec.model)),
@@ -154,6 +201,10 @@ def run_transfer(*, task: str, person_dets: str | Path | None = None, **kwargs) 
             "person_boxes": str(person_dets) if person_dets else ("gt" if t.is_pose else None),
             "train_iters": runner.iter,
             "train_sec_per_iter": sec_per_iter,
+            "train_data_sec_per_iter": data_sec_per_iter,
+            "train_batch_size_per_gpu": cfg.train_dataloader.batch_size,
+            "device": _device_name(runner.model),
+            "launcher": cfg.launcher,
             "world_size": get_world_size(),
             "cfg_options": {k: repr(v) for k, v in (kwargs.get("cfg_options") or {}).items()},
             "versions": _versions(),
@@ -185,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work_dir = args.work_dir or os.path.join("work_dirs", args.task, Path(args.backbone).resolve().stem)
     try:
-        run_transfer(
+        result = run_transfer(
             task=args.task,
             backbone=args.backbone,
             data_root=args.data_root,
@@ -199,6 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     except TransferInputError as e:
         print(f"transfer_coco: error: {e}", file=sys.stderr)
         return 2
+    from mmengine.dist import is_main_process
+
+    if not is_main_process():
+        return 0
+    run = result["run"]
+    print(
+        f"transfer_coco: {args.task} on {run['device']} x{run['world_size']}: {run['train_iters']} iterations, "
+        f"{run['train_sec_per_iter']:.3f} s/iter ({run['train_data_sec_per_iter']:.3f} s waiting for data)"
+    )
+    if "note" in result:
+        print(f"transfer_coco: note: {result['note']}")
     print(f"wrote {os.path.join(work_dir, METRICS_FILE)}")
     return 0
 

@@ -1,4 +1,5 @@
-"""Benchmarks' bookkeeping (schedule rule, rows, tables, data cache) and the GPU check's ``--dry-run`` in CI."""
+"""Benchmarks' bookkeeping (schedule rule, rows, tables, data cache, the transfer job's GPU-hours estimate) and
+the GPU scripts' dry runs in CI."""
 
 import json
 import os
@@ -13,6 +14,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import cifar_ablation  # noqa: E402
 import common  # noqa: E402
+import gpu_transfer  # noqa: E402
 
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 
@@ -136,3 +138,63 @@ def test_gpu_decode_wall_fraction_and_original_folder(tmp_path):
     src = REPO.parent / "shared" / "data" / "imagenet_sample"
     root = gpu_decode.original_folder(src, tmp_path, copies=2, max_classes=3)
     assert len(list(root.glob("train/*/*"))) == 6 and len(list(root.glob("val/*/*"))) == 3
+
+
+def _transfer_metrics(task, sec_per_iter, *, batch, launcher="none", **metrics):
+    run = dict(train_sec_per_iter=sec_per_iter, train_data_sec_per_iter=0.01, train_iters=30, world_size=1)
+    run.update(train_batch_size_per_gpu=batch, launcher=launcher, device="NVIDIA H100 80GB HBM3")
+    return {"task": task, "table": 9 if task == "simplebaseline" else 8, **metrics, "run": run}
+
+
+def test_gpu_hours_are_s_per_iter_times_the_stock_schedule_on_8_gpus():
+    assert gpu_transfer.DET_ITERS == 12 * 7_330 and gpu_transfer.POSE_ITERS == 210 * 293
+    assert gpu_transfer.gpu_hours("mask_rcnn", 0.25) == pytest.approx(0.25 * 87_960 * 8 / 3600)
+    lines = gpu_transfer.estimate(
+        [
+            _transfer_metrics("faster_rcnn", 0.25, batch=2),
+            _transfer_metrics("faster_rcnn", 9.0, batch=2, launcher="pytorch"),  # the torchrun rerun: not used
+            _transfer_metrics("simplebaseline", 0.5, batch=8),  # not the stock batch 64: not used
+        ]
+    )
+    assert "  Table 8 FPN ResNet-50: 0.250 s/iter -> 48.9 GPU-h per run x 3 rows" in lines
+    assert "  Table 8 Mask R-CNN ResNet-50: not measured" in lines
+    assert "  Table 9 SimpleBaseline ResNet-50: not measured (ran at batch 8, not the stock 64)" in lines
+    assert "  total of the rows above: 146.6 GPU-h" in lines
+
+
+def test_gpu_transfer_summary_row(tmp_path):
+    m = _transfer_metrics("faster_rcnn", 0.2, batch=2, **{"coco/bbox_mAP": 0.0123, "note": "nothing detected"})
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    assert gpu_transfer.row("faster_rcnn", tmp_path / "m.json", 41.4, 0) == (
+        "faster_rcnn: faster_rcnn plain x1 | 0.200 s/iter (0.010 waiting for data) over 30 iters at batch 2/GPU "
+        "| AP 1.23 | note: nothing detected | NVIDIA H100 80GB HBM3 | wall 41 s | exit 0"
+    )
+    absent = gpu_transfer.row("mask_rcnn", tmp_path / "absent.json", 3, 124)
+    assert absent == "mask_rcnn: no metrics.json | wall 3 s | exit 124"
+
+
+@pytest.mark.slow
+def test_gpu_transfer_dry_run(tmp_path, require):
+    """benchmarks/gpu_transfer.sh on the CPU: every step, 2 iterations, small inputs; --gpus 1 refused."""
+    require("mmcv", "mmdet", "mmpose")
+    env = {**os.environ, "DRY_RUN": "1", "DAP_PYTHON": sys.executable, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    for var in ("WHEELS", "ITERS", "BUDGET_S", "DATA_ROOT"):
+        env.pop(var, None)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_transfer.sh", "--data-root", str(REPO.parent / "shared/data/coco_mini")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    for name in ("faster_rcnn", "mask_rcnn", "simplebaseline"):
+        assert f"{name}: {name} plain x1 | " in summary and summary.count("| cpu | wall") == 3
+        assert json.loads((tmp_path / f"{name}.metrics.json").read_text())["run"]["train_iters"] == 2
+    assert "but torch sees 0 CUDA device(s); drop --gpus" in summary and "| exit 2" in summary
+    assert "Table 8 Mask R-CNN ResNet-50: " in summary and "gpu_transfer done in" in summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["summary.txt", "log.txt", "faster_rcnn.metrics.json", "mask_rcnn.metrics.json", "simplebaseline.metrics.json"]
+    )

@@ -5,13 +5,15 @@
 #
 # TASK: faster_rcnn | mask_rcnn | simplebaseline. BACKBONE: export folder or .pth (+ --model NAME).
 # Other options (--person-dets FILE, --overwrite, --model NAME) go to `python -m downstream.transfer`.
-# --gpus N > 1 runs N processes through torchrun with mmengine's launcher='pytorch'.
+# Without --gpus: one plain process (mmengine uses the GPU when torch sees one, else the CPU).
+# --gpus N (N >= 1, also 1): N processes through torchrun with mmengine's launcher='pytorch', one per GPU.
+# DAP_PYTHON: the interpreter (default .venv/bin/python); MASTER_PORT: torchrun's port (default 29500).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY=${DAP_PYTHON:-"$ROOT/.venv/bin/python"}
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-gpus=1 args=()
+gpus="" args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --gpus) gpus="${2:?--gpus needs a number}"; shift 2 ;;
@@ -19,19 +21,19 @@ while [ $# -gt 0 ]; do
     *) args+=("$1"); shift ;;
   esac
 done
+if [ -z "$gpus" ]; then
+  exec "$PY" -m downstream.transfer "${args[@]}"
+fi
 if ! [[ "$gpus" =~ ^[1-9][0-9]*$ ]]; then
   echo "transfer_coco: error: --gpus $gpus is not a positive integer; pass e.g. --gpus 8" >&2; exit 2
 fi
-
-if [ "$gpus" -gt 1 ]; then
-  # mmengine's 'pytorch' launcher binds one CUDA device per process: refuse early instead of N tracebacks
-  have=$("$PY" -c "import torch; print(torch.cuda.device_count())")
-  if [ "$have" -lt "$gpus" ]; then
-    echo "transfer_coco: error: --gpus $gpus but torch sees $have CUDA device(s); pass --gpus $(( have > 1 ? have : 1 ))" \
-      "(one process per GPU; --gpus 1 runs on one GPU or the CPU)" >&2
-    exit 2
-  fi
-  exec "$PY" -m torch.distributed.run --nproc_per_node="$gpus" --master_port="${MASTER_PORT:-29500}" \
-    -m downstream.transfer "${args[@]}" --launcher pytorch
+# mmengine's 'pytorch' launcher binds one CUDA device per process: refuse early instead of N tracebacks
+have=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$have" -lt "$gpus" ]; then
+  if [ "$have" -eq 0 ]; then fix="drop --gpus to run one process on the CPU"; else fix="pass --gpus $have or fewer"; fi
+  echo "transfer_coco: error: --gpus $gpus but torch sees $have CUDA device(s); $fix" \
+    "(--gpus N starts N processes through torchrun, one per GPU)" >&2
+  exit 2
 fi
-exec "$PY" -m downstream.transfer "${args[@]}"
+exec "$PY" -m torch.distributed.run --nproc_per_node="$gpus" --master_port="${MASTER_PORT:-29500}" \
+  -m downstream.transfer "${args[@]}" --launcher pytorch

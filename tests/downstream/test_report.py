@@ -9,10 +9,12 @@ import pytest
 from downstream.report import TABLE_COLUMNS, main, make_tables
 
 
-def _run(tmp_path, name, *, method, table, model, compute, values):
+def _run(tmp_path, name, *, method, table, model, compute, values, note=None):
     """A metrics.json whose every column of ``table`` has ``values[i]`` (a fraction)."""
     metrics = {key: v for (_, _, key), v in zip(TABLE_COLUMNS[table], values, strict=True) if v is not None}
     run = {"task": "x", "method": method, "table": table, **metrics, "backbone": {"model": model}}
+    if note is not None:
+        run["note"] = note
     if compute is not None:
         run["backbone"]["compute_fraction_measured"] = compute
     d = tmp_path / name
@@ -31,6 +33,7 @@ def test_deltas_against_full_compute_row_and_best_marked(tmp_path, capsys):
     assert lines[0].startswith("| SimpleBaseline | ResNet-50 | 100% | 40.0 |")  # the baseline comes first
     assert lines[1].startswith("| SimpleBaseline | ResNet-50 | 74% | **50.0** (+10.0) |")
     assert "AP^kp_M" in out and "AR^kp_L" in out
+    assert "Note" not in out  # the column appears only in a table with a noted run
 
 
 def test_groups_by_method_and_backbone_and_skips_absent_metrics(tmp_path):
@@ -57,10 +60,27 @@ def test_csv_has_value_delta_and_best_columns(tmp_path, capsys):
     assert main([str(full), str(dap), "--format", "csv"]) == 0
     header, first, second = capsys.readouterr().out.strip().splitlines()
     assert header.split(",")[:6] == ["table", "method", "backbone", "compute", "AP_kp", "AP_kp_delta"]
+    assert header.endswith(",best,note")
     assert first.split(",")[3:6] == ["100%", "60.0", ""] and first.endswith(
-        ",AP_kp;AP50_kp;AP75_kp;APM_kp;APL_kp;AR_kp;AR50_kp;AR75_kp;ARM_kp;ARL_kp"
+        ",AP_kp;AP50_kp;AP75_kp;APM_kp;APL_kp;AR_kp;AR50_kp;AR75_kp;ARM_kp;ARL_kp,"
     )
     assert second.split(",")[2:6] == ["ResNet-101", "75%", "55.0", "-5.0"]
+
+
+def test_an_empty_evaluation_shows_its_zeros_and_note(tmp_path, capsys):
+    note = "no detection above the score threshold (model.test_cfg.rcnn.score_thr=0.05) on the 79 test images"
+    box = [0.0] * 6 + [None] * 6
+    empty = _run(tmp_path, "e", method="FPN", table=8, model="resnet50", compute=0.75, values=box, note=note)
+    full = _run(tmp_path, "f", method="FPN", table=8, model="resnet50", compute=1.0, values=[0.1] * 6 + [None] * 6)
+    assert main([str(full), str(empty)]) == 0
+    out = capsys.readouterr().out
+    md = [line for line in out.splitlines() if line.startswith("|")]
+    assert md[0].endswith("| AP^m_L | Note |")
+    assert md[2] == "| FPN | ResNet-50 | 100% | " + " | ".join(["**10.0**"] * 6 + ["-"] * 6) + " |  |"
+    assert md[3] == "| FPN | ResNet-50 | 75% | " + " | ".join(["0.0 (-10.0)"] * 6 + ["-"] * 6) + f" | {note} |"
+    rows = [line for line in out.splitlines() if line.startswith("8,FPN")]
+    assert rows[0].endswith(",AP_bb;AP50_bb;AP75_bb;APS_bb;APM_bb;APL_bb,")
+    assert rows[1].startswith("8,FPN,ResNet-50,75%,0.0,-10.0,") and rows[1].endswith(f",,{note}")
 
 
 @pytest.mark.parametrize("content", [None, "{broken", json.dumps({"coco/AP": 0.1})])

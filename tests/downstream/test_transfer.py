@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -88,9 +89,13 @@ def test_metrics_json_holds_every_evaluator_key(runs, exports, name):
     result = json.loads((runs[name] / "metrics.json").read_text())
     for key in KEYS[name]:
         assert isinstance(result[key], float) and math.isfinite(result[key]), key
+    assert "note" not in result  # score threshold 0: the evaluator scored real detections
     assert result["backbone"] == json.loads((exports["full"] / "meta.json").read_text())
-    assert result["run"]["train_iters"] >= 2 and result["run"]["train_sec_per_iter"] > 0
-    assert result["run"]["person_boxes"] == ("gt" if name == "simplebaseline" else None)
+    run = result["run"]
+    assert run["train_iters"] >= 2 and run["train_sec_per_iter"] > run["train_data_sec_per_iter"] >= 0
+    assert run["device"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+    assert run["train_batch_size_per_gpu"] == (8 if name == "simplebaseline" else 2) and run["world_size"] == 1
+    assert run["person_boxes"] == ("gt" if name == "simplebaseline" else None)
 
 
 def test_report_prints_table_9_with_deltas_and_table_8(runs, capsys):
@@ -124,6 +129,44 @@ def test_mmengine_checkpoint_loads_only_from_trusted_folders(runs, tmp_path):
     assert state["meta"]["epoch"] == 1 and "message_hub" in state
     with pytest.raises(Exception, match="weights_only"):  # mmengine's own loader is back
         CheckpointLoader.load_checkpoint(str(ckpt), map_location="cpu")
+
+
+@pytest.mark.parametrize("task", ["faster_rcnn", "mask_rcnn"])
+def test_an_empty_evaluation_is_recorded_as_zeros_with_a_note(mm, make_export, coco_root, tmp_path, capsys, task):
+    """The issue's new-user run in small: an untrained ResNet-50, one iteration, the STOCK score threshold (0.05).
+
+    The untrained head scores every class about 1/81, so no box passes: mmdet logs that the results are empty
+    and returns no metric at all. The run still records every column as 0.0, with the reason in one line.
+    """
+    r50 = make_export("r50_untrained", model="resnet50", compute_fraction=1.0, seed=0)
+    opts = (
+        _NO_WORKERS
+        + _ONE_EPOCH
+        + [
+            "randomness.seed=0",
+            "train_dataloader.dataset.indices=2",  # one iteration at batch 2
+            "train_dataloader.dataset.pipeline.2.scale=(200,120)",
+            "test_dataloader.dataset.indices=4",  # COCOeval still scores all 20 images' ground truth
+            "test_dataloader.dataset.pipeline.1.scale=(200,120)",
+        ]
+    )
+    work = tmp_path / task
+    proc = transfer(task, r50, work, "--cfg-options", *opts, data_root=coco_root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "The testing results of the whole dataset is empty" in proc.stdout + proc.stderr
+    note = (
+        "no detection above the score threshold (model.test_cfg.rcnn.score_thr=0.05) on the 4 test images: "
+        "every COCO column recorded as 0.0"
+    )
+    assert f"transfer_coco: note: {note}\n" in proc.stdout
+    result = json.loads((work / "metrics.json").read_text())
+    assert {k: result[k] for k in KEYS[task]} == dict.fromkeys(KEYS[task], 0.0) and result["note"] == note
+    assert report_main([str(work), "--format", "md"]) == 0
+    md = capsys.readouterr().out
+    method = "FPN" if task == "faster_rcnn" else "Mask R-CNN"
+    assert md.splitlines()[2].endswith(" | Note |")
+    zeros = " | ".join(["0.0"] * len(KEYS[task]) + ["-"] * (12 - len(KEYS[task])))
+    assert f"| {method} | ResNet-50 | 100% | {zeros} | {note} |" in md
 
 
 # ---- bad input: one line on stderr, exit code 2, nothing written ----
@@ -205,6 +248,30 @@ def test_malformed_meta_and_missing_person_dets(mm, exports, tmp_path, capsys):
     _assert_refused(capsys, argv, "person detection file", work)
 
 
+def test_person_boxes_pose_evaluation_could_not_score(mm, make_export, tmp_path, capsys):
+    """Boxes on images the annotations lack (mmpose would fail on them), or none left above the dataset's
+    box-score threshold (an evaluation with nothing to score): refused before anything is built."""
+    r50 = make_export("r50", model="resnet50", compute_fraction=1.0, seed=0)
+    work = tmp_path / "work"
+    common = ["simplebaseline", str(r50), "--data-root", str(COCO_MINI), "--work-dir", str(work)]
+    tiny_dets = REPO.parent / "shared" / "data" / "coco_pose_tiny" / "test_coco_det_AP_H_56.json"
+    _assert_refused(capsys, [*common, "--person-dets", str(tiny_dets)], "are on images not in", work)
+    val = json.loads((COCO_MINI / "annotations" / "person_keypoints_val2017.json").read_text())
+    dets = [
+        {"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.5}
+        for a in val["annotations"]
+        if a["num_keypoints"]
+    ]
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    argv = [*common, "--person-dets", str(tmp_path / "dets.json")]
+    _assert_refused(
+        capsys,
+        [*argv, "--cfg-options", "test_dataloader.dataset.filter_cfg.bbox_score_thr=0.9"],
+        "has no person box (category_id 1) with score >= 0.9",
+        work,
+    )
+
+
 def test_existing_metrics_json_is_kept(mm, exports, tmp_path, capsys):
     work = tmp_path / "work"
     work.mkdir()
@@ -227,13 +294,50 @@ def test_unknown_task_through_the_shell(tmp_path):
 
 def test_more_gpus_than_torch_sees_is_one_line(tmp_path):
     have = torch.cuda.device_count()
-    ask = max(have + 1, 2)
+    ask = have + 1  # on a CPU machine: --gpus 1, which also goes through torchrun
     proc = subprocess.run(
         ["bash", str(SCRIPT), "simplebaseline", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--gpus", str(ask)],
-        capture_output=True, text=True, cwd=REPO,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert proc.returncode == 2 and not (tmp_path / "w").exists()
+    fix = "drop --gpus to run one process on the CPU" if have == 0 else f"pass --gpus {have} or fewer"
     assert proc.stderr.strip().splitlines() == [
-        f"transfer_coco: error: --gpus {ask} but torch sees {have} CUDA device(s); pass --gpus {max(have, 1)} "
-        "(one process per GPU; --gpus 1 runs on one GPU or the CPU)"
+        f"transfer_coco: error: --gpus {ask} but torch sees {have} CUDA device(s); {fix} "
+        "(--gpus N starts N processes through torchrun, one per GPU)"
     ]
+
+
+@pytest.mark.parametrize(
+    "gpus, launch",
+    [
+        ([], "-m downstream.transfer faster_rcnn EXPORT --work-dir W"),
+        (
+            ["--gpus", "1"],
+            "-m torch.distributed.run --nproc_per_node=1 --master_port=29500 -m downstream.transfer "
+            "faster_rcnn EXPORT --work-dir W --launcher pytorch",
+        ),
+        (
+            ["--gpus=2"],
+            "-m torch.distributed.run --nproc_per_node=2 --master_port=29500 -m downstream.transfer "
+            "faster_rcnn EXPORT --work-dir W --launcher pytorch",
+        ),
+    ],
+    ids=["plain", "gpus-1-torchrun", "gpus-2-torchrun"],
+)
+def test_gpus_n_always_goes_through_torchrun(tmp_path, gpus, launch):
+    """The launch line the script builds, with DAP_PYTHON standing in for a python whose torch sees 2 GPUs."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\nif [ "$1" = -c ]; then echo 2; else echo "$@"; fi\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "DAP_PYTHON": str(fake)}
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "faster_rcnn", "EXPORT", *gpus, "--work-dir", "W"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == launch, proc.stderr
