@@ -134,7 +134,10 @@ def loader_only(kind: str, root: Path, *, args, img_size: int, batches: int = 30
         elif k > 2:
             n += idx.numel()
     sync()
-    return {"img_per_s": n / (time.perf_counter() - t0)}
+    res = {"img_per_s": n / (time.perf_counter() - t0)}
+    if kind == "gpu":
+        res["producer_host_s"] = {k: round(v, 3) for k, v in loader.stats.items()}  # whole epoch, first batches too
+    return res
 
 
 def wall_vs_compute(output: Path) -> dict:
