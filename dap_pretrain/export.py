@@ -18,6 +18,7 @@ written by the mmpretrain front end (``WORK_DIR/epoch_N.pth``) and writes:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import pickle
@@ -119,8 +120,10 @@ def _dap_train_data_config(arch: str, args: dict) -> dict:
     """The trainer's eval preprocessing (runner._build_data): CIFAR resize+crop at <= 64 px, else timm's at 87.5%."""
     from timm.models import get_pretrained_cfg_value
 
+    from dap_pretrain.data.loader import uses_cifar_aug
+
     img = args.get("img_size") or (get_pretrained_cfg_value(arch, "input_size") or (3, 224, 224))[-1]
-    cifar = args.get("aug") == "cifar" or (args.get("aug", "auto") == "auto" and img <= 64)
+    cifar = uses_cifar_aug(img_size=img, aug=args.get("aug") or "auto")
     return {"input_size": (3, img, img), "crop_pct": 1.0 if cifar else 0.875, "interpolation": "bilinear"}
 
 
@@ -190,8 +193,16 @@ def _hub_config(model: torch.nn.Module, trained: _Trained, *, native: bool, path
     # the writer behind timm's public save_for_hf/push_to_hf_hub; timm.models re-exports only those two
     from timm.models._hub import save_config_for_hf
 
-    save_config_for_hf(model, str(path), data_config=trained.data_config)
-    config = json.loads(path.read_text())
+    if "data_config" in inspect.signature(save_config_for_hf).parameters:  # timm >= 1.0.30
+        save_config_for_hf(model, str(path), data_config=trained.data_config)
+        config = json.loads(path.read_text())
+    else:  # older timm (1.0.29 on the GPU machines): the same preprocessing fields, set here
+        save_config_for_hf(model, str(path))
+        config = json.loads(path.read_text())
+        data = {k: v for k, v in (trained.data_config or {}).items() if v is not None}
+        config["pretrained_cfg"].update({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()})
+        if "input_size" in data:
+            config["pretrained_cfg"].pop("test_input_size", None)
     for key in _FOREIGN_CFG_FIELDS:
         config["pretrained_cfg"].pop(key, None)
     config["pretrained_cfg"]["description"] = f"DaP-pretrain release ({trained.trainer}); see meta.json"

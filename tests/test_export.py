@@ -243,3 +243,21 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_export_with_timm_whose_config_writer_has_no_data_config(mm_release, tmp_path, monkeypatch):
+    """timm 1.0.29 (the GPU machines') has save_config_for_hf(model, path) without data_config: same config.json."""
+    import timm.models._hub as hub
+
+    new = json.loads((mm_release[0] / "config.json").read_text())
+    real = hub.save_config_for_hf
+
+    def old_writer(model, config_path, model_config=None, model_args=None):
+        return real(model, config_path)
+
+    monkeypatch.setattr(hub, "save_config_for_hf", old_writer)
+    out = tmp_path / "release"
+    assert cli_main(["export", str(mm_release[0].parent / "epoch_4.pth"), "--out", str(out)]) == 0
+    old = json.loads((out / "config.json").read_text())
+    for key in ("input_size", "crop_pct", "interpolation", "mean", "std"):
+        assert old["pretrained_cfg"][key] == new["pretrained_cfg"][key], key
