@@ -194,10 +194,10 @@ def _hub_config(model: torch.nn.Module, trained: _Trained, *, native: bool, path
     from timm.models._hub import save_config_for_hf
 
     if "data_config" in inspect.signature(save_config_for_hf).parameters:  # timm >= 1.0.30
-        save_config_for_hf(model, str(path), data_config=trained.data_config)
+        save_config_for_hf(model, path, data_config=trained.data_config)
         config = json.loads(path.read_text())
     else:  # older timm (1.0.29 on the GPU machines): the same preprocessing fields, set here
-        save_config_for_hf(model, str(path))
+        save_config_for_hf(model, path)  # a Path: 1.0.29 calls config_path.open()
         config = json.loads(path.read_text())
         data = {k: v for k, v in (trained.data_config or {}).items() if v is not None}
         config["pretrained_cfg"].update({k: list(v) if isinstance(v, tuple) else v for k, v in data.items()})
