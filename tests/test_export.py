@@ -253,6 +253,7 @@ def test_export_with_timm_whose_config_writer_has_no_data_config(mm_release, tmp
     real = hub.save_config_for_hf
 
     def old_writer(model, config_path, model_config=None, model_args=None):
+        assert isinstance(config_path, Path)  # 1.0.29 calls config_path.open()
         return real(model, config_path)
 
     monkeypatch.setattr(hub, "save_config_for_hf", old_writer)

@@ -200,3 +200,14 @@ def test_system_cuda_home_follows_an_nvcc_link_on_path(tmp_path):
 
 def test_install_sh_parses():
     subprocess.run(["bash", "-n", str(REPO / "tools" / "install.sh")], check=True)
+
+
+def test_installed_xtcocotools_masks_work_on_numpy_2(require):
+    """install.sh patches xtcocotools' _mask.pyx for numpy 2 (np.NPY_OWNDATA is gone): its mask functions run."""
+    require("xtcocotools")
+    import numpy as np
+    from xtcocotools import mask
+
+    rle = mask.encode(np.asfortranarray(np.pad(np.ones((3, 4), np.uint8), ((1, 0), (2, 0)))[:, :, None]))
+    assert mask.toBbox(rle).tolist() == [[2.0, 1.0, 4.0, 3.0]]
+    assert mask.iou(rle, rle, [0]).tolist() == [[1.0]]

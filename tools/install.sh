@@ -74,7 +74,17 @@ fi
 "$PIP" install -q mmdet==3.3.0
 # mmpose's chumpy requirement does not build and is never imported; xtcocotools' wheel breaks on numpy 2.
 "$PIP" install -q --no-deps mmpose==1.3.2
-"$PIP" install -q --no-build-isolation --no-binary xtcocotools xtcocotools
+# xtcocotools 1.14.3 is built from its sdist, with numpy 2's name for the flag its _mask.pyx sets (np.NPY_OWNDATA is
+# gone; pycocotools made the same change): unpatched, its mask functions (iou, decode, toBbox) raise AttributeError.
+xtc_check='import numpy as np; from xtcocotools import mask; mask.toBbox(mask.encode(np.ones((2, 2, 1), np.uint8, "F")))'
+if ! "$VENV/bin/python" -c "$xtc_check" 2>/dev/null; then
+  src=$(mktemp -d)
+  "$PIP" download -q --no-deps --no-build-isolation --no-binary :all: xtcocotools==1.14.3 -d "$src"
+  tar -xzf "$src"/xtcocotools-1.14.3.tar.gz -C "$src"
+  sed -i 's/np\.NPY_OWNDATA/np.NPY_ARRAY_OWNDATA/g' "$src/xtcocotools-1.14.3/xtcocotools/_mask.pyx"
+  "$PIP" install -q --no-build-isolation --no-deps --force-reinstall "$src/xtcocotools-1.14.3"
+  rm -rf "$src"
+fi
 # mmpretrain (pure Python) for tools/pretrain_mm.sh, without deps: its metadata names model-index as 'modelindex'
 # (the module's name); the packages it imports are installed explicitly.
 "$PIP" install -q --no-deps mmpretrain==1.2.0
