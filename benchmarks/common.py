@@ -27,17 +27,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # benchmarks run as scripts import the package from this checkout
+    sys.path.insert(0, str(REPO))
 CIFAR_CANDIDATES = (REPO.parent / "shared/data/cifar10", REPO / "shared/data/cifar10")
 IMAGENET_CANDIDATES = (REPO.parent / "shared/data/imagenet_sample", REPO / "shared/data/imagenet_sample")
 CIFAR_TARBALLS = {"train": "cifar10_train_jpg.tar.gz", "test": "cifar10_test_jpg.tar.gz"}
 DEFAULT_WORK_DIR = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dap-pretrain" / "benchmarks"
 
 
+from dap_pretrain.data.dataset import link_or_copy as _link  # noqa: E402  (the package's own folder helpers)
+from dap_pretrain.data.dataset import publish_folder as _publish  # noqa: E402
+
 
 def _paper_cifar() -> dict:
     """The paper's CIFAR setting (Section 4.1, Table 2's baseline), read from configs/pretrain like every preset."""
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from dap_pretrain.config import paper_setting
 
     s = paper_setting("cifar10")
@@ -64,22 +67,6 @@ def find_dir(explicit: str | None, candidates, must_hold: tuple[str, ...] = ()) 
             return folder.resolve()
     wanted = f" holding {', '.join(must_hold)}" if must_hold else ""
     raise BenchmarkError(f"no data folder{wanted} at {' or '.join(str(o) for o in options)}; pass --data DIR")
-
-
-def _publish(tmp: Path, dest: Path) -> None:
-    try:
-        os.replace(tmp, dest)
-    except OSError:  # another process published it first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not dest.is_dir():
-            raise
-
-
-def _link(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _link_split(source: Path, out: Path, per_class: int | None) -> int:

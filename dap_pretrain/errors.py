@@ -38,15 +38,25 @@ def user_input():
         raise UsageError(one_line(e)) from e
 
 
-def entry_point(main):
-    """Wrap an entry point: a :class:`DapError` becomes ``error: <line>`` on stderr and exit code 2."""
+def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002  (exit: like sys.exit)
+    """Wrap an entry point: a :class:`DapError` becomes ``[prog: ]error: <line>`` on stderr and exit code 2.
 
-    @functools.wraps(main)
-    def wrapper(argv=None):
-        try:
-            return main(argv)
-        except DapError as e:
-            print(f"error: {one_line(e) or type(e).__name__}", file=sys.stderr)
-            sys.exit(2)
+    ``exit=True`` raises ``SystemExit(2)``; ``exit=False`` returns 2, for mains run as ``sys.exit(main())``.
+    Any other exception passes through with its traceback. Use as ``@entry_point`` or
+    ``@entry_point(prog="report", exit=False)``.
+    """
 
-    return wrapper
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapper(argv=None):
+            try:
+                return fn(argv)
+            except DapError as e:
+                print(f"{prog + ': ' if prog else ''}error: {one_line(e) or type(e).__name__}", file=sys.stderr)
+                if exit:
+                    sys.exit(2)
+                return 2
+
+        return wrapper
+
+    return wrap(main) if main is not None else wrap

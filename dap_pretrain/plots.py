@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dap_pretrain.checkpoint import write_atomic
+
 
 def plot_run(history: list[dict], drops: list[dict], path: str | Path, *, title: str = "") -> Path:
     """Write a PNG from the trainer's per-epoch rows and drop histograms; returns ``path``."""
@@ -42,6 +44,8 @@ def plot_run(history: list[dict], drops: list[dict], path: str | Path, *, title:
     else:
         ax3.text(0.5, 0.5, "no drops in this run", ha="center", transform=ax3.transAxes)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # disk full: one line, no half file
+    finally:
+        plt.close(fig)
     return Path(path)

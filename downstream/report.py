@@ -21,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+from dap_pretrain.errors import entry_point
 from downstream import TransferInputError
 
 # (CSV label, Markdown header, metrics.json key) in the paper's column order.
@@ -200,17 +201,14 @@ def format_csv(table: int, rows: list[Row]) -> str:
     return buf.getvalue().rstrip("\n")
 
 
+@entry_point(prog="report", exit=False)
 def main(argv: list[str] | None = None) -> int:
     """CLI: print Markdown and/or CSV for every table the work dirs fill; bad input -> one line, exit 2."""
     p = argparse.ArgumentParser(prog="python -m downstream.report", description=__doc__.splitlines()[0])
     p.add_argument("work_dirs", nargs="+", help="work dirs of tools/transfer_coco.sh runs")
     p.add_argument("--format", choices=["md", "csv", "both"], default="both")
     args = p.parse_args(argv)
-    try:
-        tables = make_tables([(d, load_run(d)) for d in args.work_dirs])
-    except TransferInputError as e:
-        print(f"report: error: {e}", file=sys.stderr)
-        return 2
+    tables = make_tables([(d, load_run(d)) for d in args.work_dirs])
     parts = []
     if args.format in ("md", "both"):
         parts += [format_markdown(t, rows) for t, rows in tables.items()]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dap_pretrain.errors import entry_point
 from downstream import TransferInputError
 from downstream.backbone import BackboneSpec, check_backbone, resolve_backbone
 from downstream.checks import check_coco_inputs, check_person_dets
@@ -231,25 +232,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@entry_point(prog="transfer_coco", exit=False)
 def main(argv: list[str] | None = None) -> int:
-    """CLI: parse, run, map :class:`TransferInputError` to one stderr line and exit code 2."""
+    """CLI: parse and run; a :class:`~downstream.TransferInputError` is one stderr line, exit code 2."""
     args = parse_args(argv)
     work_dir = args.work_dir or os.path.join("work_dirs", args.task, Path(args.backbone).resolve().stem)
-    try:
-        result = run_transfer(
-            task=args.task,
-            backbone=args.backbone,
-            data_root=args.data_root,
-            work_dir=work_dir,
-            model=args.model,
-            person_dets=args.person_dets,
-            cfg_options=args.cfg_options,
-            launcher=args.launcher,
-            overwrite=args.overwrite,
-        )
-    except TransferInputError as e:
-        print(f"transfer_coco: error: {e}", file=sys.stderr)
-        return 2
+    result = run_transfer(
+        task=args.task,
+        backbone=args.backbone,
+        data_root=args.data_root,
+        work_dir=work_dir,
+        model=args.model,
+        person_dets=args.person_dets,
+        cfg_options=args.cfg_options,
+        launcher=args.launcher,
+        overwrite=args.overwrite,
+    )
     from mmengine.dist import is_main_process
 
     if not is_main_process():

@@ -178,7 +178,7 @@ def _make_tmp_beside(dest: Path) -> Path:
         ) from None
 
 
-def _publish(tmp: Path, dest: Path) -> None:
+def publish_folder(tmp: Path, dest: Path) -> None:
     """Moves the finished ``tmp`` to ``dest``; if another process published ``dest`` first, keeps theirs."""
     try:
         os.replace(tmp, dest)
@@ -209,7 +209,7 @@ def _extract(archive: Path, dest: Path) -> None:
             f"cannot extract {archive} into {dest.parent} ({_one_line(e)}); free disk space or set "
             "XDG_CACHE_HOME to a writable folder with room"
         ) from None
-    _publish(tmp, dest)
+    publish_folder(tmp, dest)
 
 
 def _single_top_folder(root: Path) -> Path:
@@ -250,7 +250,8 @@ def resolve_data_dir(data_dir: str | os.PathLike, *, cache_dir: str | os.PathLik
     return _single_top_folder(dest)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst``, or copy it where links are not possible."""
     try:
         os.link(src, dst)
     except OSError:  # another file system, or links not supported
@@ -264,7 +265,7 @@ def _build_split(source: Path, out: Path) -> None:
             dst_dir = out / split / class_dir.name
             dst_dir.mkdir(parents=True)
             for f in chunk:
-                _link_or_copy(f, dst_dir / f.name)
+                link_or_copy(f, dst_dir / f.name)
 
 
 def embedded_data_dir(*, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -291,7 +292,7 @@ def embedded_data_dir(*, cache_dir: str | os.PathLike | None = None) -> Path:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        _publish(tmp, dest)
+        publish_folder(tmp, dest)
     return dest
 
 

@@ -46,7 +46,7 @@ from dap_pretrain.data.sampler import NonFiniteLossError
 from dap_pretrain.mm.head import DaPClsHead
 from dap_pretrain.mm.sampler import DaPMMSampler
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap
-from dap_pretrain.runner import Accounting, subset_digest
+from dap_pretrain.reporting import Accounting, subset_digest
 from dap_pretrain.schedule import plan
 
 STATE_VERSION = 1

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from dap_pretrain.cli import make_parser
-from dap_pretrain.mm.settings import DaPMMError
+from dap_pretrain.errors import entry_point
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,24 +32,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@entry_point(prog="pretrain_mm", exit=False)
 def main(argv: list[str] | None = None) -> int:
-    """CLI: parse, train, map :class:`DaPMMError` to one stderr line and exit code 2."""
+    """CLI: parse and train; a :class:`~dap_pretrain.mm.settings.DaPMMError` is one stderr line, exit code 2."""
     args = parse_args(argv)
     from dap_pretrain.mm.runner import pretrain_mm
 
-    try:
-        pretrain_mm(
-            config=args.config,
-            data_root=args.data_root,
-            work_dir=args.work_dir,
-            resume=args.resume,
-            cfg_options=args.cfg_options,
-            launcher=args.launcher,
-            overwrite=args.overwrite,
-        )
-    except DaPMMError as e:
-        print(f"pretrain_mm: error: {e}", file=sys.stderr)
-        return 2
+    pretrain_mm(
+        config=args.config,
+        data_root=args.data_root,
+        work_dir=args.work_dir,
+        resume=args.resume,
+        cfg_options=args.cfg_options,
+        launcher=args.launcher,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
