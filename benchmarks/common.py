@@ -356,7 +356,8 @@ def trainer_vs_bare(*, model: str, data_root: Path, img_size: int, batch_size: i
     """
     common = ["--model", model, "--data-dir", str(data_root), "--train-split", "train", "--val-split", "",
               "--img-size", str(img_size), "-b", str(batch_size), "--epochs", str(epochs), "--sched", "cosine",
-              "--lr", "0.1", "-j", str(workers), "--device", device, "--seed", "0"]
+              "--lr", "0.1", "-j", str(workers), "--device", device, "--seed", "0",
+              "--in-memory", "off"]  # JPEG decoding in workers, as the bare loop does
     common += ["--amp", "--amp-dtype", "float16"] if amp else []
     common += ["--channels-last"] if channels_last else []
     out = {}
