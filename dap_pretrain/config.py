@@ -6,6 +6,7 @@ The library never imports the command line (``cli.py``, ``train.py``); they impo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import yaml
@@ -44,33 +45,77 @@ def default_reuse(args: argparse.Namespace) -> tuple[int, ...]:
     return tuple(m for m in args.decay_milestones if 1 <= m <= args.epochs)
 
 
-def resolve_baselines(args: argparse.Namespace) -> None:
-    """Apply --epochs-scale / --fixed-subset (Table 2(f)) and the DaP-incompatible options, in place."""
-    if args.dap_select == "infobatch" and (args.epochs_scale is not None or args.fixed_subset is not None):
+class RunConfig:
+    """The trainer's settings, resolved once and read-only: what :func:`dap_pretrain.runner.run` takes.
+
+    Attribute names are the trainer's flag names (``cfg.batch_size`` for ``-b``), plus ``baseline_epochs`` (the
+    epochs of the full-data run that compute fractions are measured against). Built by :func:`run_config` from the
+    parsed command line; :meth:`replace` gives a changed copy (``--compare`` builds its baseline run that way). An
+    unknown name raises ``AttributeError``, and assignment raises ``dataclasses.FrozenInstanceError``.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, **values):
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, name: str):
+        try:
+            return object.__getattribute__(self, "_values")[name]
+        except KeyError:
+            raise AttributeError(f"RunConfig has no setting {name!r}") from None
+
+    def __setattr__(self, name: str, value) -> None:
+        raise dataclasses.FrozenInstanceError(f"RunConfig is read-only; use .replace({name}=...)")
+
+    def __repr__(self) -> str:
+        return f"RunConfig({', '.join(f'{k}={v!r}' for k, v in self._values.items())})"
+
+    def replace(self, **changes) -> RunConfig:
+        unknown = sorted(set(changes) - set(self._values))
+        if unknown:
+            raise AttributeError(f"RunConfig has no settings {unknown}")
+        return RunConfig(**{**self._values, **changes})
+
+    def to_dict(self) -> dict:
+        return dict(self._values)
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The trainer's parsed flags, resolved into a :class:`RunConfig` (``args`` is not changed).
+
+    Applies ``--epochs-scale`` / ``--fixed-subset`` (Table 2(f)'s baselines) and refuses the options DaP cannot
+    honour, in one line each (:class:`UsageError`), before any data is read.
+    """
+    v = dict(vars(args))
+    v["baseline_epochs"] = v["epochs"]
+    if v["dap_select"] == "infobatch" and (v["epochs_scale"] is not None or v["fixed_subset"] is not None):
         raise UsageError("--dap-select infobatch cannot be combined with --epochs-scale/--fixed-subset; drop one")
-    if args.epochs_scale is not None:
-        if not 0 < args.epochs_scale <= 1:
-            raise UsageError(f"--epochs-scale={args.epochs_scale} is invalid: must be in (0, 1]")
-        args.baseline_epochs = args.epochs
-        args.epochs = max(1, round(args.epochs * args.epochs_scale))
-        args.decay_milestones = [round(m * args.epochs_scale) for m in args.decay_milestones]
-        args.warmup_epochs = args.warmup_epochs * args.epochs_scale
-        args.dap_select = "none"
-    if args.fixed_subset is not None:
-        if not 0 < args.fixed_subset <= 1:
-            raise UsageError(f"--fixed-subset={args.fixed_subset} is invalid: must be in (0, 1]")
-        args.dap_select = "none"
-    if args.dap_select != "none" and (args.mixup > 0 or args.cutmix > 0):
+    if v["epochs_scale"] is not None:
+        scale = v["epochs_scale"]
+        if not 0 < scale <= 1:
+            raise UsageError(f"--epochs-scale={scale} is invalid: must be in (0, 1]")
+        v["epochs"] = max(1, round(v["epochs"] * scale))
+        v["decay_milestones"] = [round(m * scale) for m in v["decay_milestones"]]
+        v["warmup_epochs"] = v["warmup_epochs"] * scale
+        v["dap_select"] = "none"
+    if v["fixed_subset"] is not None:
+        if not 0 < v["fixed_subset"] <= 1:
+            raise UsageError(f"--fixed-subset={v['fixed_subset']} is invalid: must be in (0, 1]")
+        v["dap_select"] = "none"
+    if v["dap_select"] != "none" and (v["mixup"] > 0 or v["cutmix"] > 0):
         # A mixed image's loss belongs to two samples; ranking either by it would be silently wrong.
         raise UsageError(
             "--mixup/--cutmix cannot be combined with DaP (a mixed sample's loss has no single owner); "
             "drop them or pass --dap-select none"
         )
-    if args.eval_interval < 1:
-        raise UsageError(f"--eval-interval={args.eval_interval} is invalid: must be an integer >= 1")
-    if args.dap_select == "none":
-        args.dap_warmup = min(args.dap_warmup, args.epochs - 1)  # DaP parameters unused: keep them valid
-    dap_config_from_args(args, num_samples=1, default_reuse=default_reuse(args))  # bad DaP flags fail before data loads
+    if v["eval_interval"] < 1:
+        raise UsageError(f"--eval-interval={v['eval_interval']} is invalid: must be an integer >= 1")
+    if v["dap_select"] == "none":
+        v["dap_warmup"] = min(v["dap_warmup"], v["epochs"] - 1)  # DaP parameters unused: keep them valid
+    cfg = RunConfig(**v)
+    dap_config_from_args(cfg, num_samples=1, default_reuse=default_reuse(cfg))  # bad DaP flags fail before data
+    return cfg
 
 
 def load_config(path: Path, _seen: tuple = ()) -> dict:

@@ -7,7 +7,6 @@ accounting and the checkpoints. Epoch numbers in logs, ``summary.csv`` and ``run
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -29,7 +28,7 @@ from dap_pretrain.checkpoint import (
     set_rng_state,
     write_atomic,
 )
-from dap_pretrain.config import dap_config_from_args, default_reuse, resolve_baselines
+from dap_pretrain.config import RunConfig, dap_config_from_args, default_reuse
 from dap_pretrain.cuda_graph import GraphedSGDStep, check_graphable
 from dap_pretrain.data.dataset import (
     IndexedDataset,
@@ -68,46 +67,44 @@ class Data:
     cifar_aug: bool = False
 
 
-def _build_model(args, num_classes: int, device: torch.device):
+def _build_model(cfg, num_classes: int, device: torch.device):
     import timm
 
     import dap_pretrain.models  # noqa: F401  (registers cifar_* with timm)
 
-    if not timm.is_model(args.model):
-        close = timm.list_models(f"*{args.model.split('_')[0]}*")[:5]
-        raise UsageError(
-            f"unknown model '{args.model}'; pass a timm model name (e.g. {', '.join(close) or 'resnet50'})"
-        )
-    model = timm.create_model(args.model, pretrained=False, num_classes=num_classes)
+    if not timm.is_model(cfg.model):
+        close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:5]
+        raise UsageError(f"unknown model '{cfg.model}'; pass a timm model name (e.g. {', '.join(close) or 'resnet50'})")
+    model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes)
     model.to(device)
-    if args.channels_last:
+    if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
 
 
-def _build_data(args, model_cfg: dict) -> Data:
-    root = str(embedded_data_dir()) if args.data_dir == "embedded" else args.data_dir
-    extra = {"download": True} if args.dataset_download else {}
-    train = create_dataset(name=args.dataset, root=root, split=args.train_split, is_training=True, **extra)
+def _build_data(cfg, model_cfg: dict) -> Data:
+    root = str(embedded_data_dir()) if cfg.data_dir == "embedded" else cfg.data_dir
+    extra = {"download": True} if cfg.dataset_download else {}
+    train = create_dataset(name=cfg.dataset, root=root, split=cfg.train_split, is_training=True, **extra)
     val = (
         create_dataset(
-            name=args.dataset,
+            name=cfg.dataset,
             root=root,
-            split=args.val_split,
+            split=cfg.val_split,
             is_training=False,
             class_to_idx=dataset_classes(train),  # the train split's labels, so an empty val class cannot shift them
             **extra,
         )
-        if args.val_split
+        if cfg.val_split
         else None
     )
-    img_size = args.img_size or model_cfg.get("input_size", (3, 224, 224))[-1]
-    cifar = uses_cifar_aug(img_size=img_size, aug=args.aug)
-    train.transform = trainer_transform(img_size=img_size, aug=args.aug, is_training=True)
+    img_size = cfg.img_size or model_cfg.get("input_size", (3, 224, 224))[-1]
+    cifar = uses_cifar_aug(img_size=img_size, aug=cfg.aug)
+    train.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=True)
     if val is not None:
-        val.transform = trainer_transform(img_size=img_size, aug=args.aug, is_training=False)
+        val.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=False)
     classes = getattr(getattr(train, "reader", None), "class_to_idx", None) or getattr(train, "class_to_idx", None)
-    num_classes = args.num_classes or (len(classes) if classes else 1000)
+    num_classes = cfg.num_classes or (len(classes) if classes else 1000)
     mean = tuple(model_cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(model_cfg.get("std", (0.229, 0.224, 0.225)))
     return Data(
@@ -115,107 +112,105 @@ def _build_data(args, model_cfg: dict) -> Data:
     )
 
 
-def _build_sampler(args, num_samples: int, world: int, rank: int) -> tuple[DaPSampler, Accounting, dict, str | None]:
-    cfg, note = dap_config_from_args(args, num_samples=num_samples, default_reuse=default_reuse(args))
+def _build_sampler(cfg, num_samples: int, world: int, rank: int) -> tuple[DaPSampler, Accounting, dict, str | None]:
+    dap_cfg, note = dap_config_from_args(cfg, num_samples=num_samples, default_reuse=default_reuse(cfg))
     initial = None
-    if args.fixed_subset is not None:
-        g = torch.Generator().manual_seed(args.seed)
-        k = max(1, round(args.fixed_subset * num_samples))
+    if cfg.fixed_subset is not None:
+        g = torch.Generator().manual_seed(cfg.seed)
+        k = max(1, round(cfg.fixed_subset * num_samples))
         initial = torch.randperm(num_samples, generator=g)[:k]
-    common = dict(num_replicas=world, rank=rank, seed=args.seed, drop_last=args.drop_last)
-    if args.dap_select == "infobatch":
+    common = dict(num_replicas=world, rank=rank, seed=cfg.seed, drop_last=cfg.drop_last)
+    if cfg.dap_select == "infobatch":
         sampler = InfoBatchSampler(
             num_samples,
-            epochs=args.epochs,
-            ratio=args.infobatch_ratio,
-            delta=args.infobatch_delta,
-            target_compute=args.infobatch_target_compute,
+            epochs=cfg.epochs,
+            ratio=cfg.infobatch_ratio,
+            delta=cfg.infobatch_delta,
+            target_compute=cfg.infobatch_target_compute,
             **common,
         )
     else:
-        sampler = DaPSampler(num_samples, config=cfg, select=args.dap_select, initial_subset=initial, **common)
-    if args.dap_select == "infobatch":  # data-dependent: the target if one is set, else an upper bound
-        planned = round((args.infobatch_target_compute or 1.0) * args.epochs * num_samples)
-    elif args.dap_select == "none":
-        planned = args.epochs * sampler.subset.numel()
+        sampler = DaPSampler(num_samples, config=dap_cfg, select=cfg.dap_select, initial_subset=initial, **common)
+    if cfg.dap_select == "infobatch":  # data-dependent: the target if one is set, else an upper bound
+        planned = round((cfg.infobatch_target_compute or 1.0) * cfg.epochs * num_samples)
+    elif cfg.dap_select == "none":
+        planned = cfg.epochs * sampler.subset.numel()
     else:
-        planned = plan(cfg, num_samples).samples_trained
-    acct = Accounting(
-        num_samples=num_samples, baseline_epochs=getattr(args, "baseline_epochs", args.epochs), planned=planned
-    )
+        planned = plan(dap_cfg, num_samples).samples_trained
+    acct = Accounting(num_samples=num_samples, baseline_epochs=cfg.baseline_epochs, planned=planned)
     dap = {
-        **cfg.to_dict(),
-        "select": args.dap_select,
-        "epochs_scale": args.epochs_scale,
-        "fixed_subset": args.fixed_subset,
+        **dap_cfg.to_dict(),
+        "select": cfg.dap_select,
+        "epochs_scale": cfg.epochs_scale,
+        "fixed_subset": cfg.fixed_subset,
     }
-    if args.dap_select == "infobatch":
+    if cfg.dap_select == "infobatch":
         dap["infobatch"] = {
-            "ratio": args.infobatch_ratio,
-            "delta": args.infobatch_delta,
-            "target_compute": args.infobatch_target_compute,
+            "ratio": cfg.infobatch_ratio,
+            "delta": cfg.infobatch_delta,
+            "target_compute": cfg.infobatch_target_compute,
         }
     return sampler, acct, dap, note
 
 
-def use_in_memory(args, data: Data) -> bool:
+def use_in_memory(cfg, data: Data) -> bool:
     """Whether the in-memory path applies: ``--in-memory on``, or ``auto`` with the CIFAR augmentation and room."""
-    if args.in_memory == "off":
+    if cfg.in_memory == "off":
         return False
     n = len(data.train) + (len(data.val) if data.val is not None else 0)
     size_mb = decoded_bytes(n, data.img_size) / 2**20
-    if args.in_memory == "on":
+    if cfg.in_memory == "on":
         if not data.cifar_aug:
             raise UsageError(
                 "--in-memory on applies the CIFAR augmentation (pad-4 crop + flip); pass --aug cifar, or "
                 "--in-memory off for timm's ImageNet augmentation"
             )
-        if size_mb > args.in_memory_max_mb:
+        if size_mb > cfg.in_memory_max_mb:
             raise UsageError(
-                f"the decoded data needs {size_mb:.0f} MiB, over --in-memory-max-mb {args.in_memory_max_mb:.0f}; "
+                f"the decoded data needs {size_mb:.0f} MiB, over --in-memory-max-mb {cfg.in_memory_max_mb:.0f}; "
                 "raise it or pass --in-memory off"
             )
         return True
-    return data.cifar_aug and size_mb <= args.in_memory_max_mb
+    return data.cifar_aug and size_mb <= cfg.in_memory_max_mb
 
 
-def _build_loaders(args, data: Data, sampler, *, device, rank: int, world: int):
+def _build_loaders(cfg, data: Data, sampler, *, device, rank: int, world: int):
     """Train and val loaders: the in-memory path (see :func:`use_in_memory`), the GPU JPEG pipeline for the train
     split (``--gpu-decode``), or JPEG decoding in workers."""
-    val_batch = args.validation_batch_size or args.batch_size
+    val_batch = cfg.validation_batch_size or cfg.batch_size
     val_indices = range(rank, len(data.val), world) if data.val is not None else None
-    if not args.gpu_decode and use_in_memory(args, data):
+    if not cfg.gpu_decode and use_in_memory(cfg, data):
         return in_memory_loaders(
             data.train,
             data.val,
             img_size=data.img_size,
             sampler=sampler,
             val_indices=val_indices,
-            batch_size=args.batch_size,
+            batch_size=cfg.batch_size,
             val_batch_size=val_batch,
             mean=data.mean,
             std=data.std,
             device=device,
-            seed=args.seed,
+            seed=cfg.seed,
             rank=rank,
-            workers=args.workers,
-            drop_last=args.drop_last,
-            channels_last=args.channels_last,
+            workers=cfg.workers,
+            drop_last=cfg.drop_last,
+            channels_last=cfg.channels_last,
         )
-    if args.gpu_decode:
-        train_loader = _gpu_decode_loader(args, data, sampler, device=device, rank=rank)
+    if cfg.gpu_decode:
+        train_loader = _gpu_decode_loader(cfg, data, sampler, device=device, rank=rank)
     else:
         train_loader = create_loader(
             data.train,
-            batch_size=args.batch_size,
+            batch_size=cfg.batch_size,
             sampler=sampler,
             mean=data.mean,
             std=data.std,
             device=device,
-            num_workers=args.workers,
-            drop_last=args.drop_last,
-            channels_last=args.channels_last,
-            seed=args.seed,  # per-sample augmentation seeds: the same on every rank and worker count
+            num_workers=cfg.workers,
+            drop_last=cfg.drop_last,
+            channels_last=cfg.channels_last,
+            seed=cfg.seed,  # per-sample augmentation seeds: the same on every rank and worker count
         )
     val_loader = None
     if data.val is not None:
@@ -226,13 +221,13 @@ def _build_loaders(args, data: Data, sampler, *, device, rank: int, world: int):
             mean=data.mean,
             std=data.std,
             device=device,
-            num_workers=args.workers,
-            channels_last=args.channels_last,
+            num_workers=cfg.workers,
+            channels_last=cfg.channels_last,
         )
     return train_loader, val_loader
 
 
-def _gpu_decode_loader(args, data: Data, sampler, *, device, rank: int) -> GpuDecodeLoader:
+def _gpu_decode_loader(cfg, data: Data, sampler, *, device, rank: int) -> GpuDecodeLoader:
     """``--gpu-decode``: the train split decoded and augmented on the GPU; refused off CUDA or with CIFAR's aug."""
     if device.type != "cuda":
         raise UsageError(
@@ -247,34 +242,34 @@ def _gpu_decode_loader(args, data: Data, sampler, *, device, rank: int) -> GpuDe
     return GpuDecodeLoader(
         dataset_samples(data.train),
         sampler=sampler,
-        batch_size=args.batch_size,
+        batch_size=cfg.batch_size,
         img_size=data.img_size,
         mean=data.mean,
         std=data.std,
         device=device,
-        num_workers=args.workers,
-        seed=args.seed,
+        num_workers=cfg.workers,
+        seed=cfg.seed,
         rank=rank,
-        drop_last=args.drop_last,
-        channels_last=args.channels_last,
+        drop_last=cfg.drop_last,
+        channels_last=cfg.channels_last,
     )
 
 
-def _smallest_subset(args, sampler) -> int | None:
+def _smallest_subset(cfg, sampler) -> int | None:
     """The fewest samples any epoch will train (None for InfoBatch, whose sizes depend on the losses)."""
-    if args.dap_select == "infobatch":
+    if cfg.dap_select == "infobatch":
         return None
-    if args.dap_select == "none" or sampler.config is None:
+    if cfg.dap_select == "none" or sampler.config is None:
         return sampler.subset.numel()
     return min(plan(sampler.config, sampler.num_samples).subset_sizes)
 
 
-def _amp(args, device):
-    if not args.amp:
+def _amp(cfg, device):
+    if not cfg.amp:
         return None, None
     if device.type == "cpu":
         return torch.bfloat16, None
-    dtype = torch.float16 if args.amp_dtype == "float16" else torch.bfloat16
+    dtype = torch.float16 if cfg.amp_dtype == "float16" else torch.bfloat16
     return dtype, (torch.amp.GradScaler("cuda") if dtype == torch.float16 else None)
 
 
@@ -291,13 +286,13 @@ def _gather_rng(world: int, digest: str) -> list:
     return [s for s, _ in out]
 
 
-def _seeded_model(args, num_classes: int, device: torch.device, rank: int):
+def _seeded_model(cfg, num_classes: int, device: torch.device, rank: int):
     """Seed the global RNGs and build the model under one lock, so runs sharing a process init reproducibly."""
     with _INIT_LOCK:
-        torch.manual_seed(args.seed + rank)
-        random.seed(args.seed + rank)
-        np.random.seed((args.seed + rank) % 2**32)
-        return _build_model(args, num_classes, device)
+        torch.manual_seed(cfg.seed + rank)
+        random.seed(cfg.seed + rank)
+        np.random.seed((cfg.seed + rank) % 2**32)
+        return _build_model(cfg, num_classes, device)
 
 
 def _check_resumable(ckpt: dict, ckpt_path, *, model: str, num_classes: int) -> None:
@@ -338,11 +333,11 @@ class TrainState:
     ema: object = None
     best: float = -1.0
 
-    def state_dict(self, *, args, epoch: int, rngs: list, num_classes: int, dap: dict) -> dict:
+    def state_dict(self, *, cfg, epoch: int, rngs: list, num_classes: int, dap: dict) -> dict:
         """The checkpoint after ``epoch`` epochs (``rngs``: every rank's RNG states, see :func:`_gather_rng`)."""
         acct = self.acct
         return {
-            "arch": args.model,
+            "arch": cfg.model,
             "num_classes": num_classes,
             "epoch": epoch,
             "state_dict": self.model.state_dict(),
@@ -354,11 +349,13 @@ class TrainState:
             "rng": rngs,
             "accounting": {"measured": acct.measured, "lost": acct.lost, "drops": acct.drops},
             "history": acct.history,
-            "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+            "args": {
+                k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, list, type(None)))
+            },
             "run": {
-                "epochs": args.epochs,
+                "epochs": cfg.epochs,
                 "dap": dap,
-                "dataset": args.data_dir,
+                "dataset": cfg.data_dir,
                 "compute_fraction_planned": acct.planned / acct.baseline,
                 "compute_fraction_measured": acct.measured / acct.baseline,
                 "top1": acct.history[-1]["eval_top1"],
@@ -427,18 +424,18 @@ def _last_eval(history: list) -> dict:
     return next((r for r in reversed(history) if r["eval_top1"] is not None), {})
 
 
-def run(args: argparse.Namespace) -> dict | None:
-    """Train per ``args``; rank 0 returns the run summary (also written to OUTPUT/run.json)."""
-    resolve_baselines(args)
-    device, rank, world = init_distributed(args.device)
-    output = Path(args.output)
+def run(cfg: RunConfig) -> dict | None:
+    """Train per ``cfg`` (:func:`dap_pretrain.config.run_config`); rank 0 returns the run summary (also written
+    to OUTPUT/run.json)."""
+    device, rank, world = init_distributed(cfg.device)
+    output = Path(cfg.output)
     held = HeldLogs(rank)
     lock = None
     try:
         refused = None
         if rank == 0:
             try:
-                lock = claim_output(output, resume=args.resume, overwrite=args.overwrite)
+                lock = claim_output(output, resume=cfg.resume, overwrite=cfg.overwrite)
             except UsageError as e:
                 refused = e
         message = rank0_outcome(str(refused) if refused is not None else None)
@@ -446,7 +443,7 @@ def run(args: argparse.Namespace) -> dict | None:
             raise refused
         if message is not None:  # the other ranks stop with rank 0's line instead of hanging at a barrier
             raise UsageError(message)
-        return _train(args, device=device, rank=rank, world=world, output=output, held=held, lock=lock)
+        return _train(cfg, device=device, rank=rank, world=world, output=output, held=held, lock=lock)
     except BaseException:
         if lock is not None:
             release_unused(lock, output)
@@ -457,66 +454,66 @@ def run(args: argparse.Namespace) -> dict | None:
             lock.close()
 
 
-def _train(args, *, device, rank: int, world: int, output: Path, held: HeldLogs, lock) -> dict | None:
+def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, lock) -> dict | None:
     """:func:`run` once OUTPUT is owned: build, check and resume everything, only then touch the folder; train."""
     import timm
     from timm.optim import create_optimizer_v2
     from timm.utils import ModelEmaV3
 
-    model_cfg = timm.models.get_pretrained_cfg(args.model)
-    data = _build_data(args, model_cfg.to_dict() if model_cfg else {})
-    model = _seeded_model(args, data.num_classes, device, rank)
+    model_cfg = timm.models.get_pretrained_cfg(cfg.model)
+    data = _build_data(cfg, model_cfg.to_dict() if model_cfg else {})
+    model = _seeded_model(cfg, data.num_classes, device, rank)
     with user_input():  # the flags' values are checked by the components they configure
-        sampler, acct, dap, note = _build_sampler(args, len(data.train), world, rank)
+        sampler, acct, dap, note = _build_sampler(cfg, len(data.train), world, rank)
         check_batch_size(
             num_samples=len(data.train),
-            batch_size=args.batch_size,
-            drop_last=args.drop_last,
+            batch_size=cfg.batch_size,
+            drop_last=cfg.drop_last,
             num_replicas=world,
-            smallest_subset=_smallest_subset(args, sampler),
+            smallest_subset=_smallest_subset(cfg, sampler),
         )
         if note:
             _logger.info(note)
         optimizer = create_optimizer_v2(
-            model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum
+            model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
         )
         lr_sched = EpochProgressLR(
             optimizer,
-            base_lr=args.lr,
-            sched=args.sched,
-            epochs=args.epochs,
-            milestones=tuple(args.decay_milestones),
-            decay_rate=args.decay_rate,
-            warmup_epochs=args.warmup_epochs,
-            warmup_lr=args.warmup_lr,
-            min_lr=args.min_lr,
+            base_lr=cfg.lr,
+            sched=cfg.sched,
+            epochs=cfg.epochs,
+            milestones=tuple(cfg.decay_milestones),
+            decay_rate=cfg.decay_rate,
+            warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr,
+            min_lr=cfg.min_lr,
         )
-    amp_dtype, scaler = _amp(args, device)
-    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    amp_dtype, scaler = _amp(cfg, device)
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     graph_step = None
-    if args.cuda_graph:
+    if cfg.cuda_graph:
         check_graphable(
             device=device,
             optimizer=optimizer,
             amp_dtype=amp_dtype,
             scaler=scaler,
             model_ema=ema,
-            clip_grad=args.clip_grad,
+            clip_grad=cfg.clip_grad,
             world=world,
         )
         graph_step = GraphedSGDStep(
-            model, optimizer, batch_size=args.batch_size, amp_dtype=amp_dtype, smoothing=args.smoothing
+            model, optimizer, batch_size=cfg.batch_size, amp_dtype=amp_dtype, smoothing=cfg.smoothing
         )
-    train_loader, val_loader = _build_loaders(args, data, sampler, device=device, rank=rank, world=world)
-    decoding_workers = 0 if hasattr(train_loader, "store") else args.workers  # in-memory: workers only at start
+    train_loader, val_loader = _build_loaders(cfg, data, sampler, device=device, rank=rank, world=world)
+    decoding_workers = 0 if hasattr(train_loader, "store") else cfg.workers  # in-memory: workers only at start
     threads, threads_note = pick_threads(workers=decoding_workers, device_type=device.type)
     torch.set_num_threads(threads)
     state = TrainState(model, optimizer, lr_sched, sampler, acct, scaler=scaler, ema=ema)
     start_epoch, ckpt = 0, None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        _check_resumable(ckpt, args.resume, model=args.model, num_classes=data.num_classes)
-        start_epoch = state.load_state_dict(ckpt, source=args.resume, model_name=args.model, rank=rank, world=world)
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        _check_resumable(ckpt, cfg.resume, model=cfg.model, num_classes=data.num_classes)
+        start_epoch = state.load_state_dict(ckpt, source=cfg.resume, model_name=cfg.model, rank=rank, world=world)
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -524,14 +521,14 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: HeldLogs,
         )
     # Every check has passed: only now is the run folder changed.
     held.close()
-    removed = take_over(lock, output, overwrite=args.overwrite) if rank == 0 else []
+    removed = take_over(lock, output, overwrite=cfg.overwrite) if rank == 0 else []
     main_process_logging(rank, output)
     held.replay()
     if removed:
         _logger.info("removed from %s before starting: %s", output, ", ".join(removed))
     if ckpt is not None:
-        _logger.info("resumed %s at epoch %d", args.resume, ckpt["epoch"])
-    resolved = dict(vars(args))
+        _logger.info("resumed %s at epoch %d", cfg.resume, ckpt["epoch"])
+    resolved = cfg.to_dict()
     if rank == 0:
         write_atomic(output / "args.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False)))
     _logger.info(threads_note)
@@ -539,7 +536,7 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: HeldLogs,
         _logger.info(train_loader.describe())
     _logger.info(
         "model %s (%.2fM params) on %s x%d; %d train / %s val samples; planned compute %.2f%%",
-        args.model,
+        cfg.model,
         sum(p.numel() for p in model.parameters()) / 1e6,
         device,
         world,
@@ -550,7 +547,7 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: HeldLogs,
     run_start = time.perf_counter() - sum(r["epoch_time_s"] for r in acct.history)
     if ckpt is not None and rank == 0:
         state.best = _restore_best(ckpt, output, acct.history)
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         digest = subset_digest(sampler.subset)
@@ -562,18 +559,18 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: HeldLogs,
             sampler=sampler,
             lr_scheduler=lr_sched,
             device=device,
-            smoothing=args.smoothing,
+            smoothing=cfg.smoothing,
             amp_dtype=amp_dtype,
             scaler=scaler,
             model_ema=ema,
-            clip_grad=args.clip_grad,
-            log_interval=args.log_interval,
+            clip_grad=cfg.clip_grad,
+            log_interval=cfg.log_interval,
             show_progress=rank == 0,
             graph_step=graph_step,
         )
         report = sampler.end_epoch()
         acct.add_epoch(epoch + 1, report)
-        do_eval = val_loader is not None and ((epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs)
+        do_eval = val_loader is not None and ((epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs)
         ev = evaluate(model, val_loader, device=device, amp_dtype=amp_dtype) if do_eval else {}
         ema_ev = (
             evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype) if ema is not None and do_eval else {}
@@ -593,9 +590,9 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: HeldLogs,
         acct.history.append(row)
         rngs = _gather_rng(world, subset_digest(sampler.subset))
         if rank == 0:
-            log_epoch(row, args.epochs, report)
+            log_epoch(row, cfg.epochs, report)
             write_summary_csv(output, acct.history)
-            ckpt_state = state.state_dict(args=args, epoch=epoch + 1, rngs=rngs, num_classes=data.num_classes, dap=dap)
+            ckpt_state = state.state_dict(cfg=cfg, epoch=epoch + 1, rngs=rngs, num_classes=data.num_classes, dap=dap)
             save_checkpoint(ckpt_state, output / "last.pth.tar")
             if ev and ev["top1"] > state.best:
                 state.best = ev["top1"]
@@ -604,17 +601,17 @@ def _train(args, *, device, rank: int, world: int, output: Path, held: HeldLogs,
     if rank != 0:
         barrier()
         return None
-    summary = _finish(args, output, acct, wall, dap)
+    summary = _finish(cfg, output, acct, wall, dap)
     barrier()
     return summary
 
 
-def _finish(args, output: Path, acct: Accounting, wall: float, dap: dict) -> dict:
+def _finish(cfg, output: Path, acct: Accounting, wall: float, dap: dict) -> dict:
     last = _last_eval(acct.history)
     summary = acct.run_summary(
-        model=args.model,
-        epochs=args.epochs,
-        dataset=args.data_dir,
+        model=cfg.model,
+        epochs=cfg.epochs,
+        dataset=cfg.data_dir,
         top1=last.get("eval_top1"),
         top5=last.get("eval_top5"),
         ema_top1=last.get("ema_top1"),
@@ -629,11 +626,11 @@ def _finish(args, output: Path, acct: Accounting, wall: float, dap: dict) -> dic
             "measured compute is below planned by that",
             acct.lost,
         )
-    if not args.no_plot:
+    if not cfg.no_plot:
         from dap_pretrain.plots import plot_run
 
-        plot_run(acct.history, acct.drops, output / "dap_schedule.png", title=f"{args.model} {dap['select']}")
-    if args.export:
+        plot_run(acct.history, acct.drops, output / "dap_schedule.png", title=f"{cfg.model} {dap['select']}")
+    if cfg.export:
         from dap_pretrain.export import export_backbone
 
         export_backbone(output / "last.pth.tar", output / "export", overwrite=True)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from dap_pretrain.cli import add_dap_arguments, make_parser
-from dap_pretrain.config import default_reuse, load_config, resolve_baselines  # noqa: F401  (this entry's interface)
+from dap_pretrain.config import default_reuse, load_config, run_config  # noqa: F401  (this entry's interface)
 from dap_pretrain.errors import UsageError, entry_point
 from dap_pretrain.logs import main_process_logging  # noqa: F401
 from dap_pretrain.run_folder import RUN_MARKERS, check_output_dir, git_commit  # noqa: F401
@@ -151,16 +151,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Train one run and, with ``--compare``, its full-data baseline. Returns the run summary."""
     args = parse_args(argv)
+    cfg = run_config(args)  # resolved once, read-only from here on
     from dap_pretrain.runner import run
 
-    summary = run(args)
+    summary = run(cfg)
     if args.compare and summary is not None:
-        base_args = parse_args(argv)
-        base_args.compare = False
-        base_args.dap_select = "none"
-        base_args.output = str(Path(args.output) / "full_data")
-        base_args.resume = ""
-        base = run(base_args)
+        full = argparse.Namespace(**{**vars(args), "compare": False, "dap_select": "none", "resume": ""})
+        full.output = str(Path(args.output) / "full_data")
+        base = run(run_config(full))
         if base is not None:
             print(f"\n{'run':<10} {'compute':>8} {'top-1':>7} {'wall s':>8}")
             for name, s in (("DaP", summary), ("full data", base)):

@@ -276,15 +276,30 @@ def test_final_batch_of_one_is_skipped_and_accounted(tmp_path, cifar_tiny):
 
 def test_embedded_default_takes_any_overriding_flag():
     """`tools/pretrain.sh --epochs 6 --dap-keep 0.5` keeps the embedded data and still forms a valid schedule."""
-    from dap_pretrain.train import parse_args, resolve_baselines
+    from dap_pretrain.train import parse_args, run_config
 
     config = str(REPO / "configs" / "pretrain" / "embedded_cifar10.yaml")
-    args = parse_args(["--config", config, "--epochs", "6", "--dap-keep", "0.5", "--output", "runs/x"])
-    resolve_baselines(args)
+    args = run_config(parse_args(["--config", config, "--epochs", "6", "--dap-keep", "0.5", "--output", "runs/x"]))
     assert (args.data_dir, args.epochs, args.dap_keep, args.output) == ("embedded", 6, 0.5, "runs/x")
-    full = parse_args(["--config", config])
-    resolve_baselines(full)
+    full = run_config(parse_args(["--config", config]))
     assert full.epochs == 20 and full.dap_reuse is None and full.decay_milestones == [10]
+
+
+def test_run_config_is_resolved_once_and_read_only():
+    """--epochs-scale is applied into a new read-only RunConfig; the parsed flags are left as given."""
+    import dataclasses
+
+    from dap_pretrain.train import parse_args, run_config
+
+    args = parse_args(["--epochs", "300", "--decay-milestones", "150", "225", "--epochs-scale", "0.63"])
+    cfg = run_config(args)
+    assert (cfg.epochs, cfg.baseline_epochs, cfg.decay_milestones, cfg.dap_select) == (189, 300, [94, 142], "none")
+    assert (args.epochs, args.dap_select) == (300, "hard")  # the Namespace is not mutated
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 1
+    with pytest.raises(AttributeError):
+        cfg.epoch  # noqa: B018  (a typo is an error, not None)
+    assert cfg.replace(output="x").output == "x" and cfg.output != "x"
 
 
 def _final_train_loss(out: Path) -> tuple[float, float]:
