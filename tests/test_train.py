@@ -365,3 +365,13 @@ def test_cuda_graph_is_refused_on_cpu(tmp_path, cifar_tiny):
     )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "--cuda-graph needs a CUDA device" in proc.stderr
+
+
+def test_compare_trains_the_full_data_baseline_beside_the_run(tmp_path, cifar_tiny, capsys):
+    """--compare: the DaP run, then the same flags with all data into OUTPUT/full_data, and both printed."""
+    out, s = _train(tmp_path, "cmp", cifar_tiny, "--epochs", "3", "--compare")
+    full = json.loads((out / "full_data" / "run.json").read_text())
+    assert s["compute_fraction_measured"] < 1.0 and full["compute_fraction_measured"] == 1.0
+    assert full["epochs"] == s["epochs"] == 3
+    printed = capsys.readouterr().out
+    assert "full data" in printed and "DaP top-1" in printed
