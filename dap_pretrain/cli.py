@@ -13,8 +13,6 @@ from dap_pretrain.config import PAPER_SETTINGS, dap_config_from_args, paper_sett
 from dap_pretrain.errors import entry_point, user_input
 from dap_pretrain.schedule import IMAGENET_NUM_SAMPLES, plan
 
-exits_cleanly = entry_point  # the name entry points used before dap_pretrain.errors
-
 
 def add_dap_arguments(parser: argparse.ArgumentParser, *, with_epochs: bool = True) -> None:
     """The DaP flags, identical for ``plan`` and the trainer."""
@@ -90,7 +88,7 @@ def _export_main(args: argparse.Namespace) -> int:
     return 0
 
 
-@exits_cleanly
+@entry_point
 def main(argv=None) -> int:
     parser = make_parser(prog="python -m dap_pretrain", description="Drop-and-Pick planner and backbone export")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)

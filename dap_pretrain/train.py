@@ -12,10 +12,8 @@ import sys
 from pathlib import Path
 
 from dap_pretrain.cli import add_dap_arguments, make_parser
-from dap_pretrain.config import default_reuse, load_config, run_config  # noqa: F401  (this entry's interface)
+from dap_pretrain.config import load_config, run_config
 from dap_pretrain.errors import UsageError, entry_point
-from dap_pretrain.logs import main_process_logging  # noqa: F401
-from dap_pretrain.run_folder import RUN_MARKERS, check_output_dir, git_commit  # noqa: F401
 
 _logger = logging.getLogger("dap_pretrain.train")
 

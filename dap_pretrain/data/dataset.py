@@ -115,11 +115,21 @@ class IndexedDataset(torch.utils.data.Dataset):
         except RuntimeError as e:
             if not str(e).startswith("Failed to load"):  # timm's unreadable-file error; anything else is a bug
                 raise
-            samples = getattr(getattr(self.dataset, "reader", None), "samples", None)
-            name = samples[index][0] if samples else f"sample {index}"
-            _logger.warning("skipped unreadable image %s: not trained this epoch; remove or replace the file", name)
+            _logger.warning(
+                "skipped unreadable image %s: not trained this epoch; remove or replace the file", self.name(index)
+            )
             return None, -1, int(index)
         return img, target, int(index)
+
+    @property
+    def samples(self) -> list[tuple[Any, int]] | None:
+        """The wrapped ImageFolder's ``(path, label)`` list in index order; None where there is no file list."""
+        return getattr(getattr(self.dataset, "reader", None), "samples", None) or None
+
+    def name(self, index: int) -> str:
+        """The file behind ``index`` (for messages), else ``sample <index>``."""
+        samples = self.samples
+        return str(samples[index][0]) if samples else f"sample {index}"
 
     @property
     def transform(self) -> Any:

@@ -44,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dap_pretrain.data.dataset import DataError
+from dap_pretrain.data.loader import epoch_seed
 
 _logger = logging.getLogger(__name__)
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; decode_jpeg still is the batched nvjpeg path.
@@ -96,12 +97,11 @@ def dataset_samples(dataset) -> list[tuple[str, int]]:
     Raises:
         DataError: the dataset is not a folder of image files (e.g. a torchvision CIFAR object).
     """
-    inner = getattr(dataset, "dataset", dataset)
-    samples = getattr(getattr(inner, "reader", None), "samples", None)
+    samples = dataset.samples
     if not samples:
         raise DataError(
             "--gpu-decode reads image files from an ImageFolder tree; this dataset has no file list "
-            f"({type(inner).__name__}): pass --data-dir with class folders, or drop --gpu-decode"
+            f"({type(dataset.dataset).__name__}): pass --data-dir with class folders, or drop --gpu-decode"
         )
     return [(str(p), int(t)) for p, t in samples]
 
@@ -317,8 +317,7 @@ class GpuDecodeLoader:
 
     def epoch_seed(self) -> int:
         """The augmentation seed of the sampler's current epoch on this rank."""
-        epoch = int(getattr(self.sampler, "epoch", 0))
-        return (self.seed + 1) * 1_000_003 + epoch * 1_009 + self.rank
+        return epoch_seed(self.seed, int(getattr(self.sampler, "epoch", 0)), self.rank)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -90,9 +90,12 @@ class IndexedPrefetchLoader:
             yield group
 
     def _to_device(self, chunks):
-        images = torch.cat([c[0].to(self.device, non_blocking=True) for c in chunks])
-        targets = torch.cat([c[1] for c in chunks]).to(self.device, non_blocking=True)
-        indices = torch.cat([c[2] for c in chunks])
+        def join(parts):
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        images = join([c[0].to(self.device, non_blocking=True) for c in chunks])
+        targets = join([c[1] for c in chunks]).to(self.device, non_blocking=True)
+        indices = join([c[2] for c in chunks])
         images = images.to(self.dtype).sub_(self.mean).div_(self.std)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -158,6 +161,11 @@ def imagenet_transform(*, img_size: int, is_training: bool, **timm_kwargs) -> T.
     return create_transform(img_size, is_training=is_training, use_prefetcher=True, **timm_kwargs)
 
 
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The augmentation seed of one epoch of a run: every loader derives its randomness from this alone."""
+    return (seed + 1) * 1_000_003 + epoch * 1_009 + rank
+
+
 class SeededSampler:
     """Yields ``(index, seed)`` for each index of ``sampler``'s epoch; the seed is a function of ``(seed, epoch,
     index)`` alone (``sampler.epoch``, 0 where it has none).
@@ -175,8 +183,7 @@ class SeededSampler:
         return len(self.sampler)
 
     def __iter__(self):
-        epoch = int(getattr(self.sampler, "epoch", 0))
-        base = ((self.seed + 1) * 1_000_003 + epoch * 1_009) * 2_000_003
+        base = epoch_seed(self.seed, int(getattr(self.sampler, "epoch", 0))) * 2_000_003
         for index in self.sampler:
             yield int(index), (base + int(index)) % 2**63
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dap_pretrain.data.dataset import DataError
-from dap_pretrain.data.loader import cifar_transform, indexed_uint8_collate
+from dap_pretrain.data.loader import cifar_transform, epoch_seed, indexed_uint8_collate
 
 _logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ _DECODED_LOCK = threading.Lock()
 
 def _decoded_key(dataset, img_size: int) -> tuple | None:
     """Identifies a folder dataset by its file list and labels; None where there is no cheap list (no sharing)."""
-    samples = getattr(getattr(getattr(dataset, "dataset", None), "reader", None), "samples", None)
+    samples = getattr(dataset, "samples", None)
     if not samples:
         return None
     digest = hashlib.sha1()
@@ -104,11 +104,9 @@ def _decode(dataset, *, img_size: int, num_workers: int, batch_size: int) -> tup
             filled[idx] = True
         if not bool(filled.all()):
             missing = int((~filled).nonzero()[0])
-            samples = getattr(getattr(getattr(dataset, "dataset", None), "reader", None), "samples", None)
-            name = samples[missing][0] if samples else f"sample {missing}"
             raise DataError(
-                f"image {name} cannot be decoded ({int((~filled).sum())} unreadable in all); remove or replace it, "
-                "or pass --in-memory off to skip unreadable files each epoch"
+                f"image {dataset.name(missing)} cannot be decoded ({int((~filled).sum())} unreadable in all); "
+                "remove or replace it, or pass --in-memory off to skip unreadable files each epoch"
             )
     finally:
         dataset.transform = saved
@@ -203,8 +201,7 @@ class InMemoryLoader:
 
     def epoch_seed(self) -> int:
         """The augmentation seed of the sampler's current epoch on this rank (0 when the sampler has no epoch)."""
-        epoch = int(getattr(self.sampler, "epoch", 0))
-        return (self.seed + 1) * 1_000_003 + epoch * 1_009 + self.rank
+        return epoch_seed(self.seed, int(getattr(self.sampler, "epoch", 0)), self.rank)
 
     def __len__(self) -> int:
         n = len(self.sampler)  # the sampler's own count: no epoch permutation built just to be measured
