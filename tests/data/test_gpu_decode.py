@@ -16,6 +16,7 @@ from dap_pretrain.data.gpu_decode import (
     GpuDecodeLoader,
     color_jitter,
     decode_batch,
+    resized_crops,
     rrc_params,
 )
 
@@ -108,6 +109,22 @@ def test_color_jitter_matches_torchvision():
         for op in orders[k].tolist():
             ref = ops[op](ref, float(factors[k, op]))
         torch.testing.assert_close(ours[k], ref * 255, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_crops_reaching_an_image_edge_read_no_padding(device):
+    """Solid images of different sizes in one padded batch, crops touching their right and bottom edges: every
+    output pixel keeps the image's value (a bilinear sample half a pixel past the edge must not read the padding)."""
+    sizes = [(30, 40), (64, 50), (17, 90), (64, 90)]
+    images = [torch.full((3, h, w), 10 + 60 * k, dtype=torch.uint8, device=device) for k, (h, w) in enumerate(sizes)]
+    boxes = torch.tensor([[0, 0, 30, 40], [20, 11, 44, 39], [5, 60, 12, 30], [0, 0, 64, 90]])
+    out = resized_crops(images, boxes, 24)
+    for k in range(len(images)):
+        assert torch.all(out[k] == 10 + 60 * k), (k, out[k].min().item(), out[k].max().item())
+    # and a crop is a crop: a horizontal ramp cropped at its right end keeps the ramp's top values
+    ramp = torch.arange(90, dtype=torch.uint8, device=device).expand(3, 64, 90).contiguous()
+    edge = resized_crops([ramp, images[0]], torch.tensor([[0, 60, 64, 30], [0, 0, 30, 40]]), 30)[0]
+    assert abs(edge[:, :, -1].mean().item() - 89) < 0.6 and abs(edge[:, :, 0].mean().item() - 60) < 0.6
 
 
 def _solid_jpeg(path, value: int, mode: str = "RGB", fmt: str = "JPEG") -> None:
