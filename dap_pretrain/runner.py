@@ -198,7 +198,7 @@ def _build_loaders(cfg, data: Data, sampler, *, device, rank: int, world: int):
             channels_last=cfg.channels_last,
         )
     if cfg.gpu_decode:
-        train_loader = _gpu_decode_loader(cfg, data, sampler, device=device, rank=rank)
+        train_loader = _gpu_decode_loader(cfg, data, sampler, device=device)
     else:
         train_loader = create_loader(
             data.train,
@@ -227,7 +227,7 @@ def _build_loaders(cfg, data: Data, sampler, *, device, rank: int, world: int):
     return train_loader, val_loader
 
 
-def _gpu_decode_loader(cfg, data: Data, sampler, *, device, rank: int) -> GpuDecodeLoader:
+def _gpu_decode_loader(cfg, data: Data, sampler, *, device) -> GpuDecodeLoader:
     """``--gpu-decode``: the train split decoded and augmented on the GPU; refused off CUDA or with CIFAR's aug."""
     if device.type != "cuda":
         raise UsageError(
@@ -249,7 +249,6 @@ def _gpu_decode_loader(cfg, data: Data, sampler, *, device, rank: int) -> GpuDec
         device=device,
         num_workers=cfg.workers,
         seed=cfg.seed,
-        rank=rank,
         drop_last=cfg.drop_last,
         channels_last=cfg.channels_last,
     )

@@ -2,19 +2,21 @@
 
 Who calls what, and when:
 
-1. :class:`EncodedFiles` is the dataset the loader workers see: item ``i`` is the raw bytes of file ``i`` as a 1-D
-   uint8 tensor, its label and ``i``. Reading bytes costs the workers almost nothing, so a few of them keep up
-   with any GPU; PIL decoding, the usual bottleneck, leaves the CPU.
+1. :class:`EncodedFiles` is the dataset the loader workers see. Keyed by ``(index, seed)`` from
+   :class:`~dap_pretrain.data.loader.SeededSampler`, item ``i`` is the raw bytes of file ``i`` as a 1-D uint8
+   tensor, its label, ``i``, the seed, and the sample's augmentation parameters: the worker reads the image size
+   from the file's header and draws timm's train augmentation for it from ``random.Random(seed)``
+   (:func:`draw_params`: :func:`rrc_params` is timm's ``RandomResizedCropAndInterpolation.get_params``, draw for
+   draw; flip with probability ``hflip``; colour jitter factors and order as torchvision's ``ColorJitter``). The
+   seed is a function of ``(seed, epoch, index)``, so an epoch's augmentation does not depend on the worker count
+   or the batch a sample lands in, and a resumed run repeats it. Reading bytes and a header costs the workers
+   almost nothing, so a few of them keep up with any GPU; PIL decoding, the usual bottleneck, leaves the CPU, and
+   the per-sample Python of the draws leaves the process that trains.
 2. :class:`GpuDecodeLoader` iterates those batches. For each it
 
    * decodes every JPEG of the batch in one batched nvjpeg call (``torchvision.io.decode_jpeg(..., device)``);
      a file nvjpeg cannot decode (a PNG under a ``.JPEG`` name, CMYK, an odd progressive file) is decoded on the
      CPU by PIL instead, never dropped; a file nothing can decode is a :class:`DataError` naming it;
-   * draws timm's train augmentation parameters per sample on the host (:func:`rrc_params` is timm's
-     ``RandomResizedCropAndInterpolation.get_params``, draw for draw; flip with probability ``hflip``; colour
-     jitter factors and order as torchvision's ``ColorJitter``), from a ``random.Random`` seeded by
-     ``(seed, epoch, rank)``, so an epoch's augmentation is a function of those numbers alone and a resumed run
-     repeats it;
    * crops and resizes all samples with one ``roi_align`` over the padded batch (bilinear, with as many
      samples per output pixel as the crop is larger than the output, which is what an antialiased downscale
      does), flips, jitters and normalises the whole batch on the device.
@@ -44,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dap_pretrain.data.dataset import DataError
-from dap_pretrain.data.loader import epoch_seed
+from dap_pretrain.data.loader import SeededSampler
 
 _logger = logging.getLogger(__name__)
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; decode_jpeg still is the batched nvjpeg path.
@@ -54,34 +56,92 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
 
 
+PARAM_FIELDS = ("top", "left", "height", "width", "flip", "op1", "op2", "op3", "brightness", "contrast", "saturation")
+
+
 class EncodedFiles(Dataset):
-    """Item ``i``: ``(bytes of file i as a uint8 tensor, label i, i)``.
+    """Item ``(i, seed)``: ``(bytes of file i as a uint8 tensor, label i, i, seed, parameters)``.
+
+    ``parameters`` is a float64 row in :data:`PARAM_FIELDS` order, drawn by :func:`draw_params` for the image size
+    in the file's header; NaN where the header cannot be read (the loader then draws after decoding, from the
+    same seed, or names the file). A plain index ``i`` gives seed -1 and NaN parameters.
 
     Args:
         samples: ``(path, label)`` pairs in dataset index order (a timm ImageFolder reader's ``samples``).
+        scale, ratio, hflip, jitter: the augmentation (see :func:`draw_params`).
     """
 
-    def __init__(self, samples: Sequence[tuple[str | Path, int]]):
+    def __init__(
+        self,
+        samples: Sequence[tuple[str | Path, int]],
+        *,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        jitter: float = 0.4,
+    ):
         self.samples = [(str(p), int(t)) for p, t in samples]
+        self.aug = {"scale": tuple(scale), "ratio": tuple(ratio), "hflip": float(hflip), "jitter": float(jitter)}
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key) -> tuple[torch.Tensor, int, int, int, torch.Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, -1)
         path, target = self.samples[index]
         data = Path(path).read_bytes()
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), target, int(index)
+        params = torch.full((len(PARAM_FIELDS),), math.nan, dtype=torch.float64)
+        size = header_size(data) if seed >= 0 else None
+        if size is not None:
+            params[:] = torch.tensor(draw_params(*size, rng=random.Random(seed), **self.aug), dtype=torch.float64)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), target, int(index), int(seed), params
 
 
-def encoded_collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Collate ``(bytes, target, index)`` items into ``(all bytes in one uint8 tensor, end offsets, targets,
-    indices)``: one shared-memory tensor per batch crosses from the worker, not one per file."""
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` from an image file's header (PIL reads no pixels for it); None if it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except Exception:  # PIL raises many types for a bad file; decoding it later names the file
+        return None
+    return height, width
+
+
+def draw_params(
+    height: int,
+    width: int,
+    *,
+    rng: random.Random,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    hflip: float,
+    jitter: float,
+) -> tuple[float, ...]:
+    """One sample's augmentation in :data:`PARAM_FIELDS` order, drawn in timm's order: crop, flip, jitter.
+
+    With ``jitter`` 0 nothing is drawn for it: order (0, 1, 2) and factors 1.
+    """
+    box = rrc_params(height, width, scale=scale, ratio=ratio, rng=rng)
+    flip = rng.random() < hflip
+    order, factors = jitter_params(jitter, rng) if jitter > 0 else ((0, 1, 2), (1.0, 1.0, 1.0))
+    return (*box, float(flip), *order, *factors)
+
+
+def encoded_collate(
+    batch: list[tuple],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collate :class:`EncodedFiles` items into ``(all bytes in one uint8 tensor, end offsets, targets, indices,
+    seeds, parameters)``: one shared-memory tensor of bytes per batch crosses from the worker, not one per file."""
     ends = torch.tensor([b[0].numel() for b in batch], dtype=torch.int64).cumsum(0)
     return (
         torch.cat([b[0] for b in batch]) if batch else torch.empty(0, dtype=torch.uint8),
         ends,
         torch.as_tensor([b[1] for b in batch], dtype=torch.int64),
         torch.as_tensor([b[2] for b in batch], dtype=torch.int64),
+        torch.as_tensor([b[3] for b in batch], dtype=torch.int64),
+        torch.stack([b[4] for b in batch]) if batch else torch.empty(0, len(PARAM_FIELDS), dtype=torch.float64),
     )
 
 
@@ -274,13 +334,14 @@ class GpuDecodeLoader:
 
     Args:
         samples: ``(path, label)`` per dataset index (:func:`dataset_samples`).
-        sampler: the epoch's index order (the DaP sampler; its ``epoch`` seeds the augmentation).
+        sampler: the epoch's index order (the DaP sampler; its ``epoch`` and ``seed`` seed each sample's
+            augmentation, through :class:`~dap_pretrain.data.loader.SeededSampler`).
         batch_size: images per batch (per process).
         img_size: output side in pixels.
         mean, std: normalisation in 0..1 units.
         device: where decoding and augmentation run.
-        num_workers: loader processes reading file bytes (persistent across epochs).
-        seed, rank: with the sampler's epoch, seed each epoch's augmentation.
+        num_workers: loader processes reading file bytes and drawing the augmentation (persistent across epochs).
+        seed: the run's seed.
         scale, ratio, hflip, color_jitter: timm's ``transforms_imagenet_train`` defaults.
         drop_last: drop each epoch's last partial batch.
         channels_last: return channels-last batches.
@@ -299,7 +360,6 @@ class GpuDecodeLoader:
         device: torch.device,
         num_workers: int = 4,
         seed: int = 0,
-        rank: int = 0,
         scale: tuple[float, float] = (0.08, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.5,
@@ -308,12 +368,12 @@ class GpuDecodeLoader:
         channels_last: bool = False,
         prefetch: int = 2,
     ):
-        self.files = EncodedFiles(samples)
+        self.files = EncodedFiles(samples, scale=scale, ratio=ratio, hflip=hflip, jitter=color_jitter)
         self.sampler = sampler
         self.batch_size = batch_size
         self.img_size = img_size
         self.device = torch.device(device)
-        self.seed, self.rank = int(seed), int(rank)
+        self.seed = int(seed)
         self.scale, self.ratio, self.hflip, self.jitter = tuple(scale), tuple(ratio), float(hflip), float(color_jitter)
         self.drop_last = drop_last
         self.channels_last = channels_last
@@ -324,7 +384,7 @@ class GpuDecodeLoader:
         self.loader = DataLoader(
             self.files,
             batch_size=batch_size,
-            sampler=sampler,
+            sampler=SeededSampler(sampler, seed=seed),
             num_workers=num_workers,
             collate_fn=encoded_collate,
             drop_last=drop_last,
@@ -340,10 +400,6 @@ class GpuDecodeLoader:
             f"ratio{tuple(round(r, 4) for r in self.ratio)} + flip {self.hflip} + jitter {self.jitter} on {self.device}"
         )
 
-    def epoch_seed(self) -> int:
-        """The augmentation seed of the sampler's current epoch on this rank."""
-        return epoch_seed(self.seed, int(getattr(self.sampler, "epoch", 0)), self.rank)
-
     def __len__(self) -> int:
         return len(self.loader)
 
@@ -352,52 +408,57 @@ class GpuDecodeLoader:
         return self.files
 
     def augment(
-        self, data: list[torch.Tensor], rng: random.Random, paths: Sequence[str] = ()
-    ) -> tuple[torch.Tensor, dict]:
-        """Decode and augment one batch; returns the normalised batch and the parameters drawn (for tests)."""
+        self,
+        data: list[torch.Tensor],
+        params: torch.Tensor,
+        seeds: torch.Tensor | None = None,
+        paths: Sequence[str] = (),
+    ) -> torch.Tensor:
+        """Decode and augment one batch with its drawn ``params`` (``(B, len(PARAM_FIELDS))``, from the workers);
+        a NaN row (header unreadable) is drawn here from its seed once the image is decoded."""
         t0 = time.perf_counter()
         images = decode_batch(data, device=self.device, paths=paths, stats=self.stats)
         t1 = time.perf_counter()
-        boxes, flips, orders, factors = [], [], [], []
-        for im in images:  # the draws per sample, in timm's order: crop, flip, jitter
-            boxes.append(rrc_params(int(im.shape[1]), int(im.shape[2]), scale=self.scale, ratio=self.ratio, rng=rng))
-            flips.append(rng.random() < self.hflip)
-            if self.jitter > 0:
-                order, f = jitter_params(self.jitter, rng)
-                orders.append(order)
-                factors.append(f)
-        x = resized_crops(images, torch.tensor(boxes), self.img_size)
-        flipped = [k for k, f in enumerate(flips) if f]
-        if flipped:  # only the flipped half is read and written again
-            rows = torch.tensor(flipped, device=self.device)
+        missing = torch.isnan(params[:, 0]).nonzero().flatten().tolist()
+        if missing:
+            params = params.clone()
+            for k in missing:
+                if seeds is None or int(seeds[k]) < 0:
+                    raise ValueError(f"batch item {k} has no augmentation parameters and no seed to draw them from")
+                h, w = int(images[k].shape[1]), int(images[k].shape[2])
+                params[k] = torch.tensor(draw_params(h, w, rng=random.Random(int(seeds[k])), **self.files.aug))
+        x = resized_crops(images, params[:, :4].round().long(), self.img_size)
+        flipped = params[:, 4].nonzero().flatten()
+        if len(flipped):  # only the flipped half is read and written again
+            rows = flipped.to(self.device)
             x.index_copy_(0, rows, x.index_select(0, rows).flip(-1))
-        if factors:
-            x = color_jitter(x, torch.tensor(orders, device=self.device), torch.tensor(factors, device=self.device))
+        if self.jitter > 0:
+            dev = self.device
+            x = color_jitter(x, params[:, 5:8].long().to(dev), params[:, 8:11].to(dev, torch.float32))
         # (x - mean) / std as one multiply-add, written straight into the output layout
         out = torch.empty_like(x, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         x = torch.addcmul(self.norm_shift, x, self.norm_scale, out=out)
         self.stats["decode_s"] = self.stats.get("decode_s", 0.0) + t1 - t0  # host seconds (nvjpeg waits for itself)
         self.stats["augment_s"] = self.stats.get("augment_s", 0.0) + time.perf_counter() - t1  # host launch time
-        return x, {"boxes": boxes, "flips": flips, "orders": orders, "factors": factors}
+        return x
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
-        rng = random.Random(self.epoch_seed())
         self.stats = {}
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         try:
-            for flat, ends, targets, indices in self.loader:
+            for flat, ends, targets, indices, seeds, params in self.loader:
                 if stop.is_set():
                     return
                 data = split_encoded(flat, ends)
                 paths = [self.files.samples[i][0] for i in indices.tolist()]
                 if stream is not None:
                     with torch.cuda.stream(stream):
-                        x, _ = self.augment(data, rng, paths)
+                        x = self.augment(data, params, seeds, paths)
                         y = targets.to(self.device, non_blocking=True)
                         ready = torch.cuda.Event()
                         ready.record(stream)
                 else:
-                    x, _ = self.augment(data, rng, paths)
+                    x = self.augment(data, params, seeds, paths)
                     y, ready = targets, None
                 out.put((x, y, indices, ready))
         except BaseException as e:  # handed to the consumer, which raises it in the training thread

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import functional as TF
 
 from dap_pretrain.data.dataset import DataError
@@ -16,6 +18,7 @@ from dap_pretrain.data.gpu_decode import (
     GpuDecodeLoader,
     color_jitter,
     decode_batch,
+    header_size,
     resized_crops,
     rrc_params,
 )
@@ -33,7 +36,6 @@ def _imagenet_files(n: int) -> list[str]:
 
 @pytest.mark.parametrize("size", [(256, 341), (256, 256), (500, 60), (60, 500), (3, 1000)])
 def test_rrc_params_equal_timm_draw_for_draw(size):
-    from timm.data.transforms import RandomResizedCropAndInterpolation
 
     h, w = size
     img = Image.new("RGB", (w, h))
@@ -63,14 +65,17 @@ def test_augmentation_matches_timm_transform_with_the_same_parameters():
         [(f, 0) for f in files], sampler=range(len(files)), batch_size=48, img_size=224, mean=(0, 0, 0),
         std=(1 / 255, 1 / 255, 1 / 255), device=torch.device("cpu"), num_workers=0,
     )  # fmt: skip
-    data = [loader.files[k][0] for k in range(len(files))]
-    ours, params = loader.augment(data, random.Random(0))
+    items = [loader.files[(k, 1000 + k)] for k in range(len(files))]  # drawn as a loader worker draws them
+    params = torch.stack([item[4] for item in items])
+    ours = loader.augment([item[0] for item in items], params)
     assert ours.shape == (48, 3, 224, 224)
     diffs = []
     for k, f in enumerate(files):
         with Image.open(f) as im:
             pil = im.convert("RGB")
-        ref = _timm_ops(pil, params["boxes"][k], params["flips"][k], params["orders"][k], params["factors"][k], 224)
+        row = params[k].tolist()
+        box, flip, order = tuple(int(v) for v in row[:4]), bool(row[4]), tuple(int(v) for v in row[5:8])
+        ref = _timm_ops(pil, box, flip, order, row[8:11], 224)
         diffs.append((ours[k] - ref).abs().mean().item())
     diffs = np.array(diffs)
     # Two JPEG decoders (libjpeg-turbo in PIL, torchvision's on CPU here; nvjpeg on the GPU) and two resamplers
@@ -81,9 +86,52 @@ def test_augmentation_matches_timm_transform_with_the_same_parameters():
     assert shuffled > 20
 
 
+def test_worker_draws_are_timms_for_the_decoded_size():
+    """The worker reads the size from the header, and draws what timm draws for that size with the sample's seed;
+    a sample whose header could not be read is drawn after decoding from the same seed, to the same values."""
+    files = _imagenet_files(6)
+    loader = GpuDecodeLoader(
+        [(f, 0) for f in files], sampler=range(6), batch_size=6, img_size=32, mean=(0,) * 3, std=(1,) * 3,
+        device=torch.device("cpu"), num_workers=0,
+    )  # fmt: skip
+    for k, f in enumerate(files):
+        data, _, index, seed, params = loader.files[(k, 77 + k)]
+        decoded = decode_batch([data], device=torch.device("cpu"))[0]
+        assert header_size(data.numpy().tobytes()) == tuple(decoded.shape[1:])
+        random.seed(77 + k)
+        with Image.open(f) as im:
+            box = RandomResizedCropAndInterpolation.get_params(im, SCALE, RATIO)
+        assert (index, seed) == (k, 77 + k) and tuple(int(v) for v in params[:4]) == box
+        assert 0.6 <= params[8:].min() and params[8:].max() <= 1.4 and sorted(params[5:8].tolist()) == [0, 1, 2]
+    items = [loader.files[(k, 5 + k)] for k in range(6)]
+    params = torch.stack([item[4] for item in items])
+    unread = params.clone()
+    unread[[1, 4]] = math.nan
+    seeds = torch.tensor([5 + k for k in range(6)])
+    data = [item[0] for item in items]
+    assert torch.equal(loader.augment(data, unread, seeds), loader.augment(data, params))
+
+
+def test_batches_do_not_depend_on_workers_or_batch_size():
+    """Each sample's augmentation comes from its own seed: 0 or 2 workers, batches of 3 or 6, the same pixels."""
+    files = _imagenet_files(6)
+
+    class Epoch(list):
+        epoch = 2
+
+    def pixels(workers: int, batch: int) -> torch.Tensor:
+        loader = GpuDecodeLoader(
+            [(f, 0) for f in files], sampler=Epoch([4, 1, 0, 5, 2, 3]), batch_size=batch, img_size=32,
+            mean=(0.5,) * 3, std=(0.25,) * 3, device=torch.device("cpu"), num_workers=workers, seed=3,
+        )  # fmt: skip
+        return torch.cat([x for x, _, _ in loader])
+
+    reference = pixels(0, 6)
+    assert torch.equal(pixels(2, 3), reference) and torch.equal(pixels(0, 3), reference)
+
+
 def test_parameter_statistics_match_timm():
     """Area fraction, aspect and flip rate of our draws match timm's RandomResizedCrop + RandomHorizontalFlip."""
-    from timm.data.transforms import RandomResizedCropAndInterpolation
 
     h, w = 256, 341
     img = Image.new("RGB", (w, h))
