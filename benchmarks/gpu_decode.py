@@ -42,6 +42,7 @@ from common import (  # noqa: E402
     machine_info,
     read_summary_csv,
     run_trainer,
+    sgd_step,
     steady_img_per_s,
 )
 from gpu_check import model_only_img_per_s  # noqa: E402
@@ -140,6 +141,42 @@ def loader_only(kind: str, root: Path, *, args, img_size: int, batches: int = 30
     return res
 
 
+def model_with_gpu_loader(root: Path, *, args, img_size: int, priority: bool, batches: int = 40) -> dict:
+    """The model-only loop (``sgd_step``) fed by :class:`GpuDecodeLoader` instead of one fixed batch: what the
+    pipeline costs the model when both share the GPU. ``priority``: the steps run inside the loader's
+    ``training_stream()`` (a high-priority stream, as the trainer does), else on the default stream."""
+    import contextlib
+
+    import timm
+    import torch
+
+    from dap_pretrain.data.dataset import IndexedDataset, create_dataset
+    from dap_pretrain.data.gpu_decode import GpuDecodeLoader, dataset_samples
+
+    dev = torch.device(args.device)
+    ds = IndexedDataset(create_dataset(name="", root=root, split="train", is_training=True))
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[: batches * args.batch_size].tolist()
+    loader = GpuDecodeLoader(dataset_samples(ds), sampler=order, batch_size=args.batch_size, img_size=img_size,
+                             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), device=dev,
+                             num_workers=args.workers, channels_last=True)
+    net = timm.create_model(args.model, num_classes=1000).to(dev).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    n, t0, warm = 0, None, max(1, min(5, len(loader) // 4))  # the first batches warm up cuDNN and nvjpeg
+    with loader.training_stream() if priority else contextlib.nullcontext():
+        for k, (x, y, idx) in enumerate(loader):
+            if k == warm:
+                sync()
+                t0 = time.perf_counter()
+            elif k > warm:
+                n += idx.numel()
+            sgd_step(net, opt, scaler, x, y.remainder(1000), dev=dev, dtype=dtype)
+    sync()
+    return {"img_per_s": n / (time.perf_counter() - t0), "batches": batches, "priority": priority}
+
+
 def wall_vs_compute(output: Path) -> dict:
     """A DaP run's measured compute fraction against its wall-clock fraction: the sum of its epoch times over
     E times the time of its steady full-data epoch (epoch 2; epoch 1 also pays start-up and warm-up)."""
@@ -165,7 +202,9 @@ def main(argv=None) -> int:
     p.add_argument("--step-timeout", type=float, default=120)
     p.add_argument("--steps", nargs="+", default=["model_only", "trainer_cpu_decode", "trainer_gpu_decode",
                                                   "timm_train", "dap_cpu_decode", "dap_gpu_decode"],
-                   help="also: loader_only_gpu, loader_only_cpu, loader_only_nvjpeg (a loader without a model)")
+                   help="also: loader_only_gpu, loader_only_cpu, loader_only_nvjpeg (a loader without a model); "
+                   "model_gpu_loader, model_gpu_loader_same_priority (the model-only loop fed by the GPU pipeline, "
+                   "with the steps on a high-priority stream or not)")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, no GPU decoding")
     args = p.parse_args(argv)
     args.device = "cpu" if args.dry_run else "cuda"
@@ -196,6 +235,8 @@ def main(argv=None) -> int:
                 res = {"img_per_s": model_only_img_per_s(model=args.model, img_size=img_size,
                                                          batch_size=args.batch_size, steps=40, device=args.device,
                                                          amp=True, channels_last=True)}
+            elif step in ("model_gpu_loader", "model_gpu_loader_same_priority"):
+                res = model_with_gpu_loader(root, args=args, img_size=img_size, priority=step == "model_gpu_loader")
             elif step.startswith("loader_only_"):
                 res = loader_only(step.removeprefix("loader_only_"), root, args=args, img_size=img_size)
             elif step == "timm_train":
