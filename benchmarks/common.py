@@ -247,13 +247,17 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    if os.environ.get("DAP_GIT_COMMIT"):  # a GPU job's copy of the tree: its .git, if any, is not the checkout's
+        git = os.environ["DAP_GIT_COMMIT"]
+    else:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO).stdout
+        git = (commit.stdout.strip() or "unknown") + ("+dirty" if dirty.strip() else "")
     return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
             "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "git": (commit.stdout.strip() or "unknown") + ("+dirty" if dirty else "")}
+            "git": git}
 
 
 def sgd_step(net, opt, scaler, images, targets, *, dev, dtype):

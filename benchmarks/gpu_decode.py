@@ -143,8 +143,9 @@ def loader_only(kind: str, root: Path, *, args, img_size: int, batches: int = 30
 
 def model_with_gpu_loader(root: Path, *, args, img_size: int, priority: bool, batches: int = 40) -> dict:
     """The model-only loop (``sgd_step``) fed by :class:`GpuDecodeLoader` instead of one fixed batch: what the
-    pipeline costs the model when both share the GPU. ``priority``: the steps run inside the loader's
-    ``training_stream()`` (a high-priority stream, as the trainer does), else on the default stream."""
+    pipeline costs the model when both share the GPU. ``priority``: the steps run on a high-priority CUDA stream,
+    the pipeline's kernels on its default-priority side stream (tried on an H100 and not kept in the trainer:
+    RESULTS section 9); else both at the default priority, as the trainer runs."""
     import contextlib
 
     import timm
@@ -165,7 +166,11 @@ def model_with_gpu_loader(root: Path, *, args, img_size: int, priority: bool, ba
     scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     n, t0, warm = 0, None, max(1, min(5, len(loader) // 4))  # the first batches warm up cuDNN and nvjpeg
-    with loader.training_stream() if priority else contextlib.nullcontext():
+    stream = None
+    if priority and dev.type == "cuda":
+        stream = torch.cuda.Stream(dev, priority=torch.cuda.Stream.priority_range()[1])
+        stream.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         for k, (x, y, idx) in enumerate(loader):
             if k == warm:
                 sync()

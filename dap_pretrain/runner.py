@@ -7,7 +7,6 @@ accounting and the checkpoints. Epoch numbers in logs, ``summary.csv`` and ``run
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
@@ -551,26 +550,23 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         digest = subset_digest(sampler.subset)
-        # --gpu-decode: the steps run on a stream that outranks the pipeline's (GpuDecodeLoader.training_stream)
-        step_stream = train_loader.training_stream() if cfg.gpu_decode else contextlib.nullcontext()
-        with step_stream:
-            stats = train_one_epoch(
-                train_model,
-                train_loader,
-                optimizer,
-                epoch=epoch,
-                sampler=sampler,
-                lr_scheduler=lr_sched,
-                device=device,
-                smoothing=cfg.smoothing,
-                amp_dtype=amp_dtype,
-                scaler=scaler,
-                model_ema=ema,
-                clip_grad=cfg.clip_grad,
-                log_interval=cfg.log_interval,
-                show_progress=rank == 0,
-                graph_step=graph_step,
-            )
+        stats = train_one_epoch(
+            train_model,
+            train_loader,
+            optimizer,
+            epoch=epoch,
+            sampler=sampler,
+            lr_scheduler=lr_sched,
+            device=device,
+            smoothing=cfg.smoothing,
+            amp_dtype=amp_dtype,
+            scaler=scaler,
+            model_ema=ema,
+            clip_grad=cfg.clip_grad,
+            log_interval=cfg.log_interval,
+            show_progress=rank == 0,
+            graph_step=graph_step,
+        )
         report = sampler.end_epoch()
         acct.add_epoch(epoch + 1, report)
         do_eval = val_loader is not None and ((epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs)

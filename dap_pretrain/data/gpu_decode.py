@@ -31,7 +31,6 @@ on CUDA (``--gpu-decode`` elsewhere is refused in one line).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import math
@@ -393,7 +392,6 @@ class GpuDecodeLoader:
             prefetch_factor=4 if num_workers > 0 else None,
         )
         self.stats: dict = {}  # files PIL decoded because nvjpeg refused them (this epoch)
-        self._train_stream: torch.cuda.Stream | None = None
 
     def describe(self) -> str:
         """One line for the run log."""
@@ -404,26 +402,6 @@ class GpuDecodeLoader:
 
     def __len__(self) -> int:
         return len(self.loader)
-
-    @contextlib.contextmanager
-    def training_stream(self) -> Iterator[None]:
-        """Run the training steps inside this context on a high-priority CUDA stream (no-op off CUDA).
-
-        The pipeline's decode and augmentation kernels run on a side stream of default (lowest) priority, so the
-        GPU schedules them where the model's kernels leave room instead of between them. Entering waits for the
-        work already queued on the current stream, leaving makes the current stream wait for the steps.
-        """
-        if self.device.type != "cuda":
-            yield
-            return
-        if self._train_stream is None:
-            low, high = torch.cuda.Stream.priority_range()
-            self._train_stream = torch.cuda.Stream(self.device, priority=high)
-        outer = torch.cuda.current_stream(self.device)
-        self._train_stream.wait_stream(outer)
-        with torch.cuda.stream(self._train_stream):
-            yield
-        outer.wait_stream(self._train_stream)
 
     @property
     def dataset(self):

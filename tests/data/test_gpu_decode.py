@@ -252,20 +252,3 @@ def test_trainer_refuses_gpu_decode_without_cuda(tmp_path, imagenet_tiny, capsys
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert exc.value.code == 2 and len(lines) == 1 and "--gpu-decode" in lines[0] and "CUDA" in lines[0], err
     assert not out.exists()  # the refused command leaves no folder behind
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_training_stream_changes_no_values(device):
-    """The trainer's steps run inside ``training_stream()`` (a high-priority CUDA stream; nothing off CUDA): the
-    batches are the same inside it, and inside it the current stream is the high-priority one."""
-    files = _imagenet_files(4)
-    loader = GpuDecodeLoader(
-        [(f, 0) for f in files], sampler=range(4), batch_size=2, img_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
-        device=torch.device(device), num_workers=0,
-    )  # fmt: skip
-    outside = [x.cpu() for x, _, _ in loader]
-    with loader.training_stream():
-        inside = [(x * 1).cpu() for x, _, _ in loader]  # an op on the current stream, reading the loader's batch
-        if device == "cuda":
-            assert torch.cuda.current_stream().priority == torch.cuda.Stream.priority_range()[1]
-    assert all(torch.equal(a, b) for a, b in zip(outside, inside, strict=True))
