@@ -182,6 +182,61 @@ def model_with_gpu_loader(root: Path, *, args, img_size: int, priority: bool, ba
     return {"img_per_s": n / (time.perf_counter() - t0), "batches": batches, "priority": priority}
 
 
+def profile_gpu_loader(root: Path, *, args, img_size: int, batches: int = 12, top: int = 15) -> dict:
+    """Where the GPU pipeline's device time goes: ``torch.profiler`` over ``batches`` batches of
+    :class:`GpuDecodeLoader` alone (after 3 warm-up batches); the ``top`` kernels by device time, per batch."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from dap_pretrain.data.dataset import IndexedDataset, create_dataset
+    from dap_pretrain.data.gpu_decode import GpuDecodeLoader, dataset_samples, split_encoded
+
+    dev = torch.device(args.device)
+    ds = IndexedDataset(create_dataset(name="", root=root, split="train", is_training=True))
+    n = min(len(ds), (batches + 3) * args.batch_size)
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+    loader = GpuDecodeLoader(dataset_samples(ds), sampler=order, batch_size=args.batch_size, img_size=img_size,
+                             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), device=dev,
+                             num_workers=args.workers, channels_last=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def prepare(batch) -> None:  # the producer thread's work, run here so that every op lands in the profile
+        flat, ends, _targets, _indices, seeds, params = batch
+        loader.augment(split_encoded(flat, ends), params, seeds)
+
+    it = iter(loader.loader)
+    for _ in range(3 if len(loader) > 6 else 1):  # warm-up: nvjpeg's handle, cuDNN, the allocator
+        prepare(next(it))
+    sync()
+    done = 0
+    with profile(activities=activities) as prof:
+        for batch in it:
+            prepare(batch)
+            done += 1
+        sync()
+    per_batch = 1e-3 / max(1, done)  # microseconds -> milliseconds per batch
+
+    def rows(events, key: str) -> list[dict]:
+        events = sorted((e for e in events if getattr(e, key, 0) > 0), key=lambda e: getattr(e, key), reverse=True)
+        return [{"name": e.key[:90], "ms_per_batch": round(getattr(e, key) * per_batch, 3), "calls": e.count}
+                for e in events[:top]]
+
+    averages = prof.key_averages()
+    if dev.type != "cuda":
+        return {"batches": done, "host_ops": rows(averages, "self_cpu_time_total")}
+    from torch.autograd import DeviceType
+
+    dkey = "self_device_time_total" if hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
+    # an op's self device time: the kernels it launched itself (nvjpeg's included); kernels: by kernel name
+    ops = [e for e in averages if e.device_type == DeviceType.CPU]
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA]
+    return {"batches": done,
+            "device_ms_per_batch": round(sum(getattr(e, dkey) for e in ops) * per_batch, 3),
+            "ops": rows(ops, dkey), "kernels": rows(kernels, dkey),
+            "host_ops": rows(ops, "self_cpu_time_total")}
+
+
 def wall_vs_compute(output: Path) -> dict:
     """A DaP run's measured compute fraction against its wall-clock fraction: the sum of its epoch times over
     E times the time of its steady full-data epoch (epoch 2; epoch 1 also pays start-up and warm-up)."""
@@ -209,7 +264,7 @@ def main(argv=None) -> int:
                                                   "timm_train", "dap_cpu_decode", "dap_gpu_decode"],
                    help="also: loader_only_gpu, loader_only_cpu, loader_only_nvjpeg (a loader without a model); "
                    "model_gpu_loader, model_gpu_loader_same_priority (the model-only loop fed by the GPU pipeline, "
-                   "with the steps on a high-priority stream or not)")
+                   "with the steps on a high-priority stream or not); profile_gpu_loader (device time per kernel)")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, no GPU decoding")
     args = p.parse_args(argv)
     args.device = "cpu" if args.dry_run else "cuda"
@@ -242,6 +297,8 @@ def main(argv=None) -> int:
                                                          amp=True, channels_last=True)}
             elif step in ("model_gpu_loader", "model_gpu_loader_same_priority"):
                 res = model_with_gpu_loader(root, args=args, img_size=img_size, priority=step == "model_gpu_loader")
+            elif step == "profile_gpu_loader":
+                res = profile_gpu_loader(root, args=args, img_size=img_size)
             elif step.startswith("loader_only_"):
                 res = loader_only(step.removeprefix("loader_only_"), root, args=args, img_size=img_size)
             elif step == "timm_train":
