@@ -9,13 +9,17 @@
 #   (e) faster_rcnn again with --gpus 1 (torchrun, mmengine launcher='pytorch')
 # then the GPU-hours estimate of the paper's Table 8/9 runs (benchmarks/gpu_transfer.py estimate).
 #
-#   bash benchmarks/gpu_transfer.sh [--wheels DIR] [--data-root DIR]
+#   bash benchmarks/gpu_transfer.sh [--wheels DIR | --no-wheels] [--data-root DIR] [--backbone PATH [--model NAME]]
 #   DRY_RUN=1 bash benchmarks/gpu_transfer.sh ...   # CPU rehearsal: no CUDA check, 2 iterations, small inputs
 #
 # --wheels DIR (env WHEELS; default .whl if it exists, else nothing is installed): pip installs every DIR/*.whl
 #   into /tmp/site, which goes first on PYTHONPATH.
+#   --no-wheels: install nothing, use what DAP_PYTHON has (e.g. .venv/bin/python after tools/install.sh).
 # --data-root DIR (env DATA_ROOT): COCO layout; default shared/data/coco_mini in the repo, else
 #   ../shared/data/coco_mini.
+# --backbone PATH: transfer this backbone (export folder, or a state dict with --model NAME) instead of training
+#   and exporting one in step (c).
+# TORCHRUN=0 leaves out step (e).
 # DAP_PYTHON: the interpreter (default python3; DRY_RUN: .venv/bin/python). ITERS: training iterations per run
 #   (default 30; DRY_RUN 2). BUDGET_S: the whole script's seconds (default 270; DRY_RUN 1200): each step's timeout
 #   is its own cap or what is left, whichever is less; a step with under 10 s left is skipped.
@@ -26,15 +30,23 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$PWD
 dry=${DRY_RUN:-0}
-wheels=${WHEELS:-} data_root=${DATA_ROOT:-}
+wheels=${WHEELS:-} data_root=${DATA_ROOT:-} no_wheels=0 backbone="" bb_model=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) wheels=${2:?--wheels needs a folder}; shift 2 ;;
+    --no-wheels) no_wheels=1; shift ;;
     --data-root) data_root=${2:?--data-root needs a folder}; shift 2 ;;
-    *) echo "gpu_transfer: error: unknown argument $1 (use --wheels DIR, --data-root DIR)" >&2; exit 2 ;;
+    --backbone) backbone=${2:?--backbone needs a path}; shift 2 ;;
+    --model) bb_model=(--model "${2:?--model needs a timm model name}"); shift 2 ;;
+    *) echo "gpu_transfer: error: unknown argument $1 (use --wheels DIR, --no-wheels, --data-root DIR," \
+         "--backbone PATH, --model NAME)" >&2; exit 2 ;;
   esac
 done
-[ -z "$wheels" ] && [ -d .whl ] && wheels=.whl
+if [ "$no_wheels" = 1 ]; then wheels=""; elif [ -z "$wheels" ] && [ -d .whl ]; then wheels=.whl; fi
+if [ -n "$backbone" ] && [ ! -e "$backbone" ]; then
+  echo "gpu_transfer: error: --backbone $backbone does not exist; pass an export folder or a state dict file" >&2
+  exit 2
+fi
 if [ -z "$data_root" ]; then
   for d in shared/data/coco_mini ../shared/data/coco_mini; do [ -d "$d" ] && data_root=$(cd "$d" && pwd) && break; done
 fi
@@ -89,13 +101,19 @@ say "check: $(tail -n 1 "$work/check.log") | wall $wall s | exit $rc"
 [ "$rc" = 0 ] || { say "stopping: the mm stack cannot run here"; exit 1; }
 
 # (c) a backbone from the real trainer and exporter (the embedded CIFAR-10 sample is the trainer's default data)
-pre=(--fixed-subset 0.05 --img-size 64 -b 64)
-[ "$dry" = 1 ] && pre=(--fixed-subset 0.01 --img-size 32 -b 16)
-step pretrain 120 "$PY" -m dap_pretrain.train --model resnet50 --data-dir embedded --epochs 1 --val-split '' \
-  --no-plot --output "$work/pretrain" --overwrite "${pre[@]}"
-[ "$rc" = 0 ] && step export 60 "$PY" -m dap_pretrain export "$work/pretrain/last.pth.tar" --out "$work/r50"
-say "export: ResNet-50 from dap_pretrain.train ${pre[*]} -> $work/r50 | exit $rc"
-[ "$rc" = 0 ] || { say "stopping: no backbone"; exit 1; }
+if [ -n "$backbone" ]; then
+  r50=$backbone
+  say "backbone: $backbone ${bb_model[*]} (given; no training here)"
+else
+  r50=$work/r50
+  pre=(--fixed-subset 0.05 --img-size 64 -b 64)
+  [ "$dry" = 1 ] && pre=(--fixed-subset 0.01 --img-size 32 -b 16)
+  step pretrain 120 "$PY" -m dap_pretrain.train --model resnet50 --data-dir embedded --epochs 1 --val-split '' \
+    --no-plot --output "$work/pretrain" --overwrite "${pre[@]}"
+  [ "$rc" = 0 ] && step export 60 "$PY" -m dap_pretrain export "$work/pretrain/last.pth.tar" --out "$r50"
+  say "export: ResNet-50 from dap_pretrain.train ${pre[*]} -> $r50 | exit $rc"
+  [ "$rc" = 0 ] || { say "stopping: no backbone"; exit 1; }
+fi
 
 # (d) + (e) the transfer runs: ITERS iterations (an iteration-based loop over an infinite sampler: no epoch ends,
 # no partial batch), no validation during training, then the config's COCO test evaluator (runner.test()).
@@ -114,7 +132,7 @@ metrics=()
 transfer() {  # transfer NAME TASK [--gpus N]
   local name=$1 task=$2; shift 2
   local opts=("${common[@]}"); if [ "$task" = simplebaseline ]; then opts+=("${pose[@]}"); else opts+=("${det[@]}"); fi
-  step "$name" 150 bash tools/transfer_coco.sh "$task" "$work/r50" --data-root "$data_root" --work-dir "$work/$name" \
+  step "$name" 150 bash tools/transfer_coco.sh "$task" "$r50" "${bb_model[@]}" --data-root "$data_root" --work-dir "$work/$name" \
     --overwrite "$@" --cfg-options "${opts[@]}" || return
   [ -f "$work/$name/metrics.json" ] && cp "$work/$name/metrics.json" "$OUT/$name.metrics.json" \
     && metrics+=("$OUT/$name.metrics.json")
@@ -123,9 +141,11 @@ transfer() {  # transfer NAME TASK [--gpus N]
 transfer faster_rcnn faster_rcnn
 transfer mask_rcnn mask_rcnn
 transfer simplebaseline simplebaseline
-if [ "$dry" = 1 ]; then
+if [ "${TORCHRUN:-1}" = 0 ]; then
+  say "faster_rcnn_torchrun: left out (TORCHRUN=0)"
+elif [ "$dry" = 1 ]; then
   name=faster_rcnn_torchrun
-  step $name 30 bash tools/transfer_coco.sh faster_rcnn "$work/r50" --data-root "$data_root" --work-dir "$work/$name" \
+  step $name 30 bash tools/transfer_coco.sh faster_rcnn "$r50" "${bb_model[@]}" --data-root "$data_root" --work-dir "$work/$name" \
     --gpus 1 && say "$name (CPU: refused, exit 2 expected): $(tail -n 1 "$work/$name.log") | exit $rc"
 else
   transfer faster_rcnn_torchrun faster_rcnn --gpus 1

@@ -5,6 +5,14 @@
 #   bash tools/install.sh            # everything (first run builds mmcv: ~20 min on 2 cores)
 #   DAP_NO_MM=1 bash tools/install.sh  # timm pretraining only, no mmdet/mmpose/mmpretrain
 #
+# Machines without a package registry (air-gapped clusters, the GPU machines lent here):
+#   DAP_WHEELHOUSE=DIR: pip installs from DIR only (--no-index --find-links DIR), e.g. a folder filled by
+#     `pip download` on a connected machine. The mmcv wheel must already be in the wheel cache (below): it is
+#     looked up by its key, and a missing one is a one-line error naming the key, not a build.
+#   DAP_SYSTEM_TORCH=1: the venv sees $PYTHON's site-packages and keeps the torch, torchvision and timm found there
+#     instead of installing the pinned torch 2.14.1 / torchvision 0.29.1 / timm 1.0.31 (a cluster's own CUDA build);
+#     this project is installed without its pins, and the run says which versions it kept.
+#
 # mmcv's ops (tools/mmcv_wheel.py decides; its docstring has the details):
 #   - torch sees an NVIDIA GPU: CUDA ops for the local GPU's architecture only (nvcc from $CUDA_HOME, PATH or
 #     /usr/local/cuda when its major version matches torch's CUDA; else pip-installed into .venv from PyPI)
@@ -19,18 +27,62 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV="$PWD/.venv"
 WHEELS=${DAP_WHEEL_CACHE:-$HOME/.cache/dap-pretrain/wheels}
+fail() { echo "install.sh: error: $*" >&2; exit 2; }
 
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP="$VENV/bin/pip"
-"$PIP" install -q --upgrade pip wheel
-"$PIP" install -q torch==2.14.1 torchvision==0.29.1
-"$PIP" install -q -e '.[dev]'
+offline=0
+if [ -n "${DAP_WHEELHOUSE:-}" ]; then
+  [ -d "$DAP_WHEELHOUSE" ] || fail "DAP_WHEELHOUSE=$DAP_WHEELHOUSE is not a folder; point it at the folder of wheels"
+  PIP_FIND_LINKS=$(cd "$DAP_WHEELHOUSE" && pwd)
+  export PIP_NO_INDEX=1 PIP_FIND_LINKS
+  offline=1
+fi
+system_torch=${DAP_SYSTEM_TORCH:-0}
+venv_opts=()
+if [ "$system_torch" = 1 ]; then
+  "$PY" -c 'import torch, torchvision, timm' 2>/dev/null \
+    || fail "DAP_SYSTEM_TORCH=1, but $PY cannot import torch, torchvision and timm; install them for $PY or unset it"
+  venv_opts=(--system-site-packages)
+fi
+if [ -f "$VENV/pyvenv.cfg" ]; then
+  sees=$(grep -c '^include-system-site-packages = true' "$VENV/pyvenv.cfg" || true)
+  [ "$sees" = "$system_torch" ] || [ "$sees$system_torch" = 00 ] \
+    || fail "$VENV was made $([ "$sees" = 1 ] && echo with || echo without) the system's packages and" \
+      "DAP_SYSTEM_TORCH=$system_torch asks otherwise; remove $VENV or match DAP_SYSTEM_TORCH to it"
+fi
+# A Python without ensurepip (Debian without python3-venv) makes a venv without pip; with the system's packages
+# visible, the system's pip installs into it.
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "${venv_opts[@]}" "$VENV" 2>/dev/null \
+  || "$PY" -m venv "${venv_opts[@]}" --without-pip "$VENV"
+"$VENV/bin/python" -m pip --version >/dev/null 2>&1 \
+  || fail "$VENV has no pip and $PY brings none; install python3-venv (or pip) for $PY"
+pip_() { "$VENV/bin/python" -m pip "$@"; }
+if [ "$system_torch" = 1 ]; then
+  pip_ install -q 'setuptools>=77.0.3,<81'  # builds the editable install below without build isolation
+  pip_ install -q --no-deps --no-build-isolation -e .
+  pip_ install -q safetensors 'pyyaml>=6' matplotlib numpy
+  "$VENV/bin/python" -c 'import torch, torchvision, timm
+print(f"kept the system packages: torch {torch.__version__}, torchvision {torchvision.__version__}, timm",
+      f"{timm.__version__} (pinned elsewhere: torch 2.14.1, torchvision 0.29.1, timm 1.0.31)")'
+else
+  pip_ install -q --upgrade pip wheel
+  pip_ install -q torch==2.14.1 torchvision==0.29.1
+  pip_ install -q -e '.[dev]'
+fi
 
 if [ "${DAP_NO_MM:-0}" = 1 ]; then
   echo "installed (no mm stack): $VENV"; exit 0
 fi
 
-"$PIP" install -q mmengine==0.10.7 pycocotools cython json_tricks munkres
+# Offline, the mm packages go in without their declared requirements, and those are named here instead: a
+# wheelhouse need not carry what the system already has under another name (opencv-python-headless for mmengine's
+# opencv-python, say).
+nodeps=() mm_deps=()
+if [ "$offline" = 1 ]; then
+  nodeps=(--no-deps)
+  mm_deps=(addict matplotlib numpy pyyaml rich termcolor yapf scipy shapely six terminaltables tqdm packaging pillow)
+fi
+pip_ install -q "${nodeps[@]}" mmengine==0.10.7
+pip_ install -q pycocotools json_tricks munkres "${mm_deps[@]}"
 if { [ "${FORCE_CUDA:-0}" = 1 ] || [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; } && [ -z "${DAP_CUDA_ARCH:-}" ]; then
   echo "note: install.sh ignores FORCE_CUDA/TORCH_CUDA_ARCH_LIST; name architectures with DAP_CUDA_ARCH=9.0" >&2
 fi
@@ -42,10 +94,12 @@ dest="$WHEELS/$MMCV_KEY"
 if [ "$(cat "$VENV/.mmcv-key" 2>/dev/null)" != "$MMCV_KEY" ] || ! "$VENV/bin/python" -c 'import mmcv.ops' 2>/dev/null
 then
   if ! ls "$dest"/mmcv-2.1.0-*.whl >/dev/null 2>&1; then
-    "$PIP" install -q 'setuptools<70'  # mmcv's setup.py imports pkg_resources (gone in setuptools 70+)
+    [ "$offline" = 0 ] || fail "no mmcv wheel $dest/mmcv-2.1.0-*.whl and no package registry (DAP_WHEELHOUSE):" \
+      "build it where there is one (same Python and torch; DAP_CUDA_ARCH=... for CUDA ops) and copy $dest here"
+    pip_ install -q 'setuptools<70'  # mmcv's setup.py imports pkg_resources (gone in setuptools 70+)
     echo "building mmcv 2.1.0 into $dest (CPU ops: about 20 minutes on 2 cores; CUDA ops: far longer; once)"
     src=$(mktemp -d)
-    "$PIP" download -q --no-deps --no-build-isolation --no-binary :all: mmcv==2.1.0 -d "$src"
+    pip_ download -q --no-deps --no-build-isolation --no-binary :all: mmcv==2.1.0 -d "$src"
     tar -xzf "$src"/mmcv-2.1.0.tar.gz -C "$src"
     # torch 2.14's headers need C++20; mmcv 2.1.0 hard-codes c++14/c++17.
     sed -i -e 's/-std=c++14/-std=c++20/g' -e 's/-std=c++17/-std=c++20/g' "$src/mmcv-2.1.0/setup.py"
@@ -63,35 +117,46 @@ then
       # -g0: no host debug info (the wheel travels to GPU machines; the .so shrinks and links faster).
       # --no-build-isolation: otherwise pip builds against a fresh torch-less env and silently drops the ops.
       cd "$src/mmcv-2.1.0" && CFLAGS="${CFLAGS:-} -g0" MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} \
-        "$PIP" wheel -q --no-build-isolation --no-deps -w "$dest" .
+        pip_ wheel -q --no-build-isolation --no-deps -w "$dest" .
     )
     rm -rf "$src"
   fi
-  "$PIP" install -q --no-deps --force-reinstall "$dest"/mmcv-2.1.0-*.whl
+  pip_ install -q --no-deps --force-reinstall "$dest"/mmcv-2.1.0-*.whl
   echo "$MMCV_KEY" >"$VENV/.mmcv-key"
-  "$PIP" install -q addict yapf opencv-python-headless
+  pip_ install -q addict yapf
+  "$VENV/bin/python" -c 'import cv2' 2>/dev/null || pip_ install -q opencv-python-headless
 fi
-"$PIP" install -q mmdet==3.3.0
+pip_ install -q "${nodeps[@]}" mmdet==3.3.0
 # mmpose's chumpy requirement does not build and is never imported; xtcocotools' wheel breaks on numpy 2.
-"$PIP" install -q --no-deps mmpose==1.3.2
+pip_ install -q --no-deps mmpose==1.3.2
 # xtcocotools 1.14.3 is built from its sdist, with numpy 2's name for the flag its _mask.pyx sets (np.NPY_OWNDATA is
 # gone; pycocotools made the same change): unpatched, its mask functions (iou, decode, toBbox) raise AttributeError.
+# The wheel is cached like mmcv's, per Python and numpy major version.
 xtc_check='import numpy as np; from xtcocotools import mask; mask.toBbox(mask.encode(np.ones((2, 2, 1), np.uint8, "F")))'
 if ! "$VENV/bin/python" -c "$xtc_check" 2>/dev/null; then
-  src=$(mktemp -d)
-  "$PIP" download -q --no-deps --no-build-isolation --no-binary :all: xtcocotools==1.14.3 -d "$src"
-  tar -xzf "$src"/xtcocotools-1.14.3.tar.gz -C "$src"
-  sed -i 's/np\.NPY_OWNDATA/np.NPY_ARRAY_OWNDATA/g' "$src/xtcocotools-1.14.3/xtcocotools/_mask.pyx"
-  "$PIP" install -q --no-build-isolation --no-deps --force-reinstall "$src/xtcocotools-1.14.3"
-  rm -rf "$src"
+  xtc_key=$("$VENV/bin/python" -c 'import sys, numpy
+print("xtcocotools-1.14.3-cp%d%d-np%s-owndata" % (*sys.version_info[:2], numpy.__version__.split(".")[0]))')
+  xtc_dest="$WHEELS/$xtc_key"
+  if ! ls "$xtc_dest"/xtcocotools-1.14.3-*.whl >/dev/null 2>&1; then
+    pip_ install -q cython
+    src=$(mktemp -d)
+    pip_ download -q --no-deps --no-build-isolation --no-binary :all: xtcocotools==1.14.3 -d "$src" \
+      || fail "no xtcocotools wheel in $xtc_dest and no sdist to build one; copy $xtc_dest from a machine that has it"
+    tar -xzf "$src"/xtcocotools-1.14.3.tar.gz -C "$src"
+    sed -i 's/np\.NPY_OWNDATA/np.NPY_ARRAY_OWNDATA/g' "$src/xtcocotools-1.14.3/xtcocotools/_mask.pyx"
+    mkdir -p "$xtc_dest"
+    pip_ wheel -q --no-build-isolation --no-deps -w "$xtc_dest" "$src/xtcocotools-1.14.3"
+    rm -rf "$src"
+  fi
+  pip_ install -q --no-deps --force-reinstall "$xtc_dest"/xtcocotools-1.14.3-*.whl
 fi
 # mmpretrain (pure Python) for tools/pretrain_mm.sh, without deps: its metadata names model-index as 'modelindex'
 # (the module's name); the packages it imports are installed explicitly.
-"$PIP" install -q --no-deps mmpretrain==1.2.0
-"$PIP" install -q einops importlib-metadata mat4py model-index rich
+pip_ install -q --no-deps mmpretrain==1.2.0
+pip_ install -q einops importlib-metadata mat4py model-index rich
 # torch 2.14 requires setuptools>=77.0.3; mmengine 0.10.7 resolves 'mmdet::'/'mmpose::' config bases through
 # pkg_resources, which setuptools 81 removed. (The mmcv build above pins <70 only while it builds.)
-"$PIP" install -q 'setuptools>=77.0.3,<81'
+pip_ install -q 'setuptools>=77.0.3,<81'
 "$VENV/bin/python" -c 'import mmcv.ops, mmdet, mmpose, mmpretrain
 print("mm stack ok:", *(f"{m.__name__} {m.__version__}" for m in (mmcv, mmdet, mmpose, mmpretrain)))'
 echo "installed: $VENV"

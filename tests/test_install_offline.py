@@ -1,0 +1,50 @@
+"""tools/install.sh without a package registry (DAP_WHEELHOUSE) and with the system's torch (DAP_SYSTEM_TORCH):
+the refusals that come before any pip call. The offline install itself is minutes of pip; docs/TRANSFER.md has it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _install(root: Path, **env: str) -> subprocess.CompletedProcess:
+    """tools/install.sh copied into ``root`` (so its .venv is ``root/.venv``), run with ``env`` added."""
+    (root / "tools").mkdir(exist_ok=True)
+    shutil.copy(REPO / "tools" / "install.sh", root / "tools" / "install.sh")
+    full = {"PATH": os.environ["PATH"], "HOME": str(root), **env}
+    return subprocess.run(["bash", str(root / "tools" / "install.sh")], capture_output=True, text=True, env=full)
+
+
+def _one_line_exit_2(p: subprocess.CompletedProcess, *words: str) -> None:
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, (p.returncode, p.stderr)
+    assert lines[0].startswith("install.sh: error: ") and all(w in lines[0] for w in words), lines[0]
+
+
+def test_missing_wheelhouse_is_refused_before_anything_is_made(tmp_path):
+    p = _install(tmp_path, DAP_WHEELHOUSE=str(tmp_path / "nowhere"), PYTHON=sys.executable)
+    _one_line_exit_2(p, "DAP_WHEELHOUSE", "nowhere", "not a folder")
+    assert not (tmp_path / ".venv").exists()
+
+
+def test_system_torch_needs_a_python_that_has_it(tmp_path):
+    bare = tmp_path / "bare"  # a venv with nothing in it: no torch
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    p = _install(tmp_path, DAP_SYSTEM_TORCH="1", PYTHON=str(bare / "bin" / "python"))
+    _one_line_exit_2(p, "DAP_SYSTEM_TORCH=1", "cannot import torch")
+    assert not (tmp_path / ".venv").exists()
+
+
+def test_an_existing_venv_that_cannot_see_the_system_torch_is_not_reused(tmp_path):
+    venv = tmp_path / ".venv"
+    venv.mkdir()
+    cfg = "home = /usr/bin\ninclude-system-site-packages = false\nversion = 3.11.7\n"
+    (venv / "pyvenv.cfg").write_text(cfg)
+    p = _install(tmp_path, DAP_SYSTEM_TORCH="1", PYTHON=sys.executable)  # this interpreter has torch and timm
+    _one_line_exit_2(p, "without the system's packages", "remove")
+    assert (venv / "pyvenv.cfg").read_text() == cfg  # left as it was
