@@ -9,7 +9,8 @@
 # xtcocotools wheels (DAP_WHEEL_CACHE). The machine's own torch, torchvision and timm are kept (DAP_SYSTEM_TORCH=1);
 # PYTHON (default python3) is the interpreter that has them. The backbone is a randomly initialised timm ResNet-50
 # (the trainer-to-export path was proven on the GPU before; docs/TRANSFER.md). ITERS (default 10) iterations per
-# task, BUDGET_S (default 150) for the transfer part, no torchrun run.
+# task, BUDGET_S (default 150) for the transfer part, no torchrun run; INSTALL_S (default 300) caps the install, which
+# runs with DAP_INSTALL_TRACE=1 (each command timed in $OUT/install.log).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 wh=${1:-.whl}
@@ -17,10 +18,10 @@ OUT=${OUT:-$PWD/gpu_results/offline_install}
 mkdir -p "$OUT"
 summary=$OUT/summary.txt
 start=$SECONDS
-PYTHON=${PYTHON:-python3} DAP_SYSTEM_TORCH=1 DAP_WHEELHOUSE=$wh DAP_WHEEL_CACHE=$wh/cache \
-  timeout -k 5 "${INSTALL_S:-150}" bash tools/install.sh >"$OUT/install.log" 2>&1
+PYTHON=${PYTHON:-python3} DAP_SYSTEM_TORCH=1 DAP_WHEELHOUSE=$wh DAP_WHEEL_CACHE=$wh/cache DAP_INSTALL_TRACE=${DAP_INSTALL_TRACE:-1} \
+  timeout -k 5 "${INSTALL_S:-300}" bash tools/install.sh >"$OUT/install.log" 2>&1
 rc=$?
-facts=$(grep -E 'kept the system|mmcv 2.1.0:|mm stack ok|installed:|error' "$OUT/install.log" | tr '\n' ' ')
+facts=$(grep -v '^+ ' "$OUT/install.log" | grep -E 'kept the system|mmcv 2.1.0:|mm stack ok|installed:|error' | tr '\n' ' ')
 echo "install.sh (DAP_WHEELHOUSE=$wh, DAP_SYSTEM_TORCH=1): exit $rc in $((SECONDS - start)) s | $facts" | tee -a "$summary"
 [ "$rc" = 0 ] || { tail -n 20 "$OUT/install.log"; exit 1; }
 timeout 60 .venv/bin/python -c 'import timm, torch

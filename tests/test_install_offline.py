@@ -46,5 +46,23 @@ def test_an_existing_venv_that_cannot_see_the_system_torch_is_not_reused(tmp_pat
     cfg = "home = /usr/bin\ninclude-system-site-packages = false\nversion = 3.11.7\n"
     (venv / "pyvenv.cfg").write_text(cfg)
     p = _install(tmp_path, DAP_SYSTEM_TORCH="1", PYTHON=sys.executable)  # this interpreter has torch and timm
-    _one_line_exit_2(p, "without the system's packages", "remove")
+    _one_line_exit_2(p, "without DAP_SYSTEM_TORCH=1", "remove")
     assert (venv / "pyvenv.cfg").read_text() == cfg  # left as it was
+
+
+def test_a_torch_venv_reaches_the_new_venv_through_a_pth_file(tmp_path):
+    """``$PYTHON`` itself a venv (this test's interpreter is one): a venv made from it would see only its base
+    Python's packages, so .venv is made without them and a .pth lists ``$PYTHON``'s package folders instead."""
+    assert sys.prefix != sys.base_prefix, "run the tests from .venv"
+    empty = tmp_path / "wheelhouse"
+    empty.mkdir()
+    p = _install(tmp_path, DAP_SYSTEM_TORCH="1", DAP_WHEELHOUSE=str(empty), PYTHON=sys.executable)
+    assert p.returncode != 0  # the empty wheelhouse stops it at the first pip call, after .venv is made
+    venv = tmp_path / ".venv"
+    assert "include-system-site-packages = false" in (venv / "pyvenv.cfg").read_text()
+    assert (venv / ".dap-system-torch").read_text().strip() == sys.executable
+    pth = next(venv.glob("lib/python*/site-packages/_dap_system_site.pth")).read_text().split()
+    assert pth == [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    probe = "import torch, timm, sys; print(sys.path.index(torch.__path__[0].rsplit('/', 1)[0]) > 0)"
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr

@@ -28,6 +28,7 @@ PY=${PYTHON:-python3}
 VENV="$PWD/.venv"
 WHEELS=${DAP_WHEEL_CACHE:-$HOME/.cache/dap-pretrain/wheels}
 fail() { echo "install.sh: error: $*" >&2; exit 2; }
+if [ "${DAP_INSTALL_TRACE:-0}" = 1 ]; then PS4='+ $(date +%T) '; set -x; fi  # each command, timed
 
 offline=0
 if [ -n "${DAP_WHEELHOUSE:-}" ]; then
@@ -37,22 +38,34 @@ if [ -n "${DAP_WHEELHOUSE:-}" ]; then
   offline=1
 fi
 system_torch=${DAP_SYSTEM_TORCH:-0}
-venv_opts=()
+venv_opts=() chained=0
 if [ "$system_torch" = 1 ]; then
   "$PY" -c 'import torch, torchvision, timm' 2>/dev/null \
     || fail "DAP_SYSTEM_TORCH=1, but $PY cannot import torch, torchvision and timm; install them for $PY or unset it"
-  venv_opts=(--system-site-packages)
+  # $PY itself a venv (a cluster's or a container's torch venv): a venv made from it would see its base Python's
+  # packages, not its own, so .venv gets $PY's package folders through a .pth file instead; a plain system Python
+  # gets --system-site-packages.
+  chained=$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
+  [ "$chained" = 1 ] || venv_opts=(--system-site-packages)
 fi
 if [ -f "$VENV/pyvenv.cfg" ]; then
-  sees=$(grep -c '^include-system-site-packages = true' "$VENV/pyvenv.cfg" || true)
-  [ "$sees" = "$system_torch" ] || [ "$sees$system_torch" = 00 ] \
-    || fail "$VENV was made $([ "$sees" = 1 ] && echo with || echo without) the system's packages and" \
-      "DAP_SYSTEM_TORCH=$system_torch asks otherwise; remove $VENV or match DAP_SYSTEM_TORCH to it"
+  made=$([ -f "$VENV/.dap-system-torch" ] && echo 1 || echo 0)
+  [ "$made" = "$system_torch" ] || fail "$VENV was made $([ "$made" = 1 ] && echo with || echo without)" \
+    "DAP_SYSTEM_TORCH=1 and this run asks otherwise; remove $VENV or set DAP_SYSTEM_TORCH=$made"
 fi
-# A Python without ensurepip (Debian without python3-venv) makes a venv without pip; with the system's packages
-# visible, the system's pip installs into it.
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "${venv_opts[@]}" "$VENV" 2>/dev/null \
-  || "$PY" -m venv "${venv_opts[@]}" --without-pip "$VENV"
+if [ ! -x "$VENV/bin/python" ]; then
+  # A Python without ensurepip (Debian without python3-venv) makes a venv without pip; pip then comes from the
+  # system's packages, which the venv sees.
+  "$PY" -m venv "${venv_opts[@]}" "$VENV" 2>/dev/null || "$PY" -m venv "${venv_opts[@]}" --without-pip "$VENV"
+  if [ "$system_torch" = 1 ]; then
+    echo "$PY" >"$VENV/.dap-system-torch"
+    if [ "$chained" = 1 ]; then
+      purelib=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+      "$PY" -c 'import sys; print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))' \
+        >"$purelib/_dap_system_site.pth"  # after .venv's own folder on sys.path: what pip installs here comes first
+    fi
+  fi
+fi
 "$VENV/bin/python" -m pip --version >/dev/null 2>&1 \
   || fail "$VENV has no pip and $PY brings none; install python3-venv (or pip) for $PY"
 pip_() { "$VENV/bin/python" -m pip "$@"; }
