@@ -141,11 +141,14 @@ def loader_only(kind: str, root: Path, *, args, img_size: int, batches: int = 30
     return res
 
 
-def model_with_gpu_loader(root: Path, *, args, img_size: int, priority: bool, batches: int = 40) -> dict:
+def model_with_gpu_loader(
+    root: Path, *, args, img_size: int, priority: bool, batches: int = 40, **loader_kwargs
+) -> dict:
     """The model-only loop (``sgd_step``) fed by :class:`GpuDecodeLoader` instead of one fixed batch: what the
     pipeline costs the model when both share the GPU. ``priority``: the steps run on a high-priority CUDA stream,
     the pipeline's kernels on its default-priority side stream (tried on an H100 and not kept in the trainer:
-    RESULTS section 9); else both at the default priority, as the trainer runs."""
+    RESULTS section 9); else both at the default priority, as the trainer runs. ``loader_kwargs``: the loader's
+    experiments (``pin_memory``, ``pad``)."""
     import contextlib
 
     import timm
@@ -159,7 +162,7 @@ def model_with_gpu_loader(root: Path, *, args, img_size: int, priority: bool, ba
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[: batches * args.batch_size].tolist()
     loader = GpuDecodeLoader(dataset_samples(ds), sampler=order, batch_size=args.batch_size, img_size=img_size,
                              mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), device=dev,
-                             num_workers=args.workers, channels_last=True)
+                             num_workers=args.workers, channels_last=True, **loader_kwargs)
     net = timm.create_model(args.model, num_classes=1000).to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
@@ -179,7 +182,7 @@ def model_with_gpu_loader(root: Path, *, args, img_size: int, priority: bool, ba
                 n += idx.numel()
             sgd_step(net, opt, scaler, x, y.remainder(1000), dev=dev, dtype=dtype)
     sync()
-    return {"img_per_s": n / (time.perf_counter() - t0), "batches": batches, "priority": priority}
+    return {"img_per_s": n / (time.perf_counter() - t0), "batches": batches, "priority": priority, **loader_kwargs}
 
 
 def profile_gpu_loader(root: Path, *, args, img_size: int, batches: int = 12, top: int = 15) -> dict:
@@ -264,7 +267,9 @@ def main(argv=None) -> int:
                                                   "timm_train", "dap_cpu_decode", "dap_gpu_decode"],
                    help="also: loader_only_gpu, loader_only_cpu, loader_only_nvjpeg (a loader without a model); "
                    "model_gpu_loader, model_gpu_loader_same_priority (the model-only loop fed by the GPU pipeline, "
-                   "with the steps on a high-priority stream or not); profile_gpu_loader (device time per kernel)")
+                   "with the steps on a high-priority stream or not), model_gpu_loader_pinned, "
+                   "model_gpu_loader_nested (the loader's two experiments, at the same priority); "
+                   "profile_gpu_loader (device time per kernel)")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, no GPU decoding")
     args = p.parse_args(argv)
     args.device = "cpu" if args.dry_run else "cuda"
@@ -297,6 +302,10 @@ def main(argv=None) -> int:
                                                          amp=True, channels_last=True)}
             elif step in ("model_gpu_loader", "model_gpu_loader_same_priority"):
                 res = model_with_gpu_loader(root, args=args, img_size=img_size, priority=step == "model_gpu_loader")
+            elif step == "model_gpu_loader_pinned":
+                res = model_with_gpu_loader(root, args=args, img_size=img_size, priority=False, pin_memory=True)
+            elif step == "model_gpu_loader_nested":
+                res = model_with_gpu_loader(root, args=args, img_size=img_size, priority=False, pad="nested")
             elif step == "profile_gpu_loader":
                 res = profile_gpu_loader(root, args=args, img_size=img_size)
             elif step.startswith("loader_only_"):

@@ -51,6 +51,7 @@ from dap_pretrain.data.loader import SeededSampler
 _logger = logging.getLogger(__name__)
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; decode_jpeg still is the batched nvjpeg path.
 warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
@@ -287,7 +288,7 @@ def _pil_decode(data: torch.Tensor, name: str) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
-def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int) -> torch.Tensor:
+def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int, *, pad: str = "copies") -> torch.Tensor:
     """Crop ``boxes[k] = (top, left, h, w)`` from ``images[k]``, resize each to ``size`` px square: ``(B, 3, S, S)``.
 
     One ``torchvision.ops.roi_align`` over the padded float batch (``aligned=True``: pixel centres at +0.5, as in
@@ -299,7 +300,7 @@ def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int) ->
     """
     from torchvision.ops import roi_align
 
-    batch = pad_batch(images)
+    batch = pad_batch(images, method=pad)
     dev = batch.device
     b = boxes.to(dev, torch.float32)
     item = torch.arange(len(images), device=dev, dtype=torch.float32)
@@ -307,19 +308,31 @@ def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int) ->
     return roi_align(batch.float(), rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
-def pad_batch(images: list[torch.Tensor]) -> torch.Tensor:
+PAD_METHODS = ("copies", "nested")
+
+
+def pad_batch(images: list[torch.Tensor], *, method: str = "copies") -> torch.Tensor:
     """``(3, h_k, w_k)`` uint8 images -> one ``(B, 3, H + 1, W + 1)`` uint8 batch, image ``k`` at the top left.
 
+    ``method``: ``"copies"`` copies each image into a zeroed batch (one copy kernel per image); ``"nested"`` packs
+    the images into a nested tensor and pads that (a few kernels per batch; an experiment for the GPU, where the
+    profile shows per-image kernels: RESULTS section 9). Both give the same batch (tested).
     Each image's last column is repeated in column ``w_k`` and its last row in row ``h_k`` (the corner too), in
     two batched index copies; the rest of the padding stays zero and is never sampled.
     """
+    if method not in PAD_METHODS:
+        raise ValueError(f"pad method {method!r}: use one of {PAD_METHODS}")
     dev = images[0].device
     hs = torch.tensor([int(im.shape[1]) for im in images])
     ws = torch.tensor([int(im.shape[2]) for im in images])
     hmax, wmax = int(hs.max()) + 1, int(ws.max()) + 1
-    batch = torch.zeros((len(images), 3, hmax, wmax), dtype=torch.uint8, device=dev)
-    for k, im in enumerate(images):
-        batch[k, :, : im.shape[1], : im.shape[2]].copy_(im)
+    if method == "nested":
+        nested = torch.nested.as_nested_tensor(images)
+        batch = torch.nested.to_padded_tensor(nested, 0, output_size=(len(images), 3, hmax, wmax))
+    else:
+        batch = torch.zeros((len(images), 3, hmax, wmax), dtype=torch.uint8, device=dev)
+        for k, im in enumerate(images):
+            batch[k, :, : im.shape[1], : im.shape[2]].copy_(im)
     hs, ws = hs.to(dev).view(-1, 1), ws.to(dev).view(-1, 1)
     k = torch.arange(len(images), device=dev).view(-1, 1)
     y = torch.minimum(torch.arange(hmax, device=dev).view(1, -1), hs - 1)  # (B, H+1): rows 0..h-1, repeated
@@ -346,6 +359,11 @@ class GpuDecodeLoader:
         drop_last: drop each epoch's last partial batch.
         channels_last: return channels-last batches.
         prefetch: batches prepared ahead by the producer thread.
+        pin_memory: the workers' byte batches are copied to pinned memory before decoding (CUDA only).
+        pad: how the decoded images become one batch (:func:`pad_batch`).
+
+    ``pin_memory`` and ``pad`` are the two experiments the H100 profile suggested (RESULTS section 9); the trainer
+    uses the defaults until a GPU job shows either one is faster.
     """
 
     def __init__(
@@ -367,6 +385,8 @@ class GpuDecodeLoader:
         drop_last: bool = False,
         channels_last: bool = False,
         prefetch: int = 2,
+        pin_memory: bool = False,
+        pad: str = "copies",
     ):
         self.files = EncodedFiles(samples, scale=scale, ratio=ratio, hflip=hflip, jitter=color_jitter)
         self.sampler = sampler
@@ -378,6 +398,9 @@ class GpuDecodeLoader:
         self.drop_last = drop_last
         self.channels_last = channels_last
         self.prefetch = max(1, prefetch)
+        if pad not in PAD_METHODS:
+            raise ValueError(f"pad method {pad!r}: use one of {PAD_METHODS}")
+        self.pad = pad
         shape = (1, len(mean), 1, 1)
         self.norm_scale = torch.tensor([1 / (255 * s) for s in std], device=self.device).view(shape)
         self.norm_shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=self.device).view(shape)
@@ -390,6 +413,7 @@ class GpuDecodeLoader:
             drop_last=drop_last,
             persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
+            pin_memory=pin_memory and self.device.type == "cuda",
         )
         self.stats: dict = {}  # files PIL decoded because nvjpeg refused them (this epoch)
 
@@ -427,7 +451,7 @@ class GpuDecodeLoader:
                     raise ValueError(f"batch item {k} has no augmentation parameters and no seed to draw them from")
                 h, w = int(images[k].shape[1]), int(images[k].shape[2])
                 params[k] = torch.tensor(draw_params(h, w, rng=random.Random(int(seeds[k])), **self.files.aug))
-        x = resized_crops(images, params[:, :4].round().long(), self.img_size)
+        x = resized_crops(images, params[:, :4].round().long(), self.img_size, pad=self.pad)
         flipped = params[:, 4].nonzero().flatten()
         if len(flipped):  # only the flipped half is read and written again
             rows = flipped.to(self.device)

@@ -19,6 +19,7 @@ from dap_pretrain.data.gpu_decode import (
     color_jitter,
     decode_batch,
     header_size,
+    pad_batch,
     resized_crops,
     rrc_params,
 )
@@ -252,3 +253,25 @@ def test_trainer_refuses_gpu_decode_without_cuda(tmp_path, imagenet_tiny, capsys
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert exc.value.code == 2 and len(lines) == 1 and "--gpu-decode" in lines[0] and "CUDA" in lines[0], err
     assert not out.exists()  # the refused command leaves no folder behind
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pad_methods_give_the_same_batch_and_pixels(device):
+    """``pad="nested"`` (a few kernels per batch) and ``"copies"`` (one per image) build the same padded batch, so
+    the loader's batches are the same either way; an unknown method is refused."""
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 20 + 3 * k, 41 - 2 * k), generator=g, dtype=torch.uint8) for k in range(7)]
+    images = [im.to(device) for im in images]
+    assert torch.equal(pad_batch(images, method="nested"), pad_batch(images))
+    files = _imagenet_files(4)
+
+    def pixels(pad: str) -> torch.Tensor:
+        loader = GpuDecodeLoader(
+            [(f, 0) for f in files], sampler=range(4), batch_size=4, img_size=32, mean=(0.5,) * 3, std=(0.25,) * 3,
+            device=torch.device(device), num_workers=0, pad=pad, pin_memory=True,
+        )  # fmt: skip
+        return torch.cat([x.cpu() for x, _, _ in loader])
+
+    assert torch.equal(pixels("nested"), pixels("copies"))
+    with pytest.raises(ValueError, match="pad method 'ragged'"):
+        pad_batch(images, method="ragged")
