@@ -229,6 +229,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace an existing WORK_DIR/metrics.json")
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none", help="pytorch under torchrun")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="key.path=value overrides")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check every input (backbone, COCO files, person boxes, work dir) and exit: trains and writes nothing "
+        "(tools/transfer_coco.sh --gpus N runs it once before starting N processes)",
+    )
     return p.parse_args(argv)
 
 
@@ -237,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: parse and run; a :class:`~downstream.TransferInputError` is one stderr line, exit code 2."""
     args = parse_args(argv)
     work_dir = args.work_dir or os.path.join("work_dirs", args.task, Path(args.backbone).resolve().stem)
-    result = run_transfer(
+    inputs = dict(
         task=args.task,
         backbone=args.backbone,
         data_root=args.data_root,
@@ -248,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         launcher=args.launcher,
         overwrite=args.overwrite,
     )
+    if args.check:
+        prepare_transfer(**inputs)
+        print(f"transfer_coco: inputs ok for {args.task} ({args.backbone}, {args.data_root}, work dir {work_dir})")
+        return 0
+    result = run_transfer(**inputs)
     from mmengine.dist import is_main_process
 
     if not is_main_process():

@@ -35,5 +35,8 @@ if [ "$have" -lt "$gpus" ]; then
     "(--gpus N starts N processes through torchrun, one per GPU)" >&2
   exit 2
 fi
+# Every input is checked once here: a bad one is then one line and exit 2, not one error per rank followed by
+# torchrun's ChildFailedError report and exit 1.
+"$PY" -m downstream.transfer "${args[@]}" --check >/dev/null
 exec "$PY" -m torch.distributed.run --nproc_per_node="$gpus" --master_port="${MASTER_PORT:-29500}" \
   -m downstream.transfer "${args[@]}" --launcher pytorch

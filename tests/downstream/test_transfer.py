@@ -284,6 +284,42 @@ def test_existing_metrics_json_is_kept(mm, exports, tmp_path, capsys):
     assert (work / "metrics.json").read_text() == "earlier result" and len(list(work.iterdir())) == 1
 
 
+def test_check_resolves_every_input_and_writes_nothing(mm, exports, tmp_path, capsys):
+    """``--check`` (what ``--gpus N`` runs once before torchrun): 0 and one line for good inputs, the usual one-line
+    refusal for bad ones; neither trains nor makes the work dir."""
+    work = tmp_path / "work"
+    argv = ["faster_rcnn", str(exports["full"]), "--data-root", str(COCO_MINI), "--work-dir", str(work), "--check"]
+    assert transfer_main(argv) == 0
+    assert capsys.readouterr().out.startswith("transfer_coco: inputs ok for faster_rcnn")
+    assert not work.exists()
+    argv[1] = str(tmp_path / "missing")
+    assert transfer_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0] and not work.exists()
+
+
+def test_gpus_n_checks_inputs_once_before_torchrun(tmp_path):
+    """With --gpus, a bad input stops the script before torchrun: the check's one line and its exit 2 (a python
+    whose torch sees 2 GPUs and whose check refuses stands in)."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$1" = -c ]; then echo 2; exit 0; fi\n'
+        'for a in "$@"; do [ "$a" = --check ] && { echo "transfer_coco: error: bad backbone" >&2; exit 2; }; done\n'
+        'echo "$@"\n'
+    )
+    fake.chmod(0o755)
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "faster_rcnn", "EXPORT", "--gpus", "2", "--work-dir", "W"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "DAP_PYTHON": str(fake)},
+    )
+    assert proc.returncode == 2 and proc.stdout == ""  # torchrun never started
+    assert proc.stderr.strip().splitlines() == ["transfer_coco: error: bad backbone"]
+
+
 def test_unknown_task_through_the_shell(tmp_path):
     proc = transfer("detr", tmp_path, tmp_path / "work", data_root=COCO_MINI)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
