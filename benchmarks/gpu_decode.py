@@ -95,21 +95,62 @@ def timm_train(script: Path, root: Path, out: Path, *, args, img_size: int, time
             "wall_s": time.perf_counter() - t0}
 
 
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as timm's resnet50 config gives them
+
+
+def _train_split(root: Path, *, args, batches: int):
+    """The train split as an IndexedDataset, and a fixed random order of (at most) ``batches`` batches of it."""
+    import torch
+
+    from dap_pretrain.data.dataset import IndexedDataset, create_dataset
+
+    ds = IndexedDataset(create_dataset(name="", root=root, split="train", is_training=True))
+    n = min(len(ds), batches * args.batch_size)
+    return ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
+
+
+def _gpu_loader(ds, order: list[int], *, args, img_size: int, **kwargs):
+    """:class:`GpuDecodeLoader` over ``order`` with the benchmark's settings; ``kwargs``: its experiments."""
+    import torch
+
+    from dap_pretrain.data.gpu_decode import GpuDecodeLoader, dataset_samples
+
+    return GpuDecodeLoader(dataset_samples(ds), sampler=order, batch_size=args.batch_size, img_size=img_size,
+                           mean=MEAN, std=STD, device=torch.device(args.device), num_workers=args.workers,
+                           channels_last=True, **kwargs)
+
+
+def _timed(loader, *, device: str, warm: int, step=None) -> float:
+    """images/s over ``loader``'s batches after the first ``warm`` (and the one that starts the clock), each batch
+    passed to ``step(x, y)`` when given; the GPU is synchronised at both ends."""
+    import torch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    n, t0 = 0, None
+    for k, (x, y, idx) in enumerate(loader):
+        if k == warm:
+            sync()
+            t0 = time.perf_counter()
+        elif k > warm:
+            n += idx.numel()
+        if step is not None:
+            step(x, y)
+    sync()
+    return n / (time.perf_counter() - t0)
+
+
 def loader_only(kind: str, root: Path, *, args, img_size: int, batches: int = 30) -> dict:
     """images/s of a loader alone (no model): ``gpu`` (GpuDecodeLoader), ``cpu`` (workers decode with PIL, timm's
     transform) or ``nvjpeg`` (decode_batch alone on bytes already in memory, the same batches)."""
     import torch
 
-    from dap_pretrain.data.dataset import IndexedDataset, create_dataset
-    from dap_pretrain.data.gpu_decode import GpuDecodeLoader, dataset_samples, decode_batch
+    from dap_pretrain.data.gpu_decode import dataset_samples, decode_batch
     from dap_pretrain.data.loader import create_loader, trainer_transform
 
     dev = torch.device(args.device)
-    ds = IndexedDataset(create_dataset(name="", root=root, split="train", is_training=True))
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[: batches * args.batch_size].tolist()
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    ds, order = _train_split(root, args=args, batches=batches)
     if kind == "nvjpeg":
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         samples = dataset_samples(ds)
         data = [torch.frombuffer(bytearray(Path(samples[i][0]).read_bytes()), dtype=torch.uint8) for i in order]
         chunks = [data[k : k + args.batch_size] for k in range(0, len(data), args.batch_size)]
@@ -121,21 +162,12 @@ def loader_only(kind: str, root: Path, *, args, img_size: int, batches: int = 30
         sync()
         return {"img_per_s": sum(len(c) for c in chunks[1:]) / (time.perf_counter() - t0)}
     if kind == "gpu":
-        loader = GpuDecodeLoader(dataset_samples(ds), sampler=order, batch_size=args.batch_size, img_size=img_size,
-                                 mean=mean, std=std, device=dev, num_workers=args.workers, channels_last=True)
+        loader = _gpu_loader(ds, order, args=args, img_size=img_size)
     else:
         ds.transform = trainer_transform(img_size=img_size, aug="imagenet", is_training=True)
-        loader = create_loader(ds, batch_size=args.batch_size, sampler=order, mean=mean, std=std, device=dev,
+        loader = create_loader(ds, batch_size=args.batch_size, sampler=order, mean=MEAN, std=STD, device=dev,
                                num_workers=args.workers, channels_last=True, seed=0)
-    n, t0 = 0, None
-    for k, (_x, _, idx) in enumerate(loader):
-        if k == 2:
-            sync()
-            t0 = time.perf_counter()
-        elif k > 2:
-            n += idx.numel()
-    sync()
-    res = {"img_per_s": n / (time.perf_counter() - t0)}
+    res = {"img_per_s": _timed(loader, device=dev.type, warm=2)}
     if kind == "gpu":
         res["producer_host_s"] = {k: round(v, 3) for k, v in loader.stats.items()}  # whole epoch, first batches too
     return res
@@ -154,35 +186,21 @@ def model_with_gpu_loader(
     import timm
     import torch
 
-    from dap_pretrain.data.dataset import IndexedDataset, create_dataset
-    from dap_pretrain.data.gpu_decode import GpuDecodeLoader, dataset_samples
-
     dev = torch.device(args.device)
-    ds = IndexedDataset(create_dataset(name="", root=root, split="train", is_training=True))
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[: batches * args.batch_size].tolist()
-    loader = GpuDecodeLoader(dataset_samples(ds), sampler=order, batch_size=args.batch_size, img_size=img_size,
-                             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), device=dev,
-                             num_workers=args.workers, channels_last=True, **loader_kwargs)
+    ds, order = _train_split(root, args=args, batches=batches)
+    loader = _gpu_loader(ds, order, args=args, img_size=img_size, **loader_kwargs)
     net = timm.create_model(args.model, num_classes=1000).to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    n, t0, warm = 0, None, max(1, min(5, len(loader) // 4))  # the first batches warm up cuDNN and nvjpeg
     stream = None
     if priority and dev.type == "cuda":
         stream = torch.cuda.Stream(dev, priority=torch.cuda.Stream.priority_range()[1])
         stream.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        for k, (x, y, idx) in enumerate(loader):
-            if k == warm:
-                sync()
-                t0 = time.perf_counter()
-            elif k > warm:
-                n += idx.numel()
-            sgd_step(net, opt, scaler, x, y.remainder(1000), dev=dev, dtype=dtype)
-    sync()
-    return {"img_per_s": n / (time.perf_counter() - t0), "batches": batches, "priority": priority, **loader_kwargs}
+        rate = _timed(loader, device=dev.type, warm=max(1, min(5, len(loader) // 4)),  # cuDNN and nvjpeg warm up
+                      step=lambda x, y: sgd_step(net, opt, scaler, x, y.remainder(1000), dev=dev, dtype=dtype))
+    return {"img_per_s": rate, "batches": batches, "priority": priority, **loader_kwargs}
 
 
 def profile_gpu_loader(root: Path, *, args, img_size: int, batches: int = 12, top: int = 15) -> dict:
@@ -191,16 +209,11 @@ def profile_gpu_loader(root: Path, *, args, img_size: int, batches: int = 12, to
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from dap_pretrain.data.dataset import IndexedDataset, create_dataset
-    from dap_pretrain.data.gpu_decode import GpuDecodeLoader, dataset_samples, split_encoded
+    from dap_pretrain.data.gpu_decode import split_encoded
 
     dev = torch.device(args.device)
-    ds = IndexedDataset(create_dataset(name="", root=root, split="train", is_training=True))
-    n = min(len(ds), (batches + 3) * args.batch_size)
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
-    loader = GpuDecodeLoader(dataset_samples(ds), sampler=order, batch_size=args.batch_size, img_size=img_size,
-                             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), device=dev,
-                             num_workers=args.workers, channels_last=True)
+    ds, order = _train_split(root, args=args, batches=batches + 3)
+    loader = _gpu_loader(ds, order, args=args, img_size=img_size)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 

@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dap_pretrain.data.dataset import DataError
-from dap_pretrain.data.loader import SeededSampler
+from dap_pretrain.data.loader import Normalize, SeededSampler
 
 _logger = logging.getLogger(__name__)
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; decode_jpeg still is the batched nvjpeg path.
@@ -91,10 +91,9 @@ class EncodedFiles(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, -1)
         path, target = self.samples[index]
         data = Path(path).read_bytes()
-        params = torch.full((len(PARAM_FIELDS),), math.nan, dtype=torch.float64)
         size = header_size(data) if seed >= 0 else None
-        if size is not None:
-            params[:] = torch.tensor(draw_params(*size, rng=random.Random(seed), **self.aug), dtype=torch.float64)
+        drawn = draw_params(*size, rng=random.Random(seed), **self.aug) if size else (math.nan,) * len(PARAM_FIELDS)
+        params = torch.tensor(drawn, dtype=torch.float64)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), target, int(index), int(seed), params
 
 
@@ -256,7 +255,7 @@ def decode_batch(
     from torchvision.io import ImageReadMode, decode_jpeg
 
     out: list[torch.Tensor | None] = [None] * len(data)
-    jpeg = [i for i, d in enumerate(data) if d[:3].numpy().tobytes() == JPEG_MAGIC]
+    jpeg = [i for i, d in enumerate(data) if d.numpy()[:3].tobytes() == JPEG_MAGIC]  # no torch op per file
     if jpeg:
         try:
             decoded = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
@@ -311,6 +310,12 @@ def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int, *,
 PAD_METHODS = ("copies", "nested")
 
 
+def _pad_method(method: str) -> str:
+    if method not in PAD_METHODS:
+        raise ValueError(f"pad method {method!r}: use one of {PAD_METHODS}")
+    return method
+
+
 def pad_batch(images: list[torch.Tensor], *, method: str = "copies") -> torch.Tensor:
     """``(3, h_k, w_k)`` uint8 images -> one ``(B, 3, H + 1, W + 1)`` uint8 batch, image ``k`` at the top left.
 
@@ -320,8 +325,7 @@ def pad_batch(images: list[torch.Tensor], *, method: str = "copies") -> torch.Te
     Each image's last column is repeated in column ``w_k`` and its last row in row ``h_k`` (the corner too), in
     two batched index copies; the rest of the padding stays zero and is never sampled.
     """
-    if method not in PAD_METHODS:
-        raise ValueError(f"pad method {method!r}: use one of {PAD_METHODS}")
+    method = _pad_method(method)
     dev = images[0].device
     hs = torch.tensor([int(im.shape[1]) for im in images])
     ws = torch.tensor([int(im.shape[2]) for im in images])
@@ -394,16 +398,11 @@ class GpuDecodeLoader:
         self.img_size = img_size
         self.device = torch.device(device)
         self.seed = int(seed)
-        self.scale, self.ratio, self.hflip, self.jitter = tuple(scale), tuple(ratio), float(hflip), float(color_jitter)
         self.drop_last = drop_last
         self.channels_last = channels_last
         self.prefetch = max(1, prefetch)
-        if pad not in PAD_METHODS:
-            raise ValueError(f"pad method {pad!r}: use one of {PAD_METHODS}")
-        self.pad = pad
-        shape = (1, len(mean), 1, 1)
-        self.norm_scale = torch.tensor([1 / (255 * s) for s in std], device=self.device).view(shape)
-        self.norm_shift = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)], device=self.device).view(shape)
+        self.pad = _pad_method(pad)
+        self.normalize = Normalize(mean, std, device=self.device)
         self.loader = DataLoader(
             self.files,
             batch_size=batch_size,
@@ -419,9 +418,11 @@ class GpuDecodeLoader:
 
     def describe(self) -> str:
         """One line for the run log."""
+        aug = self.files.aug
         return (
-            f"GPU JPEG pipeline: {len(self.files)} files, batched decode + RandomResizedCrop{self.scale}/"
-            f"ratio{tuple(round(r, 4) for r in self.ratio)} + flip {self.hflip} + jitter {self.jitter} on {self.device}"
+            f"GPU JPEG pipeline: {len(self.files)} files, batched decode + RandomResizedCrop{aug['scale']}/"
+            f"ratio{tuple(round(r, 4) for r in aug['ratio'])} + flip {aug['hflip']} + jitter {aug['jitter']} on "
+            f"{self.device}"
         )
 
     def __len__(self) -> int:
@@ -456,12 +457,10 @@ class GpuDecodeLoader:
         if len(flipped):  # only the flipped half is read and written again
             rows = flipped.to(self.device)
             x.index_copy_(0, rows, x.index_select(0, rows).flip(-1))
-        if self.jitter > 0:
+        if self.files.aug["jitter"] > 0:
             dev = self.device
             x = color_jitter(x, params[:, 5:8].long().to(dev), params[:, 8:11].to(dev, torch.float32))
-        # (x - mean) / std as one multiply-add, written straight into the output layout
-        out = torch.empty_like(x, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        x = torch.addcmul(self.norm_shift, x, self.norm_scale, out=out)
+        x = self.normalize(x, channels_last=self.channels_last)
         self.stats["decode_s"] = self.stats.get("decode_s", 0.0) + t1 - t0  # host seconds (nvjpeg waits for itself)
         self.stats["augment_s"] = self.stats.get("augment_s", 0.0) + time.perf_counter() - t1  # host launch time
         return x

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dap_pretrain.data.dataset import DataError
-from dap_pretrain.data.loader import cifar_transform, epoch_seed, indexed_uint8_collate
+from dap_pretrain.data.loader import Normalize, cifar_transform, epoch_seed, indexed_uint8_collate
 
 _logger = logging.getLogger(__name__)
 
@@ -186,9 +186,7 @@ class InMemoryLoader:
         self.seed, self.rank = int(seed), int(rank)
         self.drop_last = drop_last
         self.channels_last = channels_last
-        shape = (1, len(mean), 1, 1)
-        self.mean = torch.tensor([255 * m for m in mean], device=self.device).view(shape)
-        self.std = torch.tensor([255 * s for s in std], device=self.device).view(shape)
+        self.normalize = Normalize(mean, std, device=self.device)
         self.generator = torch.Generator(device=self.device)
 
     def describe(self) -> str:
@@ -222,8 +220,7 @@ class InMemoryLoader:
             images = gather_crop_flip(self.store, index, ox, oy, flip, self.size)
         else:
             images = self.store[index].permute(0, 3, 1, 2)
-        images = images.float().sub_(self.mean).div_(self.std)
-        return images if self.channels_last else images.contiguous()
+        return self.normalize(images, channels_last=self.channels_last)
 
 
 def in_memory_loaders(
