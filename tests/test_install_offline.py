@@ -50,9 +50,9 @@ def test_an_existing_venv_that_cannot_see_the_system_torch_is_not_reused(tmp_pat
     assert (venv / "pyvenv.cfg").read_text() == cfg  # left as it was
 
 
-def test_a_torch_venv_reaches_the_new_venv_through_a_pth_file(tmp_path):
-    """``$PYTHON`` itself a venv (this test's interpreter is one): a venv made from it would see only its base
-    Python's packages, so .venv is made without them and a .pth lists ``$PYTHON``'s package folders instead."""
+def test_the_system_packages_reach_the_new_venv_through_a_pth_file(tmp_path):
+    """.venv lists ``$PYTHON``'s package folders in a .pth file, not --system-site-packages: with ``$PYTHON`` itself
+    a venv (this test's interpreter is one, as the H100s' is) that would show its base Python's packages instead."""
     assert sys.prefix != sys.base_prefix, "run the tests from .venv"
     empty = tmp_path / "wheelhouse"
     empty.mkdir()

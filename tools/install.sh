@@ -38,15 +38,9 @@ if [ -n "${DAP_WHEELHOUSE:-}" ]; then
   offline=1
 fi
 system_torch=${DAP_SYSTEM_TORCH:-0}
-venv_opts=() chained=0
 if [ "$system_torch" = 1 ]; then
   "$PY" -c 'import torch, torchvision, timm' 2>/dev/null \
     || fail "DAP_SYSTEM_TORCH=1, but $PY cannot import torch, torchvision and timm; install them for $PY or unset it"
-  # $PY itself a venv (a cluster's or a container's torch venv): a venv made from it would see its base Python's
-  # packages, not its own, so .venv gets $PY's package folders through a .pth file instead; a plain system Python
-  # gets --system-site-packages.
-  chained=$("$PY" -c 'import sys; print(int(sys.prefix != sys.base_prefix))')
-  [ "$chained" = 1 ] || venv_opts=(--system-site-packages)
 fi
 if [ -f "$VENV/pyvenv.cfg" ]; then
   made=$([ -f "$VENV/.dap-system-torch" ] && echo 1 || echo 0)
@@ -56,14 +50,15 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
   # A Python without ensurepip (Debian without python3-venv) makes a venv without pip; pip then comes from the
   # system's packages, which the venv sees.
-  "$PY" -m venv "${venv_opts[@]}" "$VENV" 2>/dev/null || "$PY" -m venv "${venv_opts[@]}" --without-pip "$VENV"
+  "$PY" -m venv "$VENV" 2>/dev/null || "$PY" -m venv --without-pip "$VENV"
   if [ "$system_torch" = 1 ]; then
+    # .venv sees the package folders $PY sees, listed in a .pth file (after .venv's own: what pip installs here
+    # comes first). Not --system-site-packages: a venv made from a venv (a cluster's or a container's torch venv,
+    # as on the lent H100s) would then see the base Python's packages, not $PY's.
     echo "$PY" >"$VENV/.dap-system-torch"
-    if [ "$chained" = 1 ]; then
-      purelib=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-      "$PY" -c 'import sys; print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))' \
-        >"$purelib/_dap_system_site.pth"  # after .venv's own folder on sys.path: what pip installs here comes first
-    fi
+    purelib=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    "$PY" -c 'import sys; print("\n".join(p for p in sys.path if p.endswith(("site-packages", "dist-packages"))))' \
+      >"$purelib/_dap_system_site.pth"
   fi
 fi
 "$VENV/bin/python" -m pip --version >/dev/null 2>&1 \
