@@ -173,6 +173,26 @@ def loader_only(kind: str, root: Path, *, args, img_size: int, batches: int = 30
     return res
 
 
+VARIANTS = {"_pinned": {"pin_memory": True}, "_nested": {"pad": "nested"}, "_half": {"dtype": "amp"}}
+
+
+def loader_variant(step: str) -> dict:
+    """``model_with_gpu_loader``'s keywords for a step ``model_gpu_loader[_same_priority][_pinned][_nested][_half]``:
+    the bare name runs the steps on a high-priority stream; every other name at the trainer's one priority, with
+    the loader experiments its suffixes name (``_half``: batches in the model's AMP dtype)."""
+    rest = step.removeprefix("model_gpu_loader")
+    if not rest:
+        return {"priority": True}
+    kwargs, rest = {"priority": False}, rest.removeprefix("_same_priority")
+    for suffix, extra in VARIANTS.items():
+        if rest.startswith(suffix):
+            kwargs.update(extra)
+            rest = rest.removeprefix(suffix)
+    if rest:
+        raise BenchmarkError(f"unknown step {step!r}: model_gpu_loader takes the suffixes {', '.join(VARIANTS)}")
+    return kwargs
+
+
 def model_with_gpu_loader(
     root: Path, *, args, img_size: int, priority: bool, batches: int = 40, **loader_kwargs
 ) -> dict:
@@ -180,18 +200,19 @@ def model_with_gpu_loader(
     pipeline costs the model when both share the GPU. ``priority``: the steps run on a high-priority CUDA stream,
     the pipeline's kernels on its default-priority side stream (tried on an H100 and not kept in the trainer:
     RESULTS section 9); else both at the default priority, as the trainer runs. ``loader_kwargs``: the loader's
-    experiments (``pin_memory``, ``pad``)."""
+    experiments (``pin_memory``, ``pad``, ``dtype="amp"``: the step's autocast dtype)."""
     import contextlib
 
     import timm
     import torch
 
     dev = torch.device(args.device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
     ds, order = _train_split(root, args=args, batches=batches)
-    loader = _gpu_loader(ds, order, args=args, img_size=img_size, **loader_kwargs)
+    experiments = {k: dtype if v == "amp" else v for k, v in loader_kwargs.items()}
+    loader = _gpu_loader(ds, order, args=args, img_size=img_size, **experiments)
     net = timm.create_model(args.model, num_classes=1000).to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
     stream = None
     if priority and dev.type == "cuda":
@@ -200,7 +221,8 @@ def model_with_gpu_loader(
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         rate = _timed(loader, device=dev.type, warm=max(1, min(5, len(loader) // 4)),  # cuDNN and nvjpeg warm up
                       step=lambda x, y: sgd_step(net, opt, scaler, x, y.remainder(1000), dev=dev, dtype=dtype))
-    return {"img_per_s": rate, "batches": batches, "priority": priority, **loader_kwargs}
+    shown = {k: v if isinstance(v, bool | str) else str(v) for k, v in experiments.items()}
+    return {"img_per_s": rate, "batches": batches, "priority": priority, **shown}
 
 
 def profile_gpu_loader(root: Path, *, args, img_size: int, batches: int = 12, top: int = 15) -> dict:
@@ -279,9 +301,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", nargs="+", default=["model_only", "trainer_cpu_decode", "trainer_gpu_decode",
                                                   "timm_train", "dap_cpu_decode", "dap_gpu_decode"],
                    help="also: loader_only_gpu, loader_only_cpu, loader_only_nvjpeg (a loader without a model); "
-                   "model_gpu_loader, model_gpu_loader_same_priority (the model-only loop fed by the GPU pipeline, "
-                   "with the steps on a high-priority stream or not), model_gpu_loader_pinned, "
-                   "model_gpu_loader_nested (the loader's two experiments, at the same priority); "
+                   "model_gpu_loader (the model-only loop fed by the GPU pipeline, the steps on a high-priority "
+                   "stream), model_gpu_loader_same_priority (the same at one priority, as the trainer runs), and that "
+                   "with any of the suffixes _pinned, _nested, _half in this order (the loader's experiments); "
                    "profile_gpu_loader (device time per kernel)")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, no GPU decoding")
     args = p.parse_args(argv)
@@ -313,12 +335,8 @@ def main(argv=None) -> int:
                 res = {"img_per_s": model_only_img_per_s(model=args.model, img_size=img_size,
                                                          batch_size=args.batch_size, steps=40, device=args.device,
                                                          amp=True, channels_last=True)}
-            elif step in ("model_gpu_loader", "model_gpu_loader_same_priority"):
-                res = model_with_gpu_loader(root, args=args, img_size=img_size, priority=step == "model_gpu_loader")
-            elif step == "model_gpu_loader_pinned":
-                res = model_with_gpu_loader(root, args=args, img_size=img_size, priority=False, pin_memory=True)
-            elif step == "model_gpu_loader_nested":
-                res = model_with_gpu_loader(root, args=args, img_size=img_size, priority=False, pad="nested")
+            elif step.startswith("model_gpu_loader"):
+                res = model_with_gpu_loader(root, args=args, img_size=img_size, **loader_variant(step))
             elif step == "profile_gpu_loader":
                 res = profile_gpu_loader(root, args=args, img_size=img_size)
             elif step.startswith("loader_only_"):

@@ -140,6 +140,19 @@ def test_gpu_decode_wall_fraction_and_original_folder(tmp_path):
     assert len(list(root.glob("train/*/*"))) == 6 and len(list(root.glob("val/*/*"))) == 3
 
 
+
+def test_gpu_decode_step_names_pick_the_loader_experiments():
+    import gpu_decode
+    from common import BenchmarkError
+
+    assert gpu_decode.loader_variant("model_gpu_loader") == {"priority": True}
+    assert gpu_decode.loader_variant("model_gpu_loader_same_priority") == {"priority": False}
+    assert gpu_decode.loader_variant("model_gpu_loader_nested") == {"priority": False, "pad": "nested"}
+    every = {"priority": False, "pin_memory": True, "pad": "nested", "dtype": "amp"}
+    assert gpu_decode.loader_variant("model_gpu_loader_same_priority_pinned_nested_half") == every
+    with pytest.raises(BenchmarkError, match="unknown step 'model_gpu_loader_halff'"):
+        gpu_decode.loader_variant("model_gpu_loader_halff")
+
 def _transfer_metrics(task, sec_per_iter, *, batch, launcher="none", **metrics):
     run = dict(train_sec_per_iter=sec_per_iter, train_data_sec_per_iter=0.01, train_iters=30, world_size=1)
     run.update(train_batch_size_per_gpu=batch, launcher=launcher, device="NVIDIA H100 80GB HBM3")

@@ -308,6 +308,7 @@ def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int, *,
 
 
 PAD_METHODS = ("copies", "nested")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _pad_method(method: str) -> str:
@@ -365,9 +366,13 @@ class GpuDecodeLoader:
         prefetch: batches prepared ahead by the producer thread.
         pin_memory: the workers' byte batches are copied to pinned memory before decoding (CUDA only).
         pad: how the decoded images become one batch (:func:`pad_batch`).
+        dtype: the dtype of the returned batches. ``torch.float16`` or ``torch.bfloat16`` (the AMP dtype, to which
+            the model's first layer casts its input anyway) also flips and jitters the crops in ``float16``, half
+            the memory traffic of ``float32``; crops are always resized in ``float32`` (``roi_align`` computes its
+            sampling positions in its input's dtype, too coarse in half precision beyond a few hundred pixels).
 
-    ``pin_memory`` and ``pad`` are the two experiments the H100 profile suggested (RESULTS section 9); the trainer
-    uses the defaults until a GPU job shows either one is faster.
+    ``pin_memory``, ``pad`` and ``dtype`` are the experiments the H100 profile suggested (RESULTS section 9); the
+    trainer uses the defaults until a GPU job shows one of them is faster.
     """
 
     def __init__(
@@ -391,6 +396,7 @@ class GpuDecodeLoader:
         prefetch: int = 2,
         pin_memory: bool = False,
         pad: str = "copies",
+        dtype: torch.dtype = torch.float32,
     ):
         self.files = EncodedFiles(samples, scale=scale, ratio=ratio, hflip=hflip, jitter=color_jitter)
         self.sampler = sampler
@@ -402,7 +408,10 @@ class GpuDecodeLoader:
         self.channels_last = channels_last
         self.prefetch = max(1, prefetch)
         self.pad = _pad_method(pad)
-        self.normalize = Normalize(mean, std, device=self.device)
+        if dtype not in HALF_DTYPES + (torch.float32,):
+            raise ValueError(f"dtype {dtype}: use torch.float32, torch.float16 or torch.bfloat16")
+        self.work_dtype = torch.float16 if dtype in HALF_DTYPES else torch.float32  # flip and jitter
+        self.normalize = Normalize(mean, std, device=self.device, dtype=dtype)
         self.loader = DataLoader(
             self.files,
             batch_size=batch_size,
@@ -452,14 +461,14 @@ class GpuDecodeLoader:
                     raise ValueError(f"batch item {k} has no augmentation parameters and no seed to draw them from")
                 h, w = int(images[k].shape[1]), int(images[k].shape[2])
                 params[k] = torch.tensor(draw_params(h, w, rng=random.Random(int(seeds[k])), **self.files.aug))
-        x = resized_crops(images, params[:, :4].round().long(), self.img_size, pad=self.pad)
+        x = resized_crops(images, params[:, :4].round().long(), self.img_size, pad=self.pad).to(self.work_dtype)
         flipped = params[:, 4].nonzero().flatten()
         if len(flipped):  # only the flipped half is read and written again
             rows = flipped.to(self.device)
             x.index_copy_(0, rows, x.index_select(0, rows).flip(-1))
         if self.files.aug["jitter"] > 0:
             dev = self.device
-            x = color_jitter(x, params[:, 5:8].long().to(dev), params[:, 8:11].to(dev, torch.float32))
+            x = color_jitter(x, params[:, 5:8].long().to(dev), params[:, 8:11].to(dev, self.work_dtype))
         x = self.normalize(x, channels_last=self.channels_last)
         self.stats["decode_s"] = self.stats.get("decode_s", 0.0) + t1 - t0  # host seconds (nvjpeg waits for itself)
         self.stats["augment_s"] = self.stats.get("augment_s", 0.0) + time.perf_counter() - t1  # host launch time
