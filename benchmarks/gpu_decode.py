@@ -357,7 +357,8 @@ def main(argv=None) -> int:
         except BenchmarkError as e:
             res = {"error": str(e)}
         res["seconds"] = time.monotonic() - t0
-        results["steps"][step] = res
+        repeat = sum(1 for name in results["steps"] if name.split(" (")[0] == step)
+        results["steps"][f"{step} ({repeat + 1})" if repeat else step] = res  # a step run twice keeps both results
         print(f"{step}: {json.dumps(res)}", flush=True)
         (out / "gpu_decode.json").write_text(json.dumps(results, indent=2, default=str))
     info, steps = results["machine"], results["steps"]

@@ -21,7 +21,8 @@ start=$SECONDS
 PYTHON=${PYTHON:-python3} DAP_SYSTEM_TORCH=1 DAP_WHEELHOUSE=$wh DAP_WHEEL_CACHE=$wh/cache DAP_INSTALL_TRACE=${DAP_INSTALL_TRACE:-1} \
   timeout -k 5 "${INSTALL_S:-300}" bash tools/install.sh >"$OUT/install.log" 2>&1
 rc=$?
-facts=$(grep -v '^+ ' "$OUT/install.log" | grep -E 'kept the system|mmcv 2.1.0:|mm stack ok|installed:|error' | tr '\n' ' ')
+# the install's own lines (a traced multi-line command continues on lines without the '+ ' mark)
+facts=$(grep -E '^(kept the system|mmcv 2\.1\.0:|mm stack ok|installed:|install\.sh: error|ERROR)' "$OUT/install.log" | tr '\n' ' ')
 echo "install.sh (DAP_WHEELHOUSE=$wh, DAP_SYSTEM_TORCH=1): exit $rc in $((SECONDS - start)) s | $facts" | tee -a "$summary"
 [ "$rc" = 0 ] || { tail -n 20 "$OUT/install.log"; exit 1; }
 timeout 60 .venv/bin/python -c 'import timm, torch

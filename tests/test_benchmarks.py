@@ -153,6 +153,24 @@ def test_gpu_decode_step_names_pick_the_loader_experiments():
     with pytest.raises(BenchmarkError, match="unknown step 'model_gpu_loader_halff'"):
         gpu_decode.loader_variant("model_gpu_loader_halff")
 
+
+@pytest.mark.slow
+def test_gpu_decode_ab_dry_run(tmp_path):
+    """The prepared GPU job for the pipeline's experiments, on the CPU at toy size: tests, then every variant."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DRY_RUN": "1", "WORK_DIR": str(tmp_path / "w"),
+           "IMAGENET": str(REPO.parent / "shared/data/imagenet_sample")}  # fmt: skip
+    proc = subprocess.run(["bash", "benchmarks/gpu_decode_ab.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = (out / "summary.txt").read_text()
+    assert "test_gpu_decode.py: exit 0" in summary and " passed" in summary, summary
+    steps = json.loads((out / "gpu_decode.json").read_text())["steps"]
+    base = "model_gpu_loader_same_priority"
+    assert {base, f"{base} (2)", "model_gpu_loader_pinned_nested_half"} <= set(steps), steps  # both baselines kept
+    assert all(res["img_per_s"] > 0 for res in steps.values()), steps
+    assert steps["model_gpu_loader_half"]["dtype"] == "torch.bfloat16"  # the dry run's AMP dtype
+
 def _transfer_metrics(task, sec_per_iter, *, batch, launcher="none", **metrics):
     run = dict(train_sec_per_iter=sec_per_iter, train_data_sec_per_iter=0.01, train_iters=30, world_size=1)
     run.update(train_batch_size_per_gpu=batch, launcher=launcher, device="NVIDIA H100 80GB HBM3")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import functional as TF
@@ -25,9 +25,6 @@ from dap_pretrain.data.gpu_decode import (
 )
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
-_REPO = Path(__file__).resolve().parents[2]
-# ../shared/data beside the checkout; a GPU job carries a copy inside it (shared/data)
-SHARED_DATA = next((p for p in (_REPO.parent / "shared" / "data", _REPO / "shared" / "data") if p.is_dir()), Path())
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on a GPU machine the same tests run on it
 
 
