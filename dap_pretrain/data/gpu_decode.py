@@ -288,7 +288,9 @@ def _pil_decode(data: torch.Tensor, name: str) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
-def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int, *, pad: str = "copies") -> torch.Tensor:
+def resized_crops(
+    images: list[torch.Tensor], boxes: torch.Tensor, size: int, *, pad: str = "copies", fill: float | None = None
+) -> torch.Tensor:
     """Crop ``boxes[k] = (top, left, h, w)`` from ``images[k]``, resize each to ``size`` px square: ``(B, 3, S, S)``.
 
     One ``torchvision.ops.roi_align`` over the padded float batch (``aligned=True``: pixel centres at +0.5, as in
@@ -296,16 +298,17 @@ def resized_crops(images: list[torch.Tensor], boxes: torch.Tensor, size: int, *,
     ``ceil(w / size)`` bilinear samples per output pixel, so a downscale is antialiased; an upscale is plain
     bilinear. A crop that reaches an image's right or bottom edge samples up to half a pixel beyond it, where
     bilinear interpolation reads the next column or row: :func:`pad_batch` repeats each image's last column and
-    row there, so no padding zero darkens the edge.
+    row there, so no padding zero darkens the edge. Nothing else of the padded batch is read, so it is left
+    unwritten (``fill`` None; the tests fill NaN to show that none of it reaches a crop).
     """
     from torchvision.ops import roi_align
 
-    batch = pad_batch(images, method=pad)
+    batch = pad_batch(images, method=pad, dtype=torch.float32, fill=fill)
     dev = batch.device
     b = boxes.to(dev, torch.float32)
     item = torch.arange(len(images), device=dev, dtype=torch.float32)
     rois = torch.stack([item, b[:, 1], b[:, 0], b[:, 1] + b[:, 3], b[:, 0] + b[:, 2]], dim=1)  # (k, x1, y1, x2, y2)
-    return roi_align(batch.float(), rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return roi_align(batch, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
 PAD_METHODS = ("copies", "nested")
@@ -318,14 +321,19 @@ def _pad_method(method: str) -> str:
     return method
 
 
-def pad_batch(images: list[torch.Tensor], *, method: str = "copies") -> torch.Tensor:
-    """``(3, h_k, w_k)`` uint8 images -> one ``(B, 3, H + 1, W + 1)`` uint8 batch, image ``k`` at the top left.
+def pad_batch(
+    images: list[torch.Tensor], *, method: str = "copies", dtype: torch.dtype = torch.uint8, fill: float | None = 0
+) -> torch.Tensor:
+    """``(3, h_k, w_k)`` uint8 images -> one ``(B, 3, H + 1, W + 1)`` batch of ``dtype``, image ``k`` at the top left.
 
-    ``method``: ``"copies"`` copies each image into a zeroed batch (one copy kernel per image); ``"nested"`` packs
-    the images into a nested tensor and pads that (a few kernels per batch; an experiment for the GPU, where the
-    profile shows per-image kernels: RESULTS section 9). Both give the same batch (tested).
+    ``method``: ``"copies"`` copies each image into the batch, converting it to ``dtype`` on the way (one copy
+    kernel per image); ``"nested"`` packs the images into a nested tensor and pads that (a few kernels per batch;
+    an experiment for the GPU, where the profile shows per-image kernels: RESULTS section 9), then converts. Both
+    give the same batch (tested).
     Each image's last column is repeated in column ``w_k`` and its last row in row ``h_k`` (the corner too), in
-    two batched index copies; the rest of the padding stays zero and is never sampled.
+    two batched index copies. The rest of the batch is ``fill`` with ``"copies"`` (``None`` leaves it unwritten:
+    one pass fewer over the whole batch, for a caller that never reads it, :func:`resized_crops`), zero with
+    ``"nested"``.
     """
     method = _pad_method(method)
     dev = images[0].device
@@ -334,9 +342,12 @@ def pad_batch(images: list[torch.Tensor], *, method: str = "copies") -> torch.Te
     hmax, wmax = int(hs.max()) + 1, int(ws.max()) + 1
     if method == "nested":
         nested = torch.nested.as_nested_tensor(images)
-        batch = torch.nested.to_padded_tensor(nested, 0, output_size=(len(images), 3, hmax, wmax))
+        batch = torch.nested.to_padded_tensor(nested, 0, output_size=(len(images), 3, hmax, wmax)).to(dtype)
     else:
-        batch = torch.zeros((len(images), 3, hmax, wmax), dtype=torch.uint8, device=dev)
+        shape = (len(images), 3, hmax, wmax)
+        batch = torch.empty(shape, dtype=dtype, device=dev)
+        if fill is not None:
+            batch.fill_(fill)
         for k, im in enumerate(images):
             batch[k, :, : im.shape[1], : im.shape[2]].copy_(im)
     hs, ws = hs.to(dev).view(-1, 1), ws.to(dev).view(-1, 1)

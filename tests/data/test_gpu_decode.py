@@ -159,14 +159,19 @@ def test_color_jitter_matches_torchvision():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_crops_reaching_an_image_edge_read_no_padding(device):
-    """Solid images of different sizes in one padded batch, crops touching their right and bottom edges: every
-    output pixel keeps the image's value (a bilinear sample half a pixel past the edge must not read the padding)."""
-    sizes = [(30, 40), (64, 50), (17, 90), (64, 90)]
-    images = [torch.full((3, h, w), 10 + 60 * k, dtype=torch.uint8, device=device) for k, (h, w) in enumerate(sizes)]
-    boxes = torch.tensor([[0, 0, 30, 40], [20, 11, 44, 39], [5, 60, 12, 30], [0, 0, 64, 90]])
-    out = resized_crops(images, boxes, 24)
-    for k in range(len(images)):
-        assert torch.all(out[k] == 10 + 60 * k), (k, out[k].min().item(), out[k].max().item())
+    """Solid images of different sizes in one padded batch, crops touching their edges: every output pixel keeps
+    the image's value. A bilinear sample half a pixel past the edge must not read the padding, which is filled with
+    NaN here (in the loader it is left unwritten), so a single padding value read anywhere would show."""
+    sizes = [(30, 40), (64, 50), (17, 90), (64, 90), (1, 1), (2, 7)]
+    images = [torch.full((3, h, w), 10 + 40 * k, dtype=torch.uint8, device=device) for k, (h, w) in enumerate(sizes)]
+    boxes = torch.tensor(
+        [[0, 0, 30, 40], [20, 11, 44, 39], [5, 60, 12, 30], [0, 0, 64, 90], [0, 0, 1, 1], [1, 6, 1, 1]]
+    )
+    for fill in (math.nan, None):
+        out = resized_crops(images, boxes, 24, fill=fill)
+        for k in range(len(images)):
+            err = (out[k] - (10 + 40 * k)).abs().max().item()  # NaN if a padding value was read
+            assert err < 1e-3, (k, fill, out[k].min().item(), out[k].max().item())
     # and a crop is a crop: a horizontal ramp cropped at its right end keeps the ramp's top values
     ramp = torch.arange(90, dtype=torch.uint8, device=device).expand(3, 64, 90).contiguous()
     edge = resized_crops([ramp, images[0]], torch.tensor([[0, 60, 64, 30], [0, 0, 30, 40]]), 30)[0]
@@ -260,6 +265,8 @@ def test_pad_methods_give_the_same_batch_and_pixels(device):
     images = [torch.randint(0, 256, (3, 20 + 3 * k, 41 - 2 * k), generator=g, dtype=torch.uint8) for k in range(7)]
     images = [im.to(device) for im in images]
     assert torch.equal(pad_batch(images, method="nested"), pad_batch(images))
+    assert torch.equal(pad_batch(images, method="nested", dtype=torch.float32), pad_batch(images).float())
+    assert torch.equal(pad_batch(images, dtype=torch.float32), pad_batch(images).float())  # converted while copied
     files = _imagenet_files(4)
 
     def pixels(pad: str) -> torch.Tensor:
