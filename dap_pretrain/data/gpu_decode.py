@@ -341,7 +341,9 @@ def pad_batch(
     ws = torch.tensor([int(im.shape[2]) for im in images])
     hmax, wmax = int(hs.max()) + 1, int(ws.max()) + 1
     if method == "nested":
-        nested = torch.nested.as_nested_tensor(images)
+        nested = torch.nested.as_nested_tensor(images)  # one buffer, one batched copy
+        if dtype.is_floating_point:  # before padding: CUDA pads in one kernel for float, double and half only
+            nested = nested.to(dtype)
         batch = torch.nested.to_padded_tensor(nested, 0, output_size=(len(images), 3, hmax, wmax)).to(dtype)
     else:
         shape = (len(images), 3, hmax, wmax)
