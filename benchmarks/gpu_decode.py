@@ -275,6 +275,83 @@ def profile_gpu_loader(root: Path, *, args, img_size: int, batches: int = 12, to
             "host_ops": rows(ops, "self_cpu_time_total")}
 
 
+def timeline(intervals: list[tuple], *, steps: int, wall_ns: float) -> dict:
+    """Per-step device figures from ``intervals``, one ``(stream, start_ns, end_ns, is_kernel)`` per kernel or copy.
+
+    ``busy_ms``: the union of all kernels, on any stream (the SMs had work); ``idle_ms``: wall minus busy (the
+    SMs waited, e.g. for the host); ``concurrent_ms``: summed kernel time minus busy (two streams' kernels ran at
+    once, sharing the SMs); ``kernel_ms``: summed kernel time per stream, largest first; ``copy_ms``: copies and
+    memsets, which run on the copy engines.
+    """
+    kernels = sorted((start, end) for _, start, end, is_kernel in intervals if is_kernel)
+    busy, span = 0, None
+    for start, end in kernels:
+        if span is None or start > span[1]:
+            busy += span[1] - span[0] if span else 0
+            span = [start, end]
+        else:
+            span[1] = max(span[1], end)
+    busy += span[1] - span[0] if span else 0
+    per_stream: dict[str, int] = {}
+    for stream, start, end, is_kernel in intervals:
+        if is_kernel:
+            per_stream[str(stream)] = per_stream.get(str(stream), 0) + end - start
+    ms = 1e-6 / max(1, steps)
+    total = sum(per_stream.values())
+    return {"wall_ms": round(wall_ns * ms, 3), "busy_ms": round(busy * ms, 3),
+            "idle_ms": round((wall_ns - busy) * ms, 3), "concurrent_ms": round((total - busy) * ms, 3),
+            "kernel_ms": {k: round(v * ms, 3) for k, v in sorted(per_stream.items(), key=lambda kv: -kv[1])},
+            "copy_ms": round(sum(e - s for _, s, e, k in intervals if not k) * ms, 3)}
+
+
+def profile_model_gpu_loader(root: Path, *, args, img_size: int, steps: int = 16, warm: int = 5) -> dict:
+    """Where the model loop fed by the pipeline loses time against model-only: ``torch.profiler`` (device
+    activity only, to keep its own cost low) over ``steps`` steps of each, after ``warm`` steps, in one process;
+    :func:`timeline` figures per step for each. The SMs idle (host-side gaps) or run the pipeline's kernels
+    beside or between the model's: the two explanations RESULTS section 9 could not tell apart."""
+    import timm
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = torch.device(args.device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    net = timm.create_model(args.model, num_classes=1000).to(dev).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
+    x0 = torch.randn(args.batch_size, 3, img_size, img_size, device=dev).contiguous(memory_format=torch.channels_last)
+    y0 = torch.randint(0, 1000, (args.batch_size,), device=dev)
+
+    def measure(batches) -> dict:
+        prof, t0 = None, 0
+        for k, (x, y) in enumerate(batches):
+            if k == warm:
+                sync()
+                prof = profile(activities=[ProfilerActivity.CUDA] if dev.type == "cuda" else [ProfilerActivity.CPU])
+                prof.start()
+                t0 = time.perf_counter_ns()
+            if k == warm + steps:
+                break
+            sgd_step(net, opt, scaler, x, y.remainder(1000), dev=dev, dtype=dtype)
+        if prof is None:
+            raise BenchmarkError(f"fewer than {warm + 1} batches to profile; use more --copies")
+        sync()
+        wall = time.perf_counter_ns() - t0
+        prof.stop()
+        cuda = torch.autograd.DeviceType.CUDA
+        events = [e for e in prof.profiler.kineto_results.events() if e.device_type() == cuda]
+        intervals = [(e.device_resource_id(), e.start_ns(), e.start_ns() + e.duration_ns(),
+                      not e.name().startswith(("Memcpy", "Memset"))) for e in events]
+        return timeline(intervals, steps=steps, wall_ns=wall)
+
+    res = {"model_only": measure((x0, y0) for _ in range(warm + steps + 1))}
+    ds, order = _train_split(root, args=args, batches=warm + steps + 1)
+    loader = _gpu_loader(ds, order, args=args, img_size=img_size)
+    res["fed"] = measure((x, y) for x, y, _ in loader)
+    res["steps"] = steps
+    return res
+
+
 def wall_vs_compute(output: Path) -> dict:
     """A DaP run's measured compute fraction against its wall-clock fraction: the sum of its epoch times over
     E times the time of its steady full-data epoch (epoch 2; epoch 1 also pays start-up and warm-up)."""
@@ -304,7 +381,8 @@ def main(argv=None) -> int:
                    "model_gpu_loader (the model-only loop fed by the GPU pipeline, the steps on a high-priority "
                    "stream), model_gpu_loader_same_priority (the same at one priority, as the trainer runs), and that "
                    "with any of the suffixes _pinned, _nested, _half in this order (the loader's experiments); "
-                   "profile_gpu_loader (device time per kernel)")
+                   "profile_gpu_loader (device time per kernel); profile_model_gpu_loader (SM busy, idle and "
+                   "per-stream time per step, model-only beside the loop fed by the pipeline)")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, no GPU decoding")
     args = p.parse_args(argv)
     args.device = "cpu" if args.dry_run else "cuda"
@@ -339,6 +417,9 @@ def main(argv=None) -> int:
                 res = model_with_gpu_loader(root, args=args, img_size=img_size, **loader_variant(step))
             elif step == "profile_gpu_loader":
                 res = profile_gpu_loader(root, args=args, img_size=img_size)
+            elif step == "profile_model_gpu_loader":
+                res = profile_model_gpu_loader(root, args=args, img_size=img_size,
+                                               **(dict(steps=1, warm=1) if args.dry_run else {}))
             elif step.startswith("loader_only_"):
                 res = loader_only(step.removeprefix("loader_only_"), root, args=args, img_size=img_size)
             elif step == "timm_train":
@@ -374,6 +455,9 @@ def main(argv=None) -> int:
                 extra = (f" (DaP p=0.5, 4 epochs: compute {res['compute_fraction']:.4f}, wall-clock "
                          f"{res['wall_fraction']:.4f})")
             print(f"| {step}{extra} | {res['img_per_s']:.0f} | {frac} |")
+        elif "fed" in res:  # profile_model_gpu_loader: per-step device figures, ms
+            for part in ("model_only", "fed"):
+                print(f"| {step}, {part}: " + ", ".join(f"{k} {v}" for k, v in res[part].items()) + " | | |")
         else:
             print(f"| {step} | {res.get('error')} | |")
     return 0

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU pipeline's experiments, A/B, in one GPU job (issue 12): the pipeline's tests on CUDA, then the model-only
 # loop fed by the pipeline with each experiment of GpuDecodeLoader (pinned byte batches, nested padding, batches in
-# the AMP dtype, all three) beside the model-only ceiling; the baseline runs first and last, to show the noise.
+# the AMP dtype, all three) beside the model-only ceiling; the baseline runs first and last, to show the noise;
+# then a profile of the fed loop beside model-only: are the SMs idle (host gaps) or shared with the pipeline?
 # A summary line per step in $OUT/summary.txt as it goes; gpu_decode.json and the logs in $OUT.
 #
 #   bash benchmarks/gpu_decode_ab.sh              # GPU machine, with shared/data/imagenet_sample carried
@@ -20,7 +21,7 @@ start=$SECONDS
 timeout -k 5 "${TESTS_S:-150}" "$py" -m pytest -q -p no:cacheprovider tests/data/test_gpu_decode.py >"$OUT/tests.log" 2>&1
 echo "tests/data/test_gpu_decode.py: exit $? in $((SECONDS - start)) s | $(tail -n 1 "$OUT/tests.log")" | tee -a "$summary"
 steps=(model_only model_gpu_loader_same_priority model_gpu_loader_pinned model_gpu_loader_nested model_gpu_loader_half
-       model_gpu_loader_pinned_nested_half model_gpu_loader_same_priority)
+       model_gpu_loader_pinned_nested_half model_gpu_loader_same_priority profile_model_gpu_loader)
 args=(--copies "${COPIES:-16}" --steps "${steps[@]}")
 [ -n "${IMAGENET:-}" ] && args+=(--imagenet "$IMAGENET")
 [ -n "${WORK_DIR:-}" ] && args+=(--work-dir "$WORK_DIR")

@@ -154,6 +154,18 @@ def test_gpu_decode_step_names_pick_the_loader_experiments():
         gpu_decode.loader_variant("model_gpu_loader_halff")
 
 
+
+def test_timeline_separates_idle_concurrent_and_per_stream_time():
+    import gpu_decode
+
+    ms = 1_000_000
+    # stream 7: 0-4 and 6-10 ms; stream 9 overlaps it at 3-5 ms; a copy at 10-12; SMs idle 5-6 and 10-12 of 12 ms
+    intervals = [(7, 0, 4 * ms, True), (7, 6 * ms, 10 * ms, True), (9, 3 * ms, 5 * ms, True),
+                 (9, 10 * ms, 12 * ms, False)]  # fmt: skip
+    res = gpu_decode.timeline(intervals, steps=2, wall_ns=12 * ms)
+    assert res == {"wall_ms": 6.0, "busy_ms": 4.5, "idle_ms": 1.5, "concurrent_ms": 0.5,
+                   "kernel_ms": {"7": 4.0, "9": 1.0}, "copy_ms": 1.0}  # fmt: skip
+
 @pytest.mark.slow
 def test_gpu_decode_ab_dry_run(tmp_path):
     """The prepared GPU job for the pipeline's experiments, on the CPU at toy size: tests, then every variant."""
@@ -168,8 +180,10 @@ def test_gpu_decode_ab_dry_run(tmp_path):
     steps = json.loads((out / "gpu_decode.json").read_text())["steps"]
     base = "model_gpu_loader_same_priority"
     assert {base, f"{base} (2)", "model_gpu_loader_pinned_nested_half"} <= set(steps), steps  # both baselines kept
+    profile = steps.pop("profile_model_gpu_loader")
     assert all(res["img_per_s"] > 0 for res in steps.values()), steps
     assert steps["model_gpu_loader_half"]["dtype"] == "torch.bfloat16"  # the dry run's AMP dtype
+    assert profile["model_only"]["wall_ms"] > 0 and profile["fed"]["wall_ms"] > 0, profile  # no CUDA events on CPU
 
 def _transfer_metrics(task, sec_per_iter, *, batch, launcher="none", **metrics):
     run = dict(train_sec_per_iter=sec_per_iter, train_data_sec_per_iter=0.01, train_iters=30, world_size=1)
