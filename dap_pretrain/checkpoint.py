@@ -25,6 +25,9 @@ _logger = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 
 
+LAST_CHECKPOINT = "last.pth.tar"  # a run folder's latest checkpoint, which --resume continues from
+
+
 class StorageError(DapError):
     """A file of a run could not be written (disk full, read-only or vanished folder); one line, exit 2."""
 
@@ -68,10 +71,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         os.replace(tmp, path)
     except OSError as e:  # disk full, folder removed or made read-only mid-run: one line, the old file intact
         tmp.unlink(missing_ok=True)
-        raise StorageError(
-            f"cannot write {path} ({e.strerror or e}); free space or fix the folder, then continue from the last "
-            "checkpoint written (--resume), which is intact"
-        ) from e
+        last = path.parent / LAST_CHECKPOINT
+        then = (
+            f"then continue from {last} (--resume), which is intact"
+            if last.is_file()
+            else "then start the run again with --overwrite (it wrote no checkpoint yet)"
+        )
+        raise StorageError(f"cannot write {path} ({e.strerror or e}); free space or fix the folder, {then}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -19,6 +19,45 @@ class _ThisThread(logging.Filter):
         return record.thread == self.ident
 
 
+class _LogFile(logging.FileHandler):
+    """OUTPUT/log.txt. A write that fails (disk full, folder gone) is reported once, in one line on stderr, and the
+    file is then closed and left alone: the run goes on logging to stdout. Python's own handler prints a traceback
+    block for every record instead. A checkpoint write that fails the same way still stops the run, in one line."""
+
+    failed = False
+
+    def _give_up(self) -> None:
+        """Called while handling the write's exception."""
+        if self.failed:
+            return
+        self.failed = True
+        err = sys.exc_info()[1]
+        print(
+            f"warning: cannot write {self.baseFilename} ({type(err).__name__}: {err}); this run's log goes on to "
+            "stdout only. Free some space; the next checkpoint write needs it too",
+            file=sys.stderr,
+            flush=True,
+        )
+        stream, self.stream = self.stream, None
+        try:
+            stream.close()  # what it still buffers cannot be written either
+        except OSError:
+            pass
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        self._give_up()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:  # else FileHandler.emit would open the file again
+            super().emit(record)
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            self._give_up()
+
+
 def main_process_logging(rank: int, output: Path) -> None:
     """Log this thread's records to stdout and (rank 0) OUTPUT/log.txt, replacing its earlier run's handlers.
 
@@ -33,7 +72,7 @@ def main_process_logging(rank: int, output: Path) -> None:
             handler.close()
     handlers = [logging.StreamHandler(sys.stdout)]
     if rank == 0:
-        handlers.append(logging.FileHandler(output / "log.txt"))
+        handlers.append(_LogFile(output / "log.txt"))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
         handler.addFilter(_ThisThread())

@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from dap_pretrain.checkpoint import StorageError, save_checkpoint
+from dap_pretrain.checkpoint import StorageError, save_checkpoint, write_atomic
 from dap_pretrain.errors import UsageError
+from dap_pretrain.logs import main_process_logging
 from dap_pretrain.run_folder import claim_output as _claim_output
 from dap_pretrain.train import main as train_main
 
@@ -171,8 +174,34 @@ def test_failed_checkpoint_write_leaves_no_temp_file(tmp_path, monkeypatch):
         save_checkpoint({"state_dict": {}}, tmp_path / "last.pth.tar")
     message = str(e.value)
     assert "\n" not in message and "No space left on device" in message and "last.pth.tar" in message
+    assert f"continue from {tmp_path / 'last.pth.tar'} (--resume)" in message
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth.tar"]
     assert (tmp_path / "last.pth.tar").read_bytes() == b"the previous epoch's checkpoint"
+    # before the first checkpoint there is nothing to resume: the advice is to start again
+    (tmp_path / "last.pth.tar").unlink()
+    with pytest.raises(StorageError) as e:
+        write_atomic(tmp_path / "summary.csv", lambda tmp: disk_full(None, tmp))
+    assert "--resume" not in str(e.value) and "--overwrite (it wrote no checkpoint yet)" in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_log_file_that_cannot_be_written_is_one_line_and_the_run_logs_on(tmp_path, capsys):
+    """(5) disk full mid-run, for the log: /dev/full fails every write with ENOSPC, as a full disk does."""
+    (tmp_path / "log.txt").symlink_to("/dev/full")
+    root, level = logging.getLogger(), logging.getLogger().level
+    main_process_logging(0, tmp_path)
+    try:
+        for k in range(3):
+            logging.getLogger("dap_pretrain.test").info("record %d", k)
+    finally:
+        for handler in [h for h in root.handlers if getattr(h, "dap_thread", None) == threading.get_ident()]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+    out, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "log.txt" in lines[0] and "No space left on device" in lines[0], err
+    assert all(f"record {k}" in out for k in range(3)), out  # stdout keeps every record
 
 
 def test_claim_output_refuses_a_file(tmp_path):
