@@ -130,6 +130,8 @@ def write_summary_csv(output: Path, history: list) -> None:
 def log_epoch(row: dict, epochs: int, report) -> None:
     ev = f" top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f}" if row["eval_top1"] is not None else ""
     lost = f" ({row['untrained']} untrained: drop_last or a batch of 1)" if row["untrained"] else ""
+    event = report.event  # a schedule's drop epoch that kept every sample (--dap-select none) says so
+    event += " (none dropped)" if event == "drop" and report.size_after == report.size_before else ""
     _logger.info(
         "epoch %d/%d: subset %d, trained %d%s, %s -> next %d; loss %.4f%s lr %.4g; compute so far %.2f%%; "
         "%.1fs, %.0f img/s",
@@ -138,7 +140,7 @@ def log_epoch(row: dict, epochs: int, report) -> None:
         row["subset_size"],
         row["samples_trained"],
         lost,
-        report.event,
+        event,
         report.size_after,
         row["train_loss"],
         ev,

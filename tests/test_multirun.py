@@ -38,6 +38,7 @@ def test_threads_match_solo_runs_and_logs_stay_apart(tmp_path, cifar_tiny):
     dap_log = (tmp_path / "multi" / "dap" / "log.txt").read_text()
     all_log = (tmp_path / "multi" / "all" / "log.txt").read_text()
     assert "drop -> next 200" in dap_log and "next 200" not in all_log
+    assert "drop (none dropped) -> next 400" in all_log  # the all-data run's drop epoch says it kept everything
     assert dap_log.count("epoch 1/3") == 1 and all_log.count("epoch 1/3") == 1
 
 
