@@ -139,6 +139,20 @@ def _timed(loader, *, device: str, warm: int, step=None) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def _train_step(args):
+    """The benchmark's model (channels-last) and one plain AMP SGD step on it, as the model-only ceiling measures:
+    ``(step(x, y), the autocast dtype)``; float16 with a GradScaler on CUDA, bfloat16 on CPU."""
+    import timm
+    import torch
+
+    dev = torch.device(args.device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+    net = timm.create_model(args.model, num_classes=1000).to(dev).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
+    return (lambda x, y: sgd_step(net, opt, scaler, x, y.remainder(1000), dev=dev, dtype=dtype)), dtype
+
+
 def loader_only(kind: str, root: Path, *, args, img_size: int, batches: int = 30) -> dict:
     """images/s of a loader alone (no model): ``gpu`` (GpuDecodeLoader), ``cpu`` (workers decode with PIL, timm's
     transform) or ``nvjpeg`` (decode_batch alone on bytes already in memory, the same batches)."""
@@ -203,24 +217,19 @@ def model_with_gpu_loader(
     experiments (``pin_memory``, ``pad``, ``dtype="amp"``: the step's autocast dtype)."""
     import contextlib
 
-    import timm
     import torch
 
     dev = torch.device(args.device)
-    dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+    step, dtype = _train_step(args)
     ds, order = _train_split(root, args=args, batches=batches)
     experiments = {k: dtype if v == "amp" else v for k, v in loader_kwargs.items()}
     loader = _gpu_loader(ds, order, args=args, img_size=img_size, **experiments)
-    net = timm.create_model(args.model, num_classes=1000).to(dev).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
     stream = None
     if priority and dev.type == "cuda":
         stream = torch.cuda.Stream(dev, priority=torch.cuda.Stream.priority_range()[1])
         stream.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        rate = _timed(loader, device=dev.type, warm=max(1, min(5, len(loader) // 4)),  # cuDNN and nvjpeg warm up
-                      step=lambda x, y: sgd_step(net, opt, scaler, x, y.remainder(1000), dev=dev, dtype=dtype))
+        rate = _timed(loader, device=dev.type, warm=max(1, min(5, len(loader) // 4)), step=step)  # cuDNN, nvjpeg
     shown = {k: v if isinstance(v, bool | str) else str(v) for k, v in experiments.items()}
     return {"img_per_s": rate, "batches": batches, "priority": priority, **shown}
 
@@ -309,16 +318,12 @@ def profile_model_gpu_loader(root: Path, *, args, img_size: int, steps: int = 16
     activity only, to keep its own cost low) over ``steps`` steps of each, after ``warm`` steps, in one process;
     :func:`timeline` figures per step for each. The SMs idle (host-side gaps) or run the pipeline's kernels
     beside or between the model's: the two explanations RESULTS section 9 could not tell apart."""
-    import timm
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     dev = torch.device(args.device)
-    dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    net = timm.create_model(args.model, num_classes=1000).to(dev).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" else None
+    step, _ = _train_step(args)
     x0 = torch.randn(args.batch_size, 3, img_size, img_size, device=dev).contiguous(memory_format=torch.channels_last)
     y0 = torch.randint(0, 1000, (args.batch_size,), device=dev)
 
@@ -332,7 +337,7 @@ def profile_model_gpu_loader(root: Path, *, args, img_size: int, steps: int = 16
                 t0 = time.perf_counter_ns()
             if k == warm + steps:
                 break
-            sgd_step(net, opt, scaler, x, y.remainder(1000), dev=dev, dtype=dtype)
+            step(x, y)
         if prof is None:
             raise BenchmarkError(f"fewer than {warm + 1} batches to profile; use more --copies")
         sync()

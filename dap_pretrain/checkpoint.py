@@ -25,7 +25,7 @@ _logger = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 
 
-LAST_CHECKPOINT = "last.pth.tar"  # a run folder's latest checkpoint, which --resume continues from
+LAST_CHECKPOINT = "last.pth.tar"  # a run folder's latest checkpoint (runner writes it, --resume reads it)
 
 
 class StorageError(DapError):

@@ -15,10 +15,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from dap_pretrain.checkpoint import remove_stale_tmp
+from dap_pretrain.checkpoint import LAST_CHECKPOINT, remove_stale_tmp
 from dap_pretrain.errors import UsageError
 
-RUN_MARKERS = ("run.json", "args.yaml", "last.pth.tar", "summary.csv")
+RUN_MARKERS = ("run.json", "args.yaml", LAST_CHECKPOINT, "summary.csv")
 # What a run writes into OUTPUT (besides export/ and the .lock file); --overwrite removes them.
 RUN_FILES = (
     "model_best.pth.tar",
@@ -26,7 +26,7 @@ RUN_FILES = (
     "summary.csv",
     "run.json",
     "args.yaml",
-    "last.pth.tar",
+    LAST_CHECKPOINT,
     "dap_schedule.png",
 )
 
@@ -66,7 +66,7 @@ def check_output_dir(output: Path, *, resume: str, overwrite: bool) -> None:
     if held and not resume and not overwrite:
         raise UsageError(
             f"output folder {output} already holds a run ({', '.join(held)}); pass --resume "
-            f"{output / 'last.pth.tar'} to continue it, --overwrite to replace it, or another --output"
+            f"{output / LAST_CHECKPOINT} to continue it, --overwrite to replace it, or another --output"
         )
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import yaml
 
 from dap_pretrain.checkpoint import (
+    LAST_CHECKPOINT,
     CheckpointError,
     load_checkpoint,
     rng_state,
@@ -592,7 +593,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             log_epoch(row, cfg.epochs, report)
             write_summary_csv(output, acct.history)
             ckpt_state = state.state_dict(cfg=cfg, epoch=epoch + 1, rngs=rngs, num_classes=data.num_classes, dap=dap)
-            save_checkpoint(ckpt_state, output / "last.pth.tar")
+            save_checkpoint(ckpt_state, output / LAST_CHECKPOINT)
             if ev and ev["top1"] > state.best:
                 state.best = ev["top1"]
                 save_checkpoint(ckpt_state, output / "model_best.pth.tar")
@@ -632,7 +633,7 @@ def _finish(cfg, output: Path, acct: Accounting, wall: float, dap: dict) -> dict
     if cfg.export:
         from dap_pretrain.export import export_backbone
 
-        export_backbone(output / "last.pth.tar", output / "export", overwrite=True)
+        export_backbone(output / LAST_CHECKPOINT, output / "export", overwrite=True)
     top1 = f"{summary['top1']:.2f}" if summary["top1"] is not None else "n/a (no --val-split)"
     print(
         f"compute spent: {summary['compute_fraction_measured']:.2%} of full-data training "
