@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on 2 cores: one intra-op thread per test worker and per trainer it starts (they inherit the
+    # environment), else four busy threads share two cores and each runs far slower than half speed.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # ../shared/data beside the checkout; a GPU job carries a copy inside the checkout (shared/data)
 SHARED_DATA = next((p for p in (REPO.parent / "shared" / "data", REPO / "shared" / "data") if p.is_dir()), Path())
 

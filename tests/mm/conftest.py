@@ -12,3 +12,16 @@ import pytest
 @pytest.fixture(scope="session", autouse=True)
 def _mm_stack(require):
     require("mmengine", "mmcv", "mmpretrain")
+
+
+@pytest.fixture(autouse=True)
+def _mmpretrain_scope(_mm_stack):
+    """Each test builds mmpretrain modules (``type='CrossEntropyLoss'``) in mmpretrain's scope, as its runner would.
+
+    mmengine's default scope is process-global: a downstream test run earlier in the same process leaves it at
+    ``mmpose``, whose registry has no ``CrossEntropyLoss`` (seen under ``pytest -n 2``, where files share workers).
+    """
+    from mmengine.registry import DefaultScope
+
+    with DefaultScope.overwrite_default_scope("mmpretrain"):
+        yield
