@@ -118,6 +118,38 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+# The trainer's timm augmentation flags -> timm ``create_transform`` keywords. A flag left at None keeps timm's
+# default, except the interpolation, which defaults to bilinear here (what --gpu-decode's crop computes).
+AUGMENT_FLAGS = {
+    "scale": "scale",
+    "ratio": "ratio",
+    "hflip": "hflip",
+    "vflip": "vflip",
+    "color_jitter": "color_jitter",
+    "aa": "auto_augment",
+    "train_interpolation": "interpolation",
+}
+
+
+def augment_kwargs(cfg) -> dict:
+    """The ImageNet train augmentation flags that were given, as timm ``create_transform`` keywords."""
+    given = {kw: getattr(cfg, flag) for flag, kw in AUGMENT_FLAGS.items() if getattr(cfg, flag) is not None}
+    return {kw: tuple(v) if isinstance(v, list) else v for kw, v in given.items()}
+
+
+def model_kwargs(cfg) -> dict:
+    """``timm.create_model`` keywords of the regularisation flags that were given (``--drop``, ``--drop-path``)."""
+    given = {"drop_rate": cfg.drop, "drop_path_rate": cfg.drop_path}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def optimizer_kwargs(cfg) -> dict:
+    """``timm.optim.create_optimizer_v2`` keywords (timm's bridge of the same name, for this trainer's flags)."""
+    kwargs = dict(opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    extra = {"eps": cfg.opt_eps, "betas": tuple(cfg.opt_betas or ()) or None, "layer_decay": cfg.layer_decay}
+    return {**kwargs, **{k: v for k, v in extra.items() if v is not None}}
+
+
 def load_config(path: Path, _seen: tuple = ()) -> dict:
     """Read a YAML config; ``_base_: file`` (or a list) is read first and overridden (mmengine-style)."""
     path = Path(path).resolve()

@@ -29,7 +29,15 @@ from dap_pretrain.checkpoint import (
     set_rng_state,
     write_atomic,
 )
-from dap_pretrain.config import RunConfig, dap_config_from_args, default_reuse
+from dap_pretrain.config import (
+    AUGMENT_FLAGS,
+    RunConfig,
+    augment_kwargs,
+    dap_config_from_args,
+    default_reuse,
+    model_kwargs,
+    optimizer_kwargs,
+)
 from dap_pretrain.cuda_graph import GraphedSGDStep, check_graphable
 from dap_pretrain.data.dataset import (
     IndexedDataset,
@@ -76,11 +84,30 @@ def _build_model(cfg, num_classes: int, device: torch.device):
     if not timm.is_model(cfg.model):
         close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:5]
         raise UsageError(f"unknown model '{cfg.model}'; pass a timm model name (e.g. {', '.join(close) or 'resnet50'})")
-    model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes)
+    kwargs = model_kwargs(cfg)
+    try:
+        model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e) or not kwargs:
+            raise
+        flags = ", ".join(f"--{k.removesuffix('_rate').replace('_', '-')}" for k in kwargs)
+        raise UsageError(f"model {cfg.model} does not take {flags} ({e}); drop the flag for this model") from None
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def _build_optimizer(cfg, model):
+    """timm's ``create_optimizer_v2`` with :func:`optimizer_kwargs`; an option the optimizer lacks is one line."""
+    from timm.optim import create_optimizer_v2
+
+    try:
+        return create_optimizer_v2(model, **optimizer_kwargs(cfg))
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise UsageError(f"--opt {cfg.opt} does not take one of the options given ({e}); drop it") from None
 
 
 def _build_data(cfg, model_cfg: dict) -> Data:
@@ -101,7 +128,14 @@ def _build_data(cfg, model_cfg: dict) -> Data:
     )
     img_size = cfg.img_size or model_cfg.get("input_size", (3, 224, 224))[-1]
     cifar = uses_cifar_aug(img_size=img_size, aug=cfg.aug)
-    train.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=True)
+    aug = augment_kwargs(cfg)
+    if cifar and aug:
+        flags = " ".join(f"--{f.replace('_', '-')}" for f, kw in AUGMENT_FLAGS.items() if kw in aug)
+        raise UsageError(
+            f"{flags} set timm's ImageNet augmentation, but this run uses the CIFAR one (pad-4 crop + flip; --aug "
+            f"{cfg.aug} at {img_size} px); pass --aug imagenet or drop them"
+        )
+    train.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=True, **aug)
     if val is not None:
         val.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=False)
     classes = getattr(getattr(train, "reader", None), "class_to_idx", None) or getattr(train, "class_to_idx", None)
@@ -228,8 +262,27 @@ def _build_loaders(cfg, data: Data, sampler, *, device, rank: int, world: int):
     return train_loader, val_loader
 
 
+_GPU_AUGMENT = ("scale", "ratio", "hflip", "color_jitter")  # the augment_kwargs GpuDecodeLoader takes
+
+
+def _gpu_decode_augment(cfg) -> dict:
+    """The augmentation flags given, as :class:`GpuDecodeLoader` keywords; one it cannot apply is a UsageError."""
+    aug = augment_kwargs(cfg)
+    if aug.get("interpolation") == "bilinear":  # what the GPU crop computes anyway
+        del aug["interpolation"]
+    unsupported = set(aug) - set(_GPU_AUGMENT)
+    if unsupported:
+        flags = " ".join(f"--{f.replace('_', '-')}" for f, kw in AUGMENT_FLAGS.items() if kw in unsupported)
+        raise UsageError(
+            f"--gpu-decode applies RandomResizedCrop (bilinear), flip and colour jitter only, not {flags}; drop "
+            "them or drop --gpu-decode (the loader workers then apply timm's whole transform)"
+        )
+    return aug
+
+
 def _gpu_decode_loader(cfg, data: Data, sampler, *, device) -> GpuDecodeLoader:
     """``--gpu-decode``: the train split decoded and augmented on the GPU; refused off CUDA or with CIFAR's aug."""
+    aug = _gpu_decode_augment(cfg)
     if device.type != "cuda":
         raise UsageError(
             f"--gpu-decode decodes JPEGs with nvjpeg on a CUDA GPU, and this run's device is {device}; "
@@ -242,6 +295,7 @@ def _gpu_decode_loader(cfg, data: Data, sampler, *, device) -> GpuDecodeLoader:
         )
     return GpuDecodeLoader(
         dataset_samples(data.train),
+        **aug,
         sampler=sampler,
         batch_size=cfg.batch_size,
         img_size=data.img_size,
@@ -457,7 +511,6 @@ def run(cfg: RunConfig) -> dict | None:
 def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, lock) -> dict | None:
     """:func:`run` once OUTPUT is owned: build, check and resume everything, only then touch the folder; train."""
     import timm
-    from timm.optim import create_optimizer_v2
     from timm.utils import ModelEmaV3
 
     model_cfg = timm.models.get_pretrained_cfg(cfg.model)
@@ -474,9 +527,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
         )
         if note:
             _logger.info(note)
-        optimizer = create_optimizer_v2(
-            model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
-        )
+        optimizer = _build_optimizer(cfg, model)
         lr_sched = EpochProgressLR(
             optimizer,
             base_lr=cfg.lr,

@@ -28,6 +28,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm.data
 import torch.utils.data
 from PIL import Image
@@ -61,6 +62,13 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def _seed_all(seed: int) -> None:
+    """Seed the generators a transform may draw from; torch's CPU one only (loader workers have no CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
+
+
 class IndexedDataset(torch.utils.data.Dataset):
     """Wraps a map-style dataset of ``(img, target)`` items and yields ``(img, target, index)``.
 
@@ -87,7 +95,8 @@ class IndexedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[Any, Any, int]:
         """``index``, or ``(index, seed)`` from :class:`~dap_pretrain.data.loader.SeededSampler`: then the
-        transform's random draws (``random`` and torch's global generator) start from ``seed``, so a sample's
+        transform's random draws (``random``, numpy's and torch's global generators: timm's RandAugment draws its
+        ops from numpy) start from ``seed``, so a sample's
         augmentation depends on the seed alone, not on which worker process loads it or what it loaded before.
 
         An image file that cannot be read comes back as ``(None, -1, index)`` with a warning naming it; the
@@ -97,16 +106,15 @@ class IndexedDataset(torch.utils.data.Dataset):
             return self._load(index)
         index, seed = index
         if torch.utils.data.get_worker_info() is None:  # the main process: leave its generators as they were
-            py_state, torch_state = random.getstate(), torch.get_rng_state()
+            states = random.getstate(), np.random.get_state(), torch.get_rng_state()
             try:
-                random.seed(seed)
-                torch.random.default_generator.manual_seed(seed)
+                _seed_all(seed)
                 return self._load(index)
             finally:
-                random.setstate(py_state)
-                torch.set_rng_state(torch_state)
-        random.seed(seed)
-        torch.random.default_generator.manual_seed(seed)  # the CPU generator only: workers have no CUDA
+                random.setstate(states[0])
+                np.random.set_state(states[1])
+                torch.set_rng_state(states[2])
+        _seed_all(seed)
         return self._load(index)
 
     def _load(self, index: int) -> tuple[Any, Any, int]:

@@ -206,12 +206,19 @@ def uses_cifar_aug(*, img_size: int, aug: str = "auto") -> bool:
     return aug == "cifar" or (aug == "auto" and img_size <= 64)
 
 
-def trainer_transform(*, img_size: int, aug: str = "auto", is_training: bool):
-    """The transform the trainer uses for ``img_size`` and ``--aug`` (see :func:`uses_cifar_aug`)."""
+def trainer_transform(*, img_size: int, aug: str = "auto", is_training: bool, **imagenet_aug):
+    """The transform the trainer uses for ``img_size`` and ``--aug`` (see :func:`uses_cifar_aug`).
+
+    ``imagenet_aug``: timm ``create_transform`` keywords for the ImageNet train augmentation (``scale``, ``ratio``,
+    ``hflip``, ``vflip``, ``color_jitter``, ``auto_augment``, ``interpolation``; bilinear unless given). The CIFAR
+    augmentation takes none (``ValueError``; the trainer refuses such flags first, naming them).
+    """
     if uses_cifar_aug(img_size=img_size, aug=aug):
+        if imagenet_aug and is_training:
+            raise ValueError(f"the CIFAR augmentation takes no ImageNet augmentation keywords: {sorted(imagenet_aug)}")
         return cifar_transform(img_size=img_size, is_training=is_training)
     if is_training:
-        return imagenet_transform(img_size=img_size, is_training=True, interpolation="bilinear")
+        return imagenet_transform(img_size=img_size, is_training=True, **{"interpolation": "bilinear", **imagenet_aug})
     return imagenet_transform(img_size=img_size, is_training=False)
 
 

@@ -1,0 +1,97 @@
+"""timm's train.py flags for regularisation, augmentation and the optimizer reach timm's own builders; a flag the
+run cannot honour is one line (exit 2); RandAugment's draws are seeded per sample like the rest of the transform."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from timm.data.auto_augment import RandAugment
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.layers import DropPath
+from torchvision import transforms as T
+
+from dap_pretrain import runner
+from dap_pretrain.config import run_config
+from dap_pretrain.data.dataset import IndexedDataset, create_dataset
+from dap_pretrain.data.loader import trainer_transform
+from dap_pretrain.errors import UsageError
+from dap_pretrain.train import cli, parse_args
+
+AUG = ["--aa", "rand-m9-mstd0.5-inc1", "--scale", "0.25", "1", "--ratio", "0.8", "1.25", "--hflip", "0.3",
+       "--vflip", "0.1", "--train-interpolation", "bicubic"]  # fmt: skip
+RECIPE = ["--drop", "0.2", "--drop-path", "0.1", "--opt", "adamw", "--opt-betas", "0.9", "0.99", "--opt-eps", "1e-6",
+          "--layer-decay", "0.8", "--lr", "1e-3"]  # fmt: skip
+
+
+def _cfg(data, *flags):
+    base = ["--model", "resnet18", "--data-dir", str(data), "--aug", "imagenet", "--img-size", "64", "--epochs", "2",
+            "--dap-warmup", "1"]  # fmt: skip
+    return run_config(parse_args([*base, "--output", "unused", *flags]))
+
+
+def _steps(transform) -> dict:
+    return {type(t): t for t in transform.transforms}
+
+
+def test_flags_reach_timms_transform_model_and_optimizer(imagenet_tiny):
+    cfg = _cfg(imagenet_tiny, *AUG, *RECIPE)
+    steps = _steps(runner._build_data(cfg, {}).train.dataset.transform)
+    crop = steps[RandomResizedCropAndInterpolation]
+    assert crop.scale == (0.25, 1.0) and crop.ratio == (0.8, 1.25) and crop.interpolation == T.InterpolationMode.BICUBIC
+    assert steps[T.RandomHorizontalFlip].p == 0.3 and steps[T.RandomVerticalFlip].p == 0.1
+    assert RandAugment in steps
+
+    model = runner._build_model(cfg, 16, torch.device("cpu"))
+    assert model.drop_rate == 0.2
+    assert max(m.drop_prob for m in model.modules() if isinstance(m, DropPath)) == pytest.approx(0.1)
+    opt = runner._build_optimizer(cfg, model)
+    assert type(opt).__name__ == "AdamW" and opt.defaults["betas"] == (0.9, 0.99) and opt.defaults["eps"] == 1e-6
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert len(scales) > 2 and scales[-1] == 1.0 and scales[0] < 0.8**2  # layer decay: deeper layers learn faster
+
+    # without the flags: timm's defaults, bilinear, no RandAugment, no DropPath
+    plain = _cfg(imagenet_tiny)
+    steps = _steps(runner._build_data(plain, {}).train.dataset.transform)
+    crop = steps[RandomResizedCropAndInterpolation]
+    assert crop.scale == (0.08, 1.0) and crop.interpolation == T.InterpolationMode.BILINEAR
+    assert RandAugment not in steps and T.RandomVerticalFlip not in steps
+    assert not any(isinstance(m, DropPath) for m in runner._build_model(plain, 16, torch.device("cpu")).modules())
+
+
+def test_randaugment_draws_depend_on_the_sample_seed_alone(imagenet_tiny):
+    """timm's RandAugment picks its ops with numpy's global generator; a seeded item reseeds it too."""
+    ds = IndexedDataset(create_dataset(name="", root=str(imagenet_tiny), split="train", is_training=True))
+    ds.transform = trainer_transform(img_size=64, aug="imagenet", is_training=True, auto_augment="rand-m5-n3-mstd0")
+    first = []
+    for np_seed in (1, 2):  # whatever the generators held before
+        np.random.seed(np_seed)
+        first.append(ds[(3, 12_345)][0])
+    assert torch.equal(first[0], first[1])
+    assert any(not torch.equal(first[0], ds[(3, 12_345 + k)][0]) for k in range(1, 4))
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--aa", "rand-m9-mstd0.5", "--hflip", "0.2"], ["--hflip --aa", "CIFAR", "--aug imagenet"]),
+        (["--drop-path", "0.1"], ["cifar_resnet20 does not take --drop-path", "drop the flag"]),
+    ],
+)
+def test_a_flag_the_run_cannot_honour_is_one_line(tmp_path, cifar_tiny, capsys, flags, words):
+    out = tmp_path / "o"
+    argv = ["--data-dir", str(cifar_tiny), "--epochs", "2", "--dap-warmup", "1", "--output", str(out), *flags]
+    with pytest.raises(SystemExit) as exit_:
+        cli(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and all(w in err for w in words), err
+    assert not out.exists() or not any(p.name != ".lock" for p in out.iterdir())
+
+
+def test_gpu_decode_takes_the_crop_flip_and_jitter_flags_and_refuses_the_rest(imagenet_tiny):
+    cfg = _cfg(imagenet_tiny, "--scale", "0.35", "1", "--hflip", "0.3", "--color-jitter", "0.2",
+               "--train-interpolation", "bilinear")  # fmt: skip
+    assert runner._gpu_decode_augment(cfg) == {"scale": (0.35, 1.0), "hflip": 0.3, "color_jitter": 0.2}
+    with pytest.raises(UsageError, match="not --vflip --aa; drop them or drop --gpu-decode"):
+        runner._gpu_decode_augment(_cfg(imagenet_tiny, "--aa", "rand-m9", "--vflip", "0.5"))
