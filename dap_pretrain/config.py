@@ -128,6 +128,9 @@ AUGMENT_FLAGS = {
     "color_jitter": "color_jitter",
     "aa": "auto_augment",
     "train_interpolation": "interpolation",
+    "reprob": "re_prob",
+    "remode": "re_mode",
+    "recount": "re_count",
 }
 
 

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--train-interpolation", default=None, help="resize interpolation: bilinear (default here), bicubic, random"
     )
+    a.add_argument("--reprob", type=float, default=None, metavar="P", help="random erasing probability (0)")
+    a.add_argument("--remode", choices=("const", "rand", "pixel"), default=None, help="random erasing fill (pixel)")
+    a.add_argument("--recount", type=int, default=None, help="random erasing regions per image (1)")
     o = p.add_argument_group("Optimizer and schedule")
     o.add_argument("-b", "--batch-size", type=int, default=128, help="per process")
     o.add_argument("--opt", default="sgd", help="timm optimizer name")

@@ -3,6 +3,8 @@ run cannot honour is one line (exit 2); RandAugment's draws are seeded per sampl
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -14,12 +16,13 @@ from torchvision import transforms as T
 from dap_pretrain import runner
 from dap_pretrain.config import run_config
 from dap_pretrain.data.dataset import IndexedDataset, create_dataset
-from dap_pretrain.data.loader import trainer_transform
+from dap_pretrain.data.loader import Uint8RandomErasing, trainer_transform
 from dap_pretrain.errors import UsageError
 from dap_pretrain.train import cli, parse_args
 
 AUG = ["--aa", "rand-m9-mstd0.5-inc1", "--scale", "0.25", "1", "--ratio", "0.8", "1.25", "--hflip", "0.3",
-       "--vflip", "0.1", "--train-interpolation", "bicubic"]  # fmt: skip
+       "--vflip", "0.1", "--train-interpolation", "bicubic", "--reprob", "0.25", "--remode", "rand",
+       "--recount", "2"]  # fmt: skip
 RECIPE = ["--drop", "0.2", "--drop-path", "0.1", "--opt", "adamw", "--opt-betas", "0.9", "0.99", "--opt-eps", "1e-6",
           "--layer-decay", "0.8", "--lr", "1e-3"]  # fmt: skip
 
@@ -41,6 +44,8 @@ def test_flags_reach_timms_transform_model_and_optimizer(imagenet_tiny):
     assert crop.scale == (0.25, 1.0) and crop.ratio == (0.8, 1.25) and crop.interpolation == T.InterpolationMode.BICUBIC
     assert steps[T.RandomHorizontalFlip].p == 0.3 and steps[T.RandomVerticalFlip].p == 0.1
     assert RandAugment in steps
+    erasing = steps[Uint8RandomErasing].erase
+    assert (erasing.probability, erasing.mode, erasing.max_count) == (0.25, "rand", 2)
 
     model = runner._build_model(cfg, 16, torch.device("cpu"))
     assert model.drop_rate == 0.2
@@ -55,17 +60,19 @@ def test_flags_reach_timms_transform_model_and_optimizer(imagenet_tiny):
     steps = _steps(runner._build_data(plain, {}).train.dataset.transform)
     crop = steps[RandomResizedCropAndInterpolation]
     assert crop.scale == (0.08, 1.0) and crop.interpolation == T.InterpolationMode.BILINEAR
-    assert RandAugment not in steps and T.RandomVerticalFlip not in steps
+    assert not {RandAugment, T.RandomVerticalFlip, Uint8RandomErasing} & set(steps)
     assert not any(isinstance(m, DropPath) for m in runner._build_model(plain, 16, torch.device("cpu")).modules())
 
 
 def test_randaugment_draws_depend_on_the_sample_seed_alone(imagenet_tiny):
     """timm's RandAugment picks its ops with numpy's global generator; a seeded item reseeds it too."""
     ds = IndexedDataset(create_dataset(name="", root=str(imagenet_tiny), split="train", is_training=True))
-    ds.transform = trainer_transform(img_size=64, aug="imagenet", is_training=True, auto_augment="rand-m5-n3-mstd0")
+    ds.transform = trainer_transform(img_size=64, aug="imagenet", is_training=True, auto_augment="rand-m5-n3-mstd0",
+                                     re_prob=0.5)  # fmt: skip
     first = []
     for np_seed in (1, 2):  # whatever the generators held before
         np.random.seed(np_seed)
+        torch.manual_seed(np_seed)
         first.append(ds[(3, 12_345)][0])
     assert torch.equal(first[0], first[1])
     assert any(not torch.equal(first[0], ds[(3, 12_345 + k)][0]) for k in range(1, 4))
@@ -95,3 +102,39 @@ def test_gpu_decode_takes_the_crop_flip_and_jitter_flags_and_refuses_the_rest(im
     assert runner._gpu_decode_augment(cfg) == {"scale": (0.35, 1.0), "hflip": 0.3, "color_jitter": 0.2}
     with pytest.raises(UsageError, match="not --vflip --aa; drop them or drop --gpu-decode"):
         runner._gpu_decode_augment(_cfg(imagenet_tiny, "--aa", "rand-m9", "--vflip", "0.5"))
+    with pytest.raises(UsageError, match="not --reprob;"):
+        runner._gpu_decode_augment(_cfg(imagenet_tiny, "--reprob", "0.25"))
+
+
+@pytest.mark.parametrize("mode", ["const", "rand", "pixel"])
+def test_uint8_erasing_erases_timms_regions_with_timms_fill(mode):
+    """Same seed, same draws: the region and fill of timm's RandomErasing on the normalised image, in pixels."""
+    from timm.data.random_erasing import RandomErasing
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    img = torch.randint(0, 256, (3, 48, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    shift, scale = torch.tensor(mean).view(3, 1, 1) * 255, torch.tensor(std).view(3, 1, 1) * 255
+    for seed in range(5):
+        random.seed(seed), torch.manual_seed(seed)
+        ours = Uint8RandomErasing(1.0, mode=mode, count=2, mean=mean, std=std)(img.clone())
+        random.seed(seed), torch.manual_seed(seed)
+        timm_erased = RandomErasing(1.0, mode=mode, max_count=2, device="cpu")((img.float() - shift) / scale)
+        expected = (timm_erased * scale + shift).round().clamp(0, 255).to(torch.uint8)
+        changed = ours != img
+        assert changed.any() and torch.equal(ours, expected)
+        assert torch.equal(ours[~changed], img[~changed])  # untouched pixels come back exactly
+
+
+def test_randaugment_and_erasing_do_not_depend_on_the_worker_count(imagenet_tiny):
+    from dap_pretrain.data.loader import create_loader
+
+    ds = IndexedDataset(create_dataset(name="", root=str(imagenet_tiny), split="train", is_training=True))
+    ds.transform = trainer_transform(img_size=48, aug="imagenet", is_training=True, auto_augment="rand-m9-mstd0.5",
+                                     re_prob=0.5)  # fmt: skip
+    batches = []
+    for workers in (0, 2):
+        loader = create_loader(ds, batch_size=8, sampler=list(range(16)), mean=(0.5,) * 3, std=(0.25,) * 3,
+                               device="cpu", num_workers=workers, seed=7)  # fmt: skip
+        batches.append(list(loader))
+    for (x0, y0, i0), (x2, y2, i2) in zip(*batches, strict=True):
+        assert torch.equal(i0, i2) and torch.equal(y0, y2) and torch.equal(x0, x2)

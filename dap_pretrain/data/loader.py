@@ -167,6 +167,34 @@ def cifar_transform(*, img_size: int = 32, is_training: bool) -> T.Compose:
     return T.Compose([*steps, T.PILToTensor()])
 
 
+class Uint8RandomErasing:
+    """timm's ``RandomErasing`` (``--reprob``) for the uint8 CHW images the loader workers return.
+
+    timm erases in its prefetcher, on normalised device batches, drawing from the main process's generators; here
+    each worker erases its own samples, so the draws come from the per-sample seeds (see
+    :class:`~dap_pretrain.data.dataset.IndexedDataset`) like the rest of the augmentation. The image is normalised
+    with ``mean``/``std`` (0..1 units), erased by timm's own ``RandomErasing`` (same regions, same fill: zeros, or
+    normal noise per region or pixel), and mapped back to pixels. Unerased pixels come back exactly; the fill is
+    rounded to whole pixel values and clipped to 0..255 (at ImageNet's mean/std, about 3% of ``pixel`` noise values
+    lie outside that range).
+    """
+
+    def __init__(self, probability: float, *, mode: str, count: int, mean: Sequence[float], std: Sequence[float]):
+        from timm.data.random_erasing import RandomErasing
+
+        self.erase = RandomErasing(probability, mode=mode, max_count=count, device="cpu")
+        self.shift = torch.tensor(mean).view(-1, 1, 1) * 255
+        self.scale = torch.tensor(std).view(-1, 1, 1) * 255
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        x = self.erase((torch.as_tensor(img).float() - self.shift) / self.scale)
+        return (x * self.scale + self.shift).round_().clamp_(0, 255).to(torch.uint8)
+
+    def __repr__(self) -> str:
+        e = self.erase
+        return f"{type(self).__name__}(p={e.probability}, mode={e.mode}, count={e.max_count})"
+
+
 def imagenet_transform(*, img_size: int, is_training: bool, **timm_kwargs) -> T.Compose:
     """timm's ImageNet pipeline (RandomResizedCrop 8-100%, 3/4-4/3 aspect, flip) as uint8 tensors."""
     from timm.data import create_transform
@@ -206,20 +234,41 @@ def uses_cifar_aug(*, img_size: int, aug: str = "auto") -> bool:
     return aug == "cifar" or (aug == "auto" and img_size <= 64)
 
 
-def trainer_transform(*, img_size: int, aug: str = "auto", is_training: bool, **imagenet_aug):
+def trainer_transform(
+    *,
+    img_size: int,
+    aug: str = "auto",
+    is_training: bool,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    **imagenet_aug,
+):
     """The transform the trainer uses for ``img_size`` and ``--aug`` (see :func:`uses_cifar_aug`).
 
     ``imagenet_aug``: timm ``create_transform`` keywords for the ImageNet train augmentation (``scale``, ``ratio``,
-    ``hflip``, ``vflip``, ``color_jitter``, ``auto_augment``, ``interpolation``; bilinear unless given). The CIFAR
-    augmentation takes none (``ValueError``; the trainer refuses such flags first, naming them).
+    ``hflip``, ``vflip``, ``color_jitter``, ``auto_augment``, ``interpolation``: bilinear unless given), and
+    ``re_prob``, ``re_mode``, ``re_count`` for :class:`Uint8RandomErasing`, which normalises with ``mean``/``std``.
+    The CIFAR augmentation takes none (``ValueError``; the trainer refuses such flags first, naming them).
     """
     if uses_cifar_aug(img_size=img_size, aug=aug):
         if imagenet_aug and is_training:
             raise ValueError(f"the CIFAR augmentation takes no ImageNet augmentation keywords: {sorted(imagenet_aug)}")
         return cifar_transform(img_size=img_size, is_training=is_training)
-    if is_training:
-        return imagenet_transform(img_size=img_size, is_training=True, **{"interpolation": "bilinear", **imagenet_aug})
-    return imagenet_transform(img_size=img_size, is_training=False)
+    if not is_training:
+        return imagenet_transform(img_size=img_size, is_training=False)
+    erasing = {k: imagenet_aug.pop(k) for k in ("re_prob", "re_mode", "re_count") if k in imagenet_aug}
+    transform = imagenet_transform(img_size=img_size, is_training=True, **{"interpolation": "bilinear", **imagenet_aug})
+    if erasing.get("re_prob", 0) > 0:
+        transform.transforms.append(
+            Uint8RandomErasing(
+                erasing["re_prob"],
+                mode=erasing.get("re_mode", "pixel"),
+                count=erasing.get("re_count", 1),
+                mean=mean,
+                std=std,
+            )
+        )
+    return transform
 
 
 def create_loader(
