@@ -109,6 +109,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             "--mixup/--cutmix cannot be combined with DaP (a mixed sample's loss has no single owner); "
             "drop them or pass --dap-select none"
         )
+    if v["grad_accum_steps"] < 1:
+        raise UsageError(f"--grad-accum-steps={v['grad_accum_steps']} is invalid: must be an integer >= 1")
     if v["eval_interval"] < 1:
         raise UsageError(f"--eval-interval={v['eval_interval']} is invalid: must be an integer >= 1")
     if v["dap_select"] == "none":

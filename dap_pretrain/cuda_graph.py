@@ -34,7 +34,9 @@ class GraphUnsupportedError(DapError, ValueError):
     """This configuration cannot run as a CUDA graph; the message names the flag to change."""
 
 
-def check_graphable(*, device: torch.device, optimizer, amp_dtype, scaler, model_ema, clip_grad, world: int) -> None:
+def check_graphable(
+    *, device: torch.device, optimizer, amp_dtype, scaler, model_ema, clip_grad, world: int, grad_accum_steps: int = 1
+) -> None:
     """Raise :class:`GraphUnsupportedError` unless a captured step is exact for this configuration."""
     problems = [
         (device.type != "cuda", "needs a CUDA device"),
@@ -43,6 +45,7 @@ def check_graphable(*, device: torch.device, optimizer, amp_dtype, scaler, model
         (model_ema is not None, "does not support --model-ema"),
         (bool(clip_grad), "does not support --clip-grad"),
         (world > 1, "does not support DDP (one process per GPU) yet"),
+        (grad_accum_steps > 1, "updates every batch (it does not support --grad-accum-steps)"),
         (any(g.get("maximize") for g in optimizer.param_groups), "does not support maximize=True"),
     ]
     for bad, why in problems:

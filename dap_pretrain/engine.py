@@ -43,6 +43,52 @@ def _progress(iterable, *, total: int, desc: str, enabled: bool):
     return iterable
 
 
+class _Updater:
+    """Backward and optimizer update of the eager path, every ``accum`` micro-batches (timm's
+    ``--grad-accum-steps``): each micro-batch's mean loss is divided by the size of its group, so a group's
+    gradient is the mean over its samples when its micro-batches are of one size; DDP all-reduces only at
+    the update (``no_sync`` before); the epoch's last group may be shorter and still updates."""
+
+    def __init__(self, model, optimizer, *, epoch: int, steps: int, accum: int, scaler, clip_grad, model_ema):
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.clip_grad, self.model_ema = clip_grad, model_ema
+        self.epoch, self.steps, self.accum = epoch, steps, max(1, accum)
+        self.last_group = steps - (steps % self.accum or self.accum)  # first step of the last group
+        self.pending = False  # gradients accumulated and not yet applied
+
+    def backward(self, loss: torch.Tensor, step: int) -> bool:
+        """Accumulate ``loss``'s gradient; update when ``step`` ends its group. Returns whether it updated."""
+        if not self.pending:
+            self.optimizer.zero_grad(set_to_none=True)
+        group = self.accum if step < self.last_group else self.steps - self.last_group
+        update = (step + 1) % self.accum == 0 or step == self.steps - 1
+        no_sync = getattr(self.model, "no_sync", None) if not update else None
+        with no_sync() if no_sync is not None else nullcontext():
+            loss = loss / group if group > 1 else loss
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.pending = True
+        if update:
+            self.update(step)
+        return update
+
+    def update(self, step: int) -> None:
+        """Apply the accumulated gradients after the epoch's ``step`` (also for a group whose last batch was
+        skipped)."""
+        if self.scaler is not None:
+            if self.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if self.clip_grad:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+            self.optimizer.step()
+        self.pending = False
+        if self.model_ema is not None:
+            self.model_ema.update(self.model, step=self.epoch * self.steps + step)
+
+
 def train_one_epoch(
     model,
     loader,
@@ -57,6 +103,7 @@ def train_one_epoch(
     scaler=None,
     model_ema=None,
     clip_grad: float | None = None,
+    grad_accum_steps: int = 1,
     log_interval: int = 50,
     show_progress: bool = True,
     graph_step=None,
@@ -68,7 +115,8 @@ def train_one_epoch(
     ``epoch + step / steps_in_this_epoch`` so a DaP epoch with fewer steps follows the same curve.
 
     A sampler with ``loss_weights(indices)`` (InfoBatch) scales each sample's loss in the backward
-    pass; the recorded losses stay unscaled. ``graph_step`` (a
+    pass; the recorded losses stay unscaled. ``grad_accum_steps``: one optimizer update per that many
+    batches (see :class:`_Updater`); every batch's losses are recorded. ``graph_step`` (a
     :class:`~dap_pretrain.cuda_graph.GraphedSGDStep`) trains the batches it accepts as a CUDA graph;
     the others take the eager path below.
     """
@@ -80,6 +128,16 @@ def train_one_epoch(
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     lr = lr_start = lr_scheduler.step(float(epoch))
     loss_weights = getattr(sampler, "loss_weights", None)
+    updater = _Updater(
+        model,
+        optimizer,
+        epoch=epoch,
+        steps=steps,
+        accum=grad_accum_steps,
+        scaler=scaler,
+        clip_grad=clip_grad,
+        model_ema=model_ema,
+    )
     for step, (images, targets, indices) in enumerate(
         _progress(loader, total=steps, desc=f"epoch {epoch + 1}", enabled=show_progress)
     ):
@@ -88,6 +146,8 @@ def train_one_epoch(
             # BatchNorm cannot train on one sample; a DaP subset can leave exactly one in the last batch.
             # The sample gets no loss this epoch, so the accounting reports it as not trained.
             _logger.info("epoch %d: skipped a final batch of 1 sample (BatchNorm needs 2)", epoch + 1)
+            if updater.pending:  # the group's earlier batches still update
+                updater.update(step)
             continue
         weights = loss_weights(indices) if loss_weights is not None else None
         if graph_step is not None and graph_step.accepts(images):
@@ -101,21 +161,7 @@ def train_one_epoch(
             losses = F.cross_entropy(output.float(), targets, reduction="none", label_smoothing=smoothing)
         loss = (losses * weights).mean() if weights is not None else losses.mean()
         sampler.record(indices, losses.detach())
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-            optimizer.step()
-        if model_ema is not None:
-            model_ema.update(model, step=epoch * steps + step)
+        updater.backward(loss, step)
         batch_loss = float(loss.detach()) if (step % log_interval == 0 or step == steps - 1) else None
         if batch_loss is not None:
             if not math.isfinite(batch_loss):

@@ -551,6 +551,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             model_ema=ema,
             clip_grad=cfg.clip_grad,
             world=world,
+            grad_accum_steps=cfg.grad_accum_steps,
         )
         graph_step = GraphedSGDStep(
             model, optimizer, batch_size=cfg.batch_size, amp_dtype=amp_dtype, smoothing=cfg.smoothing
@@ -615,6 +616,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             scaler=scaler,
             model_ema=ema,
             clip_grad=cfg.clip_grad,
+            grad_accum_steps=cfg.grad_accum_steps,
             log_interval=cfg.log_interval,
             show_progress=rank == 0,
             graph_step=graph_step,

@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--opt-betas", type=float, nargs="+", default=None, metavar="BETA", help="optimizer betas")
     o.add_argument("--layer-decay", type=float, default=None, help="layer-wise LR decay (timm's param groups)")
     o.add_argument("--clip-grad", type=float, default=None)
+    o.add_argument(
+        "--grad-accum-steps", type=int, default=1, metavar="N", help="one optimizer update per N batches (-b each)"
+    )
     o.add_argument("--sched", choices=("step", "cosine"), default="step")
     o.add_argument("--decay-milestones", type=int, nargs="*", default=[30, 60, 90], help="epochs where LR *= rate")
     o.add_argument("--decay-rate", type=float, default=0.1)

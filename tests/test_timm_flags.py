@@ -138,3 +138,64 @@ def test_randaugment_and_erasing_do_not_depend_on_the_worker_count(imagenet_tiny
         batches.append(list(loader))
     for (x0, y0, i0), (x2, y2, i2) in zip(*batches, strict=True):
         assert torch.equal(i0, i2) and torch.equal(y0, y2) and torch.equal(x0, x2)
+
+
+class _Losses:
+    """The sampler side of train_one_epoch: records which indices got a loss."""
+
+    def __init__(self):
+        self.indices = []
+
+    def record(self, indices, losses):
+        self.indices += indices.tolist()
+
+
+class _FixedLR:
+    def step(self, progress: float) -> float:
+        return 0.1
+
+
+def _epoch(sizes: list[int], accum: int) -> tuple[list[torch.Tensor], list[int]]:
+    """One epoch of a BatchNorm-free model over 24 fixed samples cut into batches of ``sizes``."""
+    from dap_pretrain.engine import train_one_epoch
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(sum(sizes), 3, 2, 2, generator=gen), torch.randint(0, 5, (sum(sizes),), generator=gen)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    loader = [(x[s : s + n], y[s : s + n], torch.arange(s, s + n)) for s, n in zip(starts, sizes, strict=True)]
+    losses = _Losses()
+    train_one_epoch(model, loader, opt, epoch=0, sampler=losses, lr_scheduler=_FixedLR(), device=torch.device("cpu"),
+                    grad_accum_steps=accum, show_progress=False)  # fmt: skip
+    return [p.detach().clone() for p in model.parameters()], losses.indices
+
+
+@pytest.mark.parametrize(
+    ("micro", "accum", "whole"),
+    [([4] * 6, 2, [8, 8, 8]), ([4] * 6, 3, [12, 12]), ([4] * 5, 2, [8, 8, 4]), ([8, 8, 8], 1, [8, 8, 8])],
+)
+def test_grad_accum_steps_update_as_the_joined_batches_would(micro, accum, whole):
+    """``--grad-accum-steps N`` with -b B trains as -b N*B would without BatchNorm, the epoch's short last group
+    included; every micro-batch's losses are recorded."""
+    params, recorded = _epoch(micro, accum)
+    expected, _ = _epoch(whole, 1)
+    assert recorded == list(range(sum(micro)))
+    for a, b in zip(params, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if accum > 1:  # and it is not the plain per-batch update
+        plain, _ = _epoch(micro, 1)
+        assert not all(torch.allclose(a, b) for a, b in zip(params, plain, strict=True))
+
+
+def test_grad_accum_steps_is_refused_by_the_cuda_graph_and_below_one(tmp_path, cifar_tiny, capsys):
+    from dap_pretrain.cuda_graph import GraphUnsupportedError, check_graphable
+
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(GraphUnsupportedError, match="--grad-accum-steps"):
+        check_graphable(device=torch.device("cuda"), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        amp_dtype=torch.bfloat16, scaler=None, model_ema=None, clip_grad=None, world=1,
+                        grad_accum_steps=2)  # fmt: skip
+    with pytest.raises(UsageError, match="--grad-accum-steps=0 is invalid"):
+        _cfg(cifar_tiny, "--grad-accum-steps", "0")
