@@ -89,6 +89,12 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     """
     v = dict(vars(args))
     v["baseline_epochs"] = v["epochs"]
+    if v["sched"] == "multistep":  # timm's name for decays at --decay-milestones, which this trainer calls step
+        v["sched"] = "step"
+    if v["decay_epochs"] is not None:  # timm's step schedule: every N epochs
+        if v["decay_epochs"] < 1:
+            raise UsageError(f"--decay-epochs={v['decay_epochs']} is invalid: must be an integer >= 1")
+        v["decay_milestones"] = list(range(v["decay_epochs"], v["epochs"], v["decay_epochs"]))
     if v["dap_select"] == "infobatch" and (v["epochs_scale"] is not None or v["fixed_subset"] is not None):
         raise UsageError("--dap-select infobatch cannot be combined with --epochs-scale/--fixed-subset; drop one")
     if v["epochs_scale"] is not None:

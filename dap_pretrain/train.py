@@ -88,8 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--grad-accum-steps", type=int, default=1, metavar="N", help="one optimizer update per N batches (-b each)"
     )
-    o.add_argument("--sched", choices=("step", "cosine"), default="step")
+    o.add_argument(
+        "--sched", choices=("step", "multistep", "cosine"), default="step", help="step = multistep: at the milestones"
+    )
     o.add_argument("--decay-milestones", type=int, nargs="*", default=[30, 60, 90], help="epochs where LR *= rate")
+    o.add_argument(
+        "--decay-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="LR *= rate every N epochs (replaces the milestones)",
+    )
     o.add_argument("--decay-rate", type=float, default=0.1)
     o.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up (not DaP's --dap-warmup)")
     o.add_argument("--warmup-lr", type=float, default=1e-5)

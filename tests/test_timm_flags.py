@@ -199,3 +199,16 @@ def test_grad_accum_steps_is_refused_by_the_cuda_graph_and_below_one(tmp_path, c
                         grad_accum_steps=2)  # fmt: skip
     with pytest.raises(UsageError, match="--grad-accum-steps=0 is invalid"):
         _cfg(cifar_tiny, "--grad-accum-steps", "0")
+
+
+def test_timms_schedule_names_multistep_and_decay_epochs(cifar_tiny):
+    from dap_pretrain.config import default_reuse
+
+    multi = _cfg(cifar_tiny, "--sched", "multistep", "--decay-milestones", "1")
+    assert multi.sched == "step" and multi.decay_milestones == [1]
+    every = run_config(parse_args(["--epochs", "100", "--decay-epochs", "30", "--output", "o"]))
+    assert every.decay_milestones == [30, 60, 90] and default_reuse(every) == (30, 60, 90)  # DaP's R follows the LR
+    scaled = run_config(parse_args(["--epochs", "100", "--decay-epochs", "30", "--epochs-scale", "0.5", "--output", "o"]))
+    assert scaled.epochs == 50 and scaled.decay_milestones == [15, 30, 45]
+    with pytest.raises(UsageError, match="--decay-epochs=0 is invalid"):
+        _cfg(cifar_tiny, "--decay-epochs", "0")
