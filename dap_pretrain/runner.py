@@ -90,7 +90,8 @@ def _build_model(cfg, num_classes: int, device: torch.device):
     except TypeError as e:
         if "unexpected keyword argument" not in str(e) or not kwargs:
             raise
-        flags = ", ".join(f"--{k.removesuffix('_rate').replace('_', '-')}" for k in kwargs)
+        named = [k for k in kwargs if f"'{k}'" in str(e)] or list(kwargs)
+        flags = ", ".join(f"--{k.removesuffix('_rate').replace('_', '-')}" for k in named)
         raise UsageError(f"model {cfg.model} does not take {flags} ({e}); drop the flag for this model") from None
     model.to(device)
     if cfg.channels_last:

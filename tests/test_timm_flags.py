@@ -82,7 +82,7 @@ def test_randaugment_draws_depend_on_the_sample_seed_alone(imagenet_tiny):
     ("flags", "words"),
     [
         (["--aa", "rand-m9-mstd0.5", "--hflip", "0.2"], ["--hflip --aa", "CIFAR", "--aug imagenet"]),
-        (["--drop-path", "0.1"], ["cifar_resnet20 does not take --drop-path", "drop the flag"]),
+        (["--drop", "0.1", "--drop-path", "0.1"], ["cifar_resnet20 does not take --drop-path (", "drop the flag"]),
     ],
 )
 def test_a_flag_the_run_cannot_honour_is_one_line(tmp_path, cifar_tiny, capsys, flags, words):
@@ -206,9 +206,10 @@ def test_timms_schedule_names_multistep_and_decay_epochs(cifar_tiny):
 
     multi = _cfg(cifar_tiny, "--sched", "multistep", "--decay-milestones", "1")
     assert multi.sched == "step" and multi.decay_milestones == [1]
-    every = run_config(parse_args(["--epochs", "100", "--decay-epochs", "30", "--output", "o"]))
+    every_30 = ["--epochs", "100", "--decay-epochs", "30", "--output", "o"]
+    every = run_config(parse_args(every_30))
     assert every.decay_milestones == [30, 60, 90] and default_reuse(every) == (30, 60, 90)  # DaP's R follows the LR
-    scaled = run_config(parse_args(["--epochs", "100", "--decay-epochs", "30", "--epochs-scale", "0.5", "--output", "o"]))
+    scaled = run_config(parse_args([*every_30, "--epochs-scale", "0.5"]))
     assert scaled.epochs == 50 and scaled.decay_milestones == [15, 30, 45]
     with pytest.raises(UsageError, match="--decay-epochs=0 is invalid"):
         _cfg(cifar_tiny, "--decay-epochs", "0")
