@@ -106,23 +106,28 @@ def test_gpu_decode_takes_the_crop_flip_and_jitter_flags_and_refuses_the_rest(im
         runner._gpu_decode_augment(_cfg(imagenet_tiny, "--reprob", "0.25"))
 
 
-@pytest.mark.parametrize("mode", ["const", "rand", "pixel"])
-def test_uint8_erasing_erases_timms_regions_with_timms_fill(mode):
-    """Same seed, same draws: the region and fill of timm's RandomErasing on the normalised image, in pixels."""
+@pytest.mark.parametrize(("mode", "prob"), [("const", 1.0), ("rand", 1.0), ("pixel", 1.0), ("pixel", 0.5)])
+def test_uint8_erasing_erases_timms_regions_with_timms_fill(mode, prob):
+    """Same seed, same draws: the region and fill of timm's RandomErasing on the normalised image, in pixels; an
+    image left alone consumes the same draw as in timm, so the generator stays in step."""
     from timm.data.random_erasing import RandomErasing
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     img = torch.randint(0, 256, (3, 48, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     shift, scale = torch.tensor(mean).view(3, 1, 1) * 255, torch.tensor(std).view(3, 1, 1) * 255
-    for seed in range(5):
+    erased = 0
+    for seed in range(8):
         random.seed(seed), torch.manual_seed(seed)
-        ours = Uint8RandomErasing(1.0, mode=mode, count=2, mean=mean, std=std)(img.clone())
+        ours = Uint8RandomErasing(prob, mode=mode, count=2, mean=mean, std=std)(img.clone())
+        next_ours = random.random(), torch.rand(())
         random.seed(seed), torch.manual_seed(seed)
-        timm_erased = RandomErasing(1.0, mode=mode, max_count=2, device="cpu")((img.float() - shift) / scale)
+        timm_erased = RandomErasing(prob, mode=mode, max_count=2, device="cpu")((img.float() - shift) / scale)
         expected = (timm_erased * scale + shift).round().clamp(0, 255).to(torch.uint8)
+        assert torch.equal(ours, expected) and next_ours == (random.random(), torch.rand(()))
         changed = ours != img
-        assert changed.any() and torch.equal(ours, expected)
         assert torch.equal(ours[~changed], img[~changed])  # untouched pixels come back exactly
+        erased += bool(changed.any())
+    assert erased == 8 if prob == 1.0 else 0 < erased < 8
 
 
 def test_randaugment_and_erasing_do_not_depend_on_the_worker_count(imagenet_tiny):

@@ -8,6 +8,7 @@ workers, transfer on a side stream, normalisation on the device) and keeps the i
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -187,6 +188,10 @@ class Uint8RandomErasing:
         self.scale = torch.tensor(std).view(-1, 1, 1) * 255
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        state = random.getstate()
+        if random.random() > self.erase.probability:  # timm's own first draw: an image left alone costs no copy
+            return img
+        random.setstate(state)  # timm's erase draws it again, then the regions
         x = self.erase((torch.as_tensor(img).float() - self.shift) / self.scale)
         return (x * self.scale + self.shift).round_().clamp_(0, 255).to(torch.uint8)
 
