@@ -115,6 +115,10 @@ def run_config(args: argparse.Namespace) -> RunConfig:
             "--mixup/--cutmix cannot be combined with DaP (a mixed sample's loss has no single owner); "
             "drop them or pass --dap-select none"
         )
+    if v["lr_base"] is not None:  # timm's --lr-base: the LR of a global batch of --lr-base-size (default 256)
+        v["lr"], v["lr_base_size"] = v["lr_base"], v["lr_base_size"] or 256
+    if v["lr_base_size"] is not None and v["lr_base_size"] < 1:
+        raise UsageError(f"--lr-base-size={v['lr_base_size']} is invalid: must be a batch size >= 1")
     if v["grad_accum_steps"] < 1:
         raise UsageError(f"--grad-accum-steps={v['grad_accum_steps']} is invalid: must be an integer >= 1")
     if v["eval_interval"] < 1:
@@ -159,6 +163,24 @@ def optimizer_kwargs(cfg) -> dict:
     kwargs = dict(opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     extra = {"eps": cfg.opt_eps, "betas": tuple(cfg.opt_betas or ()) or None, "layer_decay": cfg.layer_decay}
     return {**kwargs, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def scaled_lr(cfg, *, world: int) -> tuple[RunConfig, str | None]:
+    """``cfg`` with ``--lr`` scaled from a global batch of ``--lr-base-size`` to the run's (timm's rule: linear, or
+    square root for Adam/LAMB-like optimizers, unless ``--lr-base-scale``), and a line saying so; unchanged without
+    ``--lr-base-size``. The scaled config holds the LR it trains with and no base, so its ``args.yaml`` reproduces
+    that LR whatever the process count of a later run."""
+    if cfg.lr_base_size is None:
+        return cfg, None
+    global_batch = cfg.batch_size * world * cfg.grad_accum_steps
+    rule = cfg.lr_base_scale or ("sqrt" if any(k in cfg.opt.lower() for k in ("ada", "lamb")) else "linear")
+    ratio = global_batch / cfg.lr_base_size
+    lr = cfg.lr * (ratio**0.5 if rule == "sqrt" else ratio)
+    note = (
+        f"lr {lr:.6g}: {cfg.lr:g} for a global batch of {cfg.lr_base_size}, scaled ({rule}) to this run's "
+        f"{global_batch} (-b {cfg.batch_size} x {world} processes x {cfg.grad_accum_steps} accumulated)"
+    )
+    return cfg.replace(lr=lr, lr_base=None, lr_base_size=None, lr_base_scale=None), note
 
 
 def load_config(path: Path, _seen: tuple = ()) -> dict:

@@ -37,6 +37,7 @@ from dap_pretrain.config import (
     default_reuse,
     model_kwargs,
     optimizer_kwargs,
+    scaled_lr,
 )
 from dap_pretrain.cuda_graph import GraphedSGDStep, check_graphable
 from dap_pretrain.data.dataset import (
@@ -514,6 +515,9 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
     import timm
     from timm.utils import ModelEmaV3
 
+    cfg, lr_note = scaled_lr(cfg, world=world)
+    if lr_note:
+        _logger.info(lr_note)
     model_cfg = timm.models.get_pretrained_cfg(cfg.model)
     data = _build_data(cfg, model_cfg.to_dict() if model_cfg else {})
     model = _seeded_model(cfg, data.num_classes, device, rank)

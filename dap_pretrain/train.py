@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("-b", "--batch-size", type=int, default=128, help="per process")
     o.add_argument("--opt", default="sgd", help="timm optimizer name")
     o.add_argument("--lr", type=float, default=0.1)
+    o.add_argument("--lr-base", type=float, default=None, help="sets --lr for a global batch of --lr-base-size (256)")
+    o.add_argument(
+        "--lr-base-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--lr is for a global batch of N: scale it to -b x processes x --grad-accum-steps",
+    )
+    o.add_argument(
+        "--lr-base-scale", choices=("linear", "sqrt"), default=None, help="default: sqrt for Adam/LAMB-like, linear"
+    )
     o.add_argument("--momentum", type=float, default=0.9)
     o.add_argument("--weight-decay", type=float, default=1e-4)
     o.add_argument("--opt-eps", type=float, default=None, metavar="EPS", help="optimizer epsilon (Adam-like)")

@@ -218,3 +218,23 @@ def test_timms_schedule_names_multistep_and_decay_epochs(cifar_tiny):
     assert scaled.epochs == 50 and scaled.decay_milestones == [15, 30, 45]
     with pytest.raises(UsageError, match="--decay-epochs=0 is invalid"):
         _cfg(cifar_tiny, "--decay-epochs", "0")
+
+
+def test_lr_is_scaled_from_the_base_batch_to_the_global_batch():
+    from dap_pretrain.config import scaled_lr
+
+    def lr(*flags, world=8):
+        cfg, note = scaled_lr(run_config(parse_args(["-b", "32", "--output", "o", *flags])), world=world)
+        assert (note is None) == (not any(f.startswith("--lr-base") for f in flags))
+        assert cfg.lr_base_size is None and cfg.lr_base is None  # args.yaml reproduces the LR, not the scaling
+        return cfg.lr
+
+    assert lr() == 0.1 and lr(world=1) == 0.1  # no base: --lr as given
+    assert lr("--lr-base-size", "256") == pytest.approx(0.1)  # 32 x 8 = 256
+    assert lr("--lr-base-size", "256", "--grad-accum-steps", "2") == pytest.approx(0.2)
+    assert lr("--lr-base-size", "256", world=1) == pytest.approx(0.1 / 8)
+    assert lr("--lr-base", "0.4", "--lr", "9") == pytest.approx(0.4)  # timm's --lr-base, default size 256
+    assert lr("--lr-base", "0.4", "--opt", "adamw", world=32) == pytest.approx(0.4 * 2)  # sqrt(1024 / 256)
+    assert lr("--lr-base", "0.4", "--opt", "adamw", "--lr-base-scale", "linear", world=32) == pytest.approx(1.6)
+    with pytest.raises(UsageError, match="--lr-base-size=0 is invalid"):
+        lr("--lr-base-size", "0")
