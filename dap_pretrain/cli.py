@@ -6,6 +6,7 @@ Only entry points import this module; library code takes keyword arguments (STYL
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 
@@ -48,8 +49,21 @@ def add_dap_arguments(parser: argparse.ArgumentParser, *, with_epochs: bool = Tr
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's default prints usage on several lines
-        print(f"error: {message} (see --help)", file=sys.stderr)
+        print(f"error: {message}{self._did_you_mean(message)} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+    def _did_you_mean(self, message: str) -> str:
+        """``; did you mean --drop-path?`` for an unrecognised flag close to a known one (``--drop_path``)."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        hints = []
+        for token in message.split(":", 1)[1].split():
+            flag = token.split("=", 1)[0]
+            if flag.startswith("--"):
+                close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.8)
+                hints += [f"{close[0]} for {flag}"] if close else []
+        return f"; did you mean {', '.join(hints)}?" if hints else ""
 
 
 def make_parser(**kwargs) -> argparse.ArgumentParser:

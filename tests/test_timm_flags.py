@@ -238,3 +238,12 @@ def test_lr_is_scaled_from_the_base_batch_to_the_global_batch():
     assert lr("--lr-base", "0.4", "--opt", "adamw", "--lr-base-scale", "linear", world=32) == pytest.approx(1.6)
     with pytest.raises(UsageError, match="--lr-base-size=0 is invalid"):
         lr("--lr-base-size", "0")
+
+
+def test_an_unknown_flag_is_one_line_that_names_a_close_known_one(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--drop_path", "0.1", "--dap-kep", "0.5", "--torchcompile"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: unrecognized arguments: --drop_path 0.1 --dap-kep 0.5 --torchcompile; did you mean "
+                   "--drop-path for --drop_path, --dap-keep for --dap-kep? (see --help)")  # fmt: skip
