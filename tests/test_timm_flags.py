@@ -16,7 +16,7 @@ from torchvision import transforms as T
 from dap_pretrain import runner
 from dap_pretrain.config import run_config
 from dap_pretrain.data.dataset import IndexedDataset, create_dataset
-from dap_pretrain.data.loader import Uint8RandomErasing, trainer_transform
+from dap_pretrain.data.loader import Uint8RandomErasing, describe_transform, trainer_transform
 from dap_pretrain.errors import UsageError
 from dap_pretrain.train import cli, parse_args
 
@@ -46,6 +46,9 @@ def test_flags_reach_timms_transform_model_and_optimizer(imagenet_tiny):
     assert RandAugment in steps
     erasing = steps[Uint8RandomErasing].erase
     assert (erasing.probability, erasing.mode, erasing.max_count) == (0.25, "rand", 2)
+    line = describe_transform(runner._build_data(cfg, {}).train.dataset.transform)  # what the run log shows
+    assert "scale=(0.25, 1.0)" in line and "RandAugment(layers=2, magnitude=9)" in line and "\n" not in line
+    assert line.endswith("Uint8RandomErasing(p=0.25, mode=rand, count=2)")
 
     model = runner._build_model(cfg, 16, torch.device("cpu"))
     assert model.drop_rate == 0.2

@@ -136,6 +136,13 @@ class IndexedPrefetchLoader:
         n = len(self.loader.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def describe(self) -> str:
+        """One line for the run log: the workers and each step of the train transform they apply."""
+        return (
+            f"{self.loader.num_workers} loader workers, batches of {self.batch_size}: "
+            f"{describe_transform(getattr(self.dataset, 'transform', None))}"
+        )
+
     @property
     def sampler(self):
         sampler = self.loader.sampler
@@ -144,6 +151,22 @@ class IndexedPrefetchLoader:
     @property
     def dataset(self):
         return self.loader.dataset
+
+
+def describe_transform(transform) -> str:
+    """A transform's steps on one line: each step's own repr with its whitespace squeezed, RandAugment's op list
+    shortened to its layer count and magnitude, and the final to-tensor step left out."""
+    steps = getattr(transform, "transforms", [transform])
+    parts = []
+    for t in steps:
+        name = type(t).__name__
+        if name in ("MaybePILToTensor", "PILToTensor", "ToTensor"):
+            continue
+        if name == "RandAugment" and getattr(t, "ops", None):
+            parts.append(f"RandAugment(layers={t.num_layers}, magnitude={t.ops[0].magnitude:g})")
+        else:
+            parts.append(" ".join(repr(t).split()))
+    return " > ".join(parts) or "none"
 
 
 def chunk_size(batch_size: int, num_workers: int) -> int:
