@@ -112,6 +112,19 @@ def _build_optimizer(cfg, model):
         raise UsageError(f"--opt {cfg.opt} does not take one of the options given ({e}); drop it") from None
 
 
+def _compiled(module, *, backend: str, mode: str | None):
+    """``torch.compile(module)`` (timm's ``--torchcompile``); an unknown backend or mode is a UsageError."""
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        names = ", ".join(torch._dynamo.list_backends())
+        raise UsageError(f"--torchcompile {backend} is not a torch.compile backend; choose one of {names}")
+    try:
+        return torch.compile(module, backend=backend, mode=mode)
+    except RuntimeError as e:
+        raise UsageError(f"--torchcompile-mode {mode}: {e}; drop it or pass a valid mode") from None
+
+
 def _build_data(cfg, model_cfg: dict) -> Data:
     root = str(embedded_data_dir()) if cfg.data_dir == "embedded" else cfg.data_dir
     extra = {"download": True} if cfg.dataset_download else {}
@@ -576,6 +589,8 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if cfg.torchcompile:  # training only: checkpoints, EMA, evaluation and export keep the plain module
+        train_model = _compiled(train_model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode)
     # Every check has passed: only now is the run folder changed.
     held.close()
     removed = take_over(lock, output, overwrite=cfg.overwrite) if rank == 0 else []

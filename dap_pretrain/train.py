@@ -158,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replay each full training step as a CUDA graph (SGD, one GPU; for launch-bound small networks)",
     )
+    r.add_argument(
+        "--torchcompile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the model for training (backend: inductor unless named)",
+    )
+    r.add_argument("--torchcompile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
     r.add_argument("--eval-interval", type=int, default=1, metavar="N", help="evaluate every N epochs and at the last")
     r.add_argument("-vb", "--validation-batch-size", type=int, default=None, help="default: --batch-size")
     r.add_argument("--device", default="auto")

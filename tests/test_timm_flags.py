@@ -245,8 +245,33 @@ def test_lr_is_scaled_from_the_base_batch_to_the_global_batch():
 
 def test_an_unknown_flag_is_one_line_that_names_a_close_known_one(capsys):
     with pytest.raises(SystemExit) as exit_:
-        parse_args(["--drop_path", "0.1", "--dap-kep", "0.5", "--torchcompile"])
+        parse_args(["--drop_path", "0.1", "--dap-kep", "0.5", "--sync-bn"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("error: unrecognized arguments: --drop_path 0.1 --dap-kep 0.5 --torchcompile; did you mean "
+    assert err == ("error: unrecognized arguments: --drop_path 0.1 --dap-kep 0.5 --sync-bn; did you mean "
                    "--drop-path for --drop_path, --dap-keep for --dap-kep? (see --help)")  # fmt: skip
+
+
+def test_torchcompile_trains_the_same_weights_and_keeps_plain_checkpoints(tmp_path, cifar_tiny, capsys):
+    """``--torchcompile eager`` (dynamo's capture without a code generator, fast on a CPU) trains bit for bit like
+    the plain run; the checkpoint holds the plain module's keys, so resume and export are unchanged."""
+    from dap_pretrain.train import main as train_main
+
+    flags = ["--data-dir", str(cifar_tiny), "--epochs", "2", "--dap-warmup", "1", "--dap-interval", "1",
+             "--dap-keep", "0.5", "-b", "32", "--workers", "1", "--no-plot"]  # fmt: skip
+    try:
+        runs = [train_main([*flags, "--output", str(tmp_path / name), *extra])
+                for name, extra in (("plain", []), ("compiled", ["--torchcompile", "eager"]))]  # fmt: skip
+    finally:
+        torch._dynamo.reset()
+    assert runs[0]["top1"] == runs[1]["top1"]
+    plain, compiled = (torch.load(tmp_path / n / "last.pth.tar", weights_only=False) for n in ("plain", "compiled"))
+    assert list(plain["state_dict"]) == list(compiled["state_dict"])  # no "_orig_mod." prefix
+    for key, value in plain["state_dict"].items():
+        assert torch.equal(value, compiled["state_dict"][key]), key
+    for extra, words in ((["--torchcompile", "nope"], "is not a torch.compile backend"),
+                         (["--torchcompile", "--cuda-graph"], "choose one")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            cli([*flags, "--output", str(tmp_path / "refused"), *extra])
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "refused" / "args.yaml").exists()
