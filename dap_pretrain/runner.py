@@ -150,11 +150,17 @@ def _build_data(cfg, model_cfg: dict) -> Data:
             f"{flags} set timm's ImageNet augmentation, but this run uses the CIFAR one (pad-4 crop + flip; --aug "
             f"{cfg.aug} at {img_size} px); pass --aug imagenet or drop them"
         )
-    mean = tuple(model_cfg.get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(model_cfg.get("std", (0.229, 0.224, 0.225)))
+    evaluation = {k: v for k, v in (("crop_pct", cfg.crop_pct), ("interpolation", cfg.interpolation)) if v is not None}
+    if cifar and evaluation:
+        raise UsageError(
+            f"--crop-pct/--interpolation set timm's ImageNet evaluation transform, but this run uses the CIFAR one "
+            f"(--aug {cfg.aug} at {img_size} px); pass --aug imagenet or drop them"
+        )
+    mean = tuple(cfg.mean or model_cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(cfg.std or model_cfg.get("std", (0.229, 0.224, 0.225)))
     train.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=True, mean=mean, std=std, **aug)
     if val is not None:
-        val.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=False)
+        val.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=False, **evaluation)
     classes = getattr(getattr(train, "reader", None), "class_to_idx", None) or getattr(train, "class_to_idx", None)
     num_classes = cfg.num_classes or (len(classes) if classes else 1000)
     return Data(

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--train-interpolation", default=None, help="resize interpolation: bilinear (default here), bicubic, random"
     )
+    a.add_argument("--mean", type=float, nargs=3, default=None, metavar="M", help="pixel mean (default: the model's)")
+    a.add_argument("--std", type=float, nargs=3, default=None, metavar="S", help="pixel std (default: the model's)")
+    a.add_argument("--crop-pct", type=float, default=None, help="evaluation: centre crop of the resized image (0.875)")
+    a.add_argument("--interpolation", default=None, help="evaluation resize interpolation (bilinear)")
     a.add_argument("--reprob", type=float, default=None, metavar="P", help="random erasing probability (0)")
     a.add_argument("--remode", choices=("const", "rand", "pixel"), default=None, help="random erasing fill (pixel)")
     a.add_argument("--recount", type=int, default=None, help="random erasing regions per image (1)")

@@ -275,3 +275,22 @@ def test_torchcompile_trains_the_same_weights_and_keeps_plain_checkpoints(tmp_pa
             cli([*flags, "--output", str(tmp_path / "refused"), *extra])
         assert words in capsys.readouterr().err
     assert not (tmp_path / "refused" / "args.yaml").exists()
+
+
+def test_evaluation_transform_and_normalisation_flags(tmp_path, imagenet_tiny, cifar_tiny, capsys):
+    cfg = _cfg(imagenet_tiny, "--crop-pct", "0.95", "--interpolation", "bicubic", "--mean", "0.5", "0.4", "0.3",
+               "--std", "0.25", "0.2", "0.15", "--reprob", "1")  # fmt: skip
+    data = runner._build_data(cfg, {})
+    steps = _steps(data.val.dataset.transform)
+    assert steps[T.Resize].size == 67 and steps[T.Resize].interpolation == T.InterpolationMode.BICUBIC  # 64 / 0.95
+    assert (data.mean, data.std) == ((0.5, 0.4, 0.3), (0.25, 0.2, 0.15))
+    erasing = _steps(data.train.dataset.transform)[Uint8RandomErasing]
+    assert torch.allclose(erasing.shift.flatten(), torch.tensor([127.5, 102.0, 76.5]))  # erases in the same units
+    default = _steps(runner._build_data(_cfg(imagenet_tiny), {"mean": (0.1, 0.2, 0.3)}).val.dataset.transform)
+    assert steps.keys() == default.keys() and default[T.Resize].size == 73  # timm's 0.875, bilinear
+    assert default[T.Resize].interpolation == T.InterpolationMode.BILINEAR
+    assert runner._build_data(_cfg(imagenet_tiny), {"mean": (0.1, 0.2, 0.3)}).mean == (0.1, 0.2, 0.3)  # the model's
+    with pytest.raises(SystemExit):
+        cli(["--data-dir", str(cifar_tiny), "--epochs", "2", "--dap-warmup", "1", "--crop-pct", "0.9",
+             "--output", str(tmp_path / "o")])  # fmt: skip
+    assert "--crop-pct/--interpolation set timm's ImageNet evaluation transform" in capsys.readouterr().err

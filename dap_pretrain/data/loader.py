@@ -275,15 +275,16 @@ def trainer_transform(
 
     ``imagenet_aug``: timm ``create_transform`` keywords for the ImageNet train augmentation (``scale``, ``ratio``,
     ``hflip``, ``vflip``, ``color_jitter``, ``auto_augment``, ``interpolation``: bilinear unless given), and
-    ``re_prob``, ``re_mode``, ``re_count`` for :class:`Uint8RandomErasing`, which normalises with ``mean``/``std``.
-    The CIFAR augmentation takes none (``ValueError``; the trainer refuses such flags first, naming them).
+    ``re_prob``, ``re_mode``, ``re_count`` for :class:`Uint8RandomErasing`, which normalises with ``mean``/``std``;
+    for evaluation (``is_training=False``), ``crop_pct`` and ``interpolation``. The CIFAR transform takes none
+    (``ValueError``; the trainer refuses such flags first, naming them).
     """
     if uses_cifar_aug(img_size=img_size, aug=aug):
-        if imagenet_aug and is_training:
-            raise ValueError(f"the CIFAR augmentation takes no ImageNet augmentation keywords: {sorted(imagenet_aug)}")
+        if imagenet_aug:
+            raise ValueError(f"the CIFAR transform takes no ImageNet transform keywords: {sorted(imagenet_aug)}")
         return cifar_transform(img_size=img_size, is_training=is_training)
     if not is_training:
-        return imagenet_transform(img_size=img_size, is_training=False)
+        return imagenet_transform(img_size=img_size, is_training=False, **imagenet_aug)
     erasing = {k: imagenet_aug.pop(k) for k in ("re_prob", "re_mode", "re_count") if k in imagenet_aug}
     transform = imagenet_transform(img_size=img_size, is_training=True, **{"interpolation": "bilinear", **imagenet_aug})
     if erasing.get("re_prob", 0) > 0:
