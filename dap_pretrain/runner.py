@@ -144,17 +144,12 @@ def _build_data(cfg, model_cfg: dict) -> Data:
     img_size = cfg.img_size or model_cfg.get("input_size", (3, 224, 224))[-1]
     cifar = uses_cifar_aug(img_size=img_size, aug=cfg.aug)
     aug = augment_kwargs(cfg)
-    if cifar and aug:
-        flags = " ".join(f"--{f.replace('_', '-')}" for f, kw in AUGMENT_FLAGS.items() if kw in aug)
+    evaluation = {k: getattr(cfg, k) for k in ("crop_pct", "interpolation") if getattr(cfg, k) is not None}
+    if cifar and (aug or evaluation):
+        flags = [f for f, kw in AUGMENT_FLAGS.items() if kw in aug] + list(evaluation)
         raise UsageError(
-            f"{flags} set timm's ImageNet augmentation, but this run uses the CIFAR one (pad-4 crop + flip; --aug "
-            f"{cfg.aug} at {img_size} px); pass --aug imagenet or drop them"
-        )
-    evaluation = {k: v for k, v in (("crop_pct", cfg.crop_pct), ("interpolation", cfg.interpolation)) if v is not None}
-    if cifar and evaluation:
-        raise UsageError(
-            f"--crop-pct/--interpolation set timm's ImageNet evaluation transform, but this run uses the CIFAR one "
-            f"(--aug {cfg.aug} at {img_size} px); pass --aug imagenet or drop them"
+            f"{' '.join('--' + f.replace('_', '-') for f in flags)} set timm's ImageNet transforms, but this run uses "
+            f"the CIFAR one (pad-4 crop + flip; --aug {cfg.aug} at {img_size} px); pass --aug imagenet or drop them"
         )
     mean = tuple(cfg.mean or model_cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(cfg.std or model_cfg.get("std", (0.229, 0.224, 0.225)))

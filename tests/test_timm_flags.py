@@ -293,4 +293,4 @@ def test_evaluation_transform_and_normalisation_flags(tmp_path, imagenet_tiny, c
     with pytest.raises(SystemExit):
         cli(["--data-dir", str(cifar_tiny), "--epochs", "2", "--dap-warmup", "1", "--crop-pct", "0.9",
              "--output", str(tmp_path / "o")])  # fmt: skip
-    assert "--crop-pct/--interpolation set timm's ImageNet evaluation transform" in capsys.readouterr().err
+    assert "error: --crop-pct set timm's ImageNet transforms, but this run uses the CIFAR" in capsys.readouterr().err
