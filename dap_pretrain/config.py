@@ -148,16 +148,30 @@ AUGMENT_FLAGS = {
 }
 
 
+MODEL_FLAGS = {"drop": "drop_rate", "drop_path": "drop_path_rate"}  # -> timm.create_model keywords
+EVAL_FLAGS = {"crop_pct": "crop_pct", "interpolation": "interpolation"}  # -> create_transform(is_training=False)
+
+
+def cli_flags(flags, *, sep: str = " ") -> str:
+    """The command-line spelling of setting names: ``["drop_path", "aa"]`` -> ``"--drop-path --aa"``."""
+    return sep.join("--" + f.replace("_", "-") for f in flags)
+
+
+def given_kwargs(cfg, flags: dict) -> dict:
+    """The settings of ``flags`` (setting name -> keyword) that were given (not None), as keywords; lists become
+    tuples."""
+    given = {kw: getattr(cfg, flag) for flag, kw in flags.items() if getattr(cfg, flag) is not None}
+    return {kw: tuple(v) if isinstance(v, list) else v for kw, v in given.items()}
+
+
 def augment_kwargs(cfg) -> dict:
     """The ImageNet train augmentation flags that were given, as timm ``create_transform`` keywords."""
-    given = {kw: getattr(cfg, flag) for flag, kw in AUGMENT_FLAGS.items() if getattr(cfg, flag) is not None}
-    return {kw: tuple(v) if isinstance(v, list) else v for kw, v in given.items()}
+    return given_kwargs(cfg, AUGMENT_FLAGS)
 
 
 def model_kwargs(cfg) -> dict:
     """``timm.create_model`` keywords of the regularisation flags that were given (``--drop``, ``--drop-path``)."""
-    given = {"drop_rate": cfg.drop, "drop_path_rate": cfg.drop_path}
-    return {k: v for k, v in given.items() if v is not None}
+    return given_kwargs(cfg, MODEL_FLAGS)
 
 
 def optimizer_kwargs(cfg) -> dict:

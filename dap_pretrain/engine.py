@@ -56,8 +56,8 @@ class _Updater:
         self.last_group = steps - (steps % self.accum or self.accum)  # first step of the last group
         self.pending = False  # gradients accumulated and not yet applied
 
-    def backward(self, loss: torch.Tensor, step: int) -> bool:
-        """Accumulate ``loss``'s gradient; update when ``step`` ends its group. Returns whether it updated."""
+    def backward(self, loss: torch.Tensor, step: int) -> None:
+        """Accumulate ``loss``'s gradient; update when ``step`` ends its group."""
         if not self.pending:
             self.optimizer.zero_grad(set_to_none=True)
         group = self.accum if step < self.last_group else self.steps - self.last_group
@@ -69,7 +69,6 @@ class _Updater:
         self.pending = True
         if update:
             self.update(step)
-        return update
 
     def update(self, step: int) -> None:
         """Apply the accumulated gradients after the epoch's ``step`` (also for a group whose last batch was

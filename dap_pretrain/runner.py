@@ -31,10 +31,14 @@ from dap_pretrain.checkpoint import (
 )
 from dap_pretrain.config import (
     AUGMENT_FLAGS,
+    EVAL_FLAGS,
+    MODEL_FLAGS,
     RunConfig,
     augment_kwargs,
+    cli_flags,
     dap_config_from_args,
     default_reuse,
+    given_kwargs,
     model_kwargs,
     optimizer_kwargs,
     scaled_lr,
@@ -91,8 +95,9 @@ def _build_model(cfg, num_classes: int, device: torch.device):
     except TypeError as e:
         if "unexpected keyword argument" not in str(e) or not kwargs:
             raise
-        named = [k for k in kwargs if f"'{k}'" in str(e)] or list(kwargs)
-        flags = ", ".join(f"--{k.removesuffix('_rate').replace('_', '-')}" for k in named)
+        named = [f for f, kw in MODEL_FLAGS.items() if kw in kwargs and f"'{kw}'" in str(e)]
+        named = named or [f for f, kw in MODEL_FLAGS.items() if kw in kwargs]
+        flags = cli_flags(named, sep=", ")
         raise UsageError(f"model {cfg.model} does not take {flags} ({e}); drop the flag for this model") from None
     model.to(device)
     if cfg.channels_last:
@@ -143,13 +148,12 @@ def _build_data(cfg, model_cfg: dict) -> Data:
     )
     img_size = cfg.img_size or model_cfg.get("input_size", (3, 224, 224))[-1]
     cifar = uses_cifar_aug(img_size=img_size, aug=cfg.aug)
-    aug = augment_kwargs(cfg)
-    evaluation = {k: getattr(cfg, k) for k in ("crop_pct", "interpolation") if getattr(cfg, k) is not None}
+    aug, evaluation = augment_kwargs(cfg), given_kwargs(cfg, EVAL_FLAGS)
     if cifar and (aug or evaluation):
-        flags = [f for f, kw in AUGMENT_FLAGS.items() if kw in aug] + list(evaluation)
+        flags = [f for f in (*AUGMENT_FLAGS, *EVAL_FLAGS) if getattr(cfg, f) is not None]
         raise UsageError(
-            f"{' '.join('--' + f.replace('_', '-') for f in flags)} set timm's ImageNet transforms, but this run uses "
-            f"the CIFAR one (pad-4 crop + flip; --aug {cfg.aug} at {img_size} px); pass --aug imagenet or drop them"
+            f"{cli_flags(flags)} set timm's ImageNet transforms, but this run uses the CIFAR one (pad-4 crop + flip; "
+            f"--aug {cfg.aug} at {img_size} px); pass --aug imagenet or drop them"
         )
     mean = tuple(cfg.mean or model_cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(cfg.std or model_cfg.get("std", (0.229, 0.224, 0.225)))
@@ -288,7 +292,7 @@ def _gpu_decode_augment(cfg) -> dict:
         del aug["interpolation"]
     unsupported = set(aug) - set(_GPU_AUGMENT)
     if unsupported:
-        flags = " ".join(f"--{f.replace('_', '-')}" for f, kw in AUGMENT_FLAGS.items() if kw in unsupported)
+        flags = cli_flags(f for f, kw in AUGMENT_FLAGS.items() if kw in unsupported)
         raise UsageError(
             f"--gpu-decode applies RandomResizedCrop (bilinear), flip and colour jitter only, not {flags}; drop "
             "them or drop --gpu-decode (the loader workers then apply timm's whole transform)"
