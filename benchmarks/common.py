@@ -175,24 +175,27 @@ def child_env(threads: int | None) -> dict:
 
 
 def run_trainer(output: Path, flags: list[str], *, threads: int | None = None, rerun: bool = False,
-                echo: bool = True, timeout: float | None = None) -> dict:
+                echo: bool = True, timeout: float | None = None, entry: list[str] | None = None) -> dict:
     """Runs one training into ``output`` and returns its ``run.json``; an existing ``run.json`` is reused.
 
     The flags are stamped into ``output/flags.json``; a finished run is reused only when its stamp matches
     ``flags`` (or it has none: runs from before the stamp), else it is run again, so a cache folder never hands
     back a run of another schedule. A folder without ``run.json`` (a run killed part-way) is started over with
     ``--overwrite``. The trainer's output goes to ``output/trainer.log``. After ``timeout`` seconds the trainer is
-    killed (BenchmarkError).
+    killed (BenchmarkError). ``entry``: what follows the interpreter instead of ``-m dap_pretrain.train`` (a script
+    that wraps the trainer; it is part of the stamp).
     """
+    stamped = list(flags) if entry is None else [*entry, *flags]
+    entry = entry or ["-m", "dap_pretrain.train"]
     done, stamp = output / "run.json", output / "flags.json"
     if done.is_file() and not rerun:
-        if not stamp.is_file() or json.loads(stamp.read_text()) == list(flags):
+        if not stamp.is_file() or json.loads(stamp.read_text()) == stamped:
             return json.loads(done.read_text())
         print(f"  {output}: finished with other flags, running again", flush=True)
     output.mkdir(parents=True, exist_ok=True)
     done.unlink(missing_ok=True)
-    stamp.write_text(json.dumps(list(flags)))
-    cmd = [sys.executable, "-m", "dap_pretrain.train", *flags, "--output", str(output), "--overwrite", "--no-plot"]
+    stamp.write_text(json.dumps(stamped))
+    cmd = [sys.executable, *entry, *flags, "--output", str(output), "--overwrite", "--no-plot"]
     if echo:
         print("$ " + " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()

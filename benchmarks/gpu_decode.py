@@ -207,6 +207,18 @@ def loader_variant(step: str) -> dict:
     return kwargs
 
 
+def trainer_variant(step: str) -> list[str] | None:
+    """The trainer's entry for a step ``trainer_gpu_decode[_pinned][_nested][_half]``: ``None`` (the trainer as
+    committed) for the bare name, else ``trainer_gpu_variant.py`` with the loader experiments the suffixes name
+    (``_half``: float16, the benchmark's AMP dtype)."""
+    if "_gpu_decode" not in step or step.endswith("_gpu_decode"):
+        return None
+    kwargs = loader_variant("model_gpu_loader_same_priority" + step.split("_gpu_decode", 1)[1])
+    del kwargs["priority"]
+    kwargs = {k: "float16" if v == "amp" else v for k, v in kwargs.items()}
+    return [str(Path(__file__).with_name("trainer_gpu_variant.py")), json.dumps(kwargs)]
+
+
 def model_with_gpu_loader(
     root: Path, *, args, img_size: int, priority: bool, batches: int = 40, **loader_kwargs
 ) -> dict:
@@ -387,7 +399,8 @@ def main(argv=None) -> int:
                    "stream), model_gpu_loader_same_priority (the same at one priority, as the trainer runs), and that "
                    "with any of the suffixes _pinned, _nested, _half in this order (the loader's experiments); "
                    "profile_gpu_loader (device time per kernel); profile_model_gpu_loader (SM busy, idle and "
-                   "per-stream time per step, model-only beside the loop fed by the pipeline)")
+                   "per-stream time per step, model-only beside the loop fed by the pipeline); trainer_gpu_decode "
+                   "with the same suffixes (the trainer with those loader experiments, trainer_gpu_variant.py)")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, no GPU decoding")
     args = p.parse_args(argv)
     args.device = "cpu" if args.dry_run else "cuda"
@@ -434,8 +447,8 @@ def main(argv=None) -> int:
                                  timeout=args.step_timeout)
             else:
                 flags = common + (none if step.startswith("trainer") else dap)
-                flags += ["--gpu-decode"] if step.endswith("gpu_decode") else []
-                run_trainer(work / step, flags, rerun=True, timeout=args.step_timeout)
+                flags += ["--gpu-decode"] if "gpu_decode" in step else []
+                run_trainer(work / step, flags, rerun=True, timeout=args.step_timeout, entry=trainer_variant(step))
                 rows = read_summary_csv(work / step)
                 res = {"img_per_s": steady_img_per_s(rows), "per_epoch": [r["img_per_s"] for r in rows]}
                 if step.startswith("dap"):
