@@ -138,6 +138,11 @@ def prepare_transfer(
         TransferInputError: unknown task, bad backbone, bad annotations/images/detections, or a work
             dir that already holds ``metrics.json`` while ``overwrite`` is false.
     """
+    from downstream.compat import without_broken_multimodal
+
+    notice = without_broken_multimodal()  # before any config or model imports mmdet, which imports mmpretrain
+    if notice:
+        print(notice, flush=True)
     t = get_task(task)
     metrics_file = Path(work_dir) / METRICS_FILE
     if metrics_file.exists() and not overwrite:
