@@ -22,7 +22,10 @@ PYTHON=${PYTHON:-python3} DAP_SYSTEM_TORCH=1 DAP_WHEELHOUSE=$wh DAP_WHEEL_CACHE=
   timeout -k 5 "${INSTALL_S:-300}" bash tools/install.sh >"$OUT/install.log" 2>&1
 rc=$?
 # the install's own lines (a traced multi-line command continues on lines without the '+ ' mark)
-facts=$(grep -E '^(kept the system|mmcv 2\.1\.0:|mm stack ok|installed:|install\.sh: error|ERROR)' "$OUT/install.log" | tr '\n' ' ')
+# (pip's "dependency resolver" ERROR lines are its notices about --no-deps installs, e.g. opencv-python for mmengine
+# where opencv-python-headless provides cv2: left out)
+facts=$(grep -E '^(kept the system|mmcv 2\.1\.0:|mm stack ok|installed:|install\.sh: error|ERROR)' "$OUT/install.log" |
+  grep -v "^ERROR: pip's dependency resolver" | tr '\n' ' ')
 echo "install.sh (DAP_WHEELHOUSE=$wh, DAP_SYSTEM_TORCH=1): exit $rc in $((SECONDS - start)) s | $facts" | tee -a "$summary"
 [ "$rc" = 0 ] || { tail -n 20 "$OUT/install.log"; exit 1; }
 timeout 60 .venv/bin/python -c 'import timm, torch

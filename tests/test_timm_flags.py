@@ -294,3 +294,16 @@ def test_evaluation_transform_and_normalisation_flags(tmp_path, imagenet_tiny, c
         cli(["--data-dir", str(cifar_tiny), "--epochs", "2", "--dap-warmup", "1", "--crop-pct", "0.9",
              "--output", str(tmp_path / "o")])  # fmt: skip
     assert "error: --crop-pct set timm's ImageNet transforms, but this run uses the CIFAR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "dtype"), [((), torch.float32), (("--amp",), torch.float16),
+                                              (("--amp", "--amp-dtype", "bfloat16"), torch.bfloat16)])  # fmt: skip
+def test_gpu_decode_batches_come_in_the_amp_dtype(imagenet_tiny, monkeypatch, flags, dtype):
+    """The H100 A/B's pick (RESULTS 9, run 6): the trainer's GPU pipeline returns batches in the autocast dtype."""
+    made = {}
+    monkeypatch.setattr(runner, "GpuDecodeLoader", lambda samples, **kwargs: made.update(kwargs))
+    cfg = _cfg(imagenet_tiny, *flags)
+    train = IndexedDataset(create_dataset(name="", root=imagenet_tiny, split="train", is_training=True))
+    data = runner.Data(train=train, val=None, num_classes=2, mean=(0.5,) * 3, std=(0.5,) * 3, img_size=64)
+    runner._gpu_decode_loader(cfg, data, sampler=[0], device=torch.device("cuda"))  # a device object; no GPU used
+    assert made["dtype"] == dtype and "pin_memory" not in made and "pad" not in made, made

@@ -385,8 +385,8 @@ class GpuDecodeLoader:
             the memory traffic of ``float32``; crops are always resized in ``float32`` (``roi_align`` computes its
             sampling positions in its input's dtype, too coarse in half precision beyond a few hundred pixels).
 
-    ``pin_memory``, ``pad`` and ``dtype`` are the experiments the H100 profile suggested (RESULTS section 9); the
-    trainer uses the defaults until a GPU job shows one of them is faster.
+    ``pin_memory``, ``pad`` and ``dtype`` are the experiments the H100 profile suggested. An H100 A/B (RESULTS
+    section 9, run 6) kept one: the trainer passes its AMP dtype; pinned bytes and nested padding stay off.
     """
 
     def __init__(
