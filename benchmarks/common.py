@@ -352,6 +352,15 @@ def steady_img_per_s(epochs: list[dict], key: str = "img_per_s") -> float:
     return statistics.median(values[1:] if len(values) > 1 else values)
 
 
+def after_first_batch(row: dict) -> float | None:
+    """A summary.csv row's images/s once its first batch arrived: the training loop's seconds less
+    ``first_batch_s`` (the epoch's fixed start; ``None`` where the row has none)."""
+    if row.get("first_batch_s") in (None, ""):
+        return None
+    seconds = row["samples_trained"] / row["img_per_s"] - row["first_batch_s"]
+    return row["samples_trained"] / seconds
+
+
 def trainer_vs_bare(*, model: str, data_root: Path, img_size: int, batch_size: int, epochs: int, workers: int,
                     out_dir: Path, device: str = "cpu", amp: bool = False, channels_last: bool = False,
                     threads: int | None = None, timeout: float | None = None) -> dict:

@@ -29,6 +29,7 @@ class EpochStats:
     steps: int
     seconds: float
     lr: float  # at the start of the epoch (progress == epoch): comparable across runs of any subset size
+    first_batch_s: float = 0.0  # of ``seconds``, the wait for the loader's first batch (the epoch's fixed start)
 
 
 def _progress(iterable, *, total: int, desc: str, enabled: bool):
@@ -137,9 +138,12 @@ def train_one_epoch(
         clip_grad=clip_grad,
         model_ema=model_ema,
     )
+    first_batch_s = 0.0
     for step, (images, targets, indices) in enumerate(
         _progress(loader, total=steps, desc=f"epoch {epoch + 1}", enabled=show_progress)
     ):
+        if step == 0:
+            first_batch_s = time.perf_counter() - start
         lr = lr_scheduler.step(epoch + step / steps)
         if images.shape[0] == 1 and has_batchnorm:
             # BatchNorm cannot train on one sample; a DaP subset can leave exactly one in the last batch.
@@ -172,7 +176,12 @@ def train_one_epoch(
         loss_sum += losses.detach().sum()
         seen += indices.numel()
     return EpochStats(
-        loss=float(loss_sum) / max(1, seen), samples=seen, steps=steps, seconds=time.perf_counter() - start, lr=lr_start
+        loss=float(loss_sum) / max(1, seen),
+        samples=seen,
+        steps=steps,
+        seconds=time.perf_counter() - start,
+        lr=lr_start,
+        first_batch_s=first_batch_s,
     )
 
 

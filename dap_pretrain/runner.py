@@ -671,6 +671,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             seconds=time.perf_counter() - t0,
             img_per_s=stats.samples / max(stats.seconds, 1e-9),
             digest=digest,
+            first_batch_s=stats.first_batch_s,
         )
         if ema_ev:
             row["ema_top1"], row["ema_top5"] = ema_ev["top1"], ema_ev["top5"]

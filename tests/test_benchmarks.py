@@ -183,6 +183,8 @@ def test_gpu_decode_ab_dry_run(tmp_path):
     profile = steps.pop("profile_model_gpu_loader")
     assert all(res["img_per_s"] > 0 for res in steps.values()), steps
     assert steps["model_gpu_loader_half"]["dtype"] == "torch.bfloat16"  # the dry run's AMP dtype
+    cpu = steps["trainer_cpu_decode"]  # per epoch, its wait for the first batch; the rate without it is higher
+    assert all(s > 0 for s in cpu["first_batch_s"]) and cpu["after_first_batch_img_per_s"] > cpu["img_per_s"], cpu
     assert profile["model_only"]["wall_ms"] > 0 and profile["fed"]["wall_ms"] > 0, profile  # no CUDA events on CPU
 
 def _transfer_metrics(task, sec_per_iter, *, batch, launcher="none", **metrics):
@@ -243,3 +245,11 @@ def test_gpu_transfer_dry_run(tmp_path, require):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["summary.txt", "log.txt", "faster_rcnn.metrics.json", "mask_rcnn.metrics.json", "simplebaseline.metrics.json"]
     )
+
+
+def test_after_first_batch_leaves_out_the_epochs_fixed_start():
+    from common import after_first_batch
+
+    row = {"samples_trained": 1000.0, "img_per_s": 250.0, "first_batch_s": 1.0}  # 4 s loop, 1 s of it waiting
+    assert after_first_batch(row) == pytest.approx(1000 / 3)
+    assert after_first_batch({"samples_trained": 1000.0, "img_per_s": 250.0}) is None  # a row from before the column

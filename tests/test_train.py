@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,7 @@ def test_full_run_and_same_lr_per_epoch(tmp_path, cifar_tiny):
         float(r["lr"]) for r in dap_rows
     ] == pytest.approx([float(r["lr"]) for r in full_rows])
     assert float(dap_rows[3]["lr"]) == pytest.approx(0.005)
+    assert all(0 <= float(r["first_batch_s"]) <= float(r["samples_trained"]) / float(r["img_per_s"]) for r in dap_rows)
 
 
 def test_lr_is_a_function_of_epoch_progress():
@@ -375,3 +377,45 @@ def test_compare_trains_the_full_data_baseline_beside_the_run(tmp_path, cifar_ti
     assert full["epochs"] == s["epochs"] == 3
     printed = capsys.readouterr().out
     assert "full data" in printed and "DaP top-1" in printed
+
+
+class _SlowStart:
+    """Three batches of a linear model's data, the first after ``delay`` seconds (workers starting up)."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        gen = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(12, 8, generator=gen), torch.randint(0, 3, (12,), generator=gen)
+
+    def __len__(self):
+        return 3
+
+    def __iter__(self):
+        time.sleep(self.delay)
+        for s in range(0, 12, 4):
+            yield self.x[s : s + 4], self.y[s : s + 4], torch.arange(s, s + 4)
+
+
+class _Sampler:
+    def record(self, indices, losses):
+        pass
+
+
+class _LR:
+    def step(self, progress):
+        return 0.1
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.3])
+def test_epoch_reports_its_wait_for_the_first_batch(delay):
+    """``first_batch_s`` (summary.csv, and the epoch's log line from 0.05 s) is the part of the training loop's
+    seconds spent before the first batch arrived: the epoch's fixed start, which ``img_per_s`` includes."""
+    from dap_pretrain.engine import train_one_epoch
+
+    model = torch.nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = train_one_epoch(model, _SlowStart(delay), opt, epoch=0, sampler=_Sampler(), lr_scheduler=_LR(),
+                            device=torch.device("cpu"), show_progress=False)  # fmt: skip
+    assert delay <= stats.first_batch_s <= stats.seconds, stats
+    assert stats.first_batch_s < delay + 0.1, stats  # the wait, not the steps after it
+    assert stats.samples == 12
