@@ -297,11 +297,13 @@ def bare_loop(*, model: str, data_root: Path, split: str, img_size: int, batch_s
     import dap_pretrain.models  # noqa: F401  (registers cifar_*)
     from dap_pretrain.data.dataset import IndexedDataset, create_dataset
     from dap_pretrain.data.loader import create_loader, trainer_transform
+    from dap_pretrain.distributed import cuda_speed_flags
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     dev = torch.device(device)
+    cuda_speed_flags(dev)  # as the trainer it is compared with
     dataset = IndexedDataset(create_dataset(name="", root=Path(data_root), split=split, is_training=True))
     dataset.transform = trainer_transform(img_size=img_size, aug="auto", is_training=True)
     num_classes = len(dataset.dataset.reader.class_to_idx)

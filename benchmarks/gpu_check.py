@@ -48,7 +48,10 @@ def model_only_img_per_s(*, model: str, img_size: int, batch_size: int, steps: i
     import timm
     import torch
 
+    from dap_pretrain.distributed import cuda_speed_flags
+
     dev = torch.device(device)
+    cuda_speed_flags(dev)  # the trainer's (and timm's train.py's) cuDNN and TF32 settings
     net = timm.create_model(model, num_classes=1000).to(dev)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)

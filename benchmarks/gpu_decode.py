@@ -148,7 +148,10 @@ def _train_step(args):
     import timm
     import torch
 
+    from dap_pretrain.distributed import cuda_speed_flags
+
     dev = torch.device(args.device)
+    cuda_speed_flags(dev)  # as the trainer and model_only
     dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
     net = timm.create_model(args.model, num_classes=1000).to(dev).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)

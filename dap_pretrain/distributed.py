@@ -27,6 +27,14 @@ def init_distributed(device: str | None = None) -> tuple[torch.device, int, int]
     return dev, rank, world
 
 
+def cuda_speed_flags(device: torch.device) -> None:
+    """On CUDA, what timm's train.py sets: cuDNN times its algorithms per input shape and keeps the fastest
+    (``cudnn.benchmark``), and float32 matmuls may use TF32. Process-wide; nothing on other devices."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a short list of numbers over ranks (identity without a process group)."""
     if not (dist.is_available() and dist.is_initialized()):

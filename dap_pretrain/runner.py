@@ -56,7 +56,7 @@ from dap_pretrain.data.infobatch import InfoBatchSampler
 from dap_pretrain.data.loader import create_loader, trainer_transform, uses_cifar_aug
 from dap_pretrain.data.memory import decoded_bytes, in_memory_loaders
 from dap_pretrain.data.sampler import DaPSampler
-from dap_pretrain.distributed import barrier, init_distributed, pick_threads, rank0_outcome
+from dap_pretrain.distributed import barrier, cuda_speed_flags, init_distributed, pick_threads, rank0_outcome
 from dap_pretrain.engine import evaluate, train_one_epoch
 from dap_pretrain.errors import UsageError, user_input
 from dap_pretrain.logs import HeldLogs, main_process_logging
@@ -511,6 +511,7 @@ def run(cfg: RunConfig) -> dict | None:
     """Train per ``cfg`` (:func:`dap_pretrain.config.run_config`); rank 0 returns the run summary (also written
     to OUTPUT/run.json)."""
     device, rank, world = init_distributed(cfg.device)
+    cuda_speed_flags(device)
     output = Path(cfg.output)
     held = HeldLogs(rank)
     lock = None

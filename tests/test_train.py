@@ -419,3 +419,19 @@ def test_epoch_reports_its_wait_for_the_first_batch(delay):
     assert delay <= stats.first_batch_s <= stats.seconds, stats
     assert stats.first_batch_s < delay + 0.1, stats  # the wait, not the steps after it
     assert stats.samples == 12
+
+
+def test_cuda_runs_get_timms_cudnn_and_tf32_settings():
+    """As timm's train.py: on CUDA cuDNN autotunes and float32 matmuls may use TF32; a CPU run changes nothing."""
+    from dap_pretrain.distributed import cuda_speed_flags
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.benchmark, matmul.allow_tf32
+    try:
+        cudnn.benchmark = matmul.allow_tf32 = False
+        cuda_speed_flags(torch.device("cpu"))
+        assert not cudnn.benchmark and not matmul.allow_tf32
+        cuda_speed_flags(torch.device("cuda", 0))  # a device object: the flags need no GPU to be set
+        assert cudnn.benchmark and matmul.allow_tf32
+    finally:
+        cudnn.benchmark, matmul.allow_tf32 = before
