@@ -138,7 +138,7 @@ def prepare_transfer(
         TransferInputError: unknown task, bad backbone, bad annotations/images/detections, or a work
             dir that already holds ``metrics.json`` while ``overwrite`` is false.
     """
-    from downstream.compat import without_broken_multimodal
+    from dap_pretrain.compat import without_broken_multimodal
 
     notice = without_broken_multimodal()  # before any config or model imports mmdet, which imports mmpretrain
     if notice:

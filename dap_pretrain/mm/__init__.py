@@ -14,9 +14,17 @@ reuse=..., select=..., seed=...)`` block (see :func:`~dap_pretrain.mm.settings.r
 never imports this subpackage, so the timm path works without mmengine/mmpretrain installed.
 """
 
-from dap_pretrain.mm.head import DaPClsHead
-from dap_pretrain.mm.hook import DaPHook
-from dap_pretrain.mm.sampler import DaPMMSampler
-from dap_pretrain.mm.settings import DaPMMError, resolve_dap
+import logging
+
+from dap_pretrain.compat import without_broken_multimodal
+
+_notice = without_broken_multimodal()  # before head.py imports mmpretrain.models
+if _notice:
+    logging.getLogger(__name__).warning(_notice)
+
+from dap_pretrain.mm.head import DaPClsHead  # noqa: E402
+from dap_pretrain.mm.hook import DaPHook  # noqa: E402
+from dap_pretrain.mm.sampler import DaPMMSampler  # noqa: E402
+from dap_pretrain.mm.settings import DaPMMError, resolve_dap  # noqa: E402
 
 __all__ = ["DaPClsHead", "DaPHook", "DaPMMError", "DaPMMSampler", "resolve_dap"]
