@@ -213,16 +213,18 @@ def loader_variant(step: str) -> dict:
     return kwargs
 
 
-def trainer_variant(step: str) -> list[str] | None:
-    """The trainer's entry for a step ``trainer_gpu_decode[_pinned][_nested][_half]``: ``None`` (the trainer as
-    committed) for the bare name, else ``trainer_gpu_variant.py`` with the loader experiments the suffixes name
-    (``_half``: float16, the benchmark's AMP dtype)."""
-    if "_gpu_decode" not in step or step.endswith("_gpu_decode"):
-        return None
-    kwargs = loader_variant("model_gpu_loader_same_priority" + step.split("_gpu_decode", 1)[1])
-    del kwargs["priority"]
-    kwargs = {k: "float16" if v == "amp" else v for k, v in kwargs.items()}
-    return [str(Path(__file__).with_name("trainer_gpu_variant.py")), json.dumps(kwargs)]
+def trainer_probe(step: str, *, profile: dict | None = None) -> list[str] | None:
+    """The trainer's entry for a step ``[profile_]trainer_gpu_decode[_pinned][_nested][_half]`` or
+    ``[profile_]trainer_cpu_decode``: ``None`` (the trainer as committed, ``-m dap_pretrain.train``) unless the step
+    names loader experiments (``_half``: float16, the benchmark's AMP dtype) or ``profile`` is given; then
+    ``trainer_probe.py`` with them."""
+    probe = {} if profile is None else {"profile": profile}
+    rest = step.split("_gpu_decode", 1)[1] if "_gpu_decode" in step else ""
+    if rest:
+        kwargs = loader_variant("model_gpu_loader_same_priority" + rest)
+        del kwargs["priority"]
+        probe["loader"] = {k: "float16" if v == "amp" else v for k, v in kwargs.items()}
+    return [str(Path(__file__).with_name("trainer_probe.py")), json.dumps(probe)] if probe else None
 
 
 def model_with_gpu_loader(
@@ -406,7 +408,9 @@ def main(argv=None) -> int:
                    "with any of the suffixes _pinned, _nested, _half in this order (the loader's experiments); "
                    "profile_gpu_loader (device time per kernel); profile_model_gpu_loader (SM busy, idle and "
                    "per-stream time per step, model-only beside the loop fed by the pipeline); trainer_gpu_decode "
-                   "with the same suffixes (the trainer with those loader experiments, trainer_gpu_variant.py)")
+                   "with the same suffixes (the trainer with those loader experiments, trainer_probe.py); "
+                   "profile_trainer_gpu_decode and profile_trainer_cpu_decode (the same figures for 16 of the "
+                   "trainer's own steps in its second epoch)")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, no GPU decoding")
     args = p.parse_args(argv)
     args.device = "cpu" if args.dry_run else "cuda"
@@ -451,10 +455,20 @@ def main(argv=None) -> int:
                     raise BenchmarkError("no --timm-train given")
                 res = timm_train(Path(args.timm_train), root, work / step, args=args, img_size=img_size,
                                  timeout=args.step_timeout)
+            elif step.startswith("profile_trainer_"):  # the trainer's own steps, as profile_model_gpu_loader
+                out_json = work / step / "profile.json"
+                window = dict(warm=1, steps=1) if args.dry_run else dict(warm=5, steps=16)
+                flags = common + none + (["--gpu-decode"] if "gpu_decode" in step else [])
+                entry = trainer_probe(step, profile={"out": str(out_json), "epoch": 1, **window})
+                out_json.unlink(missing_ok=True)
+                run_trainer(work / step, flags, rerun=True, timeout=args.step_timeout, entry=entry)
+                if not out_json.is_file():
+                    raise BenchmarkError(f"the trainer wrote no profile: {out_json}")
+                res = {"trainer": json.loads(out_json.read_text())}
             else:
                 flags = common + (none if step.startswith("trainer") else dap)
                 flags += ["--gpu-decode"] if "gpu_decode" in step else []
-                run_trainer(work / step, flags, rerun=True, timeout=args.step_timeout, entry=trainer_variant(step))
+                run_trainer(work / step, flags, rerun=True, timeout=args.step_timeout, entry=trainer_probe(step))
                 rows = read_summary_csv(work / step)
                 res = {"img_per_s": steady_img_per_s(rows), "per_epoch": [r["img_per_s"] for r in rows],
                        "first_batch_s": [r.get("first_batch_s") for r in rows]}
@@ -487,8 +501,10 @@ def main(argv=None) -> int:
                 rate = res["after_first_batch_img_per_s"]
                 frac = f"{rate / ceiling:.3f}" if ceiling else "-"
                 print(f"| {step}, after each epoch's first batch | {rate:.0f} | {frac} |")
-        elif "fed" in res:  # profile_model_gpu_loader: per-step device figures, ms
-            for part in ("model_only", "fed"):
+        elif "fed" in res or "trainer" in res:  # profile_model_gpu_loader, profile_trainer_*: per step, ms
+            for part in ("model_only", "fed", "trainer"):
+                if part not in res:
+                    continue
                 print(f"| {step}, {part}: " + ", ".join(f"{k} {v}" for k, v in res[part].items()) + " | | |")
         else:
             print(f"| {step} | {res.get('error')} | |")

@@ -171,7 +171,10 @@ def test_gpu_decode_ab_dry_run(tmp_path):
     """The prepared GPU job for the pipeline's experiments, on the CPU at toy size: tests, then every variant."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DRY_RUN": "1", "WORK_DIR": str(tmp_path / "w"),
-           "IMAGENET": str(REPO.parent / "shared/data/imagenet_sample")}  # fmt: skip
+           "IMAGENET": str(REPO.parent / "shared/data/imagenet_sample"),
+           "STEPS": "model_only model_gpu_loader_same_priority model_gpu_loader_half "
+                    "model_gpu_loader_pinned_nested_half trainer_cpu_decode profile_trainer_cpu_decode "
+                    "model_gpu_loader_same_priority profile_model_gpu_loader"}  # fmt: skip
     proc = subprocess.run(["bash", "benchmarks/gpu_decode_ab.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -180,7 +183,8 @@ def test_gpu_decode_ab_dry_run(tmp_path):
     steps = json.loads((out / "gpu_decode.json").read_text())["steps"]
     base = "model_gpu_loader_same_priority"
     assert {base, f"{base} (2)", "model_gpu_loader_pinned_nested_half"} <= set(steps), steps  # both baselines kept
-    profile = steps.pop("profile_model_gpu_loader")
+    profile, trainer = steps.pop("profile_model_gpu_loader"), steps.pop("profile_trainer_cpu_decode")
+    assert trainer["trainer"]["steps"] == 1 and trainer["trainer"]["wall_ms"] > 0, trainer  # the trainer's step
     assert all(res["img_per_s"] > 0 for res in steps.values()), steps
     assert steps["model_gpu_loader_half"]["dtype"] == "torch.bfloat16"  # the dry run's AMP dtype
     cpu = steps["trainer_cpu_decode"]  # per epoch, its wait for the first batch; the rate without it is higher
