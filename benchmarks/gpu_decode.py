@@ -333,6 +333,17 @@ def timeline(intervals: list[tuple], *, steps: int, wall_ns: float) -> dict:
             "copy_ms": round(sum(e - s for _, s, e, k in intervals if not k) * ms, 3)}
 
 
+def profiled_timeline(prof, *, steps: int, wall_ns: float) -> dict:
+    """:func:`timeline` of a stopped ``torch.profiler.profile``'s CUDA kernels and copies (none on a CPU)."""
+    import torch
+
+    cuda = torch.autograd.DeviceType.CUDA
+    events = [e for e in prof.profiler.kineto_results.events() if e.device_type() == cuda]
+    intervals = [(e.device_resource_id(), e.start_ns(), e.start_ns() + e.duration_ns(),
+                  not e.name().startswith(("Memcpy", "Memset"))) for e in events]  # fmt: skip
+    return timeline(intervals, steps=steps, wall_ns=wall_ns)
+
+
 def profile_model_gpu_loader(root: Path, *, args, img_size: int, steps: int = 16, warm: int = 5) -> dict:
     """Where the model loop fed by the pipeline loses time against model-only: ``torch.profiler`` (device
     activity only, to keep its own cost low) over ``steps`` steps of each, after ``warm`` steps, in one process;
@@ -363,11 +374,7 @@ def profile_model_gpu_loader(root: Path, *, args, img_size: int, steps: int = 16
         sync()
         wall = time.perf_counter_ns() - t0
         prof.stop()
-        cuda = torch.autograd.DeviceType.CUDA
-        events = [e for e in prof.profiler.kineto_results.events() if e.device_type() == cuda]
-        intervals = [(e.device_resource_id(), e.start_ns(), e.start_ns() + e.duration_ns(),
-                      not e.name().startswith(("Memcpy", "Memset"))) for e in events]
-        return timeline(intervals, steps=steps, wall_ns=wall)
+        return profiled_timeline(prof, steps=steps, wall_ns=wall)
 
     res = {"model_only": measure((x0, y0) for _ in range(warm + steps + 1))}
     ds, order = _train_split(root, args=args, batches=warm + steps + 1)

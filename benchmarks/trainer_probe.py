@@ -45,7 +45,7 @@ class ProfiledLoader:
         return getattr(self.inner, name)
 
     def __iter__(self):
-        from gpu_decode import timeline
+        from gpu_decode import profiled_timeline
         from torch.profiler import ProfilerActivity, profile
 
         epoch, self.passes = self.passes, self.passes + 1
@@ -65,11 +65,7 @@ class ProfiledLoader:
                 sync()
                 wall = time.perf_counter_ns() - t0
                 prof.stop()
-                kind = torch.autograd.DeviceType.CUDA
-                events = [e for e in prof.profiler.kineto_results.events() if e.device_type() == kind]
-                intervals = [(e.device_resource_id(), e.start_ns(), e.start_ns() + e.duration_ns(),
-                              not e.name().startswith(("Memcpy", "Memset"))) for e in events]  # fmt: skip
-                res = {**timeline(intervals, steps=self.steps, wall_ns=wall), "steps": self.steps, "epoch": epoch}
+                res = {**profiled_timeline(prof, steps=self.steps, wall_ns=wall), "steps": self.steps, "epoch": epoch}
                 self.out.write_text(json.dumps(res, indent=2))
                 prof = None
             yield batch
