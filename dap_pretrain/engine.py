@@ -48,7 +48,8 @@ class _Updater:
     """Backward and optimizer update of the eager path, every ``accum`` micro-batches (timm's
     ``--grad-accum-steps``): each micro-batch's mean loss is divided by the size of its group, so a group's
     gradient is the mean over its samples when its micro-batches are of one size; DDP all-reduces only at
-    the update (``no_sync`` before); the epoch's last group may be shorter and still updates."""
+    the update (the other micro-batches run forward and backward inside ``no_sync``, see :meth:`step_context`);
+    the epoch's last group may be shorter and still updates."""
 
     def __init__(self, model, optimizer, *, epoch: int, steps: int, accum: int, scaler, clip_grad, model_ema):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
@@ -56,24 +57,40 @@ class _Updater:
         self.epoch, self.steps, self.accum = epoch, steps, max(1, accum)
         self.last_group = steps - (steps % self.accum or self.accum)  # first step of the last group
         self.pending = False  # gradients accumulated and not yet applied
+        self.local = False  # of those, some were kept rank-local (no_sync) and not all-reduced since
+
+    def _updates_at(self, step: int) -> bool:
+        return (step + 1) % self.accum == 0 or step == self.steps - 1
+
+    def step_context(self, step: int):
+        """Wrap ``step``'s forward *and* backward: DDP decides at the forward whether the backward all-reduces, so
+        a ``no_sync`` around the backward alone would all-reduce every micro-batch."""
+        no_sync = getattr(self.model, "no_sync", None)
+        return no_sync() if no_sync is not None and not self._updates_at(step) else nullcontext()
 
     def backward(self, loss: torch.Tensor, step: int) -> None:
-        """Accumulate ``loss``'s gradient; update when ``step`` ends its group."""
+        """Accumulate ``loss``'s gradient (inside :meth:`step_context`); update when ``step`` ends its group."""
         if not self.pending:
             self.optimizer.zero_grad(set_to_none=True)
         group = self.accum if step < self.last_group else self.steps - self.last_group
-        update = (step + 1) % self.accum == 0 or step == self.steps - 1
-        no_sync = getattr(self.model, "no_sync", None) if not update else None
-        with no_sync() if no_sync is not None else nullcontext():
-            loss = loss / group if group > 1 else loss
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        loss = loss / group if group > 1 else loss
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self.pending = True
+        update = self._updates_at(step)
+        self.local = not update and hasattr(self.model, "no_sync")
         if update:
             self.update(step)
 
     def update(self, step: int) -> None:
         """Apply the accumulated gradients after the epoch's ``step`` (also for a group whose last batch was
-        skipped)."""
+        skipped: its gradients are then still rank-local, and are averaged over the ranks here, as DDP would)."""
+        if self.local and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(world)
+            self.local = False
         if self.scaler is not None:
             if self.clip_grad:
                 self.scaler.unscale_(self.optimizer)
@@ -159,12 +176,13 @@ def train_one_epoch(
             loss_sum += losses.sum()
             seen += indices.numel()
             continue
-        with autocast:
-            output = model(images)
-            losses = F.cross_entropy(output.float(), targets, reduction="none", label_smoothing=smoothing)
-        loss = (losses * weights).mean() if weights is not None else losses.mean()
+        with updater.step_context(step):
+            with autocast:
+                output = model(images)
+                losses = F.cross_entropy(output.float(), targets, reduction="none", label_smoothing=smoothing)
+            loss = (losses * weights).mean() if weights is not None else losses.mean()
+            updater.backward(loss, step)
         sampler.record(indices, losses.detach())
-        updater.backward(loss, step)
         batch_loss = float(loss.detach()) if (step % log_interval == 0 or step == steps - 1) else None
         if batch_loss is not None:
             if not math.isfinite(batch_loss):
