@@ -9,19 +9,10 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from engine_stubs import FixedLR, RecordingSampler
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from dap_pretrain.engine import train_one_epoch
-
-
-class _Sampler:
-    def record(self, indices, losses):
-        pass
-
-
-class _LR:
-    def step(self, progress):
-        return 0.1
 
 
 def _free_port() -> int:
@@ -49,8 +40,8 @@ def _rank(rank: int, world: int, port: int, sizes: list[int], accum: int, out: s
     starts = [sum(sizes[:k]) for k in range(len(sizes))]
     x, y = torch.randn(sum(sizes), 6, generator=gen), torch.randint(0, 3, (sum(sizes),), generator=gen)
     loader = [(x[s : s + n], y[s : s + n], torch.arange(s, s + n)) for s, n in zip(starts, sizes, strict=True)]
-    train_one_epoch(model, loader, opt, epoch=0, sampler=_Sampler(), lr_scheduler=_LR(), device=torch.device("cpu"),
-                    grad_accum_steps=accum, show_progress=False)  # fmt: skip
+    train_one_epoch(model, loader, opt, epoch=0, sampler=RecordingSampler(), lr_scheduler=FixedLR(),
+                    device=torch.device("cpu"), grad_accum_steps=accum, show_progress=False)  # fmt: skip
     state = {k: v.clone() for k, v in net.state_dict().items()}
     torch.save({**state, "allreduces": len(calls)}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from engine_stubs import FixedLR, RecordingSampler
 from timm.data.auto_augment import RandAugment
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from timm.layers import DropPath
@@ -148,21 +149,6 @@ def test_randaugment_and_erasing_do_not_depend_on_the_worker_count(imagenet_tiny
         assert torch.equal(i0, i2) and torch.equal(y0, y2) and torch.equal(x0, x2)
 
 
-class _Losses:
-    """The sampler side of train_one_epoch: records which indices got a loss."""
-
-    def __init__(self):
-        self.indices = []
-
-    def record(self, indices, losses):
-        self.indices += indices.tolist()
-
-
-class _FixedLR:
-    def step(self, progress: float) -> float:
-        return 0.1
-
-
 def _epoch(sizes: list[int], accum: int) -> tuple[list[torch.Tensor], list[int]]:
     """One epoch of a BatchNorm-free model over 24 fixed samples cut into batches of ``sizes``."""
     from dap_pretrain.engine import train_one_epoch
@@ -174,8 +160,8 @@ def _epoch(sizes: list[int], accum: int) -> tuple[list[torch.Tensor], list[int]]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     loader = [(x[s : s + n], y[s : s + n], torch.arange(s, s + n)) for s, n in zip(starts, sizes, strict=True)]
-    losses = _Losses()
-    train_one_epoch(model, loader, opt, epoch=0, sampler=losses, lr_scheduler=_FixedLR(), device=torch.device("cpu"),
+    losses = RecordingSampler()
+    train_one_epoch(model, loader, opt, epoch=0, sampler=losses, lr_scheduler=FixedLR(), device=torch.device("cpu"),
                     grad_accum_steps=accum, show_progress=False)  # fmt: skip
     return [p.detach().clone() for p in model.parameters()], losses.indices
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_stubs import FixedLR, RecordingSampler
 
 from dap_pretrain.lr import lr_at
 from dap_pretrain.train import main as train_main
@@ -396,16 +397,6 @@ class _SlowStart:
             yield self.x[s : s + 4], self.y[s : s + 4], torch.arange(s, s + 4)
 
 
-class _Sampler:
-    def record(self, indices, losses):
-        pass
-
-
-class _LR:
-    def step(self, progress):
-        return 0.1
-
-
 @pytest.mark.parametrize("delay", [0.0, 0.3])
 def test_epoch_reports_its_wait_for_the_first_batch(delay):
     """``first_batch_s`` (summary.csv, and the epoch's log line from 0.05 s) is the part of the training loop's
@@ -414,7 +405,7 @@ def test_epoch_reports_its_wait_for_the_first_batch(delay):
 
     model = torch.nn.Linear(8, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats = train_one_epoch(model, _SlowStart(delay), opt, epoch=0, sampler=_Sampler(), lr_scheduler=_LR(),
+    stats = train_one_epoch(model, _SlowStart(delay), opt, epoch=0, sampler=RecordingSampler(), lr_scheduler=FixedLR(),
                             device=torch.device("cpu"), show_progress=False)  # fmt: skip
     assert delay <= stats.first_batch_s <= stats.seconds, stats
     assert stats.first_batch_s < delay + 0.1, stats  # the wait, not the steps after it
