@@ -52,4 +52,3 @@ def trusted_checkpoints(trusted: Iterable[str | os.PathLike]):
         yield
     finally:
         CheckpointLoader.register_scheme(prefixes="", loader=load_from_local, force=True)
-
