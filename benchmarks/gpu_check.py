@@ -43,15 +43,20 @@ from common import (  # noqa: E402
 
 
 def model_only_img_per_s(*, model: str, img_size: int, batch_size: int, steps: int, device: str, amp: bool,
-                         channels_last: bool) -> float:
-    """Training images/s of ``model`` on one random batch kept on the device (no loader): the engine's ceiling."""
+                         channels_last: bool, speed_flags: bool = True) -> float:
+    """Training images/s of ``model`` on one random batch kept on the device (no loader): the engine's ceiling.
+    ``speed_flags``: with the trainer's (and timm's train.py's) cuDNN autotuning and TF32 matmuls, as since
+    7e910e5; ``False`` measures with torch's defaults instead (both off), as every GPU run before it did."""
     import timm
     import torch
 
     from dap_pretrain.distributed import cuda_speed_flags
 
     dev = torch.device(device)
-    cuda_speed_flags(dev)  # the trainer's (and timm's train.py's) cuDNN and TF32 settings
+    if speed_flags:
+        cuda_speed_flags(dev)
+    else:
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
     net = timm.create_model(model, num_classes=1000).to(dev)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)

@@ -409,7 +409,9 @@ def main(argv=None) -> int:
     p.add_argument("--step-timeout", type=float, default=120)
     p.add_argument("--steps", nargs="+", default=["model_only", "trainer_cpu_decode", "trainer_gpu_decode",
                                                   "timm_train", "dap_cpu_decode", "dap_gpu_decode"],
-                   help="also: loader_only_gpu, loader_only_cpu, loader_only_nvjpeg (a loader without a model); "
+                   help="also: model_only_torch_defaults (model_only without cuDNN autotuning and TF32, as every "
+                   "GPU run before 7e910e5), loader_only_gpu, loader_only_cpu, loader_only_nvjpeg (a loader "
+                   "without a model); "
                    "model_gpu_loader (the model-only loop fed by the GPU pipeline, the steps on a high-priority "
                    "stream), model_gpu_loader_same_priority (the same at one priority, as the trainer runs), and that "
                    "with any of the suffixes _pinned, _nested, _half in this order (the loader's experiments); "
@@ -444,10 +446,11 @@ def main(argv=None) -> int:
     for step in args.steps:
         t0 = time.monotonic()
         try:
-            if step == "model_only":
+            if step in ("model_only", "model_only_torch_defaults"):  # the latter: no cuDNN autotuning nor TF32
                 res = {"img_per_s": model_only_img_per_s(model=args.model, img_size=img_size,
                                                          batch_size=args.batch_size, steps=40, device=args.device,
-                                                         amp=True, channels_last=True)}
+                                                         amp=True, channels_last=True,
+                                                         speed_flags=step == "model_only")}
             elif step.startswith("model_gpu_loader"):
                 res = model_with_gpu_loader(root, args=args, img_size=img_size, **loader_variant(step))
             elif step == "profile_gpu_loader":

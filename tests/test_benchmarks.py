@@ -172,7 +172,7 @@ def test_gpu_decode_ab_dry_run(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DRY_RUN": "1", "WORK_DIR": str(tmp_path / "w"),
            "IMAGENET": str(REPO.parent / "shared/data/imagenet_sample"),
-           "STEPS": "model_only model_gpu_loader_same_priority model_gpu_loader_half "
+           "STEPS": "model_only_torch_defaults model_only model_gpu_loader_same_priority model_gpu_loader_half "
                     "model_gpu_loader_pinned_nested_half trainer_cpu_decode profile_trainer_cpu_decode "
                     "model_gpu_loader_same_priority profile_model_gpu_loader"}  # fmt: skip
     proc = subprocess.run(["bash", "benchmarks/gpu_decode_ab.sh"], cwd=REPO, env=env, capture_output=True, text=True,
