@@ -257,3 +257,10 @@ def test_after_first_batch_leaves_out_the_epochs_fixed_start():
     row = {"samples_trained": 1000.0, "img_per_s": 250.0, "first_batch_s": 1.0}  # 4 s loop, 1 s of it waiting
     assert after_first_batch(row) == pytest.approx(1000 / 3)
     assert after_first_batch({"samples_trained": 1000.0, "img_per_s": 250.0}) is None  # a row from before the column
+
+
+def test_host_overhead_measures_both_loops():
+    import host_overhead
+
+    res = host_overhead.per_step_us(steps=20, repeats=1)
+    assert res["trainer"] > 0 and res["bare"] > 0 and res["difference"] == res["trainer"] - res["bare"]
