@@ -46,33 +46,37 @@ def model_only_img_per_s(*, model: str, img_size: int, batch_size: int, steps: i
                          channels_last: bool, speed_flags: bool = True) -> float:
     """Training images/s of ``model`` on one random batch kept on the device (no loader): the engine's ceiling.
     ``speed_flags``: with the trainer's (and timm's train.py's) cuDNN autotuning and TF32 matmuls, as since
-    7e910e5; ``False`` measures with torch's defaults instead (both off), as every GPU run before it did."""
+    7e910e5; ``False`` measures with torch's defaults instead (both off), as every GPU run before it did. The
+    process's flags are as they were afterwards."""
     import timm
     import torch
 
     from dap_pretrain.distributed import cuda_speed_flags
 
     dev = torch.device(device)
+    before = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
     if speed_flags:
         cuda_speed_flags(dev)
-    else:
-        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
-    net = timm.create_model(model, num_classes=1000).to(dev)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    net = net.to(memory_format=fmt)
-    x = torch.randn(batch_size, 3, img_size, img_size, device=dev).contiguous(memory_format=fmt)
-    y = torch.randint(0, 1000, (batch_size,), device=dev)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    dtype = (torch.bfloat16 if dev.type == "cpu" else torch.float16) if amp else None
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    warm, t0 = max(1, steps // 4), 0.0
-    for i in range(steps + warm):
-        if i == warm:
-            torch.cuda.synchronize() if dev.type == "cuda" else None
-            t0 = time.perf_counter()
-        sgd_step(net, opt, scaler, x, y, dev=dev, dtype=dtype)
-    torch.cuda.synchronize() if dev.type == "cuda" else None
-    return steps * batch_size / (time.perf_counter() - t0)
+    try:
+        net = timm.create_model(model, num_classes=1000).to(dev)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        net = net.to(memory_format=fmt)
+        x = torch.randn(batch_size, 3, img_size, img_size, device=dev).contiguous(memory_format=fmt)
+        y = torch.randint(0, 1000, (batch_size,), device=dev)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        dtype = (torch.bfloat16 if dev.type == "cpu" else torch.float16) if amp else None
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        warm, t0 = max(1, steps // 4), 0.0
+        for i in range(steps + warm):
+            if i == warm:
+                torch.cuda.synchronize() if dev.type == "cuda" else None
+                t0 = time.perf_counter()
+            sgd_step(net, opt, scaler, x, y, dev=dev, dtype=dtype)
+        torch.cuda.synchronize() if dev.type == "cuda" else None
+        return steps * batch_size / (time.perf_counter() - t0)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _left(deadline: float, margin: float = 5.0) -> float:

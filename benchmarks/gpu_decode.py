@@ -49,6 +49,8 @@ from common import (  # noqa: E402
     steady_img_per_s,
 )
 from gpu_check import model_only_img_per_s  # noqa: E402
+from timm.data import IMAGENET_DEFAULT_MEAN as MEAN  # noqa: E402  (timm's resnet50 config gives ImageNet's)
+from timm.data import IMAGENET_DEFAULT_STD as STD  # noqa: E402
 
 
 def original_folder(data: Path, work: Path, *, copies: int, max_classes: int | None) -> Path:
@@ -98,7 +100,6 @@ def timm_train(script: Path, root: Path, out: Path, *, args, img_size: int, time
             "wall_s": time.perf_counter() - t0}
 
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, as timm's resnet50 config gives them
 
 
 def _train_split(root: Path, *, args, batches: int):
@@ -196,6 +197,19 @@ def loader_only(kind: str, root: Path, *, args, img_size: int, batches: int = 30
 VARIANTS = {"_pinned": {"pin_memory": True}, "_nested": {"pad": "nested"}, "_half": {"dtype": "amp"}}
 
 
+def loader_experiments(suffixes: str, *, step: str) -> dict:
+    """:class:`GpuDecodeLoader` keywords for ``suffixes``, any of :data:`VARIANTS` in that order (``"_pinned_half"``);
+    ``dtype`` is ``"amp"``, the model's autocast dtype."""
+    kwargs, rest = {}, suffixes
+    for suffix, extra in VARIANTS.items():
+        if rest.startswith(suffix):
+            kwargs.update(extra)
+            rest = rest.removeprefix(suffix)
+    if rest:
+        raise BenchmarkError(f"unknown step {step!r}: the loader's experiments are the suffixes {', '.join(VARIANTS)}")
+    return kwargs
+
+
 def loader_variant(step: str) -> dict:
     """``model_with_gpu_loader``'s keywords for a step ``model_gpu_loader[_same_priority][_pinned][_nested][_half]``:
     the bare name runs the steps on a high-priority stream; every other name at the trainer's one priority, with
@@ -203,14 +217,7 @@ def loader_variant(step: str) -> dict:
     rest = step.removeprefix("model_gpu_loader")
     if not rest:
         return {"priority": True}
-    kwargs, rest = {"priority": False}, rest.removeprefix("_same_priority")
-    for suffix, extra in VARIANTS.items():
-        if rest.startswith(suffix):
-            kwargs.update(extra)
-            rest = rest.removeprefix(suffix)
-    if rest:
-        raise BenchmarkError(f"unknown step {step!r}: model_gpu_loader takes the suffixes {', '.join(VARIANTS)}")
-    return kwargs
+    return {"priority": False, **loader_experiments(rest.removeprefix("_same_priority"), step=step)}
 
 
 def trainer_probe(step: str, *, profile: dict | None = None) -> list[str] | None:
@@ -221,8 +228,7 @@ def trainer_probe(step: str, *, profile: dict | None = None) -> list[str] | None
     probe = {} if profile is None else {"profile": profile}
     rest = step.split("_gpu_decode", 1)[1] if "_gpu_decode" in step else ""
     if rest:
-        kwargs = loader_variant("model_gpu_loader_same_priority" + rest)
-        del kwargs["priority"]
+        kwargs = loader_experiments(rest, step=step)
         probe["loader"] = {k: "float16" if v == "amp" else v for k, v in kwargs.items()}
     return [str(Path(__file__).with_name("trainer_probe.py")), json.dumps(probe)] if probe else None
 

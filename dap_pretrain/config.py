@@ -164,16 +164,6 @@ def given_kwargs(cfg, flags: dict) -> dict:
     return {kw: tuple(v) if isinstance(v, list) else v for kw, v in given.items()}
 
 
-def augment_kwargs(cfg) -> dict:
-    """The ImageNet train augmentation flags that were given, as timm ``create_transform`` keywords."""
-    return given_kwargs(cfg, AUGMENT_FLAGS)
-
-
-def model_kwargs(cfg) -> dict:
-    """``timm.create_model`` keywords of the regularisation flags that were given (``--drop``, ``--drop-path``)."""
-    return given_kwargs(cfg, MODEL_FLAGS)
-
-
 def optimizer_kwargs(cfg) -> dict:
     """``timm.optim.create_optimizer_v2`` keywords (timm's bridge of the same name, for this trainer's flags)."""
     kwargs = dict(opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)

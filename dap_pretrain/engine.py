@@ -57,7 +57,6 @@ class _Updater:
         self.epoch, self.steps, self.accum = epoch, steps, max(1, accum)
         self.last_group = steps - (steps % self.accum or self.accum)  # first step of the last group
         self.pending = False  # gradients accumulated and not yet applied
-        self.local = False  # of those, some were kept rank-local (no_sync) and not all-reduced since
 
     def _updates_at(self, step: int) -> bool:
         return (step + 1) % self.accum == 0 or step == self.steps - 1
@@ -76,21 +75,22 @@ class _Updater:
         loss = loss / group if group > 1 else loss
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self.pending = True
-        update = self._updates_at(step)
-        self.local = not update and hasattr(self.model, "no_sync")
-        if update:
+        if self._updates_at(step):
             self.update(step)
 
-    def update(self, step: int) -> None:
-        """Apply the accumulated gradients after the epoch's ``step`` (also for a group whose last batch was
-        skipped: its gradients are then still rank-local, and are averaged over the ranks here, as DDP would)."""
-        if self.local and torch.distributed.is_initialized():
+    def cut_short(self, step: int) -> None:
+        """Apply a group whose last batch was skipped at ``step``: its micro-batches ran under ``no_sync``, so
+        under DDP their gradients are first averaged over the ranks here, as DDP's own all-reduce would have."""
+        if hasattr(self.model, "no_sync") and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             for p in self.model.parameters():
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad.div_(world)
-            self.local = False
+        self.update(step)
+
+    def update(self, step: int) -> None:
+        """Apply the accumulated gradients after the epoch's ``step``."""
         if self.scaler is not None:
             if self.clip_grad:
                 self.scaler.unscale_(self.optimizer)
@@ -167,7 +167,7 @@ def train_one_epoch(
             # The sample gets no loss this epoch, so the accounting reports it as not trained.
             _logger.info("epoch %d: skipped a final batch of 1 sample (BatchNorm needs 2)", epoch + 1)
             if updater.pending:  # the group's earlier batches still update
-                updater.update(step)
+                updater.cut_short(step)
             continue
         weights = loss_weights(indices) if loss_weights is not None else None
         if graph_step is not None and graph_step.accepts(images):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from dap_pretrain.checkpoint import (
     LAST_CHECKPOINT,
@@ -34,12 +35,10 @@ from dap_pretrain.config import (
     EVAL_FLAGS,
     MODEL_FLAGS,
     RunConfig,
-    augment_kwargs,
     cli_flags,
     dap_config_from_args,
     default_reuse,
     given_kwargs,
-    model_kwargs,
     optimizer_kwargs,
     scaled_lr,
 )
@@ -89,7 +88,7 @@ def _build_model(cfg, num_classes: int, device: torch.device):
     if not timm.is_model(cfg.model):
         close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:5]
         raise UsageError(f"unknown model '{cfg.model}'; pass a timm model name (e.g. {', '.join(close) or 'resnet50'})")
-    kwargs = model_kwargs(cfg)
+    kwargs = given_kwargs(cfg, MODEL_FLAGS)
     try:
         model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as e:
@@ -148,15 +147,15 @@ def _build_data(cfg, model_cfg: dict) -> Data:
     )
     img_size = cfg.img_size or model_cfg.get("input_size", (3, 224, 224))[-1]
     cifar = uses_cifar_aug(img_size=img_size, aug=cfg.aug)
-    aug, evaluation = augment_kwargs(cfg), given_kwargs(cfg, EVAL_FLAGS)
+    aug, evaluation = given_kwargs(cfg, AUGMENT_FLAGS), given_kwargs(cfg, EVAL_FLAGS)
     if cifar and (aug or evaluation):
         flags = [f for f in (*AUGMENT_FLAGS, *EVAL_FLAGS) if getattr(cfg, f) is not None]
         raise UsageError(
             f"{cli_flags(flags)} set timm's ImageNet transforms, but this run uses the CIFAR one (pad-4 crop + flip; "
             f"--aug {cfg.aug} at {img_size} px); pass --aug imagenet or drop them"
         )
-    mean = tuple(cfg.mean or model_cfg.get("mean", (0.485, 0.456, 0.406)))
-    std = tuple(cfg.std or model_cfg.get("std", (0.229, 0.224, 0.225)))
+    mean = tuple(cfg.mean or model_cfg.get("mean", IMAGENET_DEFAULT_MEAN))
+    std = tuple(cfg.std or model_cfg.get("std", IMAGENET_DEFAULT_STD))
     train.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=True, mean=mean, std=std, **aug)
     if val is not None:
         val.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=False, **evaluation)
@@ -282,12 +281,12 @@ def _build_loaders(cfg, data: Data, sampler, *, device, rank: int, world: int):
     return train_loader, val_loader
 
 
-_GPU_AUGMENT = ("scale", "ratio", "hflip", "color_jitter")  # the augment_kwargs GpuDecodeLoader takes
+_GPU_AUGMENT = ("scale", "ratio", "hflip", "color_jitter")  # the augmentation keywords GpuDecodeLoader takes
 
 
 def _gpu_decode_augment(cfg) -> dict:
     """The augmentation flags given, as :class:`GpuDecodeLoader` keywords; one it cannot apply is a UsageError."""
-    aug = augment_kwargs(cfg)
+    aug = given_kwargs(cfg, AUGMENT_FLAGS)
     if aug.get("interpolation") == "bilinear":  # what the GPU crop computes anyway
         del aug["interpolation"]
     unsupported = set(aug) - set(_GPU_AUGMENT)

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Sampler
 from torchvision import transforms as T
 
@@ -267,8 +268,8 @@ def trainer_transform(
     img_size: int,
     aug: str = "auto",
     is_training: bool,
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
     **imagenet_aug,
 ):
     """The transform the trainer uses for ``img_size`` and ``--aug`` (see :func:`uses_cifar_aug`).
