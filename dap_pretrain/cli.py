@@ -11,7 +11,7 @@ import json
 import sys
 
 from dap_pretrain.config import PAPER_SETTINGS, dap_config_from_args, paper_setting
-from dap_pretrain.errors import entry_point, user_input
+from dap_pretrain.errors import entry_point, print_error, user_input
 from dap_pretrain.schedule import IMAGENET_NUM_SAMPLES, plan
 
 
@@ -49,7 +49,7 @@ def add_dap_arguments(parser: argparse.ArgumentParser, *, with_epochs: bool = Tr
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's default prints usage on several lines
-        print(f"error: {message}{self._did_you_mean(message)} (see --help)", file=sys.stderr)
+        print_error(f"error: {message}{self._did_you_mean(message)} (see --help)")
         sys.exit(2)
 
     def _did_you_mean(self, message: str) -> str:

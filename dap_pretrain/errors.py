@@ -38,6 +38,16 @@ def user_input():
         raise UsageError(one_line(e)) from e
 
 
+def print_error(line: str) -> None:
+    """Print ``line`` and its newline to stderr in one write, then flush.
+
+    ``print`` writes the text and the newline separately; two DDP ranks failing together then interleave into
+    ``error: ...error: ...`` on one line. One write below ``PIPE_BUF`` (4 KiB) reaches a pipe whole.
+    """
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002  (exit: like sys.exit)
     """Wrap an entry point: a :class:`DapError` becomes ``[prog: ]error: <line>`` on stderr and exit code 2.
 
@@ -52,7 +62,7 @@ def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002 
             try:
                 return fn(argv)
             except DapError as e:
-                print(f"{prog + ': ' if prog else ''}error: {one_line(e) or type(e).__name__}", file=sys.stderr)
+                print_error(f"{prog + ': ' if prog else ''}error: {one_line(e) or type(e).__name__}")
                 if exit:
                     sys.exit(2)
                 return 2

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 
 import torch
 
+from dap_pretrain.errors import print_error
 from dap_pretrain.train import main as train_main
 
 
@@ -71,16 +72,16 @@ def main(argv=None) -> int:
     argvs = [shlex.split(r) for r in args.run]
     outputs = [a[a.index("--output") + 1] if "--output" in a[:-1] else None for a in argvs]
     if None in outputs or len(set(outputs)) != len(outputs):
-        print("error: every --run needs its own --output folder; give each run a different one", file=sys.stderr)
+        print_error("error: every --run needs its own --output folder; give each run a different one")
         return 2
     code = 0
     for out, result in zip(outputs, run_many(argvs), strict=True):
         if isinstance(result, (ValueError, FileNotFoundError)):
             lines = str(result).strip().splitlines() or [type(result).__name__]
-            print(f"error: {out}: {lines[0]}", file=sys.stderr)
+            print_error(f"error: {out}: {lines[0]}")
             code = code or 2
         elif isinstance(result, BaseException):
-            print(f"error: {out}: {type(result).__name__} (traceback above)", file=sys.stderr)
+            print_error(f"error: {out}: {type(result).__name__} (traceback above)")
             code = 1  # a bug outranks bad input
     return code
 

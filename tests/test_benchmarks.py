@@ -49,11 +49,13 @@ def test_tables_report_mean_std_and_difference_to_dap():
         for row, top1, c in (("all", 90.0, 1.0), ("dap", 89.0, 0.63))
         for s in (0, 2)
     ]
-    recs.append(dict(dataset="cifar10", row="random", seed=0, top1=89.5, compute_fraction_measured=0.63,
-                     wall_time_s=10.0))
+    recs.append(
+        dict(dataset="cifar10", row="random", seed=0, top1=89.5, compute_fraction_measured=0.63, wall_time_s=10.0)
+    )
     lines = cifar_ablation.table(recs)
-    assert any(line.startswith("| all data (100%) | 2 | 91.00 ± 1.41 | +1.00 | +1.00 ± 0.00 (0/2) | 100.0%")
-               for line in lines)
+    assert any(
+        line.startswith("| all data (100%) | 2 | 91.00 ± 1.41 | +1.00 | +1.00 ± 0.00 (0/2) | 100.0%") for line in lines
+    )
     assert any(line.startswith("| DaP (hard) | 2 | 90.00 ± 1.41 |  |  | 63.0%") for line in lines)
     # paired by seed: random ran seed 0 only, where DaP had 89.0
     assert any(line.startswith("| random drop | 1 | 89.50 ± 0.00 | -0.50 | +0.50 ± 0.00 (0/1) |") for line in lines)
@@ -140,7 +142,6 @@ def test_gpu_decode_wall_fraction_and_original_folder(tmp_path):
     assert len(list(root.glob("train/*/*"))) == 6 and len(list(root.glob("val/*/*"))) == 3
 
 
-
 def test_gpu_decode_step_names_pick_the_loader_experiments():
     import gpu_decode
     from common import BenchmarkError
@@ -154,7 +155,6 @@ def test_gpu_decode_step_names_pick_the_loader_experiments():
         gpu_decode.loader_variant("model_gpu_loader_halff")
 
 
-
 def test_timeline_separates_idle_concurrent_and_per_stream_time():
     import gpu_decode
 
@@ -165,6 +165,7 @@ def test_timeline_separates_idle_concurrent_and_per_stream_time():
     res = gpu_decode.timeline(intervals, steps=2, wall_ns=12 * ms)
     assert res == {"wall_ms": 6.0, "busy_ms": 4.5, "idle_ms": 1.5, "concurrent_ms": 0.5,
                    "kernel_ms": {"7": 4.0, "9": 1.0}, "copy_ms": 1.0}  # fmt: skip
+
 
 @pytest.mark.slow
 def test_gpu_decode_ab_dry_run(tmp_path):
@@ -190,6 +191,7 @@ def test_gpu_decode_ab_dry_run(tmp_path):
     cpu = steps["trainer_cpu_decode"]  # per epoch, its wait for the first batch; the rate without it is higher
     assert all(s > 0 for s in cpu["first_batch_s"]) and cpu["after_first_batch_img_per_s"] > cpu["img_per_s"], cpu
     assert profile["model_only"]["wall_ms"] > 0 and profile["fed"]["wall_ms"] > 0, profile  # no CUDA events on CPU
+
 
 def _transfer_metrics(task, sec_per_iter, *, batch, launcher="none", **metrics):
     run = dict(train_sec_per_iter=sec_per_iter, train_data_sec_per_iter=0.01, train_iters=30, world_size=1)

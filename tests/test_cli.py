@@ -117,3 +117,24 @@ def test_entry_point_maps_expected_failures_only():
     assert e.value.code == 2
     with pytest.raises(ValueError, match="from torch"):
         boom(ValueError("from torch"))()
+
+
+def test_error_line_reaches_stderr_in_one_write(monkeypatch):
+    """Two DDP ranks refusing together must not interleave into ``error: ...error: ...``: each line, newline
+    included, goes out in one write (``print`` makes two)."""
+    from dap_pretrain.errors import UsageError, entry_point
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert entry_point(lambda argv=None: (_ for _ in ()).throw(UsageError("held; pass --overwrite")), exit=False)() == 2
+    with pytest.raises(SystemExit):
+        main(["plan", "--no-such-flag"])
+    assert len(writes) == 2 and all(w.startswith("error: ") and w.count("\n") == 1 and w.endswith("\n") for w in writes)

@@ -1,4 +1,5 @@
 """A stand-in for a transformers release without what mmpretrain 1.2.0's BLIP imports (tests only)."""
+
 import importlib.abc
 import importlib.machinery
 import sys
