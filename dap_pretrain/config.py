@@ -119,6 +119,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         v["lr"], v["lr_base_size"] = v["lr_base"], v["lr_base_size"] or 256
     if v["lr_base_size"] is not None and v["lr_base_size"] < 1:
         raise UsageError(f"--lr-base-size={v['lr_base_size']} is invalid: must be a batch size >= 1")
+    if v["sync_bn"]:  # statistics are already the global batch's in every step (timm clears --dist-bn too)
+        v["dist_bn"] = ""
     if v["torchcompile"] and v["cuda_graph"]:
         raise UsageError("--torchcompile and --cuda-graph both replace the eager step; choose one")
     if v["grad_accum_steps"] < 1:

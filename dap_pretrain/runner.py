@@ -104,6 +104,46 @@ def _build_model(cfg, num_classes: int, device: torch.device):
     return model
 
 
+def _check_sync_bn(cfg, *, device: torch.device, world: int) -> None:
+    """Refuse ``--sync-bn`` where torch cannot run it (several CPU processes), before any data is read."""
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise UsageError(
+            f"--sync-bn needs GPUs: torch's SyncBatchNorm does not run on {device.type} processes; drop it "
+            "(--dist-bn still gives every process the same BatchNorm statistics after each epoch)"
+        )
+
+
+def _batchnorm_across_processes(model, cfg, *, world: int):
+    """timm's ``--sync-bn`` under DDP: the model with its BatchNorm layers (timm's ``BatchNormAct2d`` included) as
+    ``SyncBatchNorm``, the same parameters and state-dict keys, so checkpoints and exports do not change.
+    Returns the model to train and one line for the log ("" for a model without BatchNorm)."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model, ""
+    if world == 1:
+        return model, "--sync-bn: one process, nothing to synchronise; BatchNorm left as it is" if cfg.sync_bn else ""
+    if cfg.sync_bn:
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model), f"BatchNorm: statistics of the global batch over {world} processes"
+    if cfg.dist_bn:
+        how = "averaged over" if cfg.dist_bn == "reduce" else "copied from rank 0 to"
+        return model, f"BatchNorm: running statistics {how} all {world} processes after each epoch (--dist-bn)"
+    return model, "BatchNorm: each process keeps its own running statistics (--dist-bn ''); rank 0's are saved"
+
+
+def _equal_batchnorm(models, cfg, *, world: int) -> None:
+    """timm's ``--dist-bn`` after an epoch: every process's BatchNorm running statistics made the same, so each
+    rank evaluates its shard with the model that rank 0 saves, and a resumed run continues from what every rank
+    held. ``models``: the model and its EMA (or ``None``)."""
+    if world == 1 or not cfg.dist_bn:
+        return
+    from timm.utils import distribute_bn
+
+    for m in models:
+        if m is not None:
+            distribute_bn(m, world, reduce=cfg.dist_bn == "reduce")
+
+
 def _build_optimizer(cfg, model):
     """timm's ``create_optimizer_v2`` with :func:`optimizer_kwargs`; an option the optimizer lacks is one line."""
     from timm.optim import create_optimizer_v2
@@ -545,9 +585,12 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
     cfg, lr_note = scaled_lr(cfg, world=world)
     if lr_note:
         _logger.info(lr_note)
+    _check_sync_bn(cfg, device=device, world=world)
     model_cfg = timm.models.get_pretrained_cfg(cfg.model)
     data = _build_data(cfg, model_cfg.to_dict() if model_cfg else {})
-    model = _seeded_model(cfg, data.num_classes, device, rank)
+    model, bn_note = _batchnorm_across_processes(_seeded_model(cfg, data.num_classes, device, rank), cfg, world=world)
+    if bn_note:
+        _logger.info(bn_note)
     with user_input():  # the flags' values are checked by the components they configure
         sampler, acct, dap, note = _build_sampler(cfg, len(data.train), world, rank)
         check_batch_size(
@@ -655,6 +698,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             show_progress=rank == 0,
             graph_step=graph_step,
         )
+        _equal_batchnorm((model, ema.module if ema is not None else None), cfg, world=world)
         report = sampler.end_epoch()
         acct.add_epoch(epoch + 1, report)
         do_eval = val_loader is not None and ((epoch + 1) % cfg.eval_interval == 0 or epoch + 1 == cfg.epochs)

@@ -62,6 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model-ema-decay", type=float, default=0.9998)
     m.add_argument("--drop", type=float, default=None, metavar="PCT", help="dropout rate (timm's drop_rate)")
     m.add_argument("--drop-path", type=float, default=None, metavar="PCT", help="stochastic depth (drop_path_rate)")
+    b = p.add_argument_group("BatchNorm across processes (DDP; timm's flags)")
+    b.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="BatchNorm statistics over the global batch in every step (torch's SyncBatchNorm: GPUs only)",
+    )
+    b.add_argument(
+        "--dist-bn",
+        choices=("reduce", "broadcast", ""),
+        default="reduce",
+        help="after each epoch, give every process the same BatchNorm running statistics before evaluating and "
+        "saving: reduce averages them, broadcast copies rank 0's, '' leaves each its own (default: reduce)",
+    )
     a = p.add_argument_group("Augmentation (timm's; the ImageNet augmentation only, default: timm's)")
     a.add_argument("--scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="RandomResizedCrop area")
     a.add_argument("--ratio", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="its aspect ratio")

@@ -231,10 +231,10 @@ def test_lr_is_scaled_from_the_base_batch_to_the_global_batch():
 
 def test_an_unknown_flag_is_one_line_that_names_a_close_known_one(capsys):
     with pytest.raises(SystemExit) as exit_:
-        parse_args(["--drop_path", "0.1", "--dap-kep", "0.5", "--sync-bn"])
+        parse_args(["--drop_path", "0.1", "--dap-kep", "0.5", "--split-bn"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("error: unrecognized arguments: --drop_path 0.1 --dap-kep 0.5 --sync-bn; did you mean "
+    assert err == ("error: unrecognized arguments: --drop_path 0.1 --dap-kep 0.5 --split-bn; did you mean "
                    "--drop-path for --drop_path, --dap-keep for --dap-kep? (see --help)")  # fmt: skip
 
 
@@ -293,3 +293,27 @@ def test_gpu_decode_batches_come_in_the_amp_dtype(imagenet_tiny, monkeypatch, fl
     data = runner.Data(train=train, val=None, num_classes=2, mean=(0.5,) * 3, std=(0.5,) * 3, img_size=64)
     runner._gpu_decode_loader(cfg, data, sampler=[0], device=torch.device("cuda"))  # a device object; no GPU used
     assert made["dtype"] == dtype and "pin_memory" not in made and "pad" not in made, made
+
+
+def test_sync_bn_converts_every_batchnorm_and_keeps_the_checkpoint_format():
+    """--sync-bn under DDP: plain and timm BatchNorm layers become SyncBatchNorm with the same parameters and
+    state-dict keys (checkpoints and exports unchanged); one process is left alone; it turns --dist-bn off."""
+    from timm.layers import BatchNormAct2d
+
+    from dap_pretrain.runner import _batchnorm_across_processes
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), BatchNormAct2d(4))
+
+    cfg = _cfg("unused", "--sync-bn")
+    assert cfg.dist_bn == "" and _cfg("unused").dist_bn == "reduce"
+    plain = net()
+    synced, note = _batchnorm_across_processes(net(), cfg, world=2)
+    kinds = [type(m) for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(kinds) == 2 and all(issubclass(k, torch.nn.SyncBatchNorm) for k in kinds), kinds
+    assert synced.state_dict().keys() == plain.state_dict().keys() and "2 processes" in note
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in synced.state_dict().items())
+    alone, note = _batchnorm_across_processes(plain, cfg, world=1)
+    assert alone is plain and "one process" in note
+    assert _batchnorm_across_processes(torch.nn.Linear(2, 2), cfg, world=2)[1] == ""  # no BatchNorm: nothing to say

@@ -42,6 +42,13 @@ def _digests(out: Path) -> list[tuple]:
         return [(r["epoch"], r["subset_size"], r["samples_trained"], r["subset_digest"]) for r in csv.DictReader(f)]
 
 
+def _two_processes(*args, port: int, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``tools/pretrain.sh ARGS`` as 2 DDP processes (gloo, one thread each), its output captured as text."""
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(port + os.getpid() % 1000), "OMP_NUM_THREADS": "1"}
+    cmd = ["bash", "tools/pretrain.sh", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def _train_cmd(*args):
     return [sys.executable, "-m", "dap_pretrain.train", *args]
 
@@ -120,16 +127,8 @@ def test_ddp_refusal_on_rank0_stops_every_rank_in_one_line(tmp_path, cifar_tiny)
     held = tmp_path / "held"
     held.mkdir()
     (held / "run.json").write_text("{}")
-    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(30500 + os.getpid() % 1000), "OMP_NUM_THREADS": "1"}
     t0 = time.time()
-    proc = subprocess.run(
-        ["bash", "tools/pretrain.sh", *ARGS, "--data-dir", str(cifar_tiny), "--output", str(held)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = _two_processes(*ARGS, "--data-dir", str(cifar_tiny), "--output", str(held), port=30500, timeout=300)
     assert proc.returncode != 0 and time.time() - t0 < 120
     refusals = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: output folder")]
     assert len(refusals) == 2, proc.stderr  # one line from each rank
@@ -149,3 +148,50 @@ def test_augmentation_does_not_depend_on_the_worker_count(tmp_path, cifar_tiny):
         )  # fmt: skip
         runs[workers] = torch.load(out / "last.pth.tar", weights_only=True)["state_dict"]
     assert all(torch.equal(runs["0"][k], runs["2"][k]) for k in runs["0"])
+
+
+def _checkpoint_val_loss(ckpt: Path, val_dir: Path) -> float:
+    """Mean cross-entropy of a checkpoint's model over every image of ``val_dir``, in this one process."""
+    import timm
+    from timm.data import create_dataset
+
+    import dap_pretrain.models  # noqa: F401  (registers cifar_resnet20)
+    from dap_pretrain.checkpoint import load_checkpoint
+    from dap_pretrain.data.loader import trainer_transform
+    from dap_pretrain.models.cifar import CIFAR10_MEAN, CIFAR10_STD
+
+    model = timm.create_model("cifar_resnet20", num_classes=10)
+    model.load_state_dict(load_checkpoint(ckpt)["state_dict"])
+    ds = create_dataset("", root=str(val_dir), is_training=False)
+    ds.transform = trainer_transform(img_size=32, is_training=False)
+    x = torch.stack([ds[i][0] for i in range(len(ds))]).float().div(255)
+    x = (x - torch.tensor(CIFAR10_MEAN)[:, None, None]) / torch.tensor(CIFAR10_STD)[:, None, None]
+    y = torch.tensor([ds[i][1] for i in range(len(ds))])
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model.eval()(x), y))
+
+
+def test_ddp_ranks_evaluate_the_model_rank0_saves(tmp_path, cifar_tiny):
+    """timm's --dist-bn (default reduce): after each epoch every rank holds the same BatchNorm running statistics,
+    so the evaluation that the 2 ranks share is that of the checkpoint rank 0 saves. With --dist-bn '' rank 1
+    evaluates its half with its own statistics, and the reported loss is not the saved model's."""
+    gaps = {}
+    for mode in ("reduce", ""):
+        out = tmp_path / (mode or "own")
+        args = [*ARGS, "--epochs", "2", "-b", "32", "--data-dir", str(cifar_tiny), "--output", str(out)]
+        proc = _two_processes(*args, "--dist-bn", mode, port=31500 + 1000 * len(gaps))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with (out / "summary.csv").open() as f:
+            reported = float(list(csv.DictReader(f))[-1]["eval_loss"])
+        gaps[mode] = abs(reported - _checkpoint_val_loss(out / "last.pth.tar", cifar_tiny / "val"))
+    assert gaps["reduce"] < 1e-5 and gaps[""] > 1e-3, gaps  # measured: 4e-8 and 0.088
+
+
+def test_sync_bn_on_cpu_processes_is_refused_in_one_line(tmp_path, cifar_tiny):
+    """torch's SyncBatchNorm runs on GPUs only: under CPU DDP --sync-bn is refused before any data is read."""
+    out = tmp_path / "run"
+    proc = _two_processes(*ARGS, "--data-dir", str(cifar_tiny), "--output", str(out), "--sync-bn", port=33500)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode != 0 and len(lines) == 2, proc.stderr
+    assert "--sync-bn needs GPUs" in lines[0] and "drop it" in lines[0]
+    assert not (out / "run.json").exists() and not (out / "last.pth.tar").exists()
