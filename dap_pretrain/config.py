@@ -121,6 +121,11 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         raise UsageError(f"--lr-base-size={v['lr_base_size']} is invalid: must be a batch size >= 1")
     if v["sync_bn"]:  # statistics are already the global batch's in every step (timm clears --dist-bn too)
         v["dist_bn"] = ""
+    if v["grad_checkpointing"] and v["cuda_graph"]:
+        raise UsageError(
+            "--cuda-graph is for small launch-bound networks, --grad-checkpointing for large memory-bound ones; "
+            "choose one"
+        )
     if v["torchcompile"] and v["cuda_graph"]:
         raise UsageError("--torchcompile and --cuda-graph both replace the eager step; choose one")
     if v["grad_accum_steps"] < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import threading
 import time
@@ -57,7 +58,7 @@ from dap_pretrain.data.memory import decoded_bytes, in_memory_loaders
 from dap_pretrain.data.sampler import DaPSampler
 from dap_pretrain.distributed import barrier, cuda_speed_flags, init_distributed, pick_threads, rank0_outcome
 from dap_pretrain.engine import evaluate, train_one_epoch
-from dap_pretrain.errors import UsageError, user_input
+from dap_pretrain.errors import UsageError, one_line, user_input
 from dap_pretrain.logs import HeldLogs, main_process_logging
 from dap_pretrain.lr import EpochProgressLR
 from dap_pretrain.reporting import Accounting, log_epoch, subset_digest, write_summary_csv
@@ -89,19 +90,51 @@ def _build_model(cfg, num_classes: int, device: torch.device):
         close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:5]
         raise UsageError(f"unknown model '{cfg.model}'; pass a timm model name (e.g. {', '.join(close) or 'resnet50'})")
     kwargs = given_kwargs(cfg, MODEL_FLAGS)
+    both = sorted(set(kwargs) & set(cfg.model_kwargs))
+    if both:
+        raise UsageError(f"--model-kwargs sets {', '.join(both)}, which a flag sets too; give each keyword once")
+    kwargs.update(cfg.model_kwargs)
     try:
         model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as e:
         if "unexpected keyword argument" not in str(e) or not kwargs:
             raise
-        named = [f for f, kw in MODEL_FLAGS.items() if kw in kwargs and f"'{kw}'" in str(e)]
-        named = named or [f for f, kw in MODEL_FLAGS.items() if kw in kwargs]
-        flags = cli_flags(named, sep=", ")
+        named = [cli_flags([f]) for f, kw in MODEL_FLAGS.items() if kw in kwargs and f"'{kw}'" in str(e)]
+        named += [f"--model-kwargs {kw}" for kw in cfg.model_kwargs if f"'{kw}'" in str(e)]
+        named = named or [cli_flags([f]) for f, kw in MODEL_FLAGS.items() if kw in kwargs]
+        flags = ", ".join(named or ["--model-kwargs"])
         raise UsageError(f"model {cfg.model} does not take {flags} ({e}); drop the flag for this model") from None
+    if cfg.initial_checkpoint:
+        _load_initial(model, cfg.initial_checkpoint, model_name=cfg.model)
+    if cfg.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError, AttributeError) as e:
+            raise UsageError(
+                f"model {cfg.model} has no gradient checkpointing ({one_line(e) or type(e).__name__}); drop "
+                "--grad-checkpointing"
+            ) from None
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def _load_initial(model, path: str, *, model_name: str) -> None:
+    """timm's ``--initial-checkpoint``: ``path``'s weights into ``model`` (timm's ``load_checkpoint``: a state dict,
+    ``.safetensors``, or a checkpoint whose ``state_dict_ema``/``state_dict`` it picks); a missing file or weights
+    of another shape are one line."""
+    from timm.models import load_checkpoint
+
+    if not Path(path).is_file():
+        raise UsageError(f"--initial-checkpoint {path} does not exist; pass a weights file")
+    try:
+        load_checkpoint(model, path)
+    except (RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
+        raise UsageError(
+            f"--initial-checkpoint {path} does not fit model {model_name} ({one_line(e)[:300]}); pass weights of "
+            f"a {model_name} with this run's number of classes"
+        ) from None
 
 
 def _check_sync_bn(cfg, *, device: torch.device, world: int) -> None:

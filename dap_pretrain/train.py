@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from timm.utils import ParseKwargs
+
 from dap_pretrain.cli import add_dap_arguments, make_parser
 from dap_pretrain.config import load_config, run_config
 from dap_pretrain.errors import UsageError, entry_point
@@ -62,6 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model-ema-decay", type=float, default=0.9998)
     m.add_argument("--drop", type=float, default=None, metavar="PCT", help="dropout rate (timm's drop_rate)")
     m.add_argument("--drop-path", type=float, default=None, metavar="PCT", help="stochastic depth (drop_path_rate)")
+    m.add_argument(
+        "--model-kwargs",
+        nargs="*",
+        default={},
+        action=ParseKwargs,
+        metavar="KEY=VALUE",
+        help="more timm.create_model keywords, e.g. --model-kwargs drop_block_rate=0.1 (values read as Python)",
+    )
+    m.add_argument(
+        "--initial-checkpoint",
+        default="",
+        metavar="PATH",
+        help="start from these weights (a timm/torch state dict, .safetensors, or a dap-train checkpoint: its EMA "
+        "weights if it has them); unlike --resume, the run starts at epoch 0",
+    )
+    m.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass through the model's blocks (less memory, more compute)",
+    )
     b = p.add_argument_group("BatchNorm across processes (DDP; timm's flags)")
     b.add_argument(
         "--sync-bn",
@@ -184,7 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the model for training (backend: inductor unless named)",
     )
     r.add_argument("--torchcompile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
-    r.add_argument("--eval-interval", type=int, default=1, metavar="N", help="evaluate every N epochs and at the last")
+    r.add_argument(
+        "--val-interval",
+        "--eval-interval",
+        dest="eval_interval",
+        type=int,
+        default=1,
+        metavar="N",
+        help="evaluate every N epochs and at the last",
+    )
     r.add_argument("-vb", "--validation-batch-size", type=int, default=None, help="default: --batch-size")
     r.add_argument("--device", default="auto")
     r.add_argument("--seed", type=int, default=42)

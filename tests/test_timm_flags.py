@@ -317,3 +317,62 @@ def test_sync_bn_converts_every_batchnorm_and_keeps_the_checkpoint_format():
     alone, note = _batchnorm_across_processes(plain, cfg, world=1)
     assert alone is plain and "one process" in note
     assert _batchnorm_across_processes(torch.nn.Linear(2, 2), cfg, world=2)[1] == ""  # no BatchNorm: nothing to say
+
+
+def test_initial_checkpoint_starts_from_those_weights_at_epoch_0(tmp_path, cifar_tiny, capsys):
+    """timm's --initial-checkpoint: at --lr 0 a run started from run A's last.pth.tar ends with A's weights (BatchNorm
+    running statistics aside: they move in train mode); it counts its own epochs; a file that is missing or of
+    another model is one line, before the run folder is made."""
+    from dap_pretrain.train import main as train_main
+
+    flags = ["--data-dir", str(cifar_tiny), "--dap-warmup", "0", "-b", "50", "--workers", "0", "--no-plot"]
+    train_main([*flags, "--epochs", "1", "--output", str(tmp_path / "a")])
+    train_main([*flags, "--epochs", "2", "--lr", "0", "--initial-checkpoint", str(tmp_path / "a" / "last.pth.tar"),
+                "--output", str(tmp_path / "b")])  # fmt: skip
+    a, b = (torch.load(tmp_path / n / "last.pth.tar", weights_only=False) for n in "ab")
+    params = [k for k in a["state_dict"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert params and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in params)
+    assert b["epoch"] == 2 and not torch.equal(a["state_dict"]["conv1.weight"], _fresh_conv1())
+    refusals = {"does not exist": [str(tmp_path / "none.pth")],
+                "does not fit model": [str(tmp_path / "a" / "last.pth.tar"), "--model", "cifar_resnet56"]}  # fmt: skip
+    for words, extra in refusals.items():
+        with pytest.raises(SystemExit):
+            cli([*flags, "--epochs", "1", "--output", str(tmp_path / "refused"), "--initial-checkpoint", *extra])
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
+def _fresh_conv1() -> torch.Tensor:
+    import timm
+
+    torch.manual_seed(42)  # the trainer's default --seed, rank 0
+    return timm.create_model("cifar_resnet20", num_classes=10).state_dict()["conv1.weight"]
+
+
+def test_grad_checkpointing_and_model_kwargs_reach_the_timm_model(imagenet_tiny, capsys):
+    """--grad-checkpointing trains the same parameters (recomputing activations); --model-kwargs reaches
+    timm.create_model; a model without the one or a keyword it lacks, or a keyword given twice, is one line."""
+    grads = []
+    for flags in ((), ("--grad-checkpointing",)):
+        model = runner._build_model(_cfg(imagenet_tiny, *flags), 4, torch.device("cpu"))
+        torch.manual_seed(0)
+        model.load_state_dict(runner._build_model(_cfg(imagenet_tiny), 4, torch.device("cpu")).state_dict())
+        x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 3])
+        torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+        grads.append([p.grad for p in model.parameters()])
+        assert model.grad_checkpointing == bool(flags)  # timm's switch, read by its forward
+    assert all(torch.allclose(g0, g1, atol=1e-6) for g0, g1 in zip(*grads, strict=True))
+    model = runner._build_model(_cfg(imagenet_tiny, "--model-kwargs", "stem_type=deep"), 4, torch.device("cpu"))
+    assert isinstance(model.conv1, torch.nn.Sequential)  # timm's deep stem
+    refusals = {"has no gradient checkpointing": ("--model", "cifar_resnet20", "--grad-checkpointing"),
+                "does not take --model-kwargs no_such": ("--model-kwargs", "no_such=1"),
+                "give each keyword once": ("--drop-path", "0.1", "--model-kwargs", "drop_path_rate=0.2")}  # fmt: skip
+    for words, flags in refusals.items():
+        with pytest.raises(UsageError, match=words):
+            runner._build_model(_cfg(imagenet_tiny, *flags), 4, torch.device("cpu"))
+    with pytest.raises(UsageError, match="choose one"):
+        _cfg(imagenet_tiny, "--grad-checkpointing", "--cuda-graph")
+
+
+def test_val_interval_is_timms_name_for_eval_interval():
+    assert _cfg("d", "--val-interval", "3").eval_interval == 3 == _cfg("d", "--eval-interval", "3").eval_interval
