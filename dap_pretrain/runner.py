@@ -130,6 +130,7 @@ def _load_initial(model, path: str, *, model_name: str) -> None:
         raise UsageError(f"--initial-checkpoint {path} does not exist; pass a weights file")
     try:
         load_checkpoint(model, path)
+        _logger.info("initial weights from %s (--initial-checkpoint)", path)
     except (RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
         raise UsageError(
             f"--initial-checkpoint {path} does not fit model {model_name} ({one_line(e)[:300]}); pass weights of "
