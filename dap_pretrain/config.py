@@ -175,7 +175,11 @@ def optimizer_kwargs(cfg) -> dict:
     """``timm.optim.create_optimizer_v2`` keywords (timm's bridge of the same name, for this trainer's flags)."""
     kwargs = dict(opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     extra = {"eps": cfg.opt_eps, "betas": tuple(cfg.opt_betas or ()) or None, "layer_decay": cfg.layer_decay}
-    return {**kwargs, **{k: v for k, v in extra.items() if v is not None}}
+    kwargs.update({k: v for k, v in extra.items() if v is not None})
+    both = sorted(set(kwargs) & set(cfg.opt_kwargs))
+    if both:
+        raise ValueError(f"--opt-kwargs sets {', '.join(both)}, which a flag sets too; give each keyword once")
+    return {**kwargs, **cfg.opt_kwargs}
 
 
 def scaled_lr(cfg, *, world: int) -> tuple[RunConfig, str | None]:

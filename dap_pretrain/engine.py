@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.models import model_parameters
+from timm.utils import dispatch_clip_grad
 
 from dap_pretrain.distributed import all_reduce_sum
 
@@ -51,9 +53,11 @@ class _Updater:
     the update (the other micro-batches run forward and backward inside ``no_sync``, see :meth:`step_context`);
     the epoch's last group may be shorter and still updates."""
 
-    def __init__(self, model, optimizer, *, epoch: int, steps: int, accum: int, scaler, clip_grad, model_ema):
+    def __init__(
+        self, model, optimizer, *, epoch: int, steps: int, accum: int, scaler, clip_grad, model_ema, clip_mode="norm"
+    ):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
-        self.clip_grad, self.model_ema = clip_grad, model_ema
+        self.clip_grad, self.clip_mode, self.model_ema = clip_grad, clip_mode, model_ema
         self.epoch, self.steps, self.accum = epoch, steps, max(1, accum)
         self.last_group = steps - (steps % self.accum or self.accum)  # first step of the last group
         self.pending = False  # gradients accumulated and not yet applied
@@ -91,15 +95,15 @@ class _Updater:
 
     def update(self, step: int) -> None:
         """Apply the accumulated gradients after the epoch's ``step``."""
+        if self.clip_grad and self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad:  # timm's dispatch; AGC leaves the classifier out, as timm's train.py does
+            params = model_parameters(self.model, exclude_head=self.clip_mode == "agc")
+            dispatch_clip_grad(params, self.clip_grad, mode=self.clip_mode)
         if self.scaler is not None:
-            if self.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            if self.clip_grad:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
             self.optimizer.step()
         self.pending = False
         if self.model_ema is not None:
@@ -120,6 +124,7 @@ def train_one_epoch(
     scaler=None,
     model_ema=None,
     clip_grad: float | None = None,
+    clip_mode: str = "norm",
     grad_accum_steps: int = 1,
     log_interval: int = 50,
     show_progress: bool = True,
@@ -132,7 +137,8 @@ def train_one_epoch(
     ``epoch + step / steps_in_this_epoch`` so a DaP epoch with fewer steps follows the same curve.
 
     A sampler with ``loss_weights(indices)`` (InfoBatch) scales each sample's loss in the backward
-    pass; the recorded losses stay unscaled. ``grad_accum_steps``: one optimizer update per that many
+    pass; the recorded losses stay unscaled. ``clip_grad``/``clip_mode``: timm's gradient clipping before each
+    update (``norm``, ``value`` or ``agc``). ``grad_accum_steps``: one optimizer update per that many
     batches (see :class:`_Updater`); every batch's losses are recorded. ``graph_step`` (a
     :class:`~dap_pretrain.cuda_graph.GraphedSGDStep`) trains the batches it accepts as a CUDA graph;
     the others take the eager path below.
@@ -153,6 +159,7 @@ def train_one_epoch(
         accum=grad_accum_steps,
         scaler=scaler,
         clip_grad=clip_grad,
+        clip_mode=clip_mode,
         model_ema=model_ema,
     )
     first_batch_s = 0.0

@@ -134,7 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--opt-eps", type=float, default=None, metavar="EPS", help="optimizer epsilon (Adam-like)")
     o.add_argument("--opt-betas", type=float, nargs="+", default=None, metavar="BETA", help="optimizer betas")
     o.add_argument("--layer-decay", type=float, default=None, help="layer-wise LR decay (timm's param groups)")
-    o.add_argument("--clip-grad", type=float, default=None)
+    o.add_argument("--clip-grad", type=float, default=None, metavar="V", help="clip gradients at V (--clip-mode)")
+    o.add_argument(
+        "--clip-mode",
+        choices=("norm", "value", "agc"),
+        default="norm",
+        help="--clip-grad as the global gradient norm, per value, or adaptive (AGC, head excluded; timm's)",
+    )
+    o.add_argument(
+        "--opt-kwargs",
+        nargs="*",
+        default={},
+        action=ParseKwargs,
+        metavar="KEY=VALUE",
+        help="more timm create_optimizer_v2 keywords, e.g. --opt-kwargs nesterov=False (values read as Python)",
+    )
     o.add_argument(
         "--grad-accum-steps", type=int, default=1, metavar="N", help="one optimizer update per N batches (-b each)"
     )

@@ -376,3 +376,45 @@ def test_grad_checkpointing_and_model_kwargs_reach_the_timm_model(imagenet_tiny,
 
 def test_val_interval_is_timms_name_for_eval_interval():
     assert _cfg("d", "--val-interval", "3").eval_interval == 3 == _cfg("d", "--eval-interval", "3").eval_interval
+
+
+@pytest.mark.parametrize("mode", ["norm", "value", "agc"])
+def test_clip_mode_clips_the_update_as_timm_does(mode):
+    """--clip-grad V --clip-mode: with SGD at lr 1 the update is minus the clipped gradient; norm scales the whole
+    gradient to norm V, value clamps each element to [-V, V], agc (adaptive, per unit) leaves the classifier alone."""
+    from dap_pretrain.engine import train_one_epoch
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+    x, y = torch.randn(6, 4) * 10, torch.tensor([0, 1, 2, 0, 1, 2])
+    ref = model()
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    grads = [p.grad for p in ref.parameters()]
+    net, clip = model(), 0.01
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    train_one_epoch(net, [(x, y, torch.arange(6))], opt, epoch=0, sampler=RecordingSampler(), lr_scheduler=FixedLR(),
+                    device=torch.device("cpu"), clip_grad=clip, clip_mode=mode, show_progress=False)  # fmt: skip
+    steps = [b - p.detach() for b, p in zip(before, net.parameters(), strict=True)]
+    if mode == "norm":
+        scale = clip / torch.cat([g.flatten() for g in grads]).norm()
+        expected = [g * scale for g in grads]
+    elif mode == "value":
+        expected = [g.clamp(-clip, clip) for g in grads]
+    else:  # the classifier's weight and bias: unclipped; the first layer: clipped below its gradient
+        expected = steps[:2] + grads[2:]
+        assert all(s.abs().sum() < g.abs().sum() for s, g in zip(steps[:2], grads[:2], strict=True))
+    for s, e in zip(steps, expected, strict=True):
+        torch.testing.assert_close(s, e, rtol=1e-5, atol=1e-7)
+
+
+def test_opt_kwargs_reach_timms_optimizer_factory(cifar_tiny):
+    from dap_pretrain.config import optimizer_kwargs
+
+    net = torch.nn.Linear(2, 2)
+    assert runner._build_optimizer(_cfg(cifar_tiny), net).defaults["nesterov"]  # timm's sgd
+    assert not runner._build_optimizer(_cfg(cifar_tiny, "--opt-kwargs", "nesterov=False"), net).defaults["nesterov"]
+    with pytest.raises(ValueError, match="--opt-kwargs sets lr, which a flag sets too"):
+        optimizer_kwargs(_cfg(cifar_tiny, "--opt-kwargs", "lr=0.5"))
