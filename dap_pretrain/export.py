@@ -52,6 +52,7 @@ class _Trained:
     run: dict
     trainer: str  # 'dap-train' or 'mmengine'
     data_config: dict  # the eval preprocessing, for config.json's pretrained_cfg
+    model_args: dict = dataclasses.field(default_factory=dict)  # --model-kwargs: timm.create_model keywords
 
 
 def classifier_prefixes(arch: str) -> tuple[str, ...]:
@@ -113,6 +114,7 @@ def _from_dap_train(ckpt: dict, *, use_ema: bool) -> _Trained:
         run=run,
         trainer="dap-train",
         data_config=_dap_train_data_config(ckpt["arch"], args),
+        model_args=dict(args.get("model_kwargs") or {}),
     )
 
 
@@ -205,6 +207,8 @@ def _hub_config(model: torch.nn.Module, trained: _Trained, *, native: bool, path
             config["pretrained_cfg"].pop("test_input_size", None)
     for key in _FOREIGN_CFG_FIELDS:
         config["pretrained_cfg"].pop(key, None)
+    if trained.model_args:  # timm's hub loader passes them to create_model
+        config["model_args"] = {**config.get("model_args", {}), **trained.model_args}
     config["pretrained_cfg"]["description"] = f"DaP-pretrain release ({trained.trainer}); see meta.json"
     config["dap_pretrain"] = {"meta": "meta.json", "timm_native": native}
     if not native:
@@ -256,6 +260,7 @@ def export_backbone(
         source=checkpoint,
         holds=None,
         fix=f"the checkpoint's weights are not the {trained.arch} it names; export a checkpoint of a timm architecture",
+        model_args=trained.model_args,
     )
     native = model_entrypoint(trained.arch).__module__.startswith("timm.")
     backbone = {k: v for k, v in weights.items() if not k.startswith(classifier_prefixes(trained.arch))}
@@ -277,6 +282,7 @@ def export_backbone(
         "git_commit": run.get("git_commit"),
         "source_checkpoint": str(Path(checkpoint).resolve()),
         "classifier_keys_removed": sorted(set(weights) - set(backbone)),
+        "model_kwargs": trained.model_args,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -309,6 +315,19 @@ def _release_model(folder: Path) -> str | None:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{file} is malformed ({type(e).__name__}: {e}); {_REFETCH}") from None
     return None
+
+
+def _release_model_args(folder: Path) -> dict:
+    """The ``timm.create_model`` keywords a release was trained with (meta.json ``model_kwargs``, else timm's
+    config.json ``model_args`` less ``num_classes``, which the weights give); ``{}`` for none. Call after
+    :func:`_release_model` has read the files."""
+    for name, key in (("meta.json", "model_kwargs"), ("config.json", "model_args")):
+        file = folder / name
+        if file.is_file():
+            args = dict(json.loads(file.read_text()).get(key) or {})
+            args.pop("num_classes", None)
+            return args
+    return {}
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -373,14 +392,15 @@ def load_backbone(path: str | os.PathLike, *, model: str | None = None, **create
     weights = _read_weights(weights_file)
     _check_finite(weights, source=weights_file, fix=f"the file is damaged or tampered; {_REFETCH}")
     file_classes = _num_classes_in(weights, arch)  # 0: no classifier in the file, build without one
-    _check_fits(weights, arch=arch, num_classes=file_classes, source=weights_file, holds=holds)
+    model_args = _release_model_args(path if path.is_dir() else path.parent) if holds else {}
+    _check_fits(weights, arch=arch, num_classes=file_classes, source=weights_file, holds=holds, model_args=model_args)
     create_kwargs.setdefault("num_classes", file_classes)
     # timm's own loader adapts the (already checked) weights to num_classes / features_only
     return timm.create_model(
         arch,
         pretrained=True,
         pretrained_cfg_overlay=dict(state_dict=weights, num_classes=file_classes),
-        **create_kwargs,
+        **{**model_args, **create_kwargs},
     )
 
 
@@ -392,15 +412,23 @@ def _check_finite(weights: dict, *, source, fix: str) -> None:
 
 
 def _check_fits(
-    weights: dict, *, arch: str, num_classes: int, source, holds: str | None, fix: str | None = None
+    weights: dict,
+    *,
+    arch: str,
+    num_classes: int,
+    source,
+    holds: str | None,
+    fix: str | None = None,
+    model_args: dict | None = None,
 ) -> torch.nn.Module:
-    """Return a fresh timm ``arch`` if ``weights`` is its state dict (classifier optional), else raise one line.
+    """Return a fresh timm ``arch`` (built with ``model_args``) if ``weights`` is its state dict (classifier
+    optional), else raise one line.
 
     The message names both architectures and ``fix`` (default: load it as the architecture it holds).
     """
     import timm
 
-    net = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    net = timm.create_model(arch, pretrained=False, num_classes=num_classes, **(model_args or {}))
     bad = state_dict_mismatch(weights, net.state_dict(), optional=classifier_prefixes(arch))
     missing, unexpected, misshaped = bad["missing"], bad["unexpected"], bad["mis-shaped"]
     if missing or unexpected or misshaped:

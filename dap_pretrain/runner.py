@@ -90,6 +90,10 @@ def _build_model(cfg, num_classes: int, device: torch.device):
         close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:5]
         raise UsageError(f"unknown model '{cfg.model}'; pass a timm model name (e.g. {', '.join(close) or 'resnet50'})")
     kwargs = given_kwargs(cfg, MODEL_FLAGS)
+    own = sorted({"num_classes", "pretrained"} & set(cfg.model_kwargs))
+    if own:
+        fix = "; drop it" + (" and pass --num-classes" if "num_classes" in own else "")
+        raise UsageError(f"--model-kwargs sets {', '.join(own)}, which the trainer sets itself{fix}")
     both = sorted(set(kwargs) & set(cfg.model_kwargs))
     if both:
         raise UsageError(f"--model-kwargs sets {', '.join(both)}, which a flag sets too; give each keyword once")
@@ -505,8 +509,8 @@ class TrainState:
             "rng": rngs,
             "accounting": {"measured": acct.measured, "lost": acct.lost, "drops": acct.drops},
             "history": acct.history,
-            "args": {
-                k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, list, type(None)))
+            "args": {  # model_kwargs among them: export builds the model with them
+                k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))
             },
             "run": {
                 "epochs": cfg.epochs,

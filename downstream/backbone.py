@@ -48,7 +48,8 @@ def resolve_backbone(*, backbone: str | Path, model: str | None = None) -> Backb
         model: timm model name; required for a bare checkpoint, must agree with ``meta.json`` otherwise.
 
     Raises:
-        TransferInputError: missing files, malformed ``meta.json``, or a model name conflict.
+        TransferInputError: missing files, malformed ``meta.json``, a model name conflict, or a backbone trained
+            with ``--model-kwargs`` (the stock mmdet/mmpose configs would build another architecture).
     """
     path = Path(backbone)
     if path.is_dir():
@@ -69,6 +70,11 @@ def resolve_backbone(*, backbone: str | Path, model: str | None = None) -> Backb
         if model is not None and model != meta_model:
             raise TransferInputError(
                 f"--model {model} contradicts {meta_file} (model={meta_model}); drop --model for an export folder"
+            )
+        if meta.get("model_kwargs"):  # mmdet/mmpose build the stock architecture, which would not be this one
+            raise TransferInputError(
+                f"{path} was trained with --model-kwargs {meta['model_kwargs']}, which the COCO configs cannot "
+                "build yet; transfer a backbone trained without them"
             )
         return BackboneSpec(model=meta_model, checkpoint=ckpt, meta=meta)
     if path.is_file():

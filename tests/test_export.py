@@ -262,3 +262,24 @@ def test_export_with_timm_whose_config_writer_has_no_data_config(mm_release, tmp
     old = json.loads((out / "config.json").read_text())
     for key in ("input_size", "crop_pct", "interpolation", "mean", "std"):
         assert old["pretrained_cfg"][key] == new["pretrained_cfg"][key], key
+
+
+def test_a_run_with_model_kwargs_exports_the_architecture_it_trained(tmp_path, cifar_tiny):
+    """--model-kwargs shortcut=B (projection shortcuts: more weights than the default A) reaches the checkpoint, and
+    the release builds that architecture: meta.json, timm's config.json model_args, local-dir and load_backbone.
+    COCO transfer, whose stock configs cannot build it, refuses it in one line."""
+    from downstream.backbone import TransferInputError, resolve_backbone
+
+    run = tmp_path / "run"
+    train_main(["--data-dir", str(cifar_tiny), "--epochs", "1", "--dap-warmup", "0", "-b", "100", "--workers", "0",
+                "--no-plot", "--model-kwargs", "shortcut=B", "--output", str(run)])  # fmt: skip
+    trained = torch.load(run / "last.pth.tar", weights_only=True)["state_dict"]
+    assert "layer2.0.downsample.0.weight" in trained  # a projection conv: not in the default architecture
+    release = export_backbone(run / "last.pth.tar", tmp_path / "release")
+    assert json.loads((release / "meta.json").read_text())["model_kwargs"] == {"shortcut": "B"}
+    assert json.loads((release / "config.json").read_text())["model_args"]["shortcut"] == "B"
+    for net in (timm.create_model(f"local-dir:{release}", pretrained=True), load_backbone(release)):
+        assert net.state_dict().keys() == trained.keys()
+        assert all(torch.equal(v, trained[k]) for k, v in net.state_dict().items())
+    with pytest.raises(TransferInputError, match="trained with --model-kwargs"):
+        resolve_backbone(backbone=release)

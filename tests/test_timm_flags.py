@@ -366,7 +366,8 @@ def test_grad_checkpointing_and_model_kwargs_reach_the_timm_model(imagenet_tiny,
     assert isinstance(model.conv1, torch.nn.Sequential)  # timm's deep stem
     refusals = {"has no gradient checkpointing": ("--model", "cifar_resnet20", "--grad-checkpointing"),
                 "does not take --model-kwargs no_such": ("--model-kwargs", "no_such=1"),
-                "give each keyword once": ("--drop-path", "0.1", "--model-kwargs", "drop_path_rate=0.2")}  # fmt: skip
+                "give each keyword once": ("--drop-path", "0.1", "--model-kwargs", "drop_path_rate=0.2"),
+                "drop it and pass --num-classes": ("--model-kwargs", "num_classes=5")}  # fmt: skip
     for words, flags in refusals.items():
         with pytest.raises(UsageError, match=words):
             runner._build_model(_cfg(imagenet_tiny, *flags), 4, torch.device("cpu"))
