@@ -32,6 +32,7 @@ class EpochStats:
     seconds: float
     lr: float  # at the start of the epoch (progress == epoch): comparable across runs of any subset size
     first_batch_s: float = 0.0  # of ``seconds``, the wait for the loader's first batch (the epoch's fixed start)
+    updates: int = 0  # optimizer updates of the run so far, this epoch's included (the EMA's step count)
 
 
 def _progress(iterable, *, total: int, desc: str, enabled: bool):
@@ -54,11 +55,12 @@ class _Updater:
     the epoch's last group may be shorter and still updates."""
 
     def __init__(
-        self, model, optimizer, *, epoch: int, steps: int, accum: int, scaler, clip_grad, model_ema, clip_mode="norm"
+        self, model, optimizer, *, steps: int, accum: int, scaler, clip_grad, model_ema, clip_mode="norm", updates=0
     ):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.clip_grad, self.clip_mode, self.model_ema = clip_grad, clip_mode, model_ema
-        self.epoch, self.steps, self.accum = epoch, steps, max(1, accum)
+        self.steps, self.accum = steps, max(1, accum)
+        self.updates = updates  # optimizer updates of the run so far: the EMA's step, as timm's num_updates
         self.last_group = steps - (steps % self.accum or self.accum)  # first step of the last group
         self.pending = False  # gradients accumulated and not yet applied
 
@@ -106,8 +108,9 @@ class _Updater:
         else:
             self.optimizer.step()
         self.pending = False
+        self.updates += 1
         if self.model_ema is not None:
-            self.model_ema.update(self.model, step=self.epoch * self.steps + step)
+            self.model_ema.update(self.model, step=self.updates)
 
 
 def train_one_epoch(
@@ -129,6 +132,7 @@ def train_one_epoch(
     log_interval: int = 50,
     show_progress: bool = True,
     graph_step=None,
+    updates: int = 0,
 ) -> EpochStats:
     """Train ``model`` for one epoch of ``loader`` (batches ``(input, target, index)``).
 
@@ -141,7 +145,9 @@ def train_one_epoch(
     update (``norm``, ``value`` or ``agc``). ``grad_accum_steps``: one optimizer update per that many
     batches (see :class:`_Updater`); every batch's losses are recorded. ``graph_step`` (a
     :class:`~dap_pretrain.cuda_graph.GraphedSGDStep`) trains the batches it accepts as a CUDA graph;
-    the others take the eager path below.
+    the others take the eager path below. ``updates``: the run's optimizer updates before this epoch; the EMA
+    decays by the run's update count (timm's ``num_updates``), which DaP's shorter epochs and
+    ``grad_accum_steps`` make differ from ``epoch * steps``. The returned stats carry the count after the epoch.
     """
     model.train()
     steps = len(loader)
@@ -154,7 +160,7 @@ def train_one_epoch(
     updater = _Updater(
         model,
         optimizer,
-        epoch=epoch,
+        updates=updates,
         steps=steps,
         accum=grad_accum_steps,
         scaler=scaler,
@@ -179,6 +185,7 @@ def train_one_epoch(
         weights = loss_weights(indices) if loss_weights is not None else None
         if graph_step is not None and graph_step.accepts(images):
             losses = graph_step(images, targets, weights)
+            updater.updates += 1
             sampler.record(indices, losses)
             loss_sum += losses.sum()
             seen += indices.numel()
@@ -207,6 +214,7 @@ def train_one_epoch(
         seconds=time.perf_counter() - start,
         lr=lr_start,
         first_batch_s=first_batch_s,
+        updates=updater.updates,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import random
 import threading
@@ -492,6 +493,7 @@ class TrainState:
     scaler: object = None
     ema: object = None
     best: float = -1.0
+    updates: int = 0  # optimizer updates so far: the EMA's step count (timm's num_updates)
 
     def state_dict(self, *, cfg, epoch: int, rngs: list, num_classes: int, dap: dict) -> dict:
         """The checkpoint after ``epoch`` epochs (``rngs``: every rank's RNG states, see :func:`_gather_rng`)."""
@@ -507,6 +509,7 @@ class TrainState:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "sampler": self.sampler.state_dict(),
             "rng": rngs,
+            "updates": self.updates,
             "accounting": {"measured": acct.measured, "lost": acct.lost, "drops": acct.drops},
             "history": acct.history,
             "args": {  # model_kwargs among them: export builds the model with them
@@ -542,6 +545,7 @@ class TrainState:
         if self.ema is not None and ckpt.get("state_dict_ema"):
             self.ema.module.load_state_dict(ckpt["state_dict_ema"])
         self.sampler.load_state_dict(ckpt["sampler"])
+        self.updates = int(ckpt["updates"]) if "updates" in ckpt else _updates_implied(ckpt, world=world)
         self.acct.measured, self.acct.lost = ckpt["accounting"]["measured"], ckpt["accounting"]["lost"]
         self.acct.history, self.acct.drops = list(ckpt["history"]), list(ckpt["accounting"]["drops"])
         rngs = ckpt.get("rng") or []
@@ -554,6 +558,15 @@ class TrainState:
                 world,
             )
         return int(ckpt["epoch"])
+
+
+def _updates_implied(ckpt: dict, *, world: int) -> int:
+    """The optimizer updates a checkpoint's epochs imply, for checkpoints written before the count was kept (the
+    EMA then goes on decaying from about where it was instead of restarting at a copy of the model)."""
+    args = ckpt.get("args") or {}
+    per_step = max(1, int(args.get("batch_size") or 1)) * world
+    accum = max(1, int(args.get("grad_accum_steps") or 1))
+    return sum(math.ceil(math.ceil(r["samples_trained"] / per_step) / accum) for r in ckpt.get("history") or [])
 
 
 def _restore_best(ckpt: dict, output: Path, history: list) -> float:
@@ -653,7 +666,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             min_lr=cfg.min_lr,
         )
     amp_dtype, scaler = _amp(cfg, device)
-    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup) if cfg.model_ema else None
     graph_step = None
     if cfg.cuda_graph:
         check_graphable(
@@ -736,7 +749,9 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             log_interval=cfg.log_interval,
             show_progress=rank == 0,
             graph_step=graph_step,
+            updates=state.updates,
         )
+        state.updates = stats.updates
         _equal_batchnorm((model, ema.module if ema is not None else None), cfg, world=world)
         report = sampler.end_epoch()
         acct.add_epoch(epoch + 1, report)

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--channels-last", action="store_true")
     m.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (exported if present)")
     m.add_argument("--model-ema-decay", type=float, default=0.9998)
+    m.add_argument(
+        "--model-ema-warmup", action="store_true", help="timm's EMA warmup: the decay rises with the update count"
+    )
     m.add_argument("--drop", type=float, default=None, metavar="PCT", help="dropout rate (timm's drop_rate)")
     m.add_argument("--drop-path", type=float, default=None, metavar="PCT", help="stochastic depth (drop_path_rate)")
     m.add_argument(

@@ -162,6 +162,7 @@ def test_export_round_trip(tmp_path, cifar_tiny):
     assert meta["compute_fraction_measured"] == pytest.approx(s["compute_fraction_measured"])
     assert meta["classifier_keys_removed"] == ["fc.bias", "fc.weight"]
     ckpt = torch.load(out / "last.pth.tar", weights_only=True)
+    assert ckpt["updates"] == sum(-(-r["samples_trained"] // 64) for r in ckpt["history"])  # updates at -b 64
     model = load_backbone(exp)
     for k, v in model.state_dict().items():
         assert torch.equal(v, ckpt["state_dict_ema"][k]), k
@@ -426,3 +427,64 @@ def test_cuda_runs_get_timms_cudnn_and_tf32_settings():
         assert cudnn.benchmark and matmul.allow_tf32
     finally:
         cudnn.benchmark, matmul.allow_tf32 = before
+
+
+class _StepsSeen:
+    """A ModelEmaV3 stand-in that records the step each update is given."""
+
+    def __init__(self):
+        self.steps = []
+
+    def update(self, model, step):
+        self.steps.append(step)
+
+
+def test_ema_steps_count_optimizer_updates_across_shorter_epochs_and_accumulation():
+    """The EMA decays by the run's update count, as timm's num_updates: with --grad-accum-steps 3 the first update
+    is step 1 (timm's EMA then copies the model, decay 0), and an epoch after a DaP drop continues the count
+    (``epoch * steps + step`` gave 2 and 5, then 5 again)."""
+    from timm.utils import ModelEmaV3
+
+    from dap_pretrain.engine import train_one_epoch
+
+    def epoch(n_batches, ema, *, epoch, updates):
+        torch.manual_seed(epoch)
+        batches = [(torch.randn(4, 8), torch.randint(0, 3, (4,)), torch.arange(4)) for _ in range(n_batches)]
+        return train_one_epoch(model, batches, opt, epoch=epoch, sampler=RecordingSampler(), lr_scheduler=FixedLR(),
+                               device=torch.device("cpu"), model_ema=ema, grad_accum_steps=3, show_progress=False,
+                               updates=updates)  # fmt: skip
+
+    model = torch.nn.Linear(8, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = _StepsSeen()
+    first = epoch(6, seen, epoch=0, updates=0)
+    second = epoch(3, seen, epoch=1, updates=first.updates)  # a DaP epoch: half the batches
+    assert seen.steps == [1, 2, 3] and (first.updates, second.updates) == (2, 3)
+    ema = ModelEmaV3(model, decay=0.9998)
+    epoch(3, ema, epoch=0, updates=0)  # one update, the run's first: the EMA is the model
+    assert all(torch.equal(a, b) for a, b in zip(ema.module.parameters(), model.parameters(), strict=True))
+
+
+def test_model_ema_warmup_reaches_timms_ema(tmp_path, cifar_tiny, monkeypatch):
+    import timm.utils
+
+    made = []
+
+    class Recording(timm.utils.ModelEmaV3):
+        def __init__(self, model, **kwargs):
+            made.append(kwargs)
+            super().__init__(model, **kwargs)
+
+    monkeypatch.setattr(timm.utils, "ModelEmaV3", Recording)
+    _train(tmp_path, "warm", cifar_tiny, "--model-ema", "--model-ema-warmup", "--epochs", "2")
+    assert made == [{"decay": 0.9998, "use_warmup": True}]
+
+
+def test_checkpoints_without_an_update_count_resume_with_the_count_their_epochs_imply():
+    from dap_pretrain.runner import _updates_implied
+
+    ckpt = {"args": {"batch_size": 64, "grad_accum_steps": 1}, "history": [{"samples_trained": 400},
+                                                                           {"samples_trained": 200}]}  # fmt: skip
+    assert _updates_implied(ckpt, world=1) == 7 + 4 and _updates_implied(ckpt, world=2) == 4 + 2
+    ckpt["args"]["grad_accum_steps"] = 2
+    assert _updates_implied(ckpt, world=1) == 4 + 2
