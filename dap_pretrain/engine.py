@@ -82,10 +82,10 @@ class _Updater:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self.pending = True
         if self._updates_at(step):
-            self.update(step)
+            self.update()
 
-    def cut_short(self, step: int) -> None:
-        """Apply a group whose last batch was skipped at ``step``: its micro-batches ran under ``no_sync``, so
+    def cut_short(self) -> None:
+        """Apply a group whose last batch was skipped: its micro-batches ran under ``no_sync``, so
         under DDP their gradients are first averaged over the ranks here, as DDP's own all-reduce would have."""
         if hasattr(self.model, "no_sync") and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
@@ -93,10 +93,10 @@ class _Updater:
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad.div_(world)
-        self.update(step)
+        self.update()
 
-    def update(self, step: int) -> None:
-        """Apply the accumulated gradients after the epoch's ``step``."""
+    def update(self) -> None:
+        """Apply the accumulated gradients (clipped, if asked), count the update and step the EMA by the count."""
         if self.clip_grad and self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.clip_grad:  # timm's dispatch; AGC leaves the classifier out, as timm's train.py does
@@ -180,7 +180,7 @@ def train_one_epoch(
             # The sample gets no loss this epoch, so the accounting reports it as not trained.
             _logger.info("epoch %d: skipped a final batch of 1 sample (BatchNorm needs 2)", epoch + 1)
             if updater.pending:  # the group's earlier batches still update
-                updater.cut_short(step)
+                updater.cut_short()
             continue
         weights = loss_weights(indices) if loss_weights is not None else None
         if graph_step is not None and graph_step.accepts(images):
