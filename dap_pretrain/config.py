@@ -171,15 +171,21 @@ def given_kwargs(cfg, flags: dict) -> dict:
     return {kw: tuple(v) if isinstance(v, list) else v for kw, v in given.items()}
 
 
+def merged_kwargs(given: dict, extra: dict, *, flag: str) -> dict:
+    """``given`` (keywords the trainer's own flags set) plus ``extra`` (those of ``flag``, e.g. ``--model-kwargs``);
+    a keyword in both is a :class:`UsageError`."""
+    both = sorted(set(given) & set(extra))
+    if both:
+        raise UsageError(f"{flag} sets {', '.join(both)}, which a flag sets too; give each keyword once")
+    return {**given, **extra}
+
+
 def optimizer_kwargs(cfg) -> dict:
     """``timm.optim.create_optimizer_v2`` keywords (timm's bridge of the same name, for this trainer's flags)."""
     kwargs = dict(opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     extra = {"eps": cfg.opt_eps, "betas": tuple(cfg.opt_betas or ()) or None, "layer_decay": cfg.layer_decay}
     kwargs.update({k: v for k, v in extra.items() if v is not None})
-    both = sorted(set(kwargs) & set(cfg.opt_kwargs))
-    if both:
-        raise ValueError(f"--opt-kwargs sets {', '.join(both)}, which a flag sets too; give each keyword once")
-    return {**kwargs, **cfg.opt_kwargs}
+    return merged_kwargs(kwargs, cfg.opt_kwargs, flag="--opt-kwargs")
 
 
 def scaled_lr(cfg, *, world: int) -> tuple[RunConfig, str | None]:

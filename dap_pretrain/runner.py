@@ -41,6 +41,7 @@ from dap_pretrain.config import (
     dap_config_from_args,
     default_reuse,
     given_kwargs,
+    merged_kwargs,
     optimizer_kwargs,
     scaled_lr,
 )
@@ -90,15 +91,11 @@ def _build_model(cfg, num_classes: int, device: torch.device):
     if not timm.is_model(cfg.model):
         close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:5]
         raise UsageError(f"unknown model '{cfg.model}'; pass a timm model name (e.g. {', '.join(close) or 'resnet50'})")
-    kwargs = given_kwargs(cfg, MODEL_FLAGS)
     own = sorted({"num_classes", "pretrained"} & set(cfg.model_kwargs))
     if own:
         fix = "; drop it" + (" and pass --num-classes" if "num_classes" in own else "")
         raise UsageError(f"--model-kwargs sets {', '.join(own)}, which the trainer sets itself{fix}")
-    both = sorted(set(kwargs) & set(cfg.model_kwargs))
-    if both:
-        raise UsageError(f"--model-kwargs sets {', '.join(both)}, which a flag sets too; give each keyword once")
-    kwargs.update(cfg.model_kwargs)
+    kwargs = merged_kwargs(given_kwargs(cfg, MODEL_FLAGS), cfg.model_kwargs, flag="--model-kwargs")
     try:
         model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, **kwargs)
     except TypeError as e:
