@@ -196,3 +196,19 @@ def test_sync_bn_on_cpu_processes_is_refused_in_one_line(tmp_path, cifar_tiny):
     assert proc.returncode != 0 and len(lines) == 2, proc.stderr
     assert "--sync-bn needs GPUs" in lines[0] and "drop it" in lines[0]
     assert not (out / "run.json").exists() and not (out / "last.pth.tar").exists()
+
+
+def test_two_process_infobatch_ranks_agree_on_every_subset(tmp_path, cifar_tiny):
+    """InfoBatch under DDP: each rank draws the pruned set from the merged scores; the trainer compares the ranks'
+    subsets every epoch and stops on a difference, so a run that ends has them equal. Something is pruned, and
+    the measured compute is the samples trained."""
+    out = tmp_path / "ib"
+    args = [*ARGS, "--dap-select", "infobatch", "--infobatch-ratio", "0.5", "-b", "32"]
+    proc = _two_processes(*args, "--data-dir", str(cifar_tiny), "--output", str(out), port=35500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with (out / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    sizes = [int(r["subset_size"]) for r in rows]
+    assert sizes[0] == 400 and min(sizes) < 400, sizes
+    run = json.loads((out / "run.json").read_text())
+    assert run["compute_fraction_measured"] == sum(int(r["samples_trained"]) for r in rows) / (5 * 400) < 1.0
