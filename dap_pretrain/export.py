@@ -305,29 +305,20 @@ def export_backbone(
     return out
 
 
-def _release_model(folder: Path) -> str | None:
-    """The timm name in ``folder``'s meta.json, else in timm's config.json, else None."""
-    for name, key in (("meta.json", "model"), ("config.json", "architecture")):
+def _release_model(folder: Path) -> tuple[str | None, dict]:
+    """The timm name in ``folder``'s meta.json and the ``timm.create_model`` keywords it was trained with
+    (``model_kwargs``), else timm's config.json ``architecture`` and ``model_args`` (less ``num_classes``, which
+    the weights give), else ``(None, {})``."""
+    for name, key, args_key in (("meta.json", "model", "model_kwargs"), ("config.json", "architecture", "model_args")):
         file = folder / name
         if file.is_file():
             try:
-                return json.loads(file.read_text())[key]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                info = json.loads(file.read_text())
+                args = {k: v for k, v in (info.get(args_key) or {}).items() if k != "num_classes"}
+                return info[key], args
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{file} is malformed ({type(e).__name__}: {e}); {_REFETCH}") from None
-    return None
-
-
-def _release_model_args(folder: Path) -> dict:
-    """The ``timm.create_model`` keywords a release was trained with (meta.json ``model_kwargs``, else timm's
-    config.json ``model_args`` less ``num_classes``, which the weights give); ``{}`` for none. Call after
-    :func:`_release_model` has read the files."""
-    for name, key in (("meta.json", "model_kwargs"), ("config.json", "model_args")):
-        file = folder / name
-        if file.is_file():
-            args = dict(json.loads(file.read_text()).get(key) or {})
-            args.pop("num_classes", None)
-            return args
-    return {}
+    return None, {}
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
@@ -378,7 +369,7 @@ def load_backbone(path: str | os.PathLike, *, model: str | None = None, **create
         raise CheckpointError(
             f"{path} does not exist; pass a release folder, local-dir:DIR, hf-hub:ORG/NAME or a weights file"
         )
-    holds = _release_model(path if path.is_dir() else path.parent)
+    holds, model_args = _release_model(path if path.is_dir() else path.parent)
     arch = model or holds
     if arch is None:
         raise CheckpointError(f"{path} has no meta.json or config.json naming the model; pass model='resnet50'")
@@ -392,7 +383,6 @@ def load_backbone(path: str | os.PathLike, *, model: str | None = None, **create
     weights = _read_weights(weights_file)
     _check_finite(weights, source=weights_file, fix=f"the file is damaged or tampered; {_REFETCH}")
     file_classes = _num_classes_in(weights, arch)  # 0: no classifier in the file, build without one
-    model_args = _release_model_args(path if path.is_dir() else path.parent) if holds else {}
     _check_fits(weights, arch=arch, num_classes=file_classes, source=weights_file, holds=holds, model_args=model_args)
     create_kwargs.setdefault("num_classes", file_classes)
     # timm's own loader adapts the (already checked) weights to num_classes / features_only

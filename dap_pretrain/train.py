@@ -20,6 +20,18 @@ from dap_pretrain.errors import UsageError, entry_point
 _logger = logging.getLogger("dap_pretrain.train")
 
 
+def _add_kwargs_flag(group, flag: str, target: str, example: str) -> None:
+    """timm's ``--model-kwargs``-style flag: ``KEY=VALUE`` pairs (values read as Python) into a dict for ``target``."""
+    group.add_argument(
+        flag,
+        nargs="*",
+        default={},
+        action=ParseKwargs,
+        metavar="KEY=VALUE",
+        help=f"more {target} keywords, e.g. {flag} {example} (values read as Python)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser(prog="dap-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--config", default="", help="YAML file of argparse defaults (command line overrides)")
@@ -67,14 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--drop", type=float, default=None, metavar="PCT", help="dropout rate (timm's drop_rate)")
     m.add_argument("--drop-path", type=float, default=None, metavar="PCT", help="stochastic depth (drop_path_rate)")
-    m.add_argument(
-        "--model-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="more timm.create_model keywords, e.g. --model-kwargs drop_block_rate=0.1 (values read as Python)",
-    )
+    _add_kwargs_flag(m, "--model-kwargs", "timm.create_model", "drop_block_rate=0.1")
     m.add_argument(
         "--initial-checkpoint",
         default="",
@@ -144,14 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="norm",
         help="--clip-grad as the global gradient norm, per value, or adaptive (AGC, head excluded; timm's)",
     )
-    o.add_argument(
-        "--opt-kwargs",
-        nargs="*",
-        default={},
-        action=ParseKwargs,
-        metavar="KEY=VALUE",
-        help="more timm create_optimizer_v2 keywords, e.g. --opt-kwargs nesterov=False (values read as Python)",
-    )
+    _add_kwargs_flag(o, "--opt-kwargs", "timm create_optimizer_v2", "nesterov=False")
     o.add_argument(
         "--grad-accum-steps", type=int, default=1, metavar="N", help="one optimizer update per N batches (-b each)"
     )
