@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,20 @@ def _require(*modules: str) -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)
+
+
+def _free_port() -> int:
+    """A TCP port no process is listening on now, chosen by the OS (a DDP test's MASTER_PORT). Fixed ports, or
+    ones derived from the pid, can collide between the two test workers or with an ephemeral port in use."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """``free_port()``: see :func:`_free_port`."""
+    return _free_port
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ the epoch's last batch is a single sample that BatchNorm cannot train on and is 
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -13,12 +12,6 @@ from engine_stubs import FixedLR, RecordingSampler
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from dap_pretrain.engine import train_one_epoch
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _counting_allreduce(calls: list, bucket):
@@ -47,8 +40,8 @@ def _rank(rank: int, world: int, port: int, sizes: list[int], accum: int, out: s
     dist.destroy_process_group()
 
 
-def _weights_after(tmp_path, sizes: list[int], accum: int) -> list[dict]:
-    mp.spawn(_rank, args=(2, _free_port(), sizes, accum, str(tmp_path)), nprocs=2, join=True)
+def _weights_after(tmp_path, port: int, sizes: list[int], accum: int) -> list[dict]:
+    mp.spawn(_rank, args=(2, port, sizes, accum, str(tmp_path)), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -57,16 +50,16 @@ def _weights_agree(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a if k != "allreduces" and "running" not in k and "batches" not in k)
 
 
-def test_gradients_are_all_reduced_once_per_update(tmp_path):
+def test_gradients_are_all_reduced_once_per_update(tmp_path, free_port):
     """Six micro-batches, groups of 3: two all-reduces per rank, as timm's no_sync (forward and backward inside
     it), not six; and the ranks end with the same weights."""
-    a, b = _weights_after(tmp_path, [4] * 6, accum=3)
+    a, b = _weights_after(tmp_path, free_port(), [4] * 6, accum=3)
     assert a["allreduces"] == b["allreduces"] == 2, (a["allreduces"], b["allreduces"])
     assert _weights_agree(a, b)
 
 
-def test_ranks_agree_when_the_last_batch_of_one_is_skipped_mid_group(tmp_path):
+def test_ranks_agree_when_the_last_batch_of_one_is_skipped_mid_group(tmp_path, free_port):
     """Steps 2 and 3 form the last group; step 3 holds one sample and is skipped. Step 2's gradient was kept
     rank-local (``no_sync``), so the update after the skip must all-reduce it, as DDP would have."""
-    a, b = _weights_after(tmp_path, [4, 4, 4, 1], accum=2)
+    a, b = _weights_after(tmp_path, free_port(), [4, 4, 4, 1], accum=2)
     assert _weights_agree(a, b), [k for k in a if k != "allreduces" and not torch.equal(a[k], b[k])]

@@ -43,8 +43,8 @@ def _digests(out: Path) -> list[tuple]:
 
 
 def _two_processes(*args, port: int, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``tools/pretrain.sh ARGS`` as 2 DDP processes (gloo, one thread each), its output captured as text."""
-    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(port + os.getpid() % 1000), "OMP_NUM_THREADS": "1"}
+    """``tools/pretrain.sh ARGS`` as 2 DDP processes (gloo, one thread each) on master ``port``, output as text."""
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     cmd = ["bash", "tools/pretrain.sh", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -89,8 +89,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, cifar_tiny):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_two_process_ddp_matches_single_process(tmp_path, cifar_tiny):
-    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(29500 + os.getpid() % 1000), "OMP_NUM_THREADS": "1"}
+def test_two_process_ddp_matches_single_process(tmp_path, cifar_tiny, free_port):
+    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     for select in ("random", "hard"):
         ddp, single = tmp_path / f"ddp_{select}", tmp_path / f"single_{select}"
         common = [*ARGS, "--data-dir", str(cifar_tiny), "--dap-select", select, "--epochs", "4"]
@@ -121,14 +121,14 @@ def test_two_process_ddp_matches_single_process(tmp_path, cifar_tiny):
         assert a["compute_fraction_measured"] < 1.0
 
 
-def test_ddp_refusal_on_rank0_stops_every_rank_in_one_line(tmp_path, cifar_tiny):
+def test_ddp_refusal_on_rank0_stops_every_rank_in_one_line(tmp_path, cifar_tiny, free_port):
     """Rank 0 refuses an output folder holding another run; rank 1 stops with the same line (it used to wait at
     the next barrier until the process-group timeout)."""
     held = tmp_path / "held"
     held.mkdir()
     (held / "run.json").write_text("{}")
     t0 = time.time()
-    proc = _two_processes(*ARGS, "--data-dir", str(cifar_tiny), "--output", str(held), port=30500, timeout=300)
+    proc = _two_processes(*ARGS, "--data-dir", str(cifar_tiny), "--output", str(held), port=free_port(), timeout=300)
     assert proc.returncode != 0 and time.time() - t0 < 120
     refusals = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: output folder")]
     assert len(refusals) == 2, proc.stderr  # one line from each rank
@@ -171,7 +171,7 @@ def _checkpoint_val_loss(ckpt: Path, val_dir: Path) -> float:
         return float(torch.nn.functional.cross_entropy(model.eval()(x), y))
 
 
-def test_ddp_ranks_evaluate_the_model_rank0_saves(tmp_path, cifar_tiny):
+def test_ddp_ranks_evaluate_the_model_rank0_saves(tmp_path, cifar_tiny, free_port):
     """timm's --dist-bn (default reduce): after each epoch every rank holds the same BatchNorm running statistics,
     so the evaluation that the 2 ranks share is that of the checkpoint rank 0 saves. With --dist-bn '' rank 1
     evaluates its half with its own statistics, and the reported loss is not the saved model's. broadcast gives
@@ -180,7 +180,7 @@ def test_ddp_ranks_evaluate_the_model_rank0_saves(tmp_path, cifar_tiny):
     for mode in ("reduce", "broadcast", ""):
         out = tmp_path / (mode or "own")
         args = [*ARGS, "--epochs", "2", "-b", "32", "--data-dir", str(cifar_tiny), "--output", str(out)]
-        proc = _two_processes(*args, "--dist-bn", mode, port=31500 + 1000 * len(gaps))
+        proc = _two_processes(*args, "--dist-bn", mode, port=free_port())
         assert proc.returncode == 0, proc.stderr[-3000:]
         with (out / "summary.csv").open() as f:
             reported = float(list(csv.DictReader(f))[-1]["eval_loss"])
@@ -188,23 +188,23 @@ def test_ddp_ranks_evaluate_the_model_rank0_saves(tmp_path, cifar_tiny):
     assert gaps["reduce"] < 1e-5 and gaps["broadcast"] < 1e-5 and gaps[""] > 1e-3, gaps  # measured: 4e-8, 0.088
 
 
-def test_sync_bn_on_cpu_processes_is_refused_in_one_line(tmp_path, cifar_tiny):
+def test_sync_bn_on_cpu_processes_is_refused_in_one_line(tmp_path, cifar_tiny, free_port):
     """torch's SyncBatchNorm runs on GPUs only: under CPU DDP --sync-bn is refused before any data is read."""
     out = tmp_path / "run"
-    proc = _two_processes(*ARGS, "--data-dir", str(cifar_tiny), "--output", str(out), "--sync-bn", port=34500)
+    proc = _two_processes(*ARGS, "--data-dir", str(cifar_tiny), "--output", str(out), "--sync-bn", port=free_port())
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert proc.returncode != 0 and len(lines) == 2, proc.stderr
     assert "--sync-bn needs GPUs" in lines[0] and "drop it" in lines[0]
     assert not (out / "run.json").exists() and not (out / "last.pth.tar").exists()
 
 
-def test_two_process_infobatch_ranks_agree_on_every_subset(tmp_path, cifar_tiny):
+def test_two_process_infobatch_ranks_agree_on_every_subset(tmp_path, cifar_tiny, free_port):
     """InfoBatch under DDP: each rank draws the pruned set from the merged scores; the trainer compares the ranks'
     subsets every epoch and stops on a difference, so a run that ends has them equal. Something is pruned, and
     the measured compute is the samples trained."""
     out = tmp_path / "ib"
     args = [*ARGS, "--dap-select", "infobatch", "--infobatch-ratio", "0.5", "-b", "32"]
-    proc = _two_processes(*args, "--data-dir", str(cifar_tiny), "--output", str(out), port=35500)
+    proc = _two_processes(*args, "--data-dir", str(cifar_tiny), "--output", str(out), port=free_port())
     assert proc.returncode == 0, proc.stderr[-3000:]
     with (out / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))

@@ -121,11 +121,11 @@ def test_resume_from_the_mm_checkpoint_equals_the_uninterrupted_run(done_when, c
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_two_gloo_ranks_agree(cifar_tiny, tmp_path):
+def test_two_gloo_ranks_agree(cifar_tiny, tmp_path, free_port):
     """2 processes (torchrun, gloo): the hook checks every epoch that both ranks hold the same subset (and raises if
     not); the merged losses cover each subset, so compute is as planned."""
     work = tmp_path / "ddp"
-    env = {"NPROC_PER_NODE": "2", "MASTER_PORT": str(30500 + os.getpid() % 1000)}
+    env = {"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())}
     args = [*DONE_WHEN, "train_cfg.max_epochs=3", "train_dataloader.batch_size=16", *FAST]
     proc = pretrain_mm(work, cifar_tiny, "--cfg-options", *args, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
