@@ -453,12 +453,25 @@ def _seeded_model(cfg, num_classes: int, device: torch.device, rank: int):
         return _build_model(cfg, num_classes, device)
 
 
-def _check_resumable(ckpt: dict, ckpt_path, *, model: str, num_classes: int) -> None:
-    """Refuse a checkpoint this run cannot continue, naming what differs and the fix."""
+def _check_resumable(ckpt: dict, ckpt_path, *, model: str, num_classes: int, model_kwargs: dict) -> None:
+    """Refuse a checkpoint this run cannot continue, naming what differs and the fix.
+
+    ``--model-kwargs`` must equal the checkpoint's (none before they were recorded): they can change what a layer
+    computes without changing a weight's shape (``act_layer``), and export builds the model from the checkpoint's."""
     if ckpt["arch"] != model:
         raise CheckpointError(
             f"checkpoint {ckpt_path} is a {ckpt['arch']}, this run is a {model}; "
             f"pass --model {ckpt['arch']} or another --resume"
+        )
+    had = (ckpt.get("args") or {}).get("model_kwargs") or {}
+    if dict(had) != dict(model_kwargs):
+
+        def shown(kw: dict) -> str:
+            return " ".join(f"{k}={v}" for k, v in kw.items()) or "none"
+
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} was trained with --model-kwargs {shown(had)}, this run has {shown(model_kwargs)}; "
+            f"resume with the checkpoint's --model-kwargs (they define the model), or start a new run"
         )
     missing = [k for k in RESUME_KEYS if ckpt.get(k) is None]
     if missing:
@@ -687,7 +700,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
     start_epoch, ckpt = 0, None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
-        _check_resumable(ckpt, cfg.resume, model=cfg.model, num_classes=data.num_classes)
+        _check_resumable(ckpt, cfg.resume, model=cfg.model, num_classes=data.num_classes, model_kwargs=cfg.model_kwargs)
         start_epoch = state.load_state_dict(ckpt, source=cfg.resume, model_name=cfg.model, rank=rank, world=world)
     train_model = model
     if world > 1:

@@ -342,6 +342,29 @@ def test_initial_checkpoint_starts_from_those_weights_at_epoch_0(tmp_path, cifar
     assert not (tmp_path / "refused").exists()
 
 
+def test_resume_with_other_model_kwargs_is_refused_in_one_line(tmp_path, cifar_tiny, capsys):
+    """--model-kwargs define the model (and export rebuilds it from the checkpoint's), so a resume must pass the
+    checkpoint's: leaving them out, or changing them, is one line naming both sets, and the run folder is kept as
+    it was; with the same keywords the (finished) run resumes and reports its result again."""
+    from dap_pretrain.train import main as train_main
+
+    run = tmp_path / "run"
+    flags = ["--data-dir", str(cifar_tiny), "--dap-warmup", "0", "-b", "100", "--workers", "0", "--no-plot",
+             "--epochs", "1", "--output", str(run)]  # fmt: skip
+    first = train_main([*flags, "--model-kwargs", "shortcut=B"])
+    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    resume = [*flags, "--resume", str(run / "last.pth.tar")]
+    for extra, had_now in (([], "shortcut=B, this run has none"),
+                           (["--model-kwargs", "shortcut=A"], "shortcut=B, this run has shortcut=A")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            cli([*resume, *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and f"trained with --model-kwargs {had_now}" in err[0], err
+        assert "resume with the checkpoint's --model-kwargs" in err[0]
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
+    assert train_main([*resume, "--model-kwargs", "shortcut=B"])["top1"] == first["top1"]  # the finished run, again
+
+
 def _fresh_conv1() -> torch.Tensor:
     import timm
 
