@@ -2,13 +2,17 @@
 
     python -m downstream.report WORK_DIR [WORK_DIR ...] [--format md|csv|both]
 
-Each WORK_DIR holds the ``metrics.json`` of one ``tools/transfer_coco.sh`` run. Rows are grouped by
-(method, backbone); within a group the 100% pre-train-compute row is the baseline every other row's
-delta is taken against, and the best value of each column is marked (Markdown bold, CSV ``best``
-column). Values are percent (the evaluator's fractions x 100); ``-`` where a run has no such metric
-or COCO had no instance of that size. A run whose ``metrics.json`` carries a ``note`` (an evaluation
-that scored nothing, recorded as 0.0) shows it in a last ``Note`` column (Markdown, only in tables
-that have one) and in the CSV's ``note`` column.
+Each WORK_DIR holds the ``metrics.json`` of one ``tools/transfer_coco.sh`` run (the file itself may be
+given too). Rows are grouped by (method, backbone, evaluation): runs are compared only when they were
+fine-tuned and evaluated alike, i.e. the same data root, the same number of iterations and, for pose, the
+same person boxes (ground truth or one detection file). Where a table's runs differ in these, an
+``Evaluation`` column names what differs. Within a group the first 100% pre-train-compute row given is the
+baseline every other row's delta is taken against, and the best value of each column is marked (Markdown
+bold, CSV ``best`` column). Values are percent (the evaluator's fractions x 100); ``-`` where a run has no
+such metric or COCO had no instance of that size. A run's note (its ``metrics.json`` ``note``, e.g. an
+evaluation that scored nothing, recorded as 0.0; or why it has no deltas) shows in a last ``Note`` column
+(Markdown, only in tables that have one) and in the CSV's ``note`` column. The same work dir given twice is
+one row.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ _BACKBONE_NAMES = {
     "densenet169": "DenseNet-169",
     "mobilenetv1_100": "MobileNet-V1-1.0",
 }
+# metrics.json "run" keys that make two runs' numbers comparable, and how the Evaluation column names them
+_PROTOCOL = {"data_root": "data", "train_iters": "iters", "person_boxes": "person boxes"}
 _FULL_COMPUTE = 0.995  # compute fractions at or above this count as the 100% baseline
 
 
@@ -80,6 +86,8 @@ class Row:
     work_dir: str
     values: list[float | None]
     note: str = ""
+    protocol: tuple = ()  # the run's values of _PROTOCOL's keys, in that order
+    evaluation: str = ""  # what of the protocol differs from other rows of its table (set by make_tables)
     deltas: list[float | None] = dataclasses.field(default_factory=list)
     best: list[bool] = dataclasses.field(default_factory=list)
 
@@ -89,8 +97,13 @@ class Row:
 
 
 def load_run(work_dir: str | Path) -> dict:
-    """Reads ``WORK_DIR/metrics.json``; raises ``TransferInputError`` if absent or not a transfer result."""
-    path = Path(work_dir) / "metrics.json"
+    """Reads ``WORK_DIR/metrics.json`` (or ``work_dir`` itself, if it is a file).
+
+    Raises:
+        TransferInputError: absent, not JSON, not a transfer result, or holding none of its table's metrics.
+    """
+    path = Path(work_dir)
+    path = path if path.is_file() else path / "metrics.json"
     try:
         run = json.loads(path.read_text())
     except FileNotFoundError:
@@ -99,7 +112,18 @@ def load_run(work_dir: str | Path) -> dict:
         raise TransferInputError(f"{path} is not valid JSON ({e}); rerun the transfer with --overwrite") from None
     if not isinstance(run, dict) or run.get("table") not in TABLE_COLUMNS or "method" not in run:
         raise TransferInputError(f"{path} is not a transfer result (no method/table); rerun tools/transfer_coco.sh")
+    for key in ("backbone", "run"):
+        if not isinstance(run.get(key) or {}, dict):
+            raise TransferInputError(f"{path}: '{key}' is not a JSON object; rerun the transfer with --overwrite")
+    if not any(_is_number(run.get(key)) for _, _, key in TABLE_COLUMNS[run["table"]]):
+        raise TransferInputError(
+            f"{path} holds none of Table {run['table']}'s metrics as numbers; rerun the transfer with --overwrite"
+        )
     return run
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _compute_fraction(meta: dict) -> float | None:
@@ -114,17 +138,26 @@ def _row(run: dict, work_dir: str) -> Row:
     values = []
     for _, _, key in TABLE_COLUMNS[run["table"]]:
         v = run.get(key)
-        values.append(
-            100 * v if isinstance(v, (int, float)) and v >= 0 else None
-        )  # COCO writes -1 for "no such instances"
+        values.append(100 * v if _is_number(v) and v >= 0 else None)  # COCO writes -1 for "no such instances"
     model = meta.get("model", "?")
     note = str(run.get("note") or "")
-    return Row(run["method"], _BACKBONE_NAMES.get(model, model), _compute_fraction(meta), work_dir, values, note)
+    protocol = tuple((run.get("run") or {}).get(key) for key in _PROTOCOL)
+    return Row(run["method"], _BACKBONE_NAMES.get(model, model), _compute_fraction(meta), work_dir, values, note,
+               protocol)  # fmt: skip
+
+
+def _is_full(row: Row) -> bool:
+    return row.compute is not None and row.compute >= _FULL_COMPUTE
+
+
+def _add_note(row: Row, text: str) -> None:
+    row.note = f"{row.note}; {text}" if row.note else text
 
 
 def _fill_group(rows: list[Row]) -> None:
-    """Sets deltas against the group's first 100% row and marks each column's best (only if >1 row)."""
-    base = next((r for r in rows if r.compute is not None and r.compute >= _FULL_COMPUTE), None)
+    """Sets deltas against the group's first 100% row and marks each column's best (only if >1 row); notes a row
+    that has no deltas because the group has no 100% row, and a second 100% row (the first is the baseline)."""
+    base = next((r for r in rows if _is_full(r)), None)
     n = len(rows[0].values)
     for r in rows:
         r.deltas = [
@@ -132,6 +165,11 @@ def _fill_group(rows: list[Row]) -> None:
             for i, v in enumerate(r.values)
         ]
         r.best = [False] * n
+        if base is None:
+            why = " (a bare .pth records no compute)" if r.compute is None else ""
+            _add_note(r, f"no deltas: no 100% run of this method, backbone and evaluation was given{why}")
+        elif r is not base and _is_full(r):
+            _add_note(r, f"a second 100% run; deltas are against the first given, {base.work_dir}")
     if len(rows) < 2:
         return
     for i in range(n):
@@ -147,21 +185,39 @@ def make_tables(runs: list[tuple[str, dict]]) -> dict[int, list[Row]]:
         runs: ``(work_dir, metrics.json dict)`` pairs, in the order given on the command line.
 
     Returns:
-        table number -> rows, grouped by (method, backbone) in first-seen order, the 100% row first
-        in each group, then by compute fraction.
+        table number -> rows, grouped by (method, backbone, evaluation protocol) in first-seen order, the
+        100% rows first in each group (in the order given), then by compute fraction. Where a table's rows
+        differ in protocol, each row's ``evaluation`` names its values of the keys that differ.
     """
-    tables: dict[int, dict[tuple[str, str], list[Row]]] = {}
+    tables: dict[int, dict[tuple, list[Row]]] = {}
     for work_dir, run in runs:
         row = _row(run, work_dir)
-        tables.setdefault(run["table"], {}).setdefault((row.method, row.backbone), []).append(row)
+        tables.setdefault(run["table"], {}).setdefault((row.method, row.backbone, row.protocol), []).append(row)
     out = {}
     for table, groups in sorted(tables.items()):
         out[table] = []
         for rows in groups.values():
-            rows.sort(key=lambda r: (r.compute is None or r.compute < _FULL_COMPUTE, r.compute or 0.0))
+            rows.sort(key=lambda r: (not _is_full(r), 0.0 if _is_full(r) else r.compute or 0.0))  # stable
             _fill_group(rows)
             out[table].extend(rows)
+        differ = [i for i in range(len(_PROTOCOL)) if len({r.protocol[i] for r in out[table]}) > 1]
+        for r in out[table]:
+            r.evaluation = ", ".join(f"{list(_PROTOCOL.values())[i]} {_shown(r.protocol[i])}" for i in differ)
     return out
+
+
+def _shown(value) -> str:
+    return "?" if value is None else str(value)
+
+
+def _title(table: int, rows: list[Row]) -> str:
+    """The table's title; Table 9 names its person boxes when every row used the same (ground truth by default)."""
+    title = TABLE_TITLES[table]
+    boxes = {r.protocol[list(_PROTOCOL).index("person_boxes")] for r in rows}
+    if table == 9 and len(boxes) == 1 and None not in boxes:
+        (source,) = boxes
+        title += ", ground-truth person boxes" if source == "gt" else f", person boxes from {source}"
+    return title
 
 
 def _cell(row: Row, i: int) -> str:
@@ -173,31 +229,35 @@ def _cell(row: Row, i: int) -> str:
 
 
 def format_markdown(table: int, rows: list[Row]) -> str:
-    """The table as Markdown: ``value (delta)``, best of each column in bold; a ``Note`` column if a run has one."""
-    notes = any(r.note for r in rows)
-    headers = ["Method", "Backbone", "Pre-train Computation"] + [h for _, h, _ in TABLE_COLUMNS[table]]
-    headers += ["Note"] if notes else []
-    lines = [f"**{TABLE_TITLES[table]}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    """The table as Markdown: ``value (delta)``, best of each column in bold; an ``Evaluation`` column if the rows
+    were evaluated differently, a ``Note`` column if a row has a note."""
+    notes, evaluation = any(r.note for r in rows), any(r.evaluation for r in rows)
+    headers = ["Method", "Backbone", "Pre-train Computation"] + (["Evaluation"] if evaluation else [])
+    headers += [h for _, h, _ in TABLE_COLUMNS[table]] + (["Note"] if notes else [])
+    lines = [f"**{_title(table, rows)}**", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
-        cells = [r.method, r.backbone, r.compute_str] + [_cell(r, i) for i in range(len(r.values))]
+        cells = [r.method, r.backbone, r.compute_str] + ([r.evaluation.replace("|", "/")] if evaluation else [])
+        cells += [_cell(r, i) for i in range(len(r.values))]
         cells += [r.note.replace("|", "/")] if notes else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def format_csv(table: int, rows: list[Row]) -> str:
-    """The table as CSV: a value and a delta column per metric, a ``best`` column naming the metrics won, ``note``."""
+    """The table as CSV: a value and a delta column per metric, a ``best`` column naming the metrics won, ``note``,
+    and the evaluation protocol's keys (``data_root``, ``train_iters``, ``person_boxes``) as the last columns."""
     labels = [lab for lab, _, _ in TABLE_COLUMNS[table]]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     metric_cells = [c for lab in labels for c in (lab, f"{lab}_delta")]
-    w.writerow(["table", "method", "backbone", "compute", *metric_cells, "best", "note"])
+    w.writerow(["table", "method", "backbone", "compute", *metric_cells, "best", "note", *_PROTOCOL])
     for r in rows:
         cells = []
         for v, d in zip(r.values, r.deltas, strict=True):
             cells += ["" if v is None else f"{v:.1f}", "" if d is None else f"{d:+.1f}"]
         best = ";".join(lab for lab, b in zip(labels, r.best, strict=True) if b)
-        w.writerow([table, r.method, r.backbone, r.compute_str, *cells, best, r.note])
+        protocol = ["" if v is None else v for v in r.protocol]
+        w.writerow([table, r.method, r.backbone, r.compute_str, *cells, best, r.note, *protocol])
     return buf.getvalue().rstrip("\n")
 
 
@@ -208,7 +268,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("work_dirs", nargs="+", help="work dirs of tools/transfer_coco.sh runs")
     p.add_argument("--format", choices=["md", "csv", "both"], default="both")
     args = p.parse_args(argv)
-    tables = make_tables([(d, load_run(d)) for d in args.work_dirs])
+    seen: set[Path] = set()  # a work dir given twice (overlapping shell globs; the dir and its file) is one row
+    runs = []
+    for d in args.work_dirs:
+        key = Path(d).resolve()
+        key = key.parent if key.is_file() else key
+        if key not in seen:
+            seen.add(key)
+            runs.append((d, load_run(d)))
+    tables = make_tables(runs)
     parts = []
     if args.format in ("md", "both"):
         parts += [format_markdown(t, rows) for t, rows in tables.items()]

@@ -9,10 +9,13 @@ import pytest
 from downstream.report import TABLE_COLUMNS, main, make_tables
 
 
-def _run(tmp_path, name, *, method, table, model, compute, values, note=None):
-    """A metrics.json whose every column of ``table`` has ``values[i]`` (a fraction)."""
+def _run(tmp_path, name, *, method, table, model, compute, values, note=None, **protocol):
+    """A metrics.json whose every column of ``table`` has ``values[i]`` (a fraction); ``protocol``: its "run" keys
+    (data_root, train_iters, person_boxes), the same for every run unless given."""
     metrics = {key: v for (_, _, key), v in zip(TABLE_COLUMNS[table], values, strict=True) if v is not None}
     run = {"task": "x", "method": method, "table": table, **metrics, "backbone": {"model": model}}
+    run["run"] = {"data_root": "/data/coco", "train_iters": 100, "person_boxes": "gt" if table == 9 else None}
+    run["run"].update(protocol)
     if note is not None:
         run["note"] = note
     if compute is not None:
@@ -60,9 +63,9 @@ def test_csv_has_value_delta_and_best_columns(tmp_path, capsys):
     assert main([str(full), str(dap), "--format", "csv"]) == 0
     header, first, second = capsys.readouterr().out.strip().splitlines()
     assert header.split(",")[:6] == ["table", "method", "backbone", "compute", "AP_kp", "AP_kp_delta"]
-    assert header.endswith(",best,note")
+    assert header.endswith(",best,note,data_root,train_iters,person_boxes")
     assert first.split(",")[3:6] == ["100%", "60.0", ""] and first.endswith(
-        ",AP_kp;AP50_kp;AP75_kp;APM_kp;APL_kp;AR_kp;AR50_kp;AR75_kp;ARM_kp;ARL_kp,"
+        ",AP_kp;AP50_kp;AP75_kp;APM_kp;APL_kp;AR_kp;AR50_kp;AR75_kp;ARM_kp;ARL_kp,,/data/coco,100,gt"
     )
     assert second.split(",")[2:6] == ["ResNet-101", "75%", "55.0", "-5.0"]
 
@@ -79,11 +82,60 @@ def test_an_empty_evaluation_shows_its_zeros_and_note(tmp_path, capsys):
     assert md[2] == "| FPN | ResNet-50 | 100% | " + " | ".join(["**10.0**"] * 6 + ["-"] * 6) + " |  |"
     assert md[3] == "| FPN | ResNet-50 | 75% | " + " | ".join(["0.0 (-10.0)"] * 6 + ["-"] * 6) + f" | {note} |"
     rows = [line for line in out.splitlines() if line.startswith("8,FPN")]
-    assert rows[0].endswith(",AP_bb;AP50_bb;AP75_bb;APS_bb;APM_bb;APL_bb,")
-    assert rows[1].startswith("8,FPN,ResNet-50,75%,0.0,-10.0,") and rows[1].endswith(f",,{note}")
+    assert rows[0].endswith(",AP_bb;AP50_bb;AP75_bb;APS_bb;APM_bb;APL_bb,,/data/coco,100,")
+    assert rows[1].startswith("8,FPN,ResNet-50,75%,0.0,-10.0,") and rows[1].endswith(f",,{note},/data/coco,100,")
 
 
-@pytest.mark.parametrize("content", [None, "{broken", json.dumps({"coco/AP": 0.1})])
+def test_runs_evaluated_differently_are_never_compared(tmp_path, capsys):
+    """A 74% run evaluated on detected person boxes is not set against a 100% run on ground-truth boxes, nor a run
+    fine-tuned for fewer iterations: each is its own group, an Evaluation column names what differs, and a group
+    without a 100% run says why it has no deltas."""
+    n = len(TABLE_COLUMNS[9])
+    pose = dict(method="SimpleBaseline", table=9, model="resnet50")
+    full = _run(tmp_path, "full", **pose, compute=1.0, values=[0.722] * n)
+    det = _run(tmp_path, "det", **pose, compute=0.74, values=[0.704] * n, person_boxes="dets.json")
+    short = _run(tmp_path, "short", **pose, compute=0.86, values=[0.01] * n, train_iters=2)
+    dap = _run(tmp_path, "dap", **pose, compute=0.74, values=[0.72] * n)
+    assert main([str(full), str(det), str(short), str(dap), "--format", "md"]) == 0
+    out = capsys.readouterr().out
+    assert "ground-truth person boxes" not in out  # the boxes differ between rows: the title names none
+    md = [line for line in out.splitlines() if line.startswith("| SimpleBaseline")]
+    no_delta = "no deltas: no 100% run of this method, backbone and evaluation was given"
+    assert md[0].startswith("| SimpleBaseline | ResNet-50 | 100% | iters 100, person boxes gt | **72.2** |")
+    assert md[1].startswith("| SimpleBaseline | ResNet-50 | 74% | iters 100, person boxes gt | 72.0 (-0.2) |")
+    assert md[2].startswith("| SimpleBaseline | ResNet-50 | 74% | iters 100, person boxes dets.json | 70.4 |")
+    assert md[3].startswith("| SimpleBaseline | ResNet-50 | 86% | iters 2, person boxes gt | 1.0 |")
+    assert md[2].endswith(f"| {no_delta} |") and md[3].endswith(f"| {no_delta} |") and "(" not in md[2]
+
+
+def test_first_100_percent_run_given_is_the_baseline_and_repeats_are_one_row(tmp_path, capsys):
+    n = len(TABLE_COLUMNS[9])
+    pose = dict(method="SimpleBaseline", table=9, model="resnet50")
+    first = _run(tmp_path, "first", **pose, compute=1.0, values=[0.722] * n)
+    second = _run(tmp_path, "second", **pose, compute=0.9999, values=[0.73] * n)
+    dap = _run(tmp_path, "dap", **pose, compute=0.74, values=[0.72] * n)
+    args = [str(first), str(second), str(dap), str(dap), str(dap / "metrics.json"), "--format", "md"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "**Table 9: COCO val keypoints (AP^kp / AR^kp, percent), ground-truth person boxes**" in out
+    md = [line for line in out.splitlines() if line.startswith("| SimpleBaseline")]
+    assert len(md) == 3 and md[0].startswith("| SimpleBaseline | ResNet-50 | 100% | 72.2 |")
+    assert md[1].startswith("| SimpleBaseline | ResNet-50 | 100% | **73.0** (+0.8) |")
+    assert md[1].endswith(f"| a second 100% run; deltas are against the first given, {first} |")
+    assert md[2].startswith("| SimpleBaseline | ResNet-50 | 74% | 72.0 (-0.2) |")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        None,
+        "{broken",
+        json.dumps({"coco/AP": 0.1}),
+        json.dumps({"method": "SimpleBaseline", "table": 9, "coco/AP": 0.7, "backbone": "resnet50"}),
+        json.dumps({"method": "SimpleBaseline", "table": 9, "coco/AP": "0.7", "backbone": {}}),
+    ],
+    ids=["missing", "not-json", "no-method", "backbone-not-object", "no-number"],
+)
 def test_bad_work_dir_is_one_line_exit_2(tmp_path, capsys, content):
     if content is not None:
         (tmp_path / "metrics.json").write_text(content)
