@@ -48,8 +48,15 @@ def add_dap_arguments(parser: argparse.ArgumentParser, *, with_epochs: bool = Tr
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, exit 2, and a hint for a misspelt flag; ``error_prefix`` goes before
+    ``error:`` (``transfer_coco: error: ...``, as the tool's other refusals read)."""
+
+    def __init__(self, *args, error_prefix: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.error_prefix = error_prefix
+
     def error(self, message):  # argparse's default prints usage on several lines
-        print_error(f"error: {message}{self._did_you_mean(message)} (see --help)")
+        print_error(f"{self.error_prefix}error: {message}{self._did_you_mean(message)} (see --help)")
         sys.exit(2)
 
     def _did_you_mean(self, message: str) -> str:
@@ -67,7 +74,26 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser(**kwargs) -> argparse.ArgumentParser:
+    """An ``argparse.ArgumentParser`` whose errors are one line and exit 2 (see :class:`_Parser`)."""
     return _Parser(**kwargs)
+
+
+def add_cfg_options(parser: argparse.ArgumentParser) -> None:
+    """mmengine's ``--cfg-options key.path=value ...`` (its ``DictAction``), where an item without ``=`` is one
+    line naming it (mmengine's own action raises a traceback); the mm stack is imported only when the flag is used."""
+
+    class CfgOptions(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            from mmengine.config import DictAction
+
+            bad = [v for v in values if "=" not in v or v.startswith("=")]
+            if bad:
+                parser.error(f"--cfg-options takes key.path=value items, not {' '.join(bad)}")
+            DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
+
+    parser.add_argument(
+        "--cfg-options", nargs="+", action=CfgOptions, default=None, metavar="KEY=VALUE", help="mmengine overrides"
+    )
 
 
 def _plan_main(args: argparse.Namespace) -> int:

@@ -6,10 +6,18 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 
 # What mmpretrain's multimodal models (BLIP's language model) import from transformers, in mmpretrain 1.2.0.
 _MULTIMODAL_NEEDS = ("PreTrainedModel", "apply_chunking_to_forward", "find_pruneable_heads_and_indices",
                      "prune_linear_layer")  # fmt: skip
+
+
+def quiet_mm_imports() -> None:
+    """Hides the one warning every mm command printed before its first line of output: mmengine 0.10.7 imports
+    ``pkg_resources``, which setuptools>=67 (the install pins <81, which still has it) reports as deprecated, twice.
+    A refusal then read as five lines instead of one. Only that message is filtered."""
+    warnings.filterwarnings("ignore", message="pkg_resources is deprecated as an API", category=UserWarning)
 
 
 def without_broken_multimodal() -> str | None:

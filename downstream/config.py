@@ -120,8 +120,8 @@ def set_backbone(cfg, *, task: str, spec: BackboneSpec) -> None:
         channels = timm_feature_channels(spec.model, out_indices)
     except Exception as e:  # timm raises RuntimeError/AssertionError/KeyError for unsupported models
         raise TransferInputError(
-            f"timm cannot build {spec.model} with features_only ({type(e).__name__}: {e}); "
-            "transfer needs a CNN with 5 feature levels (ResNet, DenseNet, MobileNet, ...)"
+            f"timm's features_only {spec.model} cannot feed {task} ({type(e).__name__}: {e}); transfer needs a "
+            "CNN with 5 feature levels, strides 2 to 32 (ResNet, DenseNet, MobileNet, ...)"
         ) from None
     cfg.model.backbone.update(model_name=spec.model, checkpoint=os.fspath(spec.checkpoint), out_indices=out_indices)
     if get_task(task).is_pose:

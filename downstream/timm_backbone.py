@@ -75,6 +75,14 @@ def _check_checkpoint(model_name: str, checkpoint: str) -> None:
 
 
 def timm_feature_channels(model_name: str, out_indices: Sequence[int]) -> list[int]:
-    """Channels of ``model_name``'s feature levels ``out_indices`` (for an FPN's or head's ``in_channels``)."""
+    """Channels of ``model_name``'s feature levels ``out_indices`` (for an FPN's or head's ``in_channels``).
+
+    Raises:
+        ValueError: the levels' strides are not ``2 ** (i + 1)`` (a ViT's are all 16), which the FPN's and
+            heads' configs assume; such a model would fail only once training started.
+    """
     info = timm.create_model(model_name, features_only=True, out_indices=tuple(out_indices), pretrained=False)
+    strides, expected = list(info.feature_info.reduction()), [2 ** (i + 1) for i in out_indices]
+    if strides != expected:
+        raise ValueError(f"its feature levels {list(out_indices)} have strides {strides}, not {expected}")
     return list(info.feature_info.channels())

@@ -12,7 +12,6 @@ have written is recorded as 0.0 and ``note`` says why, in one line that is also 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dap_pretrain.cli import add_cfg_options, make_parser
+from dap_pretrain.compat import quiet_mm_imports
 from dap_pretrain.errors import entry_point
 from downstream import TransferInputError
 from downstream.backbone import BackboneSpec, check_backbone, resolve_backbone
@@ -31,6 +32,9 @@ from downstream.report import TABLE_COLUMNS
 
 METRICS_FILE = "metrics.json"
 _ZEROS = "every COCO column recorded as 0.0"
+# mmengine keys that hold the backbone's weights: set from BACKBONE, whose meta.json labels the run's row
+_BACKBONE_KEYS = ("model.backbone.init_cfg.checkpoint", "model.backbone.checkpoint", "load_from")
+_GENERIC_FILE_NAMES = {"backbone", "model", "pytorch_model", "checkpoint", "last", "model_best"}
 
 
 def _reference_state_dict(cfg, spec: BackboneSpec) -> dict:
@@ -120,6 +124,29 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def _resume_in_moved_work_dir(cfg) -> None:
+    """``resume=True`` reads ``WORK_DIR/last_checkpoint``, which mmengine writes as an absolute path; in a work dir
+    moved or copied since, it names the old place. Resume then from the work dir's own file of that name
+    (``load_from``, in place); refuse in one line if the work dir lacks it."""
+    if cfg.get("resume") is not True or cfg.get("load_from"):
+        return
+    work_dir = Path(cfg.work_dir)
+    marker = work_dir / "last_checkpoint"
+    if not marker.is_file():
+        return
+    named = Path(marker.read_text().strip())
+    if named.parent.resolve() == work_dir.resolve():
+        return
+    own = work_dir / named.name
+    if not own.is_file():
+        raise TransferInputError(
+            f"{marker} names {named}, outside this work dir, and the work dir has no {named.name}; "
+            "pass --cfg-options resume=True load_from=CHECKPOINT"
+        )
+    print(f"transfer_coco: resuming from {own} ({marker} names {named}, outside this work dir)", flush=True)
+    cfg.load_from = os.fspath(own)
+
+
 def prepare_transfer(
     *,
     task: str,
@@ -144,9 +171,19 @@ def prepare_transfer(
     if notice:
         print(notice, flush=True)
     t = get_task(task)
+    if Path(work_dir).exists() and not Path(work_dir).is_dir():
+        raise TransferInputError(f"--work-dir {work_dir} is a file; pass a folder")
     metrics_file = Path(work_dir) / METRICS_FILE
     if metrics_file.exists() and not overwrite:
         raise TransferInputError(f"{metrics_file} exists; pass another --work-dir or --overwrite to replace it")
+    overridden = [k for k in _BACKBONE_KEYS if k in (cfg_options or {})]
+    if overridden == ["load_from"] and (cfg_options or {}).get("resume") is True:
+        overridden = []  # mmengine's resume=True load_from=CKPT: continue this fine-tuning from one of its checkpoints
+    if overridden:
+        raise TransferInputError(
+            f"--cfg-options {overridden[0]} would train other weights than BACKBONE {backbone}, whose meta.json "
+            "labels the run in metrics.json and the report; pass those weights as BACKBONE instead"
+        )
     spec = resolve_backbone(backbone=backbone, model=model)
     if person_dets is not None:
         check_person_dets(person_dets)
@@ -159,6 +196,7 @@ def prepare_transfer(
         person_dets=person_dets,
         launcher=launcher,
     )
+    _resume_in_moved_work_dir(cfg)
     check_coco_inputs(cfg, keypoints=t.is_pose)
     path = config_path(task=task, model=spec.model)
     check_backbone(spec=spec, reference=_reference_state_dict(cfg, spec), expected=f"the backbone of {path.name}")
@@ -221,19 +259,33 @@ def run_transfer(*, task: str, person_dets: str | Path | None = None, **kwargs) 
     return result
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from mmengine.config import DictAction
+def default_work_dir(task: str, backbone: str | Path) -> str:
+    """``work_dirs/TASK/NAME``: an export folder's name whole (``resnet50.dap75_in1k``), a file's name less its
+    extension, or, for a file named like every export's (``backbone.pth``), its folder's name."""
+    path = Path(backbone).resolve()
+    name = path.name
+    if path.is_file():
+        name = path.name.rsplit(".", 1)[0] if "." in path.name else path.name
+        name = path.parent.name if name in _GENERIC_FILE_NAMES else name
+    return os.path.join("work_dirs", task, name)
 
-    p = argparse.ArgumentParser(prog="transfer_coco", description=__doc__.splitlines()[0])
+
+def parse_args(argv: list[str] | None = None):
+    p = make_parser(
+        prog="transfer_coco",
+        description=__doc__.splitlines()[0],
+        error_prefix="transfer_coco: ",
+        epilog="tools/transfer_coco.sh also takes --gpus N: N processes through torchrun, one per GPU (N >= 1).",
+    )
     p.add_argument("task", help=f"one of {', '.join(TASKS)}")
     p.add_argument("backbone", help="export folder (backbone.pth + meta.json) or a .pth state dict with --model")
     p.add_argument("--data-root", default="data/coco", help="COCO folder with annotations/, train2017/, val2017/")
-    p.add_argument("--work-dir", default=None, help="default: work_dirs/TASK/<backbone folder name>")
+    p.add_argument("--work-dir", default=None, help="default: work_dirs/TASK/<export folder name, or .pth file name>")
     p.add_argument("--model", default=None, help="timm model name of a bare .pth backbone")
     p.add_argument("--person-dets", default=None, help="person detection JSON for pose eval (default: GT boxes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing WORK_DIR/metrics.json")
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none", help="pytorch under torchrun")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="key.path=value overrides")
+    add_cfg_options(p)
     p.add_argument(
         "--check",
         action="store_true",
@@ -246,8 +298,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @entry_point(prog="transfer_coco", exit=False)
 def main(argv: list[str] | None = None) -> int:
     """CLI: parse and run; a :class:`~downstream.TransferInputError` is one stderr line, exit code 2."""
+    quiet_mm_imports()
     args = parse_args(argv)
-    work_dir = args.work_dir or os.path.join("work_dirs", args.task, Path(args.backbone).resolve().stem)
+    work_dir = args.work_dir or default_work_dir(args.task, args.backbone)
     inputs = dict(
         task=args.task,
         backbone=args.backbone,

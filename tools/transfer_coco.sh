@@ -16,7 +16,11 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 gpus="" args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --gpus) gpus="${2:?--gpus needs a number}"; shift 2 ;;
+    --gpus)
+      if [ $# -lt 2 ] || [[ "$2" == -* ]]; then
+        echo "transfer_coco: error: --gpus needs a number; pass e.g. --gpus 8" >&2; exit 2
+      fi
+      gpus="$2"; shift 2 ;;
     --gpus=*) gpus="${1#--gpus=}"; shift ;;
     *) args+=("$1"); shift ;;
   esac

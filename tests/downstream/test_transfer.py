@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from downstream.report import main as report_main
+from downstream.transfer import default_work_dir
 from downstream.transfer import main as transfer_main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,6 +111,30 @@ def test_report_prints_table_9_with_deltas_and_table_8(runs, capsys):
     assert rows[1].split(" | ")[3].endswith(f"({delta:+.1f})")
     assert "| FPN | ResNet-50 | 100% |" in out and "| Mask R-CNN | ResNet-50 | 100% |" in out
     assert "table,method,backbone,compute,AP_bb,AP_bb_delta" in out
+
+
+def test_a_moved_work_dir_resumes_from_its_own_checkpoint(runs, exports, coco_root, tmp_path):
+    """mmengine's last_checkpoint holds an absolute path; in a copied work dir it names the original, outside the
+    trusted folders, and resume=True failed with torch's weights_only traceback. The copy's own checkpoint is used;
+    a copy without it is one line."""
+    moved = tmp_path / "moved"
+    shutil.copytree(runs["simplebaseline"], moved)
+    named = Path((moved / "last_checkpoint").read_text().strip())
+    assert named.parent == runs["simplebaseline"]  # the original's path
+    args = ["--cfg-options", *FAST["simplebaseline"], "resume=True", "--overwrite"]
+    proc = transfer("simplebaseline", exports["full"], moved, *args, data_root=coco_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"transfer_coco: resuming from {moved / named.name}" in proc.stdout
+    assert json.loads((moved / "metrics.json").read_text())["run"]["train_iters"] == named_iters(named)
+    (moved / named.name).unlink()
+    proc = transfer("simplebaseline", exports["full"], moved, *args, data_root=coco_root)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "pass --cfg-options resume=True load_from=" in lines[0]
+
+
+def named_iters(checkpoint: Path) -> int:
+    """The iteration count a checkpoint was saved at (mmengine's meta)."""
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["meta"]["iter"]
 
 
 def test_mmengine_checkpoint_loads_only_from_trusted_folders(runs, tmp_path):
@@ -326,6 +351,77 @@ def test_unknown_task_through_the_shell(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "transfer_coco: error: unknown TASK 'detr'; use one of faster_rcnn, mask_rcnn, simplebaseline"
     ]
+
+
+def test_refusals_after_mm_is_imported_are_one_line_through_the_shell(mm, make_export, tmp_path):
+    """Through tools/transfer_coco.sh as a user runs it: a refusal that comes after mmengine is imported is still one
+    stderr line (mmengine's import of pkg_resources printed two warnings, 4 lines, before it); so are a
+    --cfg-options item without '=' (mmengine's DictAction raised a traceback), a misspelt flag (argparse printed its
+    usage) and --gpus without a number."""
+    r50 = make_export("r50", model="resnet50", compute_fraction=1.0, seed=0)
+    work = tmp_path / "work"
+    refusals = {
+        "annotation file": ["--data-root", str(tmp_path / "nowhere")],
+        "--cfg-options takes key.path=value items, not foo": ["--cfg-options", "foo"],
+        "unrecognized arguments: --wrok-dir x; did you mean --work-dir for --wrok-dir?": ["--wrok-dir", "x"],
+        "--gpus needs a number; pass e.g. --gpus 8": ["--gpus", "--check"],
+    }
+    for words, extra in refusals.items():
+        cmd = ["bash", str(SCRIPT), "faster_rcnn", str(r50), "--work-dir", str(work), *extra]
+        if "--data-root" not in extra:
+            cmd += ["--data-root", str(COCO_MINI)]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+        assert lines[0].startswith("transfer_coco: error: ") and not work.exists()
+    help_text = subprocess.run(["bash", str(SCRIPT), "--help"], cwd=REPO, capture_output=True, text=True).stdout
+    assert "--gpus N" in help_text
+
+
+def test_inputs_that_would_fail_after_the_check_are_refused_by_it(mm, make_export, tmp_path, capsys):
+    """--check said "inputs ok" for a ViT (its feature levels all have stride 16: training then failed with a
+    traceback) and for a --work-dir that is a file; and --cfg-options could swap the backbone's weights for others
+    while metrics.json kept BACKBONE's label. Each is now the check's one line."""
+    vit = make_export("vit", model="vit_tiny_patch16_224", compute_fraction=1.0, seed=0)
+    r50 = make_export("r50", model="resnet50", compute_fraction=1.0, seed=0)
+    work = tmp_path / "work"
+    common = ["--data-root", str(COCO_MINI), "--check"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    cases = [
+        (["faster_rcnn", str(vit), "--work-dir", str(work)], "have strides [16, 16, 16, 16], not [4, 8, 16, 32]"),
+        (["faster_rcnn", str(r50), "--work-dir", str(a_file)], f"--work-dir {a_file} is a file; pass a folder"),
+        (
+            ["faster_rcnn", str(r50), "--work-dir", str(work), "--cfg-options", "load_from=other.pth"],
+            "--cfg-options load_from would train other weights than BACKBONE",
+        ),
+        (
+            ["mask_rcnn", str(r50), "--work-dir", str(work), "--cfg-options", "model.backbone.init_cfg.checkpoint=x"],
+            "pass those weights as BACKBONE instead",
+        ),
+    ]
+    for argv, expect in cases:
+        _assert_refused(capsys, [*argv, *common], expect, work)
+    assert a_file.read_text() == "kept"
+
+
+@pytest.mark.parametrize(
+    "backbone, name",
+    [
+        ("exports/resnet50.dap75_in1k", "resnet50.dap75_in1k"),  # a folder's name whole: it was cut at the first dot
+        ("exports/resnet50.full_in1k", "resnet50.full_in1k"),
+        ("exports/resnet50.dap75_in1k/backbone.pth", "resnet50.dap75_in1k"),  # every export's file name: the folder
+        ("weights/r50_torchvision.pth", "r50_torchvision"),
+    ],
+)
+def test_default_work_dir_names_the_backbone(tmp_path, monkeypatch, backbone, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / backbone).parent.mkdir(parents=True, exist_ok=True)
+    if backbone.endswith(".pth"):
+        (tmp_path / backbone).write_bytes(b"")
+    else:
+        (tmp_path / backbone).mkdir()
+    assert default_work_dir("mask_rcnn", backbone) == f"work_dirs/mask_rcnn/{name}"
 
 
 def test_more_gpus_than_torch_sees_is_one_line(tmp_path):
