@@ -17,7 +17,7 @@ from dap_pretrain.errors import entry_point
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from mmengine.config import DictAction
+    from dap_pretrain.mm.options import CfgOptions
 
     p = make_parser(prog="pretrain_mm", description=__doc__.splitlines()[0])
     p.add_argument("config", help="an mm config with a dap block, e.g. configs/mmpretrain/resnet50_dap75_in1k.py")
@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in the work dir")
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none", help="pytorch under torchrun")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="key.path=value overrides")
+    p.add_argument("--cfg-options", nargs="+", action=CfgOptions, default=None, help="key.path=value overrides")
     return p.parse_args(argv)
 
 

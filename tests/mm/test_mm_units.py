@@ -152,3 +152,13 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         set_data_root(None, tmp_path / "data")
     with pytest.raises(DaPMMError, match="no train/ folder"):
         set_data_root(None, tmp_path / "data" / "train")
+
+
+@pytest.mark.parametrize("item", ["foo", "=3", "a=[1,2"])
+def test_bad_cfg_options_are_one_line(item, capsys):
+    from dap_pretrain.mm.train import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["c.py", "--cfg-options", "x=1", item])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --cfg-options") and item in err
