@@ -43,9 +43,9 @@ from mmengine.runner import EpochBasedTrainLoop
 
 from dap_pretrain.checkpoint import rng_state, set_rng_state
 from dap_pretrain.data.sampler import NonFiniteLossError
-from dap_pretrain.mm.head import DaPClsHead
+from dap_pretrain.mm.head import RANKED_SELECT, DaPLossMixin, head_refusal
 from dap_pretrain.mm.sampler import DaPMMSampler
-from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap
+from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
 from dap_pretrain.reporting import Accounting, subset_digest
 from dap_pretrain.schedule import plan
 
@@ -186,7 +186,7 @@ class DaPHook(Hook):
             self._restore(runner, state)
         elif state is not None:
             runner.logger.info("the load_from checkpoint's DaP state is ignored: a new run starts DaP afresh")
-        unwrap(runner.model).head.attach(self.sampler)
+        unwrap(runner.model).head.attach(self.sampler, ranked=self.settings.select in RANKED_SELECT)
         self._t_start = time.perf_counter() - sum(r["epoch_time_s"] for r in self.acct.history)
 
     def _setup(self, runner) -> None:
@@ -208,8 +208,8 @@ class DaPHook(Hook):
                 "the sampler's index (no RepeatDataset/ConcatDataset/ClassBalancedDataset wrapper)"
             )
         model = unwrap(runner.model)
-        if not isinstance(getattr(model, "head", None), DaPClsHead):
-            raise DaPMMError("DaP records per-sample losses in its head; set model.head.type='DaPClsHead'")
+        if not isinstance(getattr(model, "head", None), DaPLossMixin):
+            raise DaPMMError(head_refusal(type(getattr(model, "head", None))) or "model.head cannot record losses")
         milestones = lr_milestones(runner.param_schedulers)
         self.settings = resolve_dap(runner.cfg.get("dap"), epochs=loop.max_epochs, milestones=milestones)
         config = self.settings.config
@@ -235,10 +235,13 @@ class DaPHook(Hook):
                 f"the checkpoint's DaP state is for epoch {state['epoch']} but its weights for epoch {runner.epoch}; "
                 "resume from a checkpoint this DaP run wrote"
             )
+        mismatch = resume_mismatch(state["sampler"], self.settings)  # also checked before the runner is built
+        if mismatch:
+            raise DaPMMError(mismatch)
         try:
             self.sampler.load_state_dict(state["sampler"])
-        except ValueError as e:  # another dataset or other DaP parameters
-            raise DaPMMError(str(e).replace("the same --dap-* flags", "the same dap block")) from None
+        except ValueError as e:  # another dataset
+            raise DaPMMError(str(e)) from None
         self.acct.measured = int(state["accounting"]["measured"])
         self.acct.lost = int(state["accounting"]["lost"])
         self.acct.history = [dict(r) for r in state["history"]]

@@ -7,18 +7,19 @@ and runs mmengine's ``Runner``, whose :class:`~dap_pretrain.mm.hook.DaPHook` doe
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 from pathlib import Path
 
-from dap_pretrain.mm.settings import DaPMMError, resolve_dap
-
-RUN_MARKERS = ("run.json", "summary.csv", "last_checkpoint")
-_WIRING = (  # (config path, type the DaP config needs there)
-    ("train_dataloader.sampler", "DaPMMSampler"),
-    ("model.head", "DaPClsHead"),
+from dap_pretrain.mm.head import RANKED_SELECT, head_refusal
+from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
+from dap_pretrain.mm.work_dir import (  # noqa: F401  (check_work_dir, work_dir_lock: this module's API before)
+    RUN_MARKERS,
+    ClearPreviousRun,
+    WorkDirSnapshot,
+    check_work_dir,
+    work_dir_lock,
 )
+
 # dataset keys that name where the data is; --data-root replaces them and keeps the rest (pipeline, indices, ...)
 _WHERE_KEYS = ("type", "data_root", "data_prefix", "split", "ann_file", "metainfo", "with_label")
 
@@ -130,8 +131,54 @@ def _cfg_milestones(param_scheduler) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def check_config(cfg) -> None:
-    """Refuse, before anything is built, a config that cannot run DaP (the hook re-checks the built objects)."""
+def _check_schedulers(cfg, *, warmup: int, max_epochs: int) -> None:
+    """:func:`~dap_pretrain.mm.hook.check_schedulers` on the config, where the epoch length is not needed: an
+    iteration-counting scheduler whose end (default: the run's end) lies past the DaP warm-up."""
+    items = cfg.get("param_scheduler") or []
+    for s in items if isinstance(items, (list, tuple)) else [items]:
+        if not isinstance(s, dict):
+            continue
+        if s.get("convert_to_iter_based") and s.get("end", max_epochs) > warmup:
+            end = f"ends at epoch {s.get('end', max_epochs)}"
+        elif not s.get("by_epoch", True) and "end" not in s and max_epochs > warmup:
+            end = "ends with the run"
+        else:  # by_epoch=False with an end in iterations: the hook checks it against the built loader
+            continue
+        raise DaPMMError(
+            f"param_scheduler {s.get('type')} counts iterations (by_epoch=False or convert_to_iter_based=True; {end}) "
+            f"but DaP shortens epochs after its warm-up (dap.warmup={warmup} epochs), so its LR would drift from the "
+            "full-data run's; use by_epoch=True without convert_to_iter_based"
+        )
+
+
+def _batch_augments(cfg) -> list:
+    model = cfg.get("model") or {}
+    found = [(model.get("train_cfg") or {}).get("augments")]
+    found += [(p or {}).get("batch_augments") for p in (model.get("data_preprocessor"), cfg.get("data_preprocessor"))]
+    return [a for a in found if a]
+
+
+def _check_data_paths(cfg) -> None:
+    """The train/val datasets' local folders exist (mmengine would fail with a traceback after building the run)."""
+    for key in ("train_dataloader", "val_dataloader"):
+        dataset = (cfg.get(key) or {}).get("dataset") or {}
+        root = dataset.get("data_root") or ""
+        prefix = dataset.get("data_prefix")
+        prefix = prefix.get("img_path", "") if isinstance(prefix, dict) else (prefix or dataset.get("split") or "")
+        for path in dict.fromkeys(p for p in (root, os.path.join(root, prefix) if prefix else "") if p):
+            if "://" not in path and not Path(path).is_dir():
+                raise DaPMMError(
+                    f"{key}.dataset: {path} does not exist (relative to {Path.cwd()}); pass --data-root DIR, an "
+                    "ImageFolder tree with train/ and val/, or set the dataset's data_root"
+                )
+
+
+def check_config(cfg) -> DaPSettings:
+    """Refuse, before anything is built or written, a config that cannot run DaP; returns the resolved dap block.
+
+    The hook re-checks the built objects (the dataset size on resume, an iteration-counting scheduler with an
+    explicit end in iterations); :func:`pretrain_mm` then undoes what the runner wrote.
+    """
     train_cfg = cfg.get("train_cfg") or {}
     if train_cfg.get("type", "EpochBasedTrainLoop") != "EpochBasedTrainLoop" or not train_cfg.get("by_epoch", True):
         raise DaPMMError(
@@ -140,44 +187,52 @@ def check_config(cfg) -> None:
         )
     if not isinstance(train_cfg.get("max_epochs"), int):
         raise DaPMMError("train_cfg.max_epochs must be an integer (DaP's schedule counts epochs)")
-    resolve_dap(cfg.get("dap"), epochs=train_cfg["max_epochs"], milestones=_cfg_milestones(cfg.get("param_scheduler")))
+    settings = resolve_dap(
+        cfg.get("dap"), epochs=train_cfg["max_epochs"], milestones=_cfg_milestones(cfg.get("param_scheduler"))
+    )
     hooks = [h.get("type") for h in cfg.get("custom_hooks") or []]
     if not any(getattr(t, "__name__", t) == "DaPHook" for t in hooks):
         raise DaPMMError("custom_hooks has no DaPHook; add dict(type='DaPHook') (configs/mmpretrain/_base_ does)")
-    for path, wanted in _WIRING:
-        node = cfg
-        for key in path.split("."):
-            node = (node or {}).get(key)
-        got = (node or {}).get("type")
-        if getattr(got, "__name__", got) != wanted:
-            raise DaPMMError(f"{path}.type is {got!r}; set it to '{wanted}' for DaP")
-
-
-def check_work_dir(work_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse a work dir that holds another DaP run, unless resuming it or told to overwrite it."""
-    held = [m for m in RUN_MARKERS if (work_dir / m).exists()]
-    if held and not resume and not overwrite:
+    sampler = ((cfg.get("train_dataloader") or {}).get("sampler") or {}).get("type")
+    if getattr(sampler, "__name__", sampler) != "DaPMMSampler":
+        raise DaPMMError(f"train_dataloader.sampler.type is {sampler!r}; set it to 'DaPMMSampler' for DaP")
+    refusal = head_refusal(((cfg.get("model") or {}).get("head") or {}).get("type"))
+    if refusal:
+        raise DaPMMError(refusal)
+    if settings.select in RANKED_SELECT and _batch_augments(cfg):
         raise DaPMMError(
-            f"work dir {work_dir} already holds a run ({', '.join(held)}); pass --resume to continue it, "
-            "--overwrite to replace it, or another --work-dir"
+            "mixup/cutmix (model.train_cfg.augments) cannot be combined with dap.select='hard' (a mixed sample's "
+            "loss has no single owner); remove them, or set dap.select='none' (all data) or 'random'"
         )
+    if settings.select != "none":
+        _check_schedulers(cfg, warmup=settings.config.warmup, max_epochs=settings.config.epochs)
+    _check_data_paths(cfg)
+    return settings
 
 
-@contextlib.contextmanager
-def _work_dir_lock(work_dir: Path, *, enabled: bool):
-    """An advisory lock on WORK_DIR/.dap.lock (rank 0); the OS drops it when the process dies."""
-    if not enabled:
-        yield
+def checkpoint_to_resume(cfg) -> str | None:
+    """The checkpoint ``cfg`` resumes (``load_from``, else the work dir's ``last_checkpoint``), else ``None``."""
+    if not cfg.get("resume"):
+        return None
+    if cfg.get("load_from"):
+        return str(cfg.load_from)
+    return (Path(cfg.work_dir) / "last_checkpoint").read_text().strip() or None
+
+
+def check_resume(cfg, settings: DaPSettings) -> None:
+    """Refuse a ``--resume`` whose checkpoint's DaP run differs from this config's (before anything is built)."""
+    path = checkpoint_to_resume(cfg)
+    if path is None:
         return
-    work_dir.mkdir(parents=True, exist_ok=True)
-    with open(work_dir / ".dap.lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DaPMMError(
-                f"work dir {work_dir} is in use by another run; wait for it or pass another --work-dir"
-            ) from None
-        yield
+    if not Path(path).is_file():
+        raise DaPMMError(f"--resume: {path} (in {cfg.work_dir}/last_checkpoint) does not exist; pass --resume CKPT")
+    import torch
+
+    # the file the user resumes, loaded as mmengine's resume will load it (weights_only=False: trusted_checkpoints)
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("dap")
+    mismatch = resume_mismatch(state["sampler"], settings) if isinstance(state, dict) else None
+    if mismatch:
+        raise DaPMMError(mismatch)
 
 
 def pretrain_mm(
@@ -192,7 +247,10 @@ def pretrain_mm(
 ) -> dict:
     """Train one DaP run with mmengine's Runner; returns what ``WORK_DIR/run.json`` holds (rank 0 writes it).
 
-    Keyword args are :func:`prepare_config`'s, plus ``overwrite`` (replace a finished run in the work dir).
+    Keyword args are :func:`prepare_config`'s, plus ``overwrite``: replace a finished run in the work dir; its
+    files (:func:`~dap_pretrain.mm.work_dir.previous_run_files`: checkpoints, ``last_checkpoint``, ``run.json``,
+    ``summary.csv``, log folders) are deleted once the new run has passed every check, as the timm trainer's
+    ``--overwrite`` does. A refusal leaves the work dir as it was, unless the run had saved a checkpoint.
     Checkpoints under the work dir and the ``--resume`` file load through
     :func:`downstream.compat.trusted_checkpoints` (torch>=2.6 ``weights_only`` vs mmengine's own checkpoints).
 
@@ -202,8 +260,10 @@ def pretrain_mm(
     cfg = prepare_config(
         config=config, data_root=data_root, work_dir=work_dir, resume=resume, cfg_options=cfg_options, launcher=launcher
     )
-    check_config(cfg)
+    settings = check_config(cfg)
+    check_resume(cfg, settings)
     work = Path(cfg.work_dir)
+    check_work_dir(work, resume=resume is not None, overwrite=overwrite)
     if launcher == "pytorch" and not _cuda():
         from dap_pretrain.distributed import init_distributed
 
@@ -214,12 +274,17 @@ def pretrain_mm(
     from downstream.compat import trusted_checkpoints
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    with _work_dir_lock(work, enabled=rank0):
+    before = WorkDirSnapshot.take(work) if rank0 else None
+    with work_dir_lock(work, enabled=rank0):
         check_work_dir(work, resume=resume is not None, overwrite=overwrite)
-        if overwrite and resume is None and rank0:
-            for marker in RUN_MARKERS:
-                (work / marker).unlink(missing_ok=True)
-        runner = Runner.from_cfg(cfg)
-        with trusted_checkpoints([work] + ([cfg.load_from] if isinstance(cfg.get("load_from"), str) else [])):
-            runner.train()
+        try:
+            runner = Runner.from_cfg(cfg)
+            if overwrite and resume is None and rank0:  # once DaPHook has accepted the built run
+                runner.register_hook(ClearPreviousRun(work_dir=work, keep=(runner.timestamp,)), priority="LOWEST")
+            with trusted_checkpoints([work] + ([cfg.load_from] if isinstance(cfg.get("load_from"), str) else [])):
+                runner.train()
+        except DaPMMError:
+            if before is not None:
+                before.restore()  # a refusal that saved no checkpoint leaves the work dir as it was
+            raise
     return next(h for h in runner.hooks if isinstance(h, DaPHook)).summary

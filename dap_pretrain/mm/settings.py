@@ -75,3 +75,29 @@ def resolve_dap(dap: dict | None, *, epochs: int, milestones: tuple[int, ...] = 
     except (ValueError, TypeError) as e:  # DaPConfig's one-line messages name the flag as dap-KEY
         raise DaPMMError(str(e).replace("dap-", "dap.")) from None
     return DaPSettings(config=config, select=select, seed=seed)
+
+
+def _cfg_key(key: str) -> str:
+    return "train_cfg.max_epochs" if key == "epochs" else f"dap.{key}"
+
+
+def resume_mismatch(sampler_state: dict, settings: DaPSettings) -> str | None:
+    """Why a checkpoint's DaP sampler state cannot continue under ``settings`` (one line naming the fix), or ``None``.
+
+    Args:
+        sampler_state: ``checkpoint['dap']['sampler']`` (``DaPSampler.state_dict()``).
+        settings: this run's resolved ``dap`` block; its ``epochs`` is ``train_cfg.max_epochs``, so a changed
+            ``max_epochs`` is named as that key, not as the dap block.
+    """
+    saved = dict(sampler_state.get("config") or {}, select=sampler_state.get("select"))
+    ours = dict(settings.config.to_dict(), select=settings.select)
+    keys = [k for k in ours if saved.get(k) != ours[k]]
+    if not keys:
+        return None
+    was = ", ".join(f"{_cfg_key(k)}={saved.get(k)!r}" for k in keys)
+    now = ", ".join(f"{_cfg_key(k)}={ours[k]!r}" for k in keys)
+    extend = " (a DaP schedule is planned for its epochs, so a run cannot be extended)" if "epochs" in keys else ""
+    return (
+        f"--resume: the checkpoint's run has {was}, this run has {now}; resume with the checkpoint's values{extend}, "
+        "or start a new run in another --work-dir"
+    )

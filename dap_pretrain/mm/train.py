@@ -4,7 +4,8 @@
         [--launcher none|pytorch] [--cfg-options key=value ...]
 
 Writes mmengine's work dir (``epoch_N.pth`` with ``checkpoint['dap']``, logs) plus ``run.json`` and
-``summary.csv`` in the timm trainer's format. Bad input: one line on stderr, exit code 2.
+``summary.csv`` in the timm trainer's format. Bad input: one line on stderr, exit code 2, and the work dir left as
+it was (see :mod:`dap_pretrain.mm.work_dir`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dap_pretrain.errors import entry_point
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from mmengine.config import DictAction
+    from dap_pretrain.mm.options import CfgOptions
 
     p = make_parser(prog="pretrain_mm", description=__doc__.splitlines()[0])
     p.add_argument("config", help="an mm config with a dap block, e.g. configs/mmpretrain/resnet50_dap75_in1k.py")
@@ -26,9 +27,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--resume", nargs="?", const="auto", default=None, help="continue the work dir's latest checkpoint, or CKPT"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in the work dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished run in the work dir: its epoch_N.pth, last_checkpoint, run.json, summary.csv and "
+        "log folders are deleted once the new run has passed its checks (other files stay)",
+    )
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none", help="pytorch under torchrun")
-    p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None, help="key.path=value overrides")
+    p.add_argument("--cfg-options", nargs="+", action=CfgOptions, default=None, help="key.path=value overrides")
     return p.parse_args(argv)
 
 

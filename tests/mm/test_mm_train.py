@@ -144,3 +144,70 @@ def test_iteration_based_scheduler_is_refused_in_one_line(cifar_tiny, tmp_path):
     assert len(ours) == 1 and ours[0] == proc.stderr.strip().splitlines()[-1]
     assert ours[0].startswith("pretrain_mm: error: param_scheduler MultiStepLR counts iterations")
     assert "use by_epoch=True" in ours[0] and "Traceback" not in proc.stderr
+
+
+def tree(folder: Path) -> dict:
+    """Every path under ``folder`` with its bytes (None for folders): a work dir, byte for byte."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("pretrain_mm:")]
+    assert proc.returncode == 2 and len(ours) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return ours[0]
+
+
+def finished_copy(done_when: Path, work: Path) -> Path:
+    shutil.copytree(done_when, work)
+    (work / "last_checkpoint").write_text(str(work / "epoch_4.pth"))
+    return work
+
+
+def test_refused_runs_leave_the_work_dir_as_it_was(done_when, cifar_tiny, tmp_path):
+    """Refusals from the config (another max_epochs on --resume, an iteration-counting scheduler) and from the built
+    run (another dataset on --resume) leave a finished work dir byte for byte, and create no new one."""
+    work = finished_copy(done_when, tmp_path / "finished")
+    before = tree(work)
+    proc = pretrain_mm(work, cifar_tiny, "--resume", "--cfg-options", *DONE_WHEN, *FAST, "train_cfg.max_epochs=6")
+    line = one_error_line(proc)
+    assert "train_cfg.max_epochs=4, this run has train_cfg.max_epochs=6" in line and "dap block" not in line
+    assert tree(work) == before
+    smaller = tmp_path / "smaller"  # 9 classes: another dataset size, seen only once the runner has built it
+    shutil.copytree(cifar_tiny, smaller, symlinks=True)
+    shutil.rmtree(smaller / "train" / sorted(p.name for p in (smaller / "train").iterdir())[0])
+    shutil.rmtree(smaller / "val" / sorted(p.name for p in (smaller / "val").iterdir())[0])
+    proc = pretrain_mm(work, smaller, "--resume", "--cfg-options", *DONE_WHEN, *FAST)
+    assert "resume with the same dataset" in one_error_line(proc)
+    assert tree(work) == before
+    proc = pretrain_mm(
+        work, cifar_tiny, "--overwrite", "--cfg-options", *DONE_WHEN, *FAST, "param_scheduler.by_epoch=False"
+    )
+    assert "counts iterations" in one_error_line(proc)
+    assert tree(work) == before
+    proc = pretrain_mm(
+        tmp_path / "new" / "w", cifar_tiny, "--cfg-options", *DONE_WHEN, *FAST, "param_scheduler.by_epoch=False"
+    )
+    one_error_line(proc)
+    assert not (tmp_path / "new").exists()
+
+
+def test_missing_config_data_path_is_one_line_and_writes_nothing(tmp_path):
+    cmd = ["bash", str(SCRIPT), str(REPO / CONFIG), "--work-dir", str(tmp_path / "w")]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert "data/imagenet does not exist" in one_error_line(proc) and "--data-root" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_removes_the_previous_runs_checkpoints(done_when, cifar_tiny, tmp_path):
+    """A 4-epoch run overwritten by a 2-epoch one: no epoch_3/4.pth or old log folder is left to be mistaken for
+    the new run's; other files stay."""
+    work = finished_copy(done_when, tmp_path / "w")
+    (work / "notes.txt").write_text("mine")
+    old_logs = [p.name for p in work.iterdir() if p.is_dir()]
+    proc = pretrain_mm(work, cifar_tiny, "--overwrite", "--cfg-options", *DONE_WHEN, *FAST, "train_cfg.max_epochs=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in work.glob("*.pth")) == ["epoch_1.pth", "epoch_2.pth"]
+    assert (work / "notes.txt").read_text() == "mine" and not any((work / d).exists() for d in old_logs)
+    assert json.loads((work / "run.json").read_text())["epochs"] == 2

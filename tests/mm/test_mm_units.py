@@ -3,6 +3,8 @@ the dap block, the scheduler rule, the timm architecture of a checkpoint, and th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,12 +136,12 @@ def test_timm_architecture_names_the_timm_model_that_loads_the_weights():
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
     from dap_pretrain.mm import DaPMMError
-    from dap_pretrain.mm.runner import _work_dir_lock, check_work_dir, set_data_root
+    from dap_pretrain.mm.runner import check_work_dir, set_data_root, work_dir_lock
 
     work = tmp_path / "w"
-    with _work_dir_lock(work, enabled=True):
+    with work_dir_lock(work, enabled=True):
         with pytest.raises(DaPMMError, match="in use by another run"):
-            with _work_dir_lock(work, enabled=True):
+            with work_dir_lock(work, enabled=True):
                 pass
     (work / "run.json").write_text("{}")
     with pytest.raises(DaPMMError, match="--resume to continue it"):
@@ -152,3 +154,116 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         set_data_root(None, tmp_path / "data")
     with pytest.raises(DaPMMError, match="no train/ folder"):
         set_data_root(None, tmp_path / "data" / "train")
+
+
+def _config(tmp_path, body: str = "", *, name: str = "c.py"):
+    """A config inheriting the repo's ResNet-18 DaP config plus ``body``, loaded as the entry point loads it."""
+    from dap_pretrain.mm.runner import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    path = tmp_path / name
+    path.write_text(f"_base_ = ['{repo}/configs/mmpretrain/resnet18_dap75_in1k.py']\n{body}\n")
+    cfg = load_config(path)
+    cfg.work_dir = str(tmp_path / "work")
+    return cfg
+
+
+def _with_data(cfg, root):
+    from dap_pretrain.mm.runner import set_data_root
+
+    for split, cls in (("train", "a"), ("val", "a")):
+        (root / split / cls).mkdir(parents=True, exist_ok=True)
+        (root / split / cls / "x.jpg").write_bytes(b"")
+    set_data_root(cfg, root)
+    return cfg
+
+
+def test_mixup_is_refused_by_the_config_check_only_when_losses_rank_samples(tmp_path):
+    """dap.select='hard' with mixup/cutmix: refused before anything is built; 'none' and 'random' run, and the head
+    then records the mixed samples' losses (counting them as trained) instead of refusing."""
+    from mmpretrain.structures import DataSample
+
+    from dap_pretrain.mm import DaPClsHead, DaPMMError
+    from dap_pretrain.mm.runner import check_config
+
+    mix = "model = dict(train_cfg=dict(augments=[dict(type='Mixup', alpha=0.2)]))"
+    with pytest.raises(DaPMMError, match=r"mixup/cutmix .* or set dap.select='none'"):
+        check_config(_with_data(_config(tmp_path, mix), tmp_path / "d"))
+    for select in ("none", "random"):
+        assert check_config(_with_data(_config(tmp_path, f"{mix}\ndap = dict(select='{select}')"), tmp_path / "d"))
+    head = DaPClsHead(num_classes=3, in_channels=4)
+    sampler = DaPSampler(4)
+    head.attach(sampler, ranked=False)
+    mixed = [DataSample(metainfo={"sample_idx": i}).set_gt_score(torch.tensor([0.5, 0.5, 0.0])) for i in (0, 2)]
+    loss = head.loss((torch.randn(2, 4),), mixed)["loss"]
+    assert torch.isfinite(loss) and sampler.recorder.seen().tolist() == [True, False, True, False]
+
+
+def test_head_refusal_names_a_fix_that_works(tmp_path):
+    """A non-linear ClsHead is told that DaPClsHead replaces LinearClsHead only, and the mixin it names works."""
+    from mmpretrain.models.heads import VisionTransformerClsHead
+
+    from dap_pretrain.mm import DaPMMError
+    from dap_pretrain.mm.head import DaPLossMixin
+    from dap_pretrain.mm.runner import check_config
+
+    vit = "model = dict(head=dict(type='VisionTransformerClsHead', hidden_dim=8))"
+    with pytest.raises(
+        DaPMMError, match=r"DaPClsHead replaces LinearClsHead only .*\(DaPLossMixin, VisionTransformerClsHead\)"
+    ):
+        check_config(_with_data(_config(tmp_path, vit), tmp_path / "d"))
+    with pytest.raises(DaPMMError, match=r"is 'LinearClsHead'; set it to 'DaPClsHead'"):
+        check_config(_with_data(_config(tmp_path, "model = dict(head=dict(type='LinearClsHead'))"), tmp_path / "d"))
+
+    class DaPViTHead(DaPLossMixin, VisionTransformerClsHead):
+        pass
+
+    head = DaPViTHead(num_classes=3, in_channels=4, hidden_dim=8)
+    sampler = DaPSampler(4)
+    head.attach(sampler)
+    head.loss((torch.randn(2, 4),), _data_samples([1, 3], [0, 2]))
+    assert sampler.recorder.seen().tolist() == [False, True, False, True]
+
+
+def test_missing_data_path_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    from dap_pretrain.mm import DaPMMError
+    from dap_pretrain.mm.runner import check_config
+
+    monkeypatch.chdir(tmp_path)  # the stock config's data/imagenet is relative to the working directory
+    with pytest.raises(DaPMMError, match=r"train_dataloader.dataset: data/imagenet does not exist .* --data-root"):
+        check_config(_config(tmp_path))
+
+
+def test_resume_mismatch_names_the_key_that_differs():
+    from dap_pretrain.mm.settings import resolve_dap, resume_mismatch
+
+    block = dict(warmup=1, interval=1, keep=0.5, reuse=[])
+    saved = {"config": resolve_dap(block, epochs=4).config.to_dict(), "select": "hard"}
+    assert resume_mismatch(saved, resolve_dap(block, epochs=4)) is None
+    msg = resume_mismatch(saved, resolve_dap(block, epochs=6))
+    assert "train_cfg.max_epochs=4, this run has train_cfg.max_epochs=6" in msg and "dap block" not in msg
+    msg = resume_mismatch(saved, resolve_dap({**block, "keep": 0.7}, epochs=4))
+    assert "dap.keep=0.5, this run has dap.keep=0.7" in msg
+
+
+def test_overwrite_deletes_only_the_previous_runs_files(tmp_path):
+    from dap_pretrain.mm.work_dir import previous_run_files
+
+    names = ["epoch_3.pth", "best_accuracy_top1_epoch_2.pth", "last_checkpoint", "run.json", "summary.csv"]
+    names += [".run.json.tmp", "c.py", "notes.txt", "pretrained.pth"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    for folder in ("20261127_061035", "20261127_070000", "mine"):
+        (tmp_path / folder).mkdir()
+    got = [p.name for p in previous_run_files(tmp_path, keep=("20261127_070000",))]
+    assert got == sorted(names[:6] + ["20261127_061035"])
+
+
+@pytest.mark.parametrize("item", ["foo", "=3", "a=[1,2"])
+def test_bad_cfg_options_are_one_line(item, capsys):
+    from dap_pretrain.mm.train import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["c.py", "--cfg-options", "x=1", item])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --cfg-options") and item in err

@@ -1,0 +1,134 @@
+"""The mm work dir: one owner, no other run's files mixed in, and a refused run leaves it as it was.
+
+Who calls what, and when (:func:`~dap_pretrain.mm.runner.pretrain_mm`, on rank 0; file operations only):
+
+1. :func:`check_work_dir` before anything is written (and again under the lock);
+2. :meth:`WorkDirSnapshot.take` just before :func:`work_dir_lock` creates the folder and ``.dap.lock``;
+3. a refusal (:class:`~dap_pretrain.mm.settings.DaPMMError`) from the built run that saved no checkpoint:
+   :meth:`WorkDirSnapshot.restore` removes what the run added (mmengine's timestamp log folder, the lock file, the
+   folders it created) and rewrites the files it changed (the config dump) with their old bytes;
+4. ``--overwrite``: :class:`ClearPreviousRun` deletes the previous run's files (:func:`previous_run_files`) in
+   ``before_train``, after :class:`~dap_pretrain.mm.hook.DaPHook` has checked the built run, as the timm trainer's
+   ``--overwrite`` (:func:`dap_pretrain.run_folder.clear_run`) deletes its previous run's files once every check
+   has passed. Other files in the work dir are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmengine.hooks import Hook
+
+from dap_pretrain.mm.settings import DaPMMError
+
+RUN_MARKERS = ("run.json", "summary.csv", "last_checkpoint")
+LOCK = ".dap.lock"
+_LOG_FOLDER = re.compile(r"\d{8}_\d{6}")  # mmengine's per-run log folder, WORK_DIR/<timestamp>/
+_RUN_FILE = re.compile(r"(epoch|iter|best)_.*\.pth|.*\.tmp")  # checkpoints and interrupted atomic writes
+_SNAPSHOT_MAX_BYTES = 1 << 20  # files kept in memory to restore (config dump, run.json, ...); checkpoints are larger
+
+
+def check_work_dir(work_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a work dir that holds another DaP run, unless resuming it or told to overwrite it."""
+    held = [m for m in RUN_MARKERS if (work_dir / m).exists()]
+    if held and not resume and not overwrite:
+        raise DaPMMError(
+            f"work dir {work_dir} already holds a run ({', '.join(held)}); pass --resume to continue it, "
+            "--overwrite to replace it, or another --work-dir"
+        )
+
+
+@contextlib.contextmanager
+def work_dir_lock(work_dir: Path, *, enabled: bool):
+    """An advisory lock on WORK_DIR/.dap.lock (rank 0); the OS drops it when the process dies."""
+    if not enabled:
+        yield
+        return
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with open(work_dir / LOCK, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DaPMMError(
+                f"work dir {work_dir} is in use by another run; wait for it or pass another --work-dir"
+            ) from None
+        yield
+
+
+def previous_run_files(work_dir: Path, *, keep: tuple[str, ...] = ()) -> list[Path]:
+    """What ``--overwrite`` deletes: the previous run's ``epoch_N.pth``/``best_*.pth``, ``last_checkpoint``,
+    ``run.json``, ``summary.csv``, leftover ``*.tmp`` files and mmengine's timestamp log folders (but ``keep``)."""
+    if not work_dir.is_dir():
+        return []
+    out = []
+    for p in sorted(work_dir.iterdir()):
+        if p.name in keep:
+            continue
+        if p.is_file() and (p.name in RUN_MARKERS or _RUN_FILE.fullmatch(p.name)):
+            out.append(p)
+        elif p.is_dir() and not p.is_symlink() and _LOG_FOLDER.fullmatch(p.name):
+            out.append(p)
+    return out
+
+
+class ClearPreviousRun(Hook):
+    """``--overwrite``: deletes :func:`previous_run_files` in ``before_train``; register it with priority
+    ``'LOWEST'`` so it runs after :class:`~dap_pretrain.mm.hook.DaPHook` has accepted the built run."""
+
+    def __init__(self, *, work_dir: Path, keep: tuple[str, ...]):
+        self.work_dir, self.keep, self.removed = Path(work_dir), keep, []
+
+    def before_train(self, runner) -> None:
+        for p in previous_run_files(self.work_dir, keep=self.keep):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            self.removed.append(p.name)
+        if self.removed:
+            runner.logger.info(f"--overwrite: removed the previous run's {', '.join(self.removed)}")
+
+
+@dataclass
+class WorkDirSnapshot:
+    """The work dir's top level before a run: which entries existed, and the bytes of its small files."""
+
+    work_dir: Path
+    missing: list[Path] = field(default_factory=list)  # the work dir and parents that did not exist, deepest first
+    entries: set[str] = field(default_factory=set)
+    small: dict[str, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def take(cls, work_dir: Path) -> WorkDirSnapshot:
+        work_dir = Path(work_dir).absolute()
+        snap = cls(work_dir, missing=[p for p in (work_dir, *work_dir.parents) if not p.exists()])
+        if work_dir.is_dir():
+            for p in work_dir.iterdir():
+                snap.entries.add(p.name)
+                if p.is_file() and not p.is_symlink() and p.stat().st_size <= _SNAPSHOT_MAX_BYTES:
+                    snap.small[p.name] = p.read_bytes()
+        return snap
+
+    def saved_checkpoint(self) -> bool:
+        """Whether the run saved a checkpoint since the snapshot (then its files are its own and are kept)."""
+        pointer = self.work_dir / "last_checkpoint"
+        if pointer.is_file() and pointer.read_bytes() != self.small.get("last_checkpoint"):
+            return True
+        return any(p.name not in self.entries for p in self.work_dir.glob("*.pth"))
+
+    def restore(self) -> None:
+        """Undo a refused run that saved no checkpoint: remove the entries it added, rewrite the files it changed."""
+        if not self.work_dir.is_dir() or self.saved_checkpoint():
+            return
+        for p in self.work_dir.iterdir():
+            if p.name not in self.entries:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            elif p.name in self.small and p.is_file() and p.read_bytes() != self.small[p.name]:
+                p.write_bytes(self.small[p.name])
+        for folder in self.missing:  # deepest first; stops at one that holds something
+            try:
+                folder.rmdir()
+            except OSError:
+                break
