@@ -79,17 +79,22 @@ def make_parser(**kwargs) -> argparse.ArgumentParser:
 
 
 def add_cfg_options(parser: argparse.ArgumentParser) -> None:
-    """mmengine's ``--cfg-options key.path=value ...`` (its ``DictAction``), where an item without ``=`` is one
-    line naming it (mmengine's own action raises a traceback); the mm stack is imported only when the flag is used."""
+    """mmengine's ``--cfg-options key.path=value ...`` (its ``DictAction``: lists, tuples, ``None``/booleans), where
+    an item without ``=``, or a value it cannot parse (``a=[1,2``), is ``parser.error``'s one line instead of
+    mmengine's traceback. mmengine is imported only when the flag is given."""
 
     class CfgOptions(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
             from mmengine.config import DictAction
 
-            bad = [v for v in values if "=" not in v or v.startswith("=")]
-            if bad:
-                parser.error(f"--cfg-options takes key.path=value items, not {' '.join(bad)}")
-            DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
+            flag = option_string or "--cfg-options"
+            for item in values:
+                if "=" not in item or not item.partition("=")[0]:
+                    parser.error(f"{flag} {item!r} is not KEY=VALUE; write e.g. {flag} train_cfg.max_epochs=4")
+            try:
+                DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
+            except (ValueError, AssertionError, IndexError) as e:  # DictAction's parsing of a malformed value
+                parser.error(f"{flag}: cannot parse {' '.join(values)!r} ({e}); write KEY=VALUE with balanced brackets")
 
     parser.add_argument(
         "--cfg-options", nargs="+", action=CfgOptions, default=None, metavar="KEY=VALUE", help="mmengine overrides"

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dap_pretrain.cli import make_parser
+from dap_pretrain.cli import add_cfg_options, make_parser
+from dap_pretrain.compat import quiet_mm_imports
 from dap_pretrain.errors import entry_point
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from dap_pretrain.mm.options import CfgOptions
-
-    p = make_parser(prog="pretrain_mm", description=__doc__.splitlines()[0])
+    p = make_parser(prog="pretrain_mm", description=__doc__.splitlines()[0], error_prefix="pretrain_mm: ")
     p.add_argument("config", help="an mm config with a dap block, e.g. configs/mmpretrain/resnet50_dap75_in1k.py")
     p.add_argument("--data-root", default=None, help="ImageFolder tree with train/ and val/ (default: the config's)")
     p.add_argument("--work-dir", default=None, help="default: work_dirs/<config name>")
@@ -34,13 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "log folders are deleted once the new run has passed its checks (other files stay)",
     )
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none", help="pytorch under torchrun")
-    p.add_argument("--cfg-options", nargs="+", action=CfgOptions, default=None, help="key.path=value overrides")
+    add_cfg_options(p)
     return p.parse_args(argv)
 
 
 @entry_point(prog="pretrain_mm", exit=False)
 def main(argv: list[str] | None = None) -> int:
     """CLI: parse and train; a :class:`~dap_pretrain.mm.settings.DaPMMError` is one stderr line, exit code 2."""
+    quiet_mm_imports()
     args = parse_args(argv)
     from dap_pretrain.mm.runner import pretrain_mm
 

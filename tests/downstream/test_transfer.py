@@ -362,7 +362,7 @@ def test_refusals_after_mm_is_imported_are_one_line_through_the_shell(mm, make_e
     work = tmp_path / "work"
     refusals = {
         "annotation file": ["--data-root", str(tmp_path / "nowhere")],
-        "--cfg-options takes key.path=value items, not foo": ["--cfg-options", "foo"],
+        "--cfg-options 'foo' is not KEY=VALUE": ["--cfg-options", "foo"],
         "unrecognized arguments: --wrok-dir x; did you mean --work-dir for --wrok-dir?": ["--wrok-dir", "x"],
         "--gpus needs a number; pass e.g. --gpus 8": ["--gpus", "--check"],
     }
