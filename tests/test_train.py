@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -287,6 +288,35 @@ def test_embedded_default_takes_any_overriding_flag():
     assert (args.data_dir, args.epochs, args.dap_keep, args.output) == ("embedded", 6, 0.5, "runs/x")
     full = run_config(parse_args(["--config", config]))
     assert full.epochs == 20 and full.dap_reuse is None and full.decay_milestones == [10]
+
+
+@pytest.mark.parametrize(
+    "flags, embedded",
+    [
+        ([], True),
+        (["--compare"], True),
+        (["--epochs", "6", "--dap-keep", "0.5"], True),
+        (["--data-dir", "embedded", "--epochs", "6"], True),
+        (["--data-dir=embedded"], True),
+        (["--data-dir", "/data/imagenet", "--epochs", "120"], False),
+        (["--data-dir=/data/imagenet"], False),
+        (["--model", "convnext_tiny"], False),
+        (["--config", "configs/pretrain/imagenet/resnet50_dap75.yaml"], False),
+    ],
+)
+def test_pretrain_sh_adds_the_embedded_config_only_to_runs_on_the_embedded_data(tmp_path, flags, embedded):
+    """README's ImageNet example (`tools/pretrain.sh --model convnext_tiny --data-dir /data/imagenet ...`) silently
+    took the embedded CIFAR config's warm-up 3, interval 1, LR decay at 10 and weight decay for what it left out.
+    The embedded config now applies only while the run stays on the embedded data and names no model or config."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "DAP_PYTHON": str(fake), "NPROC_PER_NODE": "1", "NNODES": "1"}
+    proc = subprocess.run(["bash", "tools/pretrain.sh", *flags], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert ("configs/pretrain/embedded_cifar10.yaml" in proc.stdout) == embedded, proc.stdout
+    words = proc.stdout.split()
+    assert words[words.index("dap_pretrain.train") + 1 + 2 * embedded :] == flags  # the user's flags, unchanged
 
 
 def test_run_config_is_resolved_once_and_read_only():

@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
 # DaP pretraining. With no arguments: the embedded default (CIFAR ResNet-20 on a CIFAR-10 subset
-# shipped in the repo, CPU, a few minutes). Any flag overrides the default config's.
+# shipped in the repo, CPU, a few minutes; configs/pretrain/embedded_cifar10.yaml). Flags override that config's
+# values as long as the run stays on the embedded data; a run given --config, --model or its own --data-dir does not
+# read it, and gets the trainer's defaults (the paper's ImageNet recipe) for what it leaves out.
 #
 #   tools/pretrain.sh                                   # embedded default
 #   tools/pretrain.sh --compare                         # ... plus a full-data baseline
-#   tools/pretrain.sh --config configs/pretrain/imagenet_resnet50_dap75.yaml --data-dir /data/imagenet
+#   tools/pretrain.sh --epochs 6 --dap-keep 0.5         # the embedded default, changed
+#   tools/pretrain.sh --config configs/pretrain/imagenet/resnet50_dap75.yaml --data-dir /data/imagenet
 #   NPROC_PER_NODE=8 tools/pretrain.sh --config ...     # DDP on one node
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPROC_PER_NODE=8 tools/pretrain.sh --config ...   # node 0 of 2
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-py="$root/.venv/bin/python"
+py=${DAP_PYTHON:-"$root/.venv/bin/python"}  # DAP_PYTHON: another interpreter
 [ -x "$py" ] || py=python3
 args=("$@")
-has_config=0
-for a in "$@"; do case "$a" in -c|--config|--config=*) has_config=1 ;; esac; done
-[ "$has_config" = 1 ] || args=(--config "$root/configs/pretrain/embedded_cifar10.yaml" "${args[@]}")
+own_run=0 prev=""
+for a in "$@"; do
+  case "$a" in
+    -c|--config|--config=*|--model|--model=*) own_run=1 ;;
+    --data-dir=embedded) ;;
+    --data-dir=*) own_run=1 ;;
+  esac
+  if [ "$prev" = --data-dir ] && [ "$a" != embedded ]; then own_run=1; fi
+  prev=$a
+done
+[ "$own_run" = 1 ] || args=(--config "$root/configs/pretrain/embedded_cifar10.yaml" "${args[@]}")
 nproc=${NPROC_PER_NODE:-1}
 nnodes=${NNODES:-1}
 if [ "$nproc" -gt 1 ] || [ "$nnodes" -gt 1 ]; then
