@@ -7,6 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from dap_pretrain.errors import UsageError
+
 
 def init_distributed(device: str | None = None) -> tuple[torch.device, int, int]:
     """Initialise DDP when torchrun launched us; returns (device, rank, world_size).
@@ -17,7 +19,7 @@ def init_distributed(device: str | None = None) -> tuple[torch.device, int, int]
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = _available_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
@@ -25,6 +27,19 @@ def init_distributed(device: str | None = None) -> tuple[torch.device, int, int]
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return dev, rank, world
+
+
+def _available_device(name: str) -> torch.device:
+    """``torch.device(name)`` if this torch can use it now, else a :class:`UsageError` naming what it sees."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name} is not a device name; pass auto, cpu or cuda") from None
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else torch.backends.mps
+    usable = dev.type == "cpu" or bool(getattr(backend, "is_available", lambda: False)())
+    if not usable:
+        raise UsageError(f"--device {name}: this torch has no usable {dev.type} device; pass --device auto or cpu")
+    return dev
 
 
 def cuda_speed_flags(device: torch.device) -> None:

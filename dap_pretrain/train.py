@@ -20,13 +20,23 @@ from dap_pretrain.errors import UsageError, entry_point
 _logger = logging.getLogger("dap_pretrain.train")
 
 
+class _Kwargs(ParseKwargs):
+    """timm's ``ParseKwargs``, where an item without ``=`` is ``parser.error``'s one line (timm's raises)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        bad = [v for v in values if "=" not in v or v.startswith("=")]
+        if bad:
+            parser.error(f"{option_string} takes KEY=VALUE items, not {' '.join(bad)}")
+        super().__call__(parser, namespace, values, option_string)
+
+
 def _add_kwargs_flag(group, flag: str, target: str, example: str) -> None:
     """timm's ``--model-kwargs``-style flag: ``KEY=VALUE`` pairs (values read as Python) into a dict for ``target``."""
     group.add_argument(
         flag,
         nargs="*",
         default={},
-        action=ParseKwargs,
+        action=_Kwargs,
         metavar="KEY=VALUE",
         help=f"more {target} keywords, e.g. {flag} {example} (values read as Python)",
     )
@@ -255,7 +265,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         if unknown:
             raise UsageError(f"config {path} has unknown keys {unknown}; use the trainer's flag names with '_'")
         parser.set_defaults(**cfg)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    given = [a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv)]
+    if "--lr" in given and "--lr-base" in given:
+        raise UsageError(
+            "--lr sets the LR and --lr-base sets it from the global batch size; give one "
+            "(a config's lr is overridden by --lr-base on the command line)"
+        )
+    return args
 
 
 def main(argv=None) -> dict:

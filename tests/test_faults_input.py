@@ -258,3 +258,39 @@ def test_unreadable_images_are_named_and_not_counted_as_trained(tmp_path, cifar_
     # the in-memory path decodes everything once at the start: there an unreadable file is a one-line error
     line = _cli_error(capsys, *flags, "--output", str(tmp_path / "run2"), "--in-memory", "on")
     assert "cannot be decoded" in line and ("bird" in line or "airplane" in line)
+
+
+# -- flags a user can get wrong before anything runs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["-b", "0"], "--batch-size=0 is invalid: must be an integer >= 1"),
+        (["-vb", "0"], "--validation-batch-size=0 is invalid"),
+        (["--workers", "-1"], "--workers=-1 is invalid: must be an integer >= 0"),
+        (["--device", "nonsense"], "--device nonsense is not a device name"),
+        (["--device", "mps"], "this torch has no usable mps device"),
+        (["--model-kwargs", "notkv"], "--model-kwargs takes KEY=VALUE items, not notkv"),
+        (["--opt-kwargs", "=1"], "--opt-kwargs takes KEY=VALUE items"),
+        (["--lr", "0.2", "--lr-base", "0.1"], "--lr sets the LR and --lr-base sets it from the global batch size"),
+    ],
+    ids=["batch-0", "val-batch-0", "workers-neg", "device-name", "device-absent", "model-kwargs", "opt-kwargs", "lr"],
+)
+def test_bad_flags_are_one_line_and_overwrite_keeps_the_old_run(tmp_path, cifar_tiny, capsys, flags, words):
+    """Each was a traceback (ZeroDivisionError, ValueError, RuntimeError from torch), or with --lr the given LR was
+    silently replaced by --lr-base's; -b 0 with --overwrite deleted the finished run in the folder before it failed."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("the earlier run")
+    line = _cli_error(capsys, "--data-dir", str(cifar_tiny), "--epochs", "2", "--dap-warmup", "1", "--overwrite",
+                      "--output", str(out), *flags)  # fmt: skip
+    assert words in line, line
+    assert (out / "run.json").read_text() == "the earlier run" and sorted(p.name for p in out.iterdir()) == ["run.json"]
+
+
+def test_cuda_device_on_a_machine_without_one_is_one_line(tmp_path, cifar_tiny, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = _cli_error(capsys, "--data-dir", str(cifar_tiny), "--device", "cuda", "--output", str(tmp_path / "r"))
+    assert "--device cuda: this torch has no usable cuda device; pass --device auto or cpu" in line
+    assert not (tmp_path / "r").exists()

@@ -222,7 +222,9 @@ def test_lr_is_scaled_from_the_base_batch_to_the_global_batch():
     assert lr("--lr-base-size", "256") == pytest.approx(0.1)  # 32 x 8 = 256
     assert lr("--lr-base-size", "256", "--grad-accum-steps", "2") == pytest.approx(0.2)
     assert lr("--lr-base-size", "256", world=1) == pytest.approx(0.1 / 8)
-    assert lr("--lr-base", "0.4", "--lr", "9") == pytest.approx(0.4)  # timm's --lr-base, default size 256
+    assert lr("--lr-base", "0.4") == pytest.approx(0.4)  # timm's --lr-base, default size 256
+    with pytest.raises(UsageError, match="give one"):  # both given: --lr was silently replaced by --lr-base's
+        lr("--lr-base", "0.4", "--lr", "9")
     assert lr("--lr-base", "0.4", "--opt", "adamw", world=32) == pytest.approx(0.4 * 2)  # sqrt(1024 / 256)
     assert lr("--lr-base", "0.4", "--opt", "adamw", "--lr-base-scale", "linear", world=32) == pytest.approx(1.6)
     with pytest.raises(UsageError, match="--lr-base-size=0 is invalid"):
