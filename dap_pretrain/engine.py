@@ -169,9 +169,10 @@ def train_one_epoch(
         model_ema=model_ema,
     )
     first_batch_s = 0.0
-    for step, (images, targets, indices) in enumerate(
-        _progress(loader, total=steps, desc=f"epoch {epoch + 1}", enabled=show_progress)
-    ):
+    batches = _progress(loader, total=steps, desc=f"epoch {epoch + 1}", enabled=show_progress)
+    # every --log-interval steps a line, as timm's; at DEBUG under a progress bar, which shows the same
+    step_level = logging.DEBUG if batches is not loader else logging.INFO
+    for step, (images, targets, indices) in enumerate(batches):
         if step == 0:
             first_batch_s = time.perf_counter() - start
         lr = lr_scheduler.step(epoch + step / steps)
@@ -204,7 +205,11 @@ def train_one_epoch(
                     f"training loss became {batch_loss} at epoch {epoch + 1} step {step}; "
                     "lower --lr or enable --clip-grad"
                 )
-            _logger.debug("epoch %d step %d/%d loss %.4f lr %.3g", epoch + 1, step, steps, batch_loss, lr)
+            rate = (seen + indices.numel()) / max(time.perf_counter() - start, 1e-9)
+            _logger.log(
+                step_level, "epoch %d step %d/%d loss %.4f lr %.3g %.0f img/s", epoch + 1, step, steps, batch_loss, lr,
+                rate,
+            )  # fmt: skip
         loss_sum += losses.detach().sum()
         seen += indices.numel()
     return EpochStats(

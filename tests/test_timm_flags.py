@@ -444,3 +444,16 @@ def test_opt_kwargs_reach_timms_optimizer_factory(cifar_tiny):
     assert not runner._build_optimizer(_cfg(cifar_tiny, "--opt-kwargs", "nesterov=False"), net).defaults["nesterov"]
     with pytest.raises(ValueError, match="--opt-kwargs sets lr, which a flag sets too"):
         optimizer_kwargs(_cfg(cifar_tiny, "--opt-kwargs", "lr=0.5"))
+
+
+def test_log_interval_logs_a_line_every_n_steps(tmp_path, cifar_tiny):
+    """timm's --log-interval: a line every N steps (and at the last), with loss, LR and rate. It was logged at DEBUG,
+    under the INFO log every run keeps, so an epoch printed nothing until it ended."""
+    from dap_pretrain.train import main as train_main
+
+    train_main(["--data-dir", str(cifar_tiny), "--epochs", "1", "--dap-warmup", "0", "-b", "50", "--workers", "0",
+                "--no-plot", "--log-interval", "3", "--output", str(tmp_path / "r")])  # fmt: skip
+    log = (tmp_path / "r" / "log.txt").read_text().splitlines()
+    steps = [line.split(" ", 1)[1] for line in log if " step " in line]  # less the time of day
+    assert [m.split(" loss ")[0] for m in steps] == [f"epoch 1 step {i}/8" for i in (0, 3, 6, 7)], steps
+    assert all(m.endswith("img/s") and " lr " in m for m in steps)
