@@ -10,8 +10,8 @@ import difflib
 import json
 import sys
 
-from dap_pretrain.config import PAPER_SETTINGS, dap_config_from_args, paper_setting
-from dap_pretrain.errors import entry_point, print_error, user_input
+from dap_pretrain.config import PAPER_SETTINGS, dap_config_from_args, default_reuse, paper_setting
+from dap_pretrain.errors import UsageError, entry_point, print_error, user_input
 from dap_pretrain.schedule import IMAGENET_NUM_SAMPLES, plan
 
 
@@ -45,6 +45,23 @@ def add_dap_arguments(parser: argparse.ArgumentParser, *, with_epochs: bool = Tr
         metavar="F",
         help="solve --dap-keep so the plan spends compute fraction F",
     )
+
+
+# Flags that set the same thing two ways: both on one command line is a one-line refusal (a config file's value
+# is overridden by either without notice, as the command line overrides a config).
+EXCLUSIVE_FLAGS = (
+    ("--lr", "--lr-base", "--lr sets the LR and --lr-base sets it from the global batch size"),
+    ("--dap-keep", "--dap-target-compute", "--dap-target-compute solves --dap-keep"),
+)
+
+
+def refuse_exclusive_flags(argv: list[str] | None) -> None:
+    """A :class:`UsageError` when ``argv`` (default ``sys.argv[1:]``) gives both flags of a pair in
+    :data:`EXCLUSIVE_FLAGS`."""
+    given = {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv)}
+    for a, b, why in EXCLUSIVE_FLAGS:
+        if a in given and b in given:
+            raise UsageError(f"{why}; give one of {a} and {b}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,8 +119,9 @@ def add_cfg_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _plan_main(args: argparse.Namespace) -> int:
+    args.sched = "step" if args.sched == "multistep" else args.sched
     with user_input():
-        cfg, note = dap_config_from_args(args, num_samples=args.num_samples)
+        cfg, note = dap_config_from_args(args, num_samples=args.num_samples, default_reuse=default_reuse(args))
         p = plan(cfg, args.num_samples)
     if args.json:
         out = p.to_dict()
@@ -141,6 +159,14 @@ def main(argv=None) -> int:
     add_dap_arguments(p)
     p.add_argument("--num-samples", type=int, default=IMAGENET_NUM_SAMPLES, help="dataset size N (default ImageNet-1k)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--sched", choices=("step", "multistep", "cosine"), default="step", help="the trainer's LR schedule")
+    p.add_argument(
+        "--decay-milestones",
+        type=int,
+        nargs="*",
+        default=[30, 60, 90],
+        help="the trainer's LR-decay epochs: R when --dap-reuse is not given (with --sched step), as in the trainer",
+    )
     p.add_argument(
         "--preset",
         choices=sorted(PAPER_SETTINGS),
@@ -158,8 +184,9 @@ def main(argv=None) -> int:
     e.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
     e.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        refuse_exclusive_flags(argv)
     if args.command == "plan" and args.preset:
-        setting = paper_setting(args.preset)
-        p.set_defaults(**{k: v for k, v in setting.items() if k != "decay_milestones"})
+        p.set_defaults(**paper_setting(args.preset))
         args = parser.parse_args(argv)
     return {"plan": _plan_main, "export": _export_main}[args.command](args)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from timm.utils import ParseKwargs
 
-from dap_pretrain.cli import add_dap_arguments, make_parser
+from dap_pretrain.cli import add_dap_arguments, make_parser, refuse_exclusive_flags
 from dap_pretrain.config import load_config, run_config
 from dap_pretrain.errors import UsageError, entry_point
 
@@ -266,12 +266,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise UsageError(f"config {path} has unknown keys {unknown}; use the trainer's flag names with '_'")
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
-    given = [a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv)]
-    if "--lr" in given and "--lr-base" in given:
-        raise UsageError(
-            "--lr sets the LR and --lr-base sets it from the global batch size; give one "
-            "(a config's lr is overridden by --lr-base on the command line)"
-        )
+    refuse_exclusive_flags(argv)
     return args
 
 

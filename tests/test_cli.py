@@ -138,3 +138,39 @@ def test_error_line_reaches_stderr_in_one_write(monkeypatch):
     with pytest.raises(SystemExit):
         main(["plan", "--no-such-flag"])
     assert len(writes) == 2 and all(w.startswith("error: ") and w.count("\n") == 1 and w.endswith("\n") for w in writes)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        [],
+        ["--epochs", "20", "--dap-warmup", "3", "--dap-interval", "1", "--decay-milestones", "10"],
+        ["--epochs", "40", "--sched", "cosine"],
+        ["--epochs", "30", "--decay-milestones", "10", "20", "--dap-reuse", "10"],
+    ],
+    ids=["defaults", "embedded-like", "cosine", "reuse-given"],
+)
+def test_plan_predicts_the_trainers_schedule(flags):
+    """Without --dap-reuse the trainer picks data back up at its LR-decay epochs (--decay-milestones, default 30 60
+    90, under --sched step); plan left R empty, so it printed 24.9% where the trainer's default run spends 58.9%."""
+    from dap_pretrain.config import dap_config_from_args, default_reuse
+    from dap_pretrain.schedule import plan
+    from dap_pretrain.train import parse_args, run_config
+
+    cfg = run_config(parse_args([*flags, "--output", "o"]))
+    trainer, _ = dap_config_from_args(cfg, num_samples=8000, default_reuse=default_reuse(cfg))
+    planned = json.loads(_run("plan", *flags, "--num-samples", "8000", "--json").stdout)
+    assert planned["subset_sizes"] == plan(trainer, 8000).subset_sizes
+
+
+@pytest.mark.parametrize("command", ["plan", "train"])
+def test_keep_and_target_compute_together_are_refused(command, capsys):
+    """--dap-target-compute solves --dap-keep: given both, the keep was silently replaced."""
+    from dap_pretrain.train import cli as train_cli
+
+    flags = ["--dap-keep", "0.5", "--dap-target-compute", "0.8"]
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", *flags]) if command == "plan" else train_cli([*flags, "--output", "o"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "give one of --dap-keep and --dap-target-compute" in err
