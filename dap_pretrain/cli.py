@@ -55,13 +55,42 @@ EXCLUSIVE_FLAGS = (
 )
 
 
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The long flags written on the command line ``argv`` (default ``sys.argv[1:]``), values and ``=VALUE`` left
+    out: what was given, as opposed to a default or a config file's value."""
+    return {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+
+
 def refuse_exclusive_flags(argv: list[str] | None) -> None:
     """A :class:`UsageError` when ``argv`` (default ``sys.argv[1:]``) gives both flags of a pair in
     :data:`EXCLUSIVE_FLAGS`."""
-    given = {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv)}
+    given = given_flags(argv)
     for a, b, why in EXCLUSIVE_FLAGS:
         if a in given and b in given:
             raise UsageError(f"{why}; give one of {a} and {b}")
+
+
+# timm train.py flags the trainer does not have, and what to use instead (the README lists the rest).
+TIMM_INSTEAD = {
+    "--input-size": "use --img-size N (square, 3 channels)",
+    "--in-chans": "not supported: the trainer builds 3-channel models",
+    "--no-aug": "not supported; --aug cifar is the lightest augmentation, --in-memory off keeps timm's",
+    "--eval-metric": "not supported: model_best.pth.tar is chosen by top-1",
+    "--no-resume-opt": "not supported: --resume restores the optimizer (to start from weights: --initial-checkpoint)",
+    "--start-epoch": "not supported: --resume continues from the checkpoint's epoch",
+    "--pin-mem": "not needed: batches are pinned when training on CUDA",
+    "--class-map": "not supported: classes are the folder names, sorted",
+    "--bn-eps": "pass --model-kwargs with the model's norm keyword, if it takes one",
+    "--bn-momentum": "pass --model-kwargs with the model's norm keyword, if it takes one",
+    "--pretrained": "not supported: DaP pretrains; to start from weights, --initial-checkpoint FILE",
+    "--experiment": "use --output DIR, the run folder itself",
+    "--log-wandb": "not supported; log.txt, summary.csv and run.json are in the run folder",
+    "--cooldown-epochs": "not supported: the LR follows --sched",
+    "--sched-on-updates": "not needed: the LR is set before every step from the epoch's progress",
+    "--bce-loss": "not supported: DaP ranks samples by cross-entropy",
+    "--aug-repeats": "not supported: repeated augmentation would rank each sample several times per epoch",
+    "--checkpoint-hist": "not supported: last.pth.tar and model_best.pth.tar are kept",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,17 +106,20 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
     def _did_you_mean(self, message: str) -> str:
-        """``; did you mean --drop-path?`` for an unrecognised flag close to a known one (``--drop_path``)."""
+        """``; did you mean --drop-path?`` for an unrecognised flag close to a known one (``--drop_path``), and what
+        to use instead for a timm train.py flag this parser lacks (:data:`TIMM_INSTEAD`)."""
         if not message.startswith("unrecognized arguments:"):
             return ""
         known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-        hints = []
+        hints, instead = [], []
         for token in message.split(":", 1)[1].split():
             flag = token.split("=", 1)[0]
-            if flag.startswith("--"):
+            if flag in TIMM_INSTEAD and any(o in known for o in ("--data-dir", "--model")):  # the trainer's parser
+                instead.append(f"timm's {flag}: {TIMM_INSTEAD[flag]}")
+            elif flag.startswith("--"):
                 close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.8)
                 hints += [f"{close[0]} for {flag}"] if close else []
-        return f"; did you mean {', '.join(hints)}?" if hints else ""
+        return (f"; did you mean {', '.join(hints)}?" if hints else "") + "".join(f"; {i}" for i in instead)
 
 
 def make_parser(**kwargs) -> argparse.ArgumentParser:

@@ -137,7 +137,11 @@ def write_summary_csv(output: Path, history: list) -> None:
 
 def log_epoch(row: dict, epochs: int, report) -> None:
     ev = f" top1 {row['eval_top1']:.2f} top5 {row['eval_top5']:.2f}" if row["eval_top1"] is not None else ""
-    lost = f" ({row['untrained']} untrained: drop_last or a batch of 1)" if row["untrained"] else ""
+    lost = (
+        f" ({row['untrained']} untrained: unreadable, or left out by drop_last or a last batch of 1)"
+        if row["untrained"]
+        else ""
+    )
     event = report.event  # a schedule's drop epoch that kept every sample (--dap-select none) says so
     event += " (none dropped)" if event == "drop" and report.size_after == report.size_before else ""
     _logger.info(

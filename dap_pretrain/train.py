@@ -13,7 +13,7 @@ from pathlib import Path
 
 from timm.utils import ParseKwargs
 
-from dap_pretrain.cli import add_dap_arguments, make_parser, refuse_exclusive_flags
+from dap_pretrain.cli import add_dap_arguments, given_flags, make_parser, refuse_exclusive_flags
 from dap_pretrain.config import load_config, run_config
 from dap_pretrain.errors import UsageError, entry_point
 
@@ -243,7 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-vb", "--validation-batch-size", type=int, default=None, help="default: --batch-size")
     r.add_argument("--device", default="auto")
     r.add_argument("--seed", type=int, default=42)
-    r.add_argument("--output", default="runs/default", help="run folder (refused if it holds another run)")
+    r.add_argument(
+        "--output",
+        default="runs/default",
+        help="the run folder itself (timm's --output is a parent of experiment folders); refused if it holds "
+        "another run; with --resume, default: the checkpoint's folder",
+    )
     r.add_argument("--resume", default="", help="checkpoint to continue from (e.g. OUTPUT/last.pth.tar)")
     r.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
     r.add_argument("--log-interval", type=int, default=50)
@@ -267,6 +272,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
     refuse_exclusive_flags(argv)
+    given = given_flags(argv)
+    unused = sorted(f for f in given if f.startswith("--infobatch-"))
+    if unused and args.dap_select != "infobatch":
+        raise UsageError(f"{' '.join(unused)} set InfoBatch's policy; add --dap-select infobatch or drop them")
+    if args.resume and "--output" not in given:  # continue the run where it is, not in the default folder
+        args.output = str(Path(args.resume).parent)
     return args
 
 

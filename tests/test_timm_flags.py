@@ -457,3 +457,29 @@ def test_log_interval_logs_a_line_every_n_steps(tmp_path, cifar_tiny):
     steps = [line.split(" ", 1)[1] for line in log if " step " in line]  # less the time of day
     assert [m.split(" loss ")[0] for m in steps] == [f"epoch 1 step {i}/8" for i in (0, 3, 6, 7)], steps
     assert all(m.endswith("img/s") and " lr " in m for m in steps)
+
+
+def test_a_timm_flag_the_trainer_lacks_is_named_with_what_to_use(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(["--input-size", "3", "224", "224", "--no-resume-opt", "--output", "o"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert "timm's --input-size: use --img-size N" in err and "timm's --no-resume-opt: not supported" in err
+
+
+def test_infobatch_flags_without_infobatch_are_refused(capsys):
+    """--infobatch-ratio 0.3 with DaP (the default policy) was silently ignored."""
+    with pytest.raises(SystemExit) as e:
+        cli(["--infobatch-ratio", "0.3", "--output", "o"])
+    assert e.value.code == 2
+    assert "--infobatch-ratio set InfoBatch's policy; add --dap-select infobatch" in capsys.readouterr().err
+    assert parse_args(["--infobatch-ratio", "0.3", "--dap-select", "infobatch"]).infobatch_ratio == 0.3
+
+
+def test_resume_without_output_continues_in_the_checkpoints_folder(tmp_path):
+    """timm users resume with --resume alone; the run went to runs/default (and logged that the best checkpoint of
+    the resumed run was gone). It now continues in the checkpoint's folder; --output still wins when given."""
+    ckpt = str(tmp_path / "a" / "last.pth.tar")
+    assert parse_args(["--resume", ckpt]).output == str(tmp_path / "a")
+    assert parse_args(["--resume", ckpt, "--output", "elsewhere"]).output == "elsewhere"
+    assert parse_args([]).output == "runs/default"
