@@ -12,6 +12,8 @@ import torch
 from test_faults_run_folder import _cli, _files, _one_line_error
 
 from dap_pretrain.checkpoint import CheckpointError
+from dap_pretrain.errors import UsageError
+from dap_pretrain.run_folder import check_output_dir
 from dap_pretrain.runner import _build_optimizer, _build_sampler, _check_resumable
 from dap_pretrain.train import main as train_main
 from dap_pretrain.train import parse_args, run_config
@@ -126,3 +128,17 @@ def test_resume_with_more_epochs_exits_2_and_leaves_the_run_folder_as_it_was(tmp
     res = _cli(*flags, "--epochs", "3", "--resume", str(out / "last.pth.tar"))
     _one_line_error(res, "--epochs 3, the checkpoint's 2", "--initial-checkpoint")
     assert _files(out) == before
+
+
+def test_a_folder_without_a_checkpoint_is_not_offered_resume(tmp_path):
+    """A first run that failed before its first checkpoint leaves args.yaml and log.txt only."""
+    out = tmp_path / "K"
+    out.mkdir()
+    (out / "args.yaml").write_text("epochs: 4\n")
+    (out / "log.txt").write_text("failed\n")
+    with pytest.raises(UsageError) as e:
+        check_output_dir(out, resume="", overwrite=False)
+    assert "--resume" not in str(e.value) and "--overwrite" in str(e.value) and "no last.pth.tar" in str(e.value)
+    (out / "last.pth.tar").write_bytes(b"a checkpoint")
+    with pytest.raises(UsageError, match=f"pass --resume {out / 'last.pth.tar'} to continue it"):
+        check_output_dir(out, resume="", overwrite=False)
