@@ -59,9 +59,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# How torch.save's C++ zip writer reports a short write (a full disk): a RuntimeError, not an OSError.
+_TORCH_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+def _write_failure(e: BaseException, folder: Path) -> str | None:
+    """Why a write into ``folder`` failed, in a few words, if ``e`` is a storage failure; else ``None``."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    if isinstance(e, RuntimeError) and any(s in str(e) for s in _TORCH_SHORT_WRITE):
+        try:
+            st = os.statvfs(folder)
+            left = f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB left on its device"
+        except OSError:
+            left = "the device may be full"
+        return f"torch.save could not write it all, {left}"
+    return None
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` then ``os.replace(tmp, path)``; on any failure (disk full, a kill signal) remove the tmp.
 
+    A storage failure (an ``OSError``: disk full, folder removed or made read-only mid-run; or torch.save's
+    ``RuntimeError`` for a short write, which is how a full disk reaches it) raises :class:`StorageError`: one line
+    naming ``path`` and the fix, with the previous file at ``path`` intact. Anything else is re-raised as it is.
     A kill -9 mid-write can still leave ``.NAME.tmpPID``; :func:`remove_stale_tmp` clears those at the next start.
     """
     path = Path(path)
@@ -69,15 +90,18 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as e:  # disk full, folder removed or made read-only mid-run: one line, the old file intact
+    except (OSError, RuntimeError) as e:
+        reason = _write_failure(e, path.parent)  # measured before the tmp is removed: what the write left free
         tmp.unlink(missing_ok=True)
+        if reason is None:
+            raise
         last = path.parent / LAST_CHECKPOINT
         then = (
             f"then continue from {last} (--resume), which is intact"
             if last.is_file()
             else "then start the run again with --overwrite (it wrote no checkpoint yet)"
         )
-        raise StorageError(f"cannot write {path} ({e.strerror or e}); free space or fix the folder, {then}") from e
+        raise StorageError(f"cannot write {path} ({reason}); free space or fix the folder, {then}") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_faults_run_folder import _cli, _files, _one_line_error
 
-from dap_pretrain.checkpoint import CheckpointError
+from dap_pretrain.checkpoint import CheckpointError, StorageError, write_atomic
 from dap_pretrain.errors import UsageError
 from dap_pretrain.run_folder import check_output_dir
 from dap_pretrain.runner import _build_optimizer, _build_sampler, _check_resumable
@@ -142,3 +142,39 @@ def test_a_folder_without_a_checkpoint_is_not_offered_resume(tmp_path):
     (out / "last.pth.tar").write_bytes(b"a checkpoint")
     with pytest.raises(UsageError, match=f"pass --resume {out / 'last.pth.tar'} to continue it"):
         check_output_dir(out, resume="", overwrite=False)
+
+
+SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 826496 vs 826392"  # torch 2.x, 3 MB tmpfs
+
+
+def test_a_short_write_by_torch_save_is_a_storage_error_and_keeps_the_last_checkpoint(
+    tmp_path, monkeypatch, cifar_tiny
+):
+    """A full disk reaches torch.save's zip writer as a RuntimeError, not an OSError (seen on a 3 MB tmpfs)."""
+    real_save = torch.save
+
+    def full_after_first_checkpoint(obj, f):
+        if (Path(f).parent / "last.pth.tar").exists():
+            Path(f).write_bytes(b"partial")
+            raise RuntimeError(SHORT_WRITE)
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", full_after_first_checkpoint)
+    out = tmp_path / "run"
+    flags = ["-b", "64", "--workers", "1", "--no-plot", "--data-dir", str(cifar_tiny), "--output", str(out)]
+    with pytest.raises(StorageError) as e:
+        train_main([*flags, "--epochs", "3", "--dap-select", "none"])
+    message = str(e.value)
+    assert "\n" not in message and "enforce fail" not in message and "could not write it all" in message
+    assert f"continue from {out / 'last.pth.tar'} (--resume), which is intact" in message
+    assert torch.load(out / "last.pth.tar", weights_only=True)["epoch"] == 1
+    assert not list(out.glob(".*.tmp*"))
+
+
+def test_other_runtime_errors_of_a_write_keep_their_traceback(tmp_path):
+    def bug(tmp):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        write_atomic(tmp_path / "last.pth.tar", bug)
+    assert list(tmp_path.iterdir()) == []
