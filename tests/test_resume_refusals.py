@@ -4,6 +4,7 @@ the disk's and the --resume path's messages name a fix that works."""
 
 from __future__ import annotations
 
+import collections
 import logging
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from test_faults_run_folder import _cli, _files, _one_line_error
 
-from dap_pretrain.checkpoint import CheckpointError, StorageError, write_atomic
+from dap_pretrain.checkpoint import CheckpointError, StorageError, load_checkpoint, write_atomic
 from dap_pretrain.errors import UsageError
 from dap_pretrain.run_folder import check_output_dir
 from dap_pretrain.runner import _build_optimizer, _build_sampler, _check_resumable
@@ -178,3 +179,61 @@ def test_other_runtime_errors_of_a_write_keep_their_traceback(tmp_path):
     with pytest.raises(RuntimeError, match="illegal memory access"):
         write_atomic(tmp_path / "last.pth.tar", bug)
     assert list(tmp_path.iterdir()) == []
+
+
+def _resume_refusal(path) -> str:
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    message = str(e.value)
+    assert "\n" not in message and "\x1b" not in message and "export` only on" not in message, message
+    return message
+
+
+def test_weights_only_files_point_to_last_checkpoint_or_initial_checkpoint(tmp_path):
+    """An export's model.safetensors / backbone.pth given to --resume."""
+    from safetensors.torch import save_file
+
+    weights = {"conv1.weight": torch.zeros(4, 3, 3, 3)}
+    save_file(weights, tmp_path / "model.safetensors")
+    torch.save(weights, tmp_path / "backbone.pth")
+    for name in ("model.safetensors", "backbone.pth"):
+        message = _resume_refusal(tmp_path / name)
+        assert "OUTPUT/last.pth.tar to --resume" in message and f"--initial-checkpoint {tmp_path / name}" in message
+
+
+def test_a_folder_names_its_last_checkpoint_for_resume_and_export(tmp_path):
+    from dap_pretrain.export import export_backbone
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert "is a folder" in _resume_refusal(run) and "does not exist" not in _resume_refusal(run)
+    (run / "last.pth.tar").write_bytes(b"x")
+    assert f"is a folder, not a checkpoint file; pass {run / 'last.pth.tar'}" in _resume_refusal(run)
+    with pytest.raises(CheckpointError, match=f"is a folder, not a checkpoint file; pass {run / 'last.pth.tar'}"):
+        export_backbone(run, tmp_path / "X")
+    # a folder whose run saved no checkpoint: --resume K/last.pth.tar says why, and how to start again
+    (run / "last.pth.tar").unlink()
+    (run / "args.yaml").write_text("epochs: 4\n")
+    message = _resume_refusal(run / "last.pth.tar")
+    assert "saved none" in message and f"--output {run} --overwrite" in message
+
+
+def test_an_mmengine_checkpoint_is_recognised_without_unpickling_it(tmp_path, require):
+    """tools/pretrain_mm.sh's WORK_DIR/epoch_4.pth: its message hub pickles mmengine classes."""
+    require("mmengine")
+    from mmengine.logging import HistoryBuffer
+
+    path = tmp_path / "epoch_4.pth"
+    hub = {"log_scalars": {"train/loss": HistoryBuffer()}, "runtime_info": {}}
+    torch.save({"meta": {"epoch": 4}, "state_dict": {"backbone.w": torch.zeros(2)}, "message_hub": hub}, path)
+    message = _resume_refusal(path)
+    assert "an mmengine checkpoint" in message and "tools/pretrain_mm.sh" in message and "--resume" in message
+    assert f"python -m dap_pretrain export {path}" in message and "Weights only" not in message
+
+
+def test_torchs_refusal_text_is_never_repeated(tmp_path):
+    """A file pickling other objects: torch's multi-line, escape-coded advice to load unsafely stays out."""
+    path = tmp_path / "objects.pth"
+    torch.save({"state_dict": {}, "arch": "x", "obj": collections.OrderedDict(a=logging.getLogger)}, path)
+    message = _resume_refusal(path)
+    assert "unreadable" in message and "Weights only load failed" not in message and "two options" not in message
