@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from dap_pretrain.checkpoint import CheckpointError, state_dict_mismatch
+from dap_pretrain.checkpoint import CheckpointError, not_a_checkpoint_file, state_dict_mismatch
 
 RELEASE_FILES = ("model.safetensors", "config.json", "backbone.pth", "meta.json")
 # pretrained_cfg fields that describe timm's own weights for an architecture (their tag, paper, licence,
@@ -81,9 +81,7 @@ def _read_checkpoint(path: Path) -> dict:
     reads (releases, possibly downloaded) never get this.
     """
     if not path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} does not exist; pass OUTPUT/last.pth.tar (dap-train) or WORK_DIR/epoch_N.pth (mmengine)"
-        )
+        raise not_a_checkpoint_file(path, fix="pass OUTPUT/last.pth.tar (dap-train) or WORK_DIR/epoch_N.pth (mmengine)")
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)

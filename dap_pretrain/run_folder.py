@@ -50,7 +50,9 @@ def check_output_dir(output: Path, *, resume: str, overwrite: bool) -> None:
 
     ``--resume A/last.pth.tar`` continues run A: ``--output`` must be A's folder or hold no run (or ``--overwrite``
     replaces the run there); ``--overwrite`` together with resuming the folder's own run is refused, since it would
-    delete the run being continued.
+    delete the run being continued. A folder holding a run without a command is refused with the fix that works:
+    ``--resume OUTPUT/last.pth.tar`` where that checkpoint exists, else (a run that failed or was stopped before its
+    first checkpoint) ``--overwrite`` or another ``--output``.
     """
     held = [m for m in RUN_MARKERS if (output / m).exists()]
     own = bool(resume) and output.exists() and Path(resume).resolve().parent == output.resolve()
@@ -63,10 +65,16 @@ def check_output_dir(output: Path, *, resume: str, overwrite: bool) -> None:
             f"output folder {output} holds another run ({', '.join(held)}) than --resume {resume}; pass --output "
             f"{Path(resume).parent} to continue that run there, an empty folder, or --overwrite to replace {output}"
         )
-    if held and not resume and not overwrite:
+    if held and not resume and not overwrite and (output / LAST_CHECKPOINT).is_file():
         raise UsageError(
             f"output folder {output} already holds a run ({', '.join(held)}); pass --resume "
             f"{output / LAST_CHECKPOINT} to continue it, --overwrite to replace it, or another --output"
+        )
+    if held and not resume and not overwrite:
+        raise UsageError(
+            f"output folder {output} holds an earlier run ({', '.join(held)}) but no {LAST_CHECKPOINT} to resume it "
+            "from (it failed or was stopped before saving one); pass --overwrite to start it again there, or another "
+            "--output"
         )
 
 

@@ -453,11 +453,164 @@ def _seeded_model(cfg, num_classes: int, device: torch.device, rank: int):
         return _build_model(cfg, num_classes, device)
 
 
-def _check_resumable(ckpt: dict, ckpt_path, *, model: str, num_classes: int, model_kwargs: dict) -> None:
-    """Refuse a checkpoint this run cannot continue, naming what differs and the fix.
+# What a resumed run must keep: the sampler's state, schedule and accounting were made with these. Each resolved
+# sampler setting (see :func:`_sampler_settings`) -> the flags that set it, as setting names of the config.
+_SAMPLER_FLAGS = {
+    "epochs": ("epochs", "epochs_scale"),
+    "warmup": ("dap_warmup",),
+    "interval": ("dap_interval",),
+    "keep": ("dap_keep", "dap_target_compute"),
+    "active": ("dap_active",),
+    "reuse": ("dap_reuse", "decay_milestones", "decay_epochs", "sched"),
+    "select": ("dap_select", "fixed_subset", "epochs_scale"),
+    "ratio": ("infobatch_ratio",),
+    "delta": ("infobatch_delta",),
+    "target_compute": ("infobatch_target_compute",),
+}
+# The optimizer's state is only valid for the optimizer and parameter groups that made it.
+_OPTIMIZER_FLAGS = ("opt", "weight_decay", "layer_decay", "opt_kwargs", "opt_betas", "opt_eps", "momentum")
+_NOT_COMPARED = ("resume", "output", "overwrite", "baseline_epochs")  # where and how a run starts, not what it is
 
-    ``--model-kwargs`` must equal the checkpoint's (none before they were recorded): they can change what a layer
-    computes without changing a weight's shape (``act_layer``), and export builds the model from the checkpoint's."""
+
+def _plain(value):
+    """``value`` with tuples as lists (a checkpoint's args hold lists), for comparing settings."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _shown(value) -> str:
+    """A setting's value as typed on the command line: lists space-separated, ``none`` for unset."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(_shown, value)) or "none"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items()) or "none"
+    return str(value)
+
+
+def _differing_flags(had: dict, cfg, names) -> list[str]:
+    """The settings among ``names`` whose value in this run differs from the checkpoint's args ``had`` (settings
+    the checkpoint did not record are skipped)."""
+    now = cfg.to_dict()
+    return [n for n in names if n in had and n in now and _plain(now[n]) != _plain(had[n])]
+
+
+def _sampler_settings(state: dict) -> dict:
+    """What a sampler state was made with: the DaP config, the policy and InfoBatch's parameters (one flat dict)."""
+    settings = dict(state.get("config") or {})
+    settings["select"] = state.get("select")
+    if state.get("infobatch") is not None:
+        settings["select"] = "infobatch"
+        settings.update({k: state["infobatch"].get(k) for k in ("epochs", "ratio", "delta", "target_compute")})
+    return settings
+
+
+def _check_same_data(ckpt: dict, ckpt_path, *, cfg, sampler) -> None:
+    """Refuse a checkpoint made on a dataset of another size (its sampler state indexes that dataset)."""
+    had = ckpt.get("args") or {}
+    saved = int(ckpt["sampler"]["num_samples"])
+    if saved == sampler.num_samples:
+        return
+    where = f"--data-dir {had['data_dir']}" if had.get("data_dir") else "its data"
+    split = f" --train-split {had['train_split']}" if had.get("train_split") not in (None, cfg.train_split) else ""
+    raise CheckpointError(
+        f"checkpoint {ckpt_path} was trained on {saved} samples ({where}), this run's --data-dir {cfg.data_dir} has "
+        f"{sampler.num_samples}; resume with {where}{split}, or start a new run from its weights with "
+        f"--initial-checkpoint {ckpt_path}"
+    )
+
+
+def _check_same_sampler(ckpt: dict, ckpt_path, *, cfg, sampler) -> None:
+    """Refuse to continue a checkpoint with other DaP / InfoBatch settings, naming the flags that differ."""
+    had = ckpt.get("args") or {}
+    saved, now = _sampler_settings(ckpt["sampler"]), _sampler_settings(sampler.state_dict())
+    changed = [k for k in sorted(set(saved) | set(now)) if _plain(saved.get(k)) != _plain(now.get(k))]
+    if not changed:
+        return
+    flags: list[str] = []
+    for key in changed:
+        named = [f for f in _differing_flags(had, cfg, _SAMPLER_FLAGS.get(key, ())) if f not in flags]
+        flags += named
+        if not named and not any(f in flags for f in _SAMPLER_FLAGS.get(key, ())):  # an older checkpoint: no args
+            flags.append(key)
+    now_cfg = cfg.to_dict()
+    parts = [
+        f"{cli_flags([f])} {_shown(now_cfg[f])}, the checkpoint's {_shown(had[f])}"
+        if f in had and f in now_cfg
+        else f"DaP {f} {_shown(now.get(f))}, the checkpoint's {_shown(saved.get(f))}"
+        for f in flags
+    ]
+    config = ""
+    if had.get("config") and had.get("config") != getattr(cfg, "config", None):
+        config = f" (it was started with --config {had['config']}, e.g. by tools/pretrain.sh: pass that too)"
+    longer = "epochs" in changed and "epochs" in now and "epochs" in saved and now["epochs"] > saved["epochs"]
+    fix = (
+        "; a run cannot be extended with more epochs: to train on, start a new run with "
+        if longer
+        else ", or start a new run from its weights with "
+    )
+    raise CheckpointError(
+        f"checkpoint {ckpt_path} was trained with other data-selection settings: {'; '.join(parts)}; resume with the "
+        f"checkpoint's flags{config}{fix}--initial-checkpoint {ckpt_path}"
+    )
+
+
+def _check_same_optimizer(ckpt: dict, ckpt_path, *, cfg, optimizer) -> None:
+    """Refuse an optimizer state this run's optimizer cannot continue: another ``--opt`` (its momentum buffers or
+    Adam moments are that optimizer's), or other parameter groups (``--weight-decay 0``, ``--layer-decay``)."""
+    had = ckpt.get("args") or {}
+    if had.get("opt") is not None and str(had["opt"]).lower() != str(cfg.opt).lower():
+        raise CheckpointError(
+            f"checkpoint {ckpt_path} was trained with --opt {had['opt']}, this run has --opt {cfg.opt}; resume with "
+            f"--opt {had['opt']} (the checkpoint holds {had['opt']}'s state), or start a new run from its weights "
+            f"with --initial-checkpoint {ckpt_path}"
+        )
+    saved = [len(g["params"]) for g in ckpt["optimizer"].get("param_groups", [])]
+    now = [len(g["params"]) for g in optimizer.param_groups]
+    if saved == now:
+        return
+    now_cfg = cfg.to_dict()
+    differing = _differing_flags(had, cfg, _OPTIMIZER_FLAGS)
+    named = [f"{cli_flags([f])} {_shown(now_cfg[f])}, the checkpoint's {_shown(had[f])}" for f in differing]
+    what = "; ".join(named) or f"parameter groups of sizes {_shown(now)}, the checkpoint's {_shown(saved)}"
+    raise CheckpointError(
+        f"checkpoint {ckpt_path}'s optimizer state does not fit this run's optimizer ({what}); resume with the "
+        f"checkpoint's optimizer flags, or start a new run from its weights with --initial-checkpoint {ckpt_path}"
+    )
+
+
+def _log_changed_flags(ckpt: dict, cfg) -> list[str]:
+    """Log, in one line, each flag this resumed run sets differently from the checkpoint's args (allowed, as timm
+    allows them: ``--lr``, ``--workers``, ...); returns the setting names."""
+    had = ckpt.get("args") or {}
+    names = [n for n in _differing_flags(had, cfg, cfg.to_dict()) if n not in _NOT_COMPARED]
+    if names:
+        now = cfg.to_dict()
+        _logger.info(
+            "resumed with flags that differ from the checkpoint's: %s",
+            ", ".join(f"{cli_flags([n])} {_shown(now[n])} (was {_shown(had[n])})" for n in names),
+        )
+    return names
+
+
+def _check_resumable(ckpt: dict, ckpt_path, *, cfg, num_classes: int, sampler, optimizer) -> None:
+    """Refuse a checkpoint this run cannot continue, in one line naming what differs and the fix; log the other
+    flags that differ. Called before the run folder is changed.
+
+    Refused: another model or ``--model-kwargs`` (they can change what a layer computes without changing a weight's
+    shape, and export builds the model from the checkpoint's), missing training state, another number of classes or
+    of samples, other sampler settings (DaP's, ``--dap-select``, InfoBatch's: the sampler state, schedule and
+    accounting were made with them), another ``--opt`` or other optimizer parameter groups. Anything else
+    (``--lr``, ...) is allowed, as timm allows it, and logged as ``resumed with flags that differ from the
+    checkpoint's: --lr 0.5 (was 0.1)``.
+    """
+    model, model_kwargs = cfg.model, cfg.model_kwargs
     if ckpt["arch"] != model:
         raise CheckpointError(
             f"checkpoint {ckpt_path} is a {ckpt['arch']}, this run is a {model}; "
@@ -479,11 +632,15 @@ def _check_resumable(ckpt: dict, ckpt_path, *, model: str, num_classes: int, mod
             f"checkpoint {ckpt_path} has no {', '.join(missing)} state, so training cannot continue from it; "
             "pass a last.pth.tar written by dap-train (to start from its weights, export it instead)"
         )
+    _check_same_data(ckpt, ckpt_path, cfg=cfg, sampler=sampler)
     if ckpt.get("num_classes") is not None and ckpt["num_classes"] != num_classes:
         raise CheckpointError(
             f"checkpoint {ckpt_path} has {ckpt['num_classes']} classes, this run has {num_classes}; resume on the "
             f"data it was trained on (or pass --num-classes {ckpt['num_classes']}), or start a new run"
         )
+    _check_same_sampler(ckpt, ckpt_path, cfg=cfg, sampler=sampler)
+    _check_same_optimizer(ckpt, ckpt_path, cfg=cfg, optimizer=optimizer)
+    _log_changed_flags(ckpt, cfg)
 
 
 @dataclass
@@ -539,7 +696,11 @@ class TrainState:
         }
 
     def load_state_dict(self, ckpt: dict, *, source, model_name: str, rank: int, world: int) -> int:
-        """Restore from a checkpoint already checked by :func:`_check_resumable`; returns the epochs it had done."""
+        """Restore from a checkpoint already checked by :func:`_check_resumable`; returns the epochs it had done.
+
+        A sampler state that does not fit, should one pass :func:`_check_resumable`, raises
+        :class:`CheckpointError`.
+        """
         try:
             self.model.load_state_dict(ckpt["state_dict"])
         except RuntimeError as e:  # a head or layer of another shape than the checkpoint's num_classes says
@@ -554,7 +715,13 @@ class TrainState:
             self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("state_dict_ema"):
             self.ema.module.load_state_dict(ckpt["state_dict_ema"])
-        self.sampler.load_state_dict(ckpt["sampler"])
+        try:
+            self.sampler.load_state_dict(ckpt["sampler"])
+        except ValueError as e:  # the sampler's own check of its state, should one pass _check_resumable
+            raise CheckpointError(
+                f"checkpoint {source} does not fit this run's sampler ({one_line(e)}); resume with the checkpoint's "
+                f"flags, or start a new run from its weights with --initial-checkpoint {source}"
+            ) from None
         self.updates = int(ckpt["updates"]) if "updates" in ckpt else _updates_implied(ckpt, world=world)
         self.acct.measured, self.acct.lost = ckpt["accounting"]["measured"], ckpt["accounting"]["lost"]
         self.acct.history, self.acct.drops = list(ckpt["history"]), list(ckpt["accounting"]["drops"])
@@ -700,7 +867,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
     start_epoch, ckpt = 0, None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
-        _check_resumable(ckpt, cfg.resume, model=cfg.model, num_classes=data.num_classes, model_kwargs=cfg.model_kwargs)
+        _check_resumable(ckpt, cfg.resume, cfg=cfg, num_classes=data.num_classes, sampler=sampler, optimizer=optimizer)
         start_epoch = state.load_state_dict(ckpt, source=cfg.resume, model_name=cfg.model, rank=rank, world=world)
     train_model = model
     if world > 1:

@@ -330,17 +330,26 @@ class DaPSampler(Sampler[int]):
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; the same dataset size and DaP parameters are required.
+
+        Raises:
+            ValueError: ``state`` is for another number of samples, or other DaP parameters (the message names each
+                parameter that differs and both values).
+        """
         if int(state["num_samples"]) != self.num_samples:
             raise ValueError(
                 f"sampler state is for {state['num_samples']} samples, this dataset has {self.num_samples}; "
                 "resume with the same dataset"
             )
         saved = state.get("config")
-        if (saved is None) != (self.config is None) or (saved is not None and saved != self.config.to_dict()):
-            raise ValueError(
-                f"sampler state was saved with DaP parameters {saved}, this run has "
-                f"{self.config.to_dict() if self.config else None}; resume with the same --dap-* flags"
-            )
+        mine = self.config.to_dict() if self.config is not None else None
+        if saved != mine:
+            if saved is None or mine is None:
+                what = f"{'no' if saved is None else 'a'} DaP schedule, this run has {'no' if mine is None else 'one'}"
+            else:
+                keys = [k for k in mine if saved.get(k) != mine[k]]
+                what = ", ".join(f"{k} {saved.get(k)} (this run: {mine[k]})" for k in keys)
+            raise ValueError(f"sampler state was saved with {what}; resume with the DaP parameters it was saved with")
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
         self.subset = state["subset"].to(torch.int64).clone()

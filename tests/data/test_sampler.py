@@ -111,7 +111,7 @@ def test_resume_reproduces_subsets_exactly():
 
 def test_resume_refuses_other_parameters():
     a = DaPSampler(20, config=DaPConfig(epochs=4, warmup=1, keep=0.5))
-    with pytest.raises(ValueError, match="dap"):
+    with pytest.raises(ValueError, match="keep 0.5 \\(this run: 0.6\\)"):
         DaPSampler(20, config=DaPConfig(epochs=4, warmup=1, keep=0.6)).load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="samples"):
         DaPSampler(21, config=DaPConfig(epochs=4, warmup=1, keep=0.5)).load_state_dict(a.state_dict())
