@@ -203,7 +203,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
     if _is_mmengine(path):
         raise CheckpointError(
             f"checkpoint {path} is an mmengine checkpoint (tools/pretrain_mm.sh), not dap-train's; resume it with "
-            f"tools/pretrain_mm.sh CONFIG --resume {path}, or export it with `python -m dap_pretrain export {path} --out DIR`"
+            f"tools/pretrain_mm.sh CONFIG --resume {path}, or export it with "
+            f"`python -m dap_pretrain export {path} --out DIR`"
         )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
