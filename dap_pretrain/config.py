@@ -215,6 +215,8 @@ def load_config(path: Path, _seen: tuple = ()) -> dict:
     if path in _seen:
         raise UsageError(f"config {path} includes itself through _base_; remove the cycle")
     if not path.is_file():
+        if _seen:  # named by a _base_ line
+            raise UsageError(f"config {_seen[-1]} has _base_: {path.name}, but {path} does not exist; fix that line")
         raise UsageError(f"config file {path} does not exist; pass a YAML file such as configs/pretrain/*.yaml")
     try:
         cfg = yaml.safe_load(path.read_text()) or {}

@@ -52,6 +52,7 @@ def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002 
     """Wrap an entry point: a :class:`DapError` becomes ``[prog: ]error: <line>`` on stderr and exit code 2.
 
     ``exit=True`` raises ``SystemExit(2)``; ``exit=False`` returns 2, for mains run as ``sys.exit(main())``.
+    Ctrl-C (``KeyboardInterrupt``) is one line too, with the shell's code for it, 130.
     Any other exception passes through with its traceback. Use as ``@entry_point`` or
     ``@entry_point(prog="report", exit=False)``.
     """
@@ -66,6 +67,11 @@ def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002 
                 if exit:
                     sys.exit(2)
                 return 2
+            except KeyboardInterrupt:  # Ctrl-C: one line, not Python's traceback of wherever the run was
+                print_error(f"{prog + ': ' if prog else ''}interrupted; what was saved before it is kept")
+                if exit:
+                    sys.exit(130)
+                return 130
 
         return wrapper
 

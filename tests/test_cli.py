@@ -174,3 +174,17 @@ def test_keep_and_target_compute_together_are_refused(command, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1
     assert "give one of --dap-keep and --dap-target-compute" in err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    """Ctrl-C printed Python's 70-line KeyboardInterrupt traceback of wherever the run was."""
+    from dap_pretrain.errors import entry_point
+
+    def interrupted(argv=None):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exc:
+        entry_point(interrupted)()
+    assert exc.value.code == 130 and capsys.readouterr().err == "interrupted; what was saved before it is kept\n"
+    assert entry_point(interrupted, prog="report", exit=False)() == 130
+    assert capsys.readouterr().err.startswith("report: interrupted")

@@ -132,6 +132,7 @@ def test_val_class_missing_from_train_is_one_line_error(tmp_path, cifar_tiny):
         ("_base_: 5\nlr: 0.1\n", ("_base_: 5", "expected a file name")),
         ("_base_: [base.yaml, 5]\n", ("_base_:", "expected a file name")),
         ("just a string\n", ("holds a str at the top level",)),
+        ("_base_: nothere.yaml\n", ("has _base_: nothere.yaml, but", "nothere.yaml does not exist; fix that line")),
     ],
 )
 def test_malformed_yaml_config_is_one_line_usage_error(tmp_path, capsys, text, words):
