@@ -295,3 +295,20 @@ def test_cuda_device_on_a_machine_without_one_is_one_line(tmp_path, cifar_tiny, 
     line = _cli_error(capsys, "--data-dir", str(cifar_tiny), "--device", "cuda", "--output", str(tmp_path / "r"))
     assert "--device cuda: this torch has no usable cuda device; pass --device auto or cpu" in line
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluating_on_the_training_images_is_warned(tmp_path, cifar_tiny, caplog):
+    """A --data-dir of class folders without train/ and val/ is read whole for both splits (as timm does): the run
+    evaluated on the images it trained on, without a word."""
+    root = _tree(cifar_tiny, tmp_path / "flat", {"train": CLASSES})
+    flat = tmp_path / "classes"
+    (root / "train").rename(flat)
+    train = create_dataset(name="", root=flat, split="train", is_training=True)
+    with caplog.at_level(logging.WARNING):
+        create_dataset(name="", root=flat, split="val", is_training=False, class_to_idx=dataset_classes(train))
+    assert any("has no val/ folder, so evaluation reads every image under it" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        full = create_dataset(name="", root=cifar_tiny, split="train", is_training=True)
+        create_dataset(name="", root=cifar_tiny, split="val", is_training=False, class_to_idx=dataset_classes(full))
+    assert not any("no val/ folder" in r.getMessage() for r in caplog.records)

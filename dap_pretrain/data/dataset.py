@@ -506,6 +506,12 @@ def create_dataset(
         root = resolve_data_dir(root, cache_dir=cache_dir)
         folder = _split_folder(root, split)
         where = str(folder) if folder != root else f"{root} (it has no {split}/ folder)"
+        if class_to_idx is not None and folder == root and not is_training:
+            _logger.warning(
+                "%s has no %s/ folder, so evaluation reads every image under it, the training images included (as "
+                "timm does); make a %s/ folder, or pass --val-split '' to skip evaluation",
+                root, split, split,
+            )  # fmt: skip
         if class_to_idx is not None:
             _check_class_folders(folder, split, class_to_idx, given=True)  # before timm, which drops unmapped images
             kwargs["class_map"] = dict(class_to_idx)
