@@ -216,11 +216,13 @@ def run_transfer(*, task: str, person_dets: str | Path | None = None, **kwargs) 
     from mmengine.dist import get_world_size, is_main_process
     from mmengine.runner import Runner
 
+    from dap_pretrain.mm.work_dir import work_dir_lock
     from downstream.compat import trusted_checkpoints
 
-    runner = Runner.from_cfg(cfg)
     trusted = [cfg.work_dir] + [p for p in (cfg.get("load_from"), cfg.get("resume")) if isinstance(p, str)]
-    with trusted_checkpoints(trusted):
+    # one run per work dir: a second (another GPU's job with the same --work-dir) is one line, before it writes
+    with work_dir_lock(Path(cfg.work_dir), enabled=os.environ.get("RANK", "0") == "0"), trusted_checkpoints(trusted):
+        runner = Runner.from_cfg(cfg)
         runner.train()
         sec_per_iter = _train_sec_per_iter(runner)
         data_sec_per_iter = _train_sec_per_iter(runner, "train/data_time")

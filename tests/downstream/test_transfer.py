@@ -405,6 +405,23 @@ def test_inputs_that_would_fail_after_the_check_are_refused_by_it(mm, make_expor
     assert a_file.read_text() == "kept"
 
 
+def test_a_work_dir_in_use_by_another_run_is_refused(mm, make_export, tmp_path, capsys):
+    """Two runs in one work dir (say one per GPU, with the same --work-dir) shared epoch_N.pth and last_checkpoint,
+    and the last metrics.json won. The second is now one line, before it writes anything."""
+    import fcntl
+
+    r50 = make_export("r50", model="resnet50", compute_fraction=1.0, seed=0)
+    work = tmp_path / "work"
+    work.mkdir()
+    with open(work / ".dap.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        argv = ["faster_rcnn", str(r50), "--data-root", str(COCO_MINI), "--work-dir", str(work)]
+        assert transfer_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"work dir {work} is in use by another run" in err[0], err
+    assert [p.name for p in work.iterdir()] == [".dap.lock"]
+
+
 @pytest.mark.parametrize(
     "backbone, name",
     [
