@@ -19,6 +19,7 @@ from dap_pretrain.checkpoint import LAST_CHECKPOINT, remove_stale_tmp
 from dap_pretrain.errors import UsageError
 
 RUN_MARKERS = ("run.json", "args.yaml", LAST_CHECKPOINT, "summary.csv")
+REPLACED = ".replaced"  # --overwrite: the previous run's files, until the new run's first checkpoint
 # What a run writes into OUTPUT (besides export/ and the .lock file); --overwrite removes them.
 RUN_FILES = (
     "model_best.pth.tar",
@@ -126,20 +127,59 @@ def release_unused(lock, output: Path) -> None:
 
 def take_over(lock, output: Path, *, overwrite: bool) -> list[str]:
     """Once every check has passed: name this trainer in the lock file, remove the temp files of killed writes
-    and, with ``--overwrite``, the previous run's files. Returns what it removed."""
+    and, with ``--overwrite``, set the previous run's files aside (:func:`clear_run`; ``lock.replaced`` is then
+    true). Returns what it removed or set aside."""
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     lock.flush()
-    return remove_stale_tmp(output) + (clear_run(output) if overwrite else [])
+    removed = remove_stale_tmp(output)
+    if overwrite:
+        removed += clear_run(output)
+        lock.replaced = True
+    return removed
 
 
 def clear_run(output: Path) -> list[str]:
-    """``--overwrite``: delete the previous run's files (called only once every check has passed)."""
-    removed = [name for name in RUN_FILES if (output / name).is_file()]
-    for name in removed:
-        (output / name).unlink()
-    if (output / "export").is_dir():
-        shutil.rmtree(output / "export")
-        removed.append("export/")
-    return removed
+    """``--overwrite``: move the previous run's files into ``OUTPUT/.replaced/`` (called once every check has
+    passed). They stay there until the new run has saved its first checkpoint (:func:`drop_replaced`), and come
+    back if it stops before that (:func:`restore_replaced`), so a run that fails early loses nothing. A
+    ``.replaced/`` left by an attempt killed before its first checkpoint still holds the run being replaced; that
+    attempt's own files are deleted instead. Returns the names set aside (or deleted)."""
+    kept = output / REPLACED
+    earlier = kept.is_dir()
+    kept.mkdir(exist_ok=True)
+    names = [n for n in RUN_FILES if (output / n).is_file()] + (["export"] if (output / "export").is_dir() else [])
+    for name in names:
+        path = output / name
+        if not earlier:
+            os.replace(path, kept / name)
+        elif path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return [f"{n}/" if n == "export" else n for n in names]
+
+
+def drop_replaced(output: Path) -> None:
+    """The new run has saved its own checkpoint: delete the previous run's files set aside by :func:`clear_run`."""
+    shutil.rmtree(output / REPLACED, ignore_errors=True)
+
+
+def restore_replaced(output: Path) -> list[str]:
+    """The new run stopped before its first checkpoint: delete its files and put the previous run's back from
+    ``OUTPUT/.replaced/``. Returns the names restored."""
+    kept = output / REPLACED
+    if not kept.is_dir():
+        return []
+    for name in (*RUN_FILES, "export"):
+        path = output / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    names = sorted(p.name for p in kept.iterdir())
+    for name in names:
+        os.replace(kept / name, output / name)
+    kept.rmdir()
+    return names

@@ -64,7 +64,15 @@ from dap_pretrain.errors import UsageError, one_line, user_input
 from dap_pretrain.logs import HeldLogs, main_process_logging
 from dap_pretrain.lr import EpochProgressLR
 from dap_pretrain.reporting import Accounting, log_epoch, subset_digest, write_summary_csv
-from dap_pretrain.run_folder import claim_output, git_commit, release_unused, take_over
+from dap_pretrain.run_folder import (
+    REPLACED,
+    claim_output,
+    drop_replaced,
+    git_commit,
+    release_unused,
+    restore_replaced,
+    take_over,
+)
 from dap_pretrain.schedule import plan
 
 _logger = logging.getLogger("dap_pretrain.train")
@@ -797,6 +805,8 @@ def run(cfg: RunConfig) -> dict | None:
         return _train(cfg, device=device, rank=rank, world=world, output=output, held=held, lock=lock)
     except BaseException:
         if lock is not None:
+            if getattr(lock, "replaced", False):  # --overwrite, stopped before the new run's first checkpoint
+                restore_replaced(output)
             release_unused(lock, output)
         raise
     finally:
@@ -882,7 +892,10 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
     main_process_logging(rank, output)
     held.replay()
     if removed:
-        _logger.info("removed from %s before starting: %s", output, ", ".join(removed))
+        aside = (
+            f" (in {REPLACED}/ until this run's first checkpoint; put back if it stops before)" if cfg.overwrite else ""
+        )
+        _logger.info("removed from %s before starting: %s%s", output, ", ".join(removed), aside)
     if ckpt is not None:
         _logger.info("resumed %s at epoch %d", cfg.resume, ckpt["epoch"])
     resolved = cfg.to_dict()
@@ -957,6 +970,9 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             write_summary_csv(output, acct.history)
             ckpt_state = state.state_dict(cfg=cfg, epoch=epoch + 1, rngs=rngs, num_classes=data.num_classes, dap=dap)
             save_checkpoint(ckpt_state, output / LAST_CHECKPOINT)
+            if getattr(lock, "replaced", False):  # --overwrite: the previous run's files are no longer needed
+                drop_replaced(output)
+                lock.replaced = False
             if ev and ev["top1"] > state.best:
                 state.best = ev["top1"]
                 save_checkpoint(ckpt_state, output / "model_best.pth.tar")

@@ -67,6 +67,43 @@ def _copy(run: Path, dst: Path) -> Path:
     return dst
 
 
+def test_overwrite_that_fails_before_its_first_checkpoint_gives_the_old_run_back(
+    tmp_path, finished, cifar_tiny, monkeypatch
+):
+    """--overwrite set the old run aside once the checks passed; a new run that fails before its first checkpoint
+    (here: an error in epoch 1; an out-of-memory would do the same) had already deleted it, so neither run was left.
+    The old run now comes back byte for byte. An attempt killed outright (nothing can put the files back) leaves them
+    in .replaced/: the next --overwrite keeps that run aside, deletes the killed attempt's files, and drops the old
+    run once its own first checkpoint is saved."""
+    from dap_pretrain import runner
+
+    other = _copy(finished, tmp_path / "other")
+    (other / "export").mkdir()
+    (other / "export" / "model.safetensors").write_bytes(b"old export")
+    before = _files(other)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (a stand-in)")
+
+    monkeypatch.setattr(runner, "train_one_epoch", out_of_memory)
+    flags = [*FLAGS, "--data-dir", str(cifar_tiny), "--output", str(other), "--overwrite"]
+    with pytest.raises(RuntimeError, match="stand-in"):
+        train_main(flags)
+    after = _files(other)
+    after.pop(".lock"), before.pop(".lock")  # the lock file names its last owner: this attempt
+    assert after == before and not (other / ".replaced").exists()
+    monkeypatch.undo()
+
+    (other / ".replaced").mkdir()  # a killed attempt: the old run aside, the attempt's files in its place
+    for name in ("run.json", "summary.csv", "last.pth.tar", "log.txt", "args.yaml"):
+        os.replace(other / name, other / ".replaced" / name)
+    (other / "args.yaml").write_text("the killed attempt's\n")
+    (other / "log.txt").write_text("the killed attempt's\n")
+    train_main(flags)
+    assert not (other / ".replaced").exists() and "the killed attempt's" not in (other / "log.txt").read_text()
+    assert json.loads((other / "run.json").read_text())["epochs"] == 1
+
+
 def test_second_trainer_on_an_owned_folder_exits_2_and_touches_nothing(tmp_path, cifar_tiny):
     out = tmp_path / "run"
     holder = subprocess.Popen(
@@ -128,6 +165,7 @@ def test_resume_into_another_run_is_refused_and_overwrite_clears_only_after_chec
     assert "OLD RUN LOG" not in (other / "log.txt").read_text()
     assert (other / "model_best.pth.tar").read_bytes() != b"old best"
     assert not (other / "dap_schedule.png").exists() and not (other / "export").exists()
+    assert not (other / ".replaced").exists()  # the old run was set aside only until the first checkpoint
     assert torch.load(other / "model_best.pth.tar", weights_only=True)["epoch"] == 1
     # resuming into an empty folder is allowed and reports the resumed run's top-1
     empty = tmp_path / "empty"

@@ -8,9 +8,9 @@ Who calls what, and when (:func:`~dap_pretrain.mm.runner.pretrain_mm`, on rank 0
    :meth:`WorkDirSnapshot.restore` removes what the run added (mmengine's timestamp log folder, the lock file, the
    folders it created) and rewrites the files it changed (the config dump) with their old bytes;
 4. ``--overwrite``: :class:`ClearPreviousRun` deletes the previous run's files (:func:`previous_run_files`) in
-   ``before_train``, after :class:`~dap_pretrain.mm.hook.DaPHook` has checked the built run, as the timm trainer's
-   ``--overwrite`` (:func:`dap_pretrain.run_folder.clear_run`) deletes its previous run's files once every check
-   has passed. Other files in the work dir are kept.
+   ``before_train``, after :class:`~dap_pretrain.mm.hook.DaPHook` has checked the built run (the timm trainer's
+   ``--overwrite``, :func:`dap_pretrain.run_folder.clear_run`, sets them aside until its first checkpoint instead).
+   Other files in the work dir are kept.
 """
 
 from __future__ import annotations
