@@ -200,15 +200,15 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
         raise CheckpointError(
             f"{path} holds weights only (an export or a release), not a training state; {weights_only}"
         )
-    if _is_mmengine(path):
-        raise CheckpointError(
-            f"checkpoint {path} is an mmengine checkpoint (tools/pretrain_mm.sh), not dap-train's; resume it with "
-            f"tools/pretrain_mm.sh CONFIG --resume {path}, or export it with "
-            f"`python -m dap_pretrain export {path} --out DIR`"
-        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # pickles objects: torch's text here advises unsafe loading; not repeated
+        if _is_mmengine(path):  # only here: a dap-train checkpoint whose paths say "mmengine" loads safely
+            raise CheckpointError(
+                f"checkpoint {path} is an mmengine checkpoint (tools/pretrain_mm.sh), not dap-train's; resume it "
+                f"with tools/pretrain_mm.sh CONFIG --resume {path}, or export it with "
+                f"`python -m dap_pretrain export {path} --out DIR`"
+            ) from None
         refused = "Weights only load failed" in str(e)
         why = "it pickles Python objects that a safe load refuses" if refused else _brief(e)
         raise CheckpointError(f"checkpoint {path} is unreadable ({why}); {fix}") from None

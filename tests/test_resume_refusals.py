@@ -231,6 +231,19 @@ def test_an_mmengine_checkpoint_is_recognised_without_unpickling_it(tmp_path, re
     assert f"python -m dap_pretrain export {path}" in message and "Weights only" not in message
 
 
+def test_a_dap_train_checkpoint_whose_paths_say_mmengine_still_resumes(tmp_path):
+    """The mmengine test reads the pickle's text, and a dap-train checkpoint pickles its args: an --output such as
+    runs/mmengine_vs_timm made its own run impossible to resume. It is asked only of files a safe load refuses."""
+    from dap_pretrain.checkpoint import load_checkpoint
+
+    path = tmp_path / "last.pth.tar"
+    torch.save(
+        {"arch": "cifar_resnet20", "state_dict": {}, "args": {"output": "runs/mmengine_vs_timm"}, "message_hub": 2},
+        path,
+    )
+    assert load_checkpoint(path)["args"]["output"] == "runs/mmengine_vs_timm"
+
+
 def test_torchs_refusal_text_is_never_repeated(tmp_path):
     """A file pickling other objects: torch's multi-line, escape-coded advice to load unsafely stays out."""
     path = tmp_path / "objects.pth"
