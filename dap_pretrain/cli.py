@@ -61,13 +61,17 @@ def given_flags(argv: list[str] | None) -> set[str]:
     return {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
 
 
-def refuse_exclusive_flags(argv: list[str] | None) -> None:
+def refuse_exclusive_flags(argv: list[str] | None, args: argparse.Namespace | None = None) -> None:
     """A :class:`UsageError` when ``argv`` (default ``sys.argv[1:]``) gives both flags of a pair in
-    :data:`EXCLUSIVE_FLAGS`."""
+    :data:`EXCLUSIVE_FLAGS`. With ``args`` (parsed with a config's values as defaults), the first flag of a pair
+    given alone clears the second if a config set it, so the command line wins either way (the second, given alone,
+    already replaces the first: ``run_config`` sets the LR from ``--lr-base``, the planner solves p)."""
     given = given_flags(argv)
     for a, b, why in EXCLUSIVE_FLAGS:
         if a in given and b in given:
             raise UsageError(f"{why}; give one of {a} and {b}")
+        if args is not None and a in given:
+            setattr(args, b.lstrip("-").replace("-", "_"), None)
 
 
 # timm train.py flags the trainer does not have, and what to use instead (the README lists the rest).
@@ -95,11 +99,13 @@ TIMM_INSTEAD = {
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors, exit 2, and a hint for a misspelt flag; ``error_prefix`` goes before
-    ``error:`` (``transfer_coco: error: ...``, as the tool's other refusals read)."""
+    ``error:`` (``transfer_coco: error: ...``, as the tool's other refusals read); ``timm_hints``: name what to use
+    for a timm train.py flag the parser lacks (the trainer's). Abbreviated flags are refused, not expanded: what
+    was given on the command line (:func:`given_flags`) must be readable from the words typed."""
 
-    def __init__(self, *args, error_prefix: str = "", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.error_prefix = error_prefix
+    def __init__(self, *args, error_prefix: str = "", timm_hints: bool = False, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+        self.error_prefix, self.timm_hints = error_prefix, timm_hints
 
     def error(self, message):  # argparse's default prints usage on several lines
         print_error(f"{self.error_prefix}error: {message}{self._did_you_mean(message)} (see --help)")
@@ -114,10 +120,11 @@ class _Parser(argparse.ArgumentParser):
         hints, instead = [], []
         for token in message.split(":", 1)[1].split():
             flag = token.split("=", 1)[0]
-            if flag in TIMM_INSTEAD and any(o in known for o in ("--data-dir", "--model")):  # the trainer's parser
+            if flag in TIMM_INSTEAD and self.timm_hints:
                 instead.append(f"timm's {flag}: {TIMM_INSTEAD[flag]}")
             elif flag.startswith("--"):
-                close = difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.8)
+                longer = [o for o in known if o.startswith(flag)]  # an abbreviation (argparse's are off)
+                close = longer if len(longer) == 1 else difflib.get_close_matches(flag.replace("_", "-"), known, 1, 0.8)
                 hints += [f"{close[0]} for {flag}"] if close else []
         return (f"; did you mean {', '.join(hints)}?" if hints else "") + "".join(f"; {i}" for i in instead)
 

@@ -128,7 +128,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         )
     if v["torchcompile"] and v["cuda_graph"]:
         raise UsageError("--torchcompile and --cuda-graph both replace the eager step; choose one")
-    for flag, least in (("batch_size", 1), ("validation_batch_size", 1), ("workers", 0)):
+    for flag, least in (("batch_size", 1), ("validation_batch_size", 1), ("workers", 0), ("log_interval", 1)):
         if v[flag] is not None and v[flag] < least:
             raise UsageError(f"{cli_flags([flag])}={v[flag]} is invalid: must be an integer >= {least}")
     if v["grad_accum_steps"] < 1:

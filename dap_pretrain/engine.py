@@ -187,18 +187,17 @@ def train_one_epoch(
         if graph_step is not None and graph_step.accepts(images):
             losses = graph_step(images, targets, weights)
             updater.updates += 1
-            sampler.record(indices, losses)
-            loss_sum += losses.sum()
-            seen += indices.numel()
-            continue
-        with updater.step_context(step):
-            with autocast:
-                output = model(images)
-                losses = F.cross_entropy(output.float(), targets, reduction="none", label_smoothing=smoothing)
-            loss = (losses * weights).mean() if weights is not None else losses.mean()
-            updater.backward(loss, step)
+            loss = None  # the graph's step loss is not kept: the log takes the batch's mean loss
+        else:
+            with updater.step_context(step):
+                with autocast:
+                    output = model(images)
+                    losses = F.cross_entropy(output.float(), targets, reduction="none", label_smoothing=smoothing)
+                loss = (losses * weights).mean() if weights is not None else losses.mean()
+                updater.backward(loss, step)
         sampler.record(indices, losses.detach())
-        batch_loss = float(loss.detach()) if (step % log_interval == 0 or step == steps - 1) else None
+        logged = step % log_interval == 0 or step == steps - 1
+        batch_loss = float((losses.mean() if loss is None else loss).detach()) if logged else None
         if batch_loss is not None:
             if not math.isfinite(batch_loss):
                 raise FloatingPointError(

@@ -43,7 +43,9 @@ def _add_kwargs_flag(group, flag: str, target: str, example: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(prog="dap-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(
+        prog="dap-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, timm_hints=True
+    )
     p.add_argument("-c", "--config", default="", help="YAML file of argparse defaults (command line overrides)")
     d = p.add_argument_group("Data")
     d.add_argument(
@@ -271,13 +273,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise UsageError(f"config {path} has unknown keys {unknown}; use the trainer's flag names with '_'")
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
-    refuse_exclusive_flags(argv)
+    refuse_exclusive_flags(argv, args)
     given = given_flags(argv)
     unused = sorted(f for f in given if f.startswith("--infobatch-"))
     if unused and args.dap_select != "infobatch":
         raise UsageError(f"{' '.join(unused)} set InfoBatch's policy; add --dap-select infobatch or drop them")
     if args.resume and "--output" not in given:  # continue the run where it is, not in the default folder
-        args.output = str(Path(args.resume).parent)
+        args.output = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
     return args
 
 

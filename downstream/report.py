@@ -17,7 +17,6 @@ one row.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -25,6 +24,7 @@ import json
 import sys
 from pathlib import Path
 
+from dap_pretrain.cli import make_parser
 from dap_pretrain.errors import entry_point
 from downstream import TransferInputError
 
@@ -202,12 +202,15 @@ def make_tables(runs: list[tuple[str, dict]]) -> dict[int, list[Row]]:
             out[table].extend(rows)
         differ = [i for i in range(len(_PROTOCOL)) if len({r.protocol[i] for r in out[table]}) > 1]
         for r in out[table]:
-            r.evaluation = ", ".join(f"{list(_PROTOCOL.values())[i]} {_shown(r.protocol[i])}" for i in differ)
+            r.evaluation = ", ".join(f"{list(_PROTOCOL.values())[i]} {_shown(r.protocol[i], i)}" for i in differ)
     return out
 
 
-def _shown(value) -> str:
-    return "?" if value is None else str(value)
+def _shown(value, index: int) -> str:
+    """A protocol value for the Evaluation column: a person-box file by its name (metrics.json has its path)."""
+    if value is None:
+        return "?"
+    return Path(value).name if list(_PROTOCOL)[index] == "person_boxes" and value != "gt" else str(value)
 
 
 def _title(table: int, rows: list[Row]) -> str:
@@ -264,7 +267,7 @@ def format_csv(table: int, rows: list[Row]) -> str:
 @entry_point(prog="report", exit=False)
 def main(argv: list[str] | None = None) -> int:
     """CLI: print Markdown and/or CSV for every table the work dirs fill; bad input -> one line, exit 2."""
-    p = argparse.ArgumentParser(prog="python -m downstream.report", description=__doc__.splitlines()[0])
+    p = make_parser(prog="python -m downstream.report", description=__doc__.splitlines()[0], error_prefix="report: ")
     p.add_argument("work_dirs", nargs="+", help="work dirs of tools/transfer_coco.sh runs")
     p.add_argument("--format", choices=["md", "csv", "both"], default="both")
     args = p.parse_args(argv)

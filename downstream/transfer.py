@@ -244,7 +244,7 @@ def run_transfer(*, task: str, person_dets: str | Path | None = None, **kwargs) 
             "config": str(config_path(task=task, model=spec.model)),
             "backbone_checkpoint": str(spec.checkpoint),
             "data_root": str(Path(kwargs["data_root"]).resolve()),
-            "person_boxes": str(person_dets) if person_dets else ("gt" if t.is_pose else None),
+            "person_boxes": str(Path(person_dets).resolve()) if person_dets else ("gt" if t.is_pose else None),
             "train_iters": runner.iter,
             "train_sec_per_iter": sec_per_iter,
             "train_data_sec_per_iter": data_sec_per_iter,

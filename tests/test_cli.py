@@ -153,14 +153,13 @@ def test_error_line_reaches_stderr_in_one_write(monkeypatch):
 def test_plan_predicts_the_trainers_schedule(flags):
     """Without --dap-reuse the trainer picks data back up at its LR-decay epochs (--decay-milestones, default 30 60
     90, under --sched step); plan left R empty, so it printed 24.9% where the trainer's default run spends 58.9%."""
-    from dap_pretrain.config import dap_config_from_args, default_reuse
-    from dap_pretrain.schedule import plan
+    from dap_pretrain import runner
     from dap_pretrain.train import parse_args, run_config
 
     cfg = run_config(parse_args([*flags, "--output", "o"]))
-    trainer, _ = dap_config_from_args(cfg, num_samples=8000, default_reuse=default_reuse(cfg))
+    _, acct, dap, _ = runner._build_sampler(cfg, 8000, 1, 0)  # the trainer's own schedule, as it builds it
     planned = json.loads(_run("plan", *flags, "--num-samples", "8000", "--json").stdout)
-    assert planned["subset_sizes"] == plan(trainer, 8000).subset_sizes
+    assert planned["dap"] == {k: dap[k] for k in planned["dap"]} and planned["samples_trained"] == acct.planned
 
 
 @pytest.mark.parametrize("command", ["plan", "train"])

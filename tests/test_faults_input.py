@@ -270,13 +270,19 @@ def test_unreadable_images_are_named_and_not_counted_as_trained(tmp_path, cifar_
         (["-b", "0"], "--batch-size=0 is invalid: must be an integer >= 1"),
         (["-vb", "0"], "--validation-batch-size=0 is invalid"),
         (["--workers", "-1"], "--workers=-1 is invalid: must be an integer >= 0"),
+        (["--log-interval", "0"], "--log-interval=0 is invalid: must be an integer >= 1"),
         (["--device", "nonsense"], "--device nonsense is not a device name"),
-        (["--device", "mps"], "this torch has no usable mps device"),
+        pytest.param(
+            ["--device", "mps"],
+            "this torch has no usable mps device",
+            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device"),
+        ),
         (["--model-kwargs", "notkv"], "--model-kwargs takes KEY=VALUE items, not notkv"),
         (["--opt-kwargs", "=1"], "--opt-kwargs takes KEY=VALUE items"),
         (["--lr", "0.2", "--lr-base", "0.1"], "--lr sets the LR and --lr-base sets it from the global batch size"),
     ],
-    ids=["batch-0", "val-batch-0", "workers-neg", "device-name", "device-absent", "model-kwargs", "opt-kwargs", "lr"],
+    ids=["batch-0", "val-batch-0", "workers-neg", "log-0", "device-name", "device-absent", "model-kwargs", "opt-kwargs",
+         "lr"],  # fmt: skip
 )
 def test_bad_flags_are_one_line_and_overwrite_keeps_the_old_run(tmp_path, cifar_tiny, capsys, flags, words):
     """Each was a traceback (ZeroDivisionError, ValueError, RuntimeError from torch), or with --lr the given LR was

@@ -300,14 +300,15 @@ def test_embedded_default_takes_any_overriding_flag():
         (["--data-dir=embedded"], True),
         (["--data-dir", "/data/imagenet", "--epochs", "120"], False),
         (["--data-dir=/data/imagenet"], False),
-        (["--model", "convnext_tiny"], False),
+        (["--model", "cifar_resnet56"], True),  # the embedded default with another network
+        (["--model", "convnext_tiny", "--data-dir", "/data/imagenet"], False),
         (["--config", "configs/pretrain/imagenet/resnet50_dap75.yaml"], False),
     ],
 )
 def test_pretrain_sh_adds_the_embedded_config_only_to_runs_on_the_embedded_data(tmp_path, flags, embedded):
     """README's ImageNet example (`tools/pretrain.sh --model convnext_tiny --data-dir /data/imagenet ...`) silently
     took the embedded CIFAR config's warm-up 3, interval 1, LR decay at 10 and weight decay for what it left out.
-    The embedded config now applies only while the run stays on the embedded data and names no model or config."""
+    The embedded config now applies only while the run stays on the embedded data and names no config."""
     fake = tmp_path / "python"
     fake.write_text('#!/usr/bin/env bash\necho "$@"\n')
     fake.chmod(0o755)
@@ -518,3 +519,29 @@ def test_checkpoints_without_an_update_count_resume_with_the_count_their_epochs_
     assert _updates_implied(ckpt, world=1) == 7 + 4 and _updates_implied(ckpt, world=2) == 4 + 2
     ckpt["args"]["grad_accum_steps"] = 2
     assert _updates_implied(ckpt, world=1) == 4 + 2
+
+
+def test_the_graphed_step_is_recorded_and_logged_like_the_eager_one(caplog):
+    """--cuda-graph's step skipped the --log-interval line (a `continue` before it). A stand-in for the graph (it
+    runs on CUDA only) takes every batch: each batch's losses are recorded, and the interval's lines are logged."""
+    import logging
+
+    from dap_pretrain.engine import train_one_epoch
+
+    class GraphStandIn:
+        def accepts(self, images):
+            return True
+
+        def __call__(self, images, targets, weights):
+            return torch.nn.functional.cross_entropy(model(images), targets, reduction="none").detach()
+
+    model = torch.nn.Linear(8, 3)
+    batches = [(torch.randn(4, 8), torch.randint(0, 3, (4,)), torch.arange(4 * i, 4 * i + 4)) for i in range(5)]
+    sampler = RecordingSampler()
+    with caplog.at_level(logging.INFO, logger="dap_pretrain.engine"):
+        stats = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.1), epoch=0, sampler=sampler,
+                                lr_scheduler=FixedLR(), device=torch.device("cpu"), graph_step=GraphStandIn(),
+                                log_interval=2, show_progress=False)  # fmt: skip
+    assert sampler.indices == list(range(20)) and stats.updates == 5
+    steps = [r.getMessage().split(" loss ")[0] for r in caplog.records if " step " in r.getMessage()]
+    assert steps == ["epoch 1 step 0/5", "epoch 1 step 2/5", "epoch 1 step 4/5"], steps

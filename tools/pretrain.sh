@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # DaP pretraining. With no arguments: the embedded default (CIFAR ResNet-20 on a CIFAR-10 subset
 # shipped in the repo, CPU, a few minutes; configs/pretrain/embedded_cifar10.yaml). Flags override that config's
-# values as long as the run stays on the embedded data; a run given --config, --model or its own --data-dir does not
-# read it, and gets the trainer's defaults (the paper's ImageNet recipe) for what it leaves out.
+# values as long as the run stays on the embedded data (--model cifar_resnet56: the embedded default with another
+# network); a run given --config or its own --data-dir does not read it, and gets the trainer's defaults (the
+# paper's ImageNet recipe) for what it leaves out.
 #
 #   tools/pretrain.sh                                   # embedded default
 #   tools/pretrain.sh --compare                         # ... plus a full-data baseline
@@ -18,7 +19,7 @@ args=("$@")
 own_run=0 prev=""
 for a in "$@"; do
   case "$a" in
-    -c|--config|--config=*|--model|--model=*) own_run=1 ;;
+    -c|--config|--config=*) own_run=1 ;;
     --data-dir=embedded) ;;
     --data-dir=*) own_run=1 ;;
   esac

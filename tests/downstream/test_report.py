@@ -93,7 +93,7 @@ def test_runs_evaluated_differently_are_never_compared(tmp_path, capsys):
     n = len(TABLE_COLUMNS[9])
     pose = dict(method="SimpleBaseline", table=9, model="resnet50")
     full = _run(tmp_path, "full", **pose, compute=1.0, values=[0.722] * n)
-    det = _run(tmp_path, "det", **pose, compute=0.74, values=[0.704] * n, person_boxes="dets.json")
+    det = _run(tmp_path, "det", **pose, compute=0.74, values=[0.704] * n, person_boxes="/data/coco/dets.json")
     short = _run(tmp_path, "short", **pose, compute=0.86, values=[0.01] * n, train_iters=2)
     dap = _run(tmp_path, "dap", **pose, compute=0.74, values=[0.72] * n)
     assert main([str(full), str(det), str(short), str(dap), "--format", "md"]) == 0
