@@ -141,42 +141,47 @@ def take_over(lock, output: Path, *, overwrite: bool) -> list[str]:
 
 
 def clear_run(output: Path) -> list[str]:
-    """``--overwrite``: move the previous run's files into ``OUTPUT/.replaced/`` (called once every check has
-    passed). They stay there until the new run has saved its first checkpoint (:func:`drop_replaced`), and come
-    back if it stops before that (:func:`restore_replaced`), so a run that fails early loses nothing. A
-    ``.replaced/`` left by an attempt killed before its first checkpoint still holds the run being replaced; that
-    attempt's own files are deleted instead. Returns the names set aside (or deleted)."""
+    """``--overwrite``: set the previous run's files (:data:`RUN_FILES`, ``export/``) aside with :func:`set_aside`
+    (called once every check has passed). Returns the names set aside (or deleted)."""
+    names = [n for n in RUN_FILES if (output / n).is_file()] + (["export"] if (output / "export").is_dir() else [])
+    set_aside(output, names)
+    return [f"{n}/" if n == "export" else n for n in names]
+
+
+def set_aside(output: Path, names: list[str]) -> None:
+    """Move the previous run's entries ``names`` into ``OUTPUT/.replaced/``. They stay there until the new run has
+    saved its first checkpoint (:func:`drop_replaced`), and come back if it stops before that
+    (:func:`restore_replaced`), so a run that fails early loses nothing. A ``.replaced/`` left by an attempt killed
+    before its first checkpoint still holds the run being replaced: that attempt's own entries are deleted instead."""
     kept = output / REPLACED
     earlier = kept.is_dir()
     kept.mkdir(exist_ok=True)
-    names = [n for n in RUN_FILES if (output / n).is_file()] + (["export"] if (output / "export").is_dir() else [])
     for name in names:
         path = output / name
         if not earlier:
             os.replace(path, kept / name)
-        elif path.is_dir():
+        elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
-    return [f"{n}/" if n == "export" else n for n in names]
 
 
 def drop_replaced(output: Path) -> None:
-    """The new run has saved its own checkpoint: delete the previous run's files set aside by :func:`clear_run`."""
+    """The new run has saved its own checkpoint: delete the previous run's entries set aside by :func:`set_aside`."""
     shutil.rmtree(output / REPLACED, ignore_errors=True)
 
 
-def restore_replaced(output: Path) -> list[str]:
-    """The new run stopped before its first checkpoint: delete its files and put the previous run's back from
-    ``OUTPUT/.replaced/``. Returns the names restored."""
+def restore_replaced(output: Path, current: list[str] = (*RUN_FILES, "export")) -> list[str]:
+    """The new run stopped before its first checkpoint: delete its entries ``current`` and put the previous run's
+    back from ``OUTPUT/.replaced/``. Returns the names restored."""
     kept = output / REPLACED
     if not kept.is_dir():
         return []
-    for name in (*RUN_FILES, "export"):
+    for name in current:
         path = output / name
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             path.unlink()
     names = sorted(p.name for p in kept.iterdir())
     for name in names:

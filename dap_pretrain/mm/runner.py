@@ -249,8 +249,9 @@ def pretrain_mm(
 
     Keyword args are :func:`prepare_config`'s, plus ``overwrite``: replace a finished run in the work dir; its
     files (:func:`~dap_pretrain.mm.work_dir.previous_run_files`: checkpoints, ``last_checkpoint``, ``run.json``,
-    ``summary.csv``, log folders) are deleted once the new run has passed every check, as the timm trainer's
-    ``--overwrite`` does. A refusal leaves the work dir as it was, unless the run had saved a checkpoint.
+    ``summary.csv``, log folders) are set aside once the new run has passed every check and deleted once it has
+    saved a checkpoint, as the timm trainer's ``--overwrite`` does; a run that stops before gives them back. A
+    refusal leaves the work dir as it was, unless the run had saved a checkpoint.
     Checkpoints under the work dir and the ``--resume`` file load through
     :func:`downstream.compat.trusted_checkpoints` (torch>=2.6 ``weights_only`` vs mmengine's own checkpoints).
 
@@ -277,14 +278,18 @@ def pretrain_mm(
     before = WorkDirSnapshot.take(work) if rank0 else None
     with work_dir_lock(work, enabled=rank0):
         check_work_dir(work, resume=resume is not None, overwrite=overwrite)
+        clear = None
         try:
             runner = Runner.from_cfg(cfg)
             if overwrite and resume is None and rank0:  # once DaPHook has accepted the built run
-                runner.register_hook(ClearPreviousRun(work_dir=work, keep=(runner.timestamp,)), priority="LOWEST")
+                clear = ClearPreviousRun(work_dir=work, keep=(runner.timestamp,))
+                runner.register_hook(clear, priority="LOWEST")
             with trusted_checkpoints([work] + ([cfg.load_from] if isinstance(cfg.get("load_from"), str) else [])):
                 runner.train()
-        except DaPMMError:
-            if before is not None:
+        except BaseException as e:
+            if clear is not None:
+                clear.undo()  # stopped before its first checkpoint: the previous run comes back
+            if isinstance(e, DaPMMError) and before is not None:
                 before.restore()  # a refusal that saved no checkpoint leaves the work dir as it was
             raise
     return next(h for h in runner.hooks if isinstance(h, DaPHook)).summary

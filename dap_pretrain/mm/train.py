@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--overwrite",
         action="store_true",
         help="replace a finished run in the work dir: its epoch_N.pth, last_checkpoint, run.json, summary.csv and "
-        "log folders are deleted once the new run has passed its checks (other files stay)",
+        "log folders wait in WORK_DIR/.replaced/ until the new run's first checkpoint, and come back if it stops "
+        "before (other files stay)",
     )
     p.add_argument("--launcher", choices=["none", "pytorch"], default="none", help="pytorch under torchrun")
     add_cfg_options(p)

@@ -7,9 +7,9 @@ Who calls what, and when (:func:`~dap_pretrain.mm.runner.pretrain_mm`, on rank 0
 3. a refusal (:class:`~dap_pretrain.mm.settings.DaPMMError`) from the built run that saved no checkpoint:
    :meth:`WorkDirSnapshot.restore` removes what the run added (mmengine's timestamp log folder, the lock file, the
    folders it created) and rewrites the files it changed (the config dump) with their old bytes;
-4. ``--overwrite``: :class:`ClearPreviousRun` deletes the previous run's files (:func:`previous_run_files`) in
-   ``before_train``, after :class:`~dap_pretrain.mm.hook.DaPHook` has checked the built run (the timm trainer's
-   ``--overwrite``, :func:`dap_pretrain.run_folder.clear_run`, sets them aside until its first checkpoint instead).
+4. ``--overwrite``: :class:`ClearPreviousRun` sets the previous run's files (:func:`previous_run_files`) aside in
+   ``before_train``, after :class:`~dap_pretrain.mm.hook.DaPHook` has checked the built run, deletes them once the
+   new run has saved a checkpoint, and puts them back if it stops before, as the timm trainer's ``--overwrite``.
    Other files in the work dir are kept.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 from mmengine.hooks import Hook
 
 from dap_pretrain.mm.settings import DaPMMError
+from dap_pretrain.run_folder import REPLACED, drop_replaced, restore_replaced, set_aside
 
 RUN_MARKERS = ("run.json", "summary.csv", "last_checkpoint")
 LOCK = ".dap.lock"
@@ -77,18 +78,35 @@ def previous_run_files(work_dir: Path, *, keep: tuple[str, ...] = ()) -> list[Pa
 
 
 class ClearPreviousRun(Hook):
-    """``--overwrite``: deletes :func:`previous_run_files` in ``before_train``; register it with priority
-    ``'LOWEST'`` so it runs after :class:`~dap_pretrain.mm.hook.DaPHook` has accepted the built run."""
+    """``--overwrite``: in ``before_train``, sets :func:`previous_run_files` aside in ``WORK_DIR/.replaced/``
+    (:func:`dap_pretrain.run_folder.set_aside`, as the timm trainer's ``--overwrite``); after the first epoch whose
+    checkpoint was saved, deletes them; :meth:`undo` puts them back if the run stops before. Register it with
+    priority ``'LOWEST'``, so it runs after :class:`~dap_pretrain.mm.hook.DaPHook` has accepted the built run and
+    after mmengine's ``CheckpointHook`` has saved the epoch."""
 
     def __init__(self, *, work_dir: Path, keep: tuple[str, ...]):
-        self.work_dir, self.keep, self.removed = Path(work_dir), keep, []
+        self.work_dir, self.keep, self.removed, self.pending = Path(work_dir), keep, [], False
 
     def before_train(self, runner) -> None:
-        for p in previous_run_files(self.work_dir, keep=self.keep):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-            self.removed.append(p.name)
+        self.removed = [p.name for p in previous_run_files(self.work_dir, keep=self.keep)]
         if self.removed:
-            runner.logger.info(f"--overwrite: removed the previous run's {', '.join(self.removed)}")
+            set_aside(self.work_dir, self.removed)
+            self.pending = True
+            runner.logger.info(
+                f"--overwrite: set the previous run's {', '.join(self.removed)} aside in {REPLACED}/ until this run's "
+                "first checkpoint"
+            )
+
+    def after_train_epoch(self, runner) -> None:
+        if self.pending and (self.work_dir / "last_checkpoint").exists():  # this run's own (the old one is aside)
+            drop_replaced(self.work_dir)
+            self.pending = False
+
+    def undo(self) -> None:
+        """The run stopped before its first checkpoint: its files out, the previous run's back."""
+        if self.pending:
+            restore_replaced(self.work_dir, [p.name for p in previous_run_files(self.work_dir, keep=self.keep)])
+            self.pending = False
 
 
 @dataclass

@@ -212,3 +212,4 @@ def test_overwrite_removes_the_previous_runs_checkpoints(done_when, cifar_tiny, 
     assert sorted(p.name for p in work.glob("*.pth")) == ["epoch_1.pth", "epoch_2.pth"]
     assert (work / "notes.txt").read_text() == "mine" and not any((work / d).exists() for d in old_logs)
     assert json.loads((work / "run.json").read_text())["epochs"] == 2
+    assert not (work / ".replaced").exists()  # set aside only until the new run's first checkpoint

@@ -259,6 +259,40 @@ def test_overwrite_deletes_only_the_previous_runs_files(tmp_path):
     assert got == sorted(names[:6] + ["20261127_061035"])
 
 
+def test_overwrite_keeps_the_previous_run_until_the_first_checkpoint(tmp_path):
+    """--overwrite deleted the previous run in before_train, so a run failing in its first epoch left neither. Its
+    files now wait in .replaced/: back if the run stops before a checkpoint, gone once one is saved."""
+    from types import SimpleNamespace
+
+    from dap_pretrain.mm.work_dir import ClearPreviousRun
+
+    runner = SimpleNamespace(logger=SimpleNamespace(info=lambda message: None))
+    for attempt in ("fails", "saves"):
+        work = tmp_path / attempt
+        (work / "20261127_061035").mkdir(parents=True)  # the previous run's log folder
+        old = {"epoch_4.pth": "old weights", "last_checkpoint": "old pointer", "run.json": "old", "notes.txt": "mine"}
+        for name, text in old.items():
+            (work / name).write_text(text)
+        hook = ClearPreviousRun(work_dir=work, keep=("20261127_070000",))
+        hook.before_train(runner)
+        assert sorted(p.name for p in (work / ".replaced").iterdir()) == sorted(
+            ["20261127_061035", "epoch_4.pth", "last_checkpoint", "run.json"]
+        )
+        (work / "20261127_070000").mkdir()  # the new run's log folder, kept either way
+        (work / "epoch_1.pth").write_text("new weights")
+        if attempt == "fails":
+            hook.after_train_epoch(runner)  # no last_checkpoint yet: nothing dropped
+            hook.undo()
+            assert {n: (work / n).read_text() for n in old} == old and not (work / "epoch_1.pth").exists()
+            assert (work / "20261127_061035").is_dir() and not (work / ".replaced").exists()
+        else:
+            (work / "last_checkpoint").write_text(str(work / "epoch_1.pth"))
+            hook.after_train_epoch(runner)
+            hook.undo()  # nothing left to undo
+            assert not (work / ".replaced").exists() and not (work / "epoch_4.pth").exists()
+            assert (work / "epoch_1.pth").read_text() == "new weights" and (work / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("item", ["foo", "=3", "a=[1,2"])
 def test_bad_cfg_options_are_one_line(item, capsys):
     from dap_pretrain.mm.train import parse_args
