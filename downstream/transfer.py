@@ -125,26 +125,20 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def _resume_in_moved_work_dir(cfg) -> None:
-    """``resume=True`` reads ``WORK_DIR/last_checkpoint``, which mmengine writes as an absolute path; in a work dir
-    moved or copied since, it names the old place. Resume then from the work dir's own file of that name
-    (``load_from``, in place); refuse in one line if the work dir lacks it."""
+    """``resume=True`` reads ``WORK_DIR/last_checkpoint``, which in a work dir moved or copied since names the old
+    place: resume then from the work dir's own file of that name (``load_from``, in place); refuse in one line if
+    it lacks it (:func:`dap_pretrain.mm.work_dir.last_checkpoint_in`)."""
     if cfg.get("resume") is not True or cfg.get("load_from"):
         return
-    work_dir = Path(cfg.work_dir)
-    marker = work_dir / "last_checkpoint"
-    if not marker.is_file():
-        return
-    named = Path(marker.read_text().strip())
-    if named.parent.resolve() == work_dir.resolve():
-        return
-    own = work_dir / named.name
-    if not own.is_file():
-        raise TransferInputError(
-            f"{marker} names {named}, outside this work dir, and the work dir has no {named.name}; "
-            "pass --cfg-options resume=True load_from=CHECKPOINT"
-        )
-    print(f"transfer_coco: resuming from {own} ({marker} names {named}, outside this work dir)", flush=True)
-    cfg.load_from = os.fspath(own)
+    from dap_pretrain.mm.work_dir import last_checkpoint_in
+
+    marker = Path(cfg.work_dir) / "last_checkpoint"
+    own = last_checkpoint_in(Path(cfg.work_dir), fix="pass --cfg-options resume=True load_from=CHECKPOINT")
+    if own is not None and own.parent.resolve() == Path(cfg.work_dir).resolve():
+        named = Path(marker.read_text().strip())
+        if named != own:
+            print(f"transfer_coco: resuming from {own} ({marker} names {named}, outside this work dir)", flush=True)
+            cfg.load_from = os.fspath(own)
 
 
 def prepare_transfer(

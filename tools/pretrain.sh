@@ -13,8 +13,8 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPROC_PER_NODE=8 tools/pretrain.sh --config ...   # node 0 of 2
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-py=${DAP_PYTHON:-"$root/.venv/bin/python"}  # DAP_PYTHON: another interpreter
-[ -x "$py" ] || py=python3
+py=${DAP_PYTHON:-"$root/.venv/bin/python"}  # DAP_PYTHON: another interpreter (used as given)
+[ -n "${DAP_PYTHON:-}" ] || [ -x "$py" ] || py=python3  # no .venv: the python on PATH
 args=("$@")
 own_run=0 prev=""
 for a in "$@"; do

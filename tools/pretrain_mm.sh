@@ -9,8 +9,8 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 NPROC_PER_NODE=8 tools/pretrain_mm.sh CONFIG ...   # node 0 of 2
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-py="$root/.venv/bin/python"
-[ -x "$py" ] || py=python3
+py=${DAP_PYTHON:-"$root/.venv/bin/python"}  # DAP_PYTHON: another interpreter (used as given)
+[ -n "${DAP_PYTHON:-}" ] || [ -x "$py" ] || py=python3  # no .venv: the python on PATH
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 nproc=${NPROC_PER_NODE:-1}
 nnodes=${NNODES:-1}

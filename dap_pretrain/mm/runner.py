@@ -12,11 +12,11 @@ from pathlib import Path
 
 from dap_pretrain.mm.head import RANKED_SELECT, head_refusal
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
-from dap_pretrain.mm.work_dir import (  # noqa: F401  (check_work_dir, work_dir_lock: this module's API before)
-    RUN_MARKERS,
+from dap_pretrain.mm.work_dir import (
     ClearPreviousRun,
     WorkDirSnapshot,
     check_work_dir,
+    last_checkpoint_in,
     work_dir_lock,
 )
 
@@ -109,6 +109,8 @@ def prepare_config(
         if resume == "auto" and not (Path(cfg.work_dir) / "last_checkpoint").is_file():
             raise DaPMMError(f"--resume: {cfg.work_dir} has no last_checkpoint; pass the run's --work-dir")
         cfg.resume, cfg.load_from = True, (None if resume == "auto" else str(resume))
+        if resume == "auto":  # a moved or copied work dir resumes from its own copy of the checkpoint
+            cfg.load_from = str(last_checkpoint_in(Path(cfg.work_dir), fix="pass --resume CKPT"))
     if launcher == "pytorch" and not _cuda():
         # CPU processes: mmengine's default wrapper passes device_ids=[LOCAL_RANK], which DDP refuses for CPU modules
         if cfg.get("model_wrapper_cfg") is None:  # broadcast_buffers=False: mmengine's default wrapper setting

@@ -35,13 +35,33 @@ _SNAPSHOT_MAX_BYTES = 1 << 20  # files kept in memory to restore (config dump, r
 
 
 def check_work_dir(work_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse a work dir that holds another DaP run, unless resuming it or told to overwrite it."""
+    """Refuse a work dir that is a file, or that holds another DaP run unless resuming it or told to overwrite it
+    (``--resume`` is offered only when the run saved a checkpoint)."""
+    if work_dir.exists() and not work_dir.is_dir():
+        raise DaPMMError(f"--work-dir {work_dir} is a file; pass a folder")
     held = [m for m in RUN_MARKERS if (work_dir / m).exists()]
     if held and not resume and not overwrite:
+        again = "--resume to continue it, " if (work_dir / "last_checkpoint").exists() else ""
         raise DaPMMError(
-            f"work dir {work_dir} already holds a run ({', '.join(held)}); pass --resume to continue it, "
-            "--overwrite to replace it, or another --work-dir"
+            f"work dir {work_dir} already holds a run ({', '.join(held)}); pass {again}--overwrite to replace it, "
+            "or another --work-dir"
         )
+
+
+def last_checkpoint_in(work_dir: Path, *, fix: str) -> Path | None:
+    """The checkpoint ``WORK_DIR/last_checkpoint`` names (``None`` without that file). mmengine writes it as an
+    absolute path, so in a work dir moved or copied since it names the old place: then the work dir's own file of
+    that name is returned. If the work dir has none, :class:`DaPMMError` with ``fix``."""
+    marker = work_dir / "last_checkpoint"
+    if not marker.is_file():
+        return None
+    named = Path(marker.read_text().strip())
+    if named.parent.resolve() == work_dir.resolve() or not named.name:
+        return named
+    own = work_dir / named.name
+    if not own.is_file():
+        raise DaPMMError(f"{marker} names {named}, outside this work dir, and the work dir has no {named.name}; {fix}")
+    return own
 
 
 @contextlib.contextmanager

@@ -136,7 +136,8 @@ def test_timm_architecture_names_the_timm_model_that_loads_the_weights():
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
     from dap_pretrain.mm import DaPMMError
-    from dap_pretrain.mm.runner import check_work_dir, set_data_root, work_dir_lock
+    from dap_pretrain.mm.runner import set_data_root
+    from dap_pretrain.mm.work_dir import check_work_dir, work_dir_lock
 
     work = tmp_path / "w"
     with work_dir_lock(work, enabled=True):
@@ -144,9 +145,15 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
             with work_dir_lock(work, enabled=True):
                 pass
     (work / "run.json").write_text("{}")
+    with pytest.raises(DaPMMError, match="already holds a run") as e:  # no checkpoint: --resume would be refused
+        check_work_dir(work, resume=False, overwrite=False)
+    assert "--resume" not in str(e.value) and "--overwrite" in str(e.value)
+    (work / "last_checkpoint").write_text(str(work / "epoch_1.pth"))
     with pytest.raises(DaPMMError, match="--resume to continue it"):
         check_work_dir(work, resume=False, overwrite=False)
     check_work_dir(work, resume=True, overwrite=False)
+    with pytest.raises(DaPMMError, match="is a file; pass a folder"):  # was a FileExistsError traceback at the lock
+        check_work_dir(work / "run.json", resume=False, overwrite=False)
     for split, cls in (("train", "a"), ("train", "b"), ("val", "a"), ("val", "c")):
         (tmp_path / "data" / split / cls).mkdir(parents=True)
         (tmp_path / "data" / split / cls / "x.jpg").write_bytes(b"")
@@ -154,6 +161,25 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         set_data_root(None, tmp_path / "data")
     with pytest.raises(DaPMMError, match="no train/ folder"):
         set_data_root(None, tmp_path / "data" / "train")
+
+
+def test_a_moved_work_dir_resumes_from_its_own_checkpoint(tmp_path):
+    """mmengine's last_checkpoint holds an absolute path: in a copied work dir it names the original (here gone),
+    and --resume was refused with 'does not exist'. The copy's own file of that name is used; none is one line."""
+    from dap_pretrain.mm import DaPMMError
+    from dap_pretrain.mm.work_dir import last_checkpoint_in
+
+    work = tmp_path / "moved"
+    work.mkdir()
+    (work / "last_checkpoint").write_text(str(tmp_path / "original" / "epoch_3.pth"))
+    (work / "epoch_3.pth").write_bytes(b"weights")
+    assert last_checkpoint_in(work, fix="pass --resume CKPT") == work / "epoch_3.pth"
+    (work / "epoch_3.pth").unlink()
+    with pytest.raises(DaPMMError, match="outside this work dir, and the work dir has no epoch_3.pth; pass --resume"):
+        last_checkpoint_in(work, fix="pass --resume CKPT")
+    (work / "last_checkpoint").write_text(str(work / "epoch_2.pth"))  # in place: returned as named
+    assert last_checkpoint_in(work, fix="") == work / "epoch_2.pth"
+    assert last_checkpoint_in(tmp_path, fix="") is None
 
 
 def _config(tmp_path, body: str = "", *, name: str = "c.py"):
