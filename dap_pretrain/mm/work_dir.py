@@ -81,16 +81,17 @@ def work_dir_lock(work_dir: Path, *, enabled: bool):
         yield
 
 
-def previous_run_files(work_dir: Path, *, keep: tuple[str, ...] = ()) -> list[Path]:
-    """What ``--overwrite`` deletes: the previous run's ``epoch_N.pth``/``best_*.pth``, ``last_checkpoint``,
-    ``run.json``, ``summary.csv``, leftover ``*.tmp`` files and mmengine's timestamp log folders (but ``keep``)."""
+def previous_run_files(work_dir: Path, *, keep: tuple[str, ...] = (), also: tuple[str, ...] = ()) -> list[Path]:
+    """What ``--overwrite`` replaces: the previous run's ``epoch_N.pth``/``best_*.pth``, ``last_checkpoint``,
+    ``run.json``, ``summary.csv``, the files named in ``also`` (a transfer's ``metrics.json``), leftover ``*.tmp``
+    files and mmengine's timestamp log folders (but ``keep``)."""
     if not work_dir.is_dir():
         return []
     out = []
     for p in sorted(work_dir.iterdir()):
         if p.name in keep:
             continue
-        if p.is_file() and (p.name in RUN_MARKERS or _RUN_FILE.fullmatch(p.name)):
+        if p.is_file() and (p.name in RUN_MARKERS or p.name in also or _RUN_FILE.fullmatch(p.name)):
             out.append(p)
         elif p.is_dir() and not p.is_symlink() and _LOG_FOLDER.fullmatch(p.name):
             out.append(p)
@@ -104,11 +105,11 @@ class ClearPreviousRun(Hook):
     priority ``'LOWEST'``, so it runs after :class:`~dap_pretrain.mm.hook.DaPHook` has accepted the built run and
     after mmengine's ``CheckpointHook`` has saved the epoch."""
 
-    def __init__(self, *, work_dir: Path, keep: tuple[str, ...]):
-        self.work_dir, self.keep, self.removed, self.pending = Path(work_dir), keep, [], False
+    def __init__(self, *, work_dir: Path, keep: tuple[str, ...], also: tuple[str, ...] = ()):
+        self.work_dir, self.keep, self.also, self.removed, self.pending = Path(work_dir), keep, also, [], False
 
     def before_train(self, runner) -> None:
-        self.removed = [p.name for p in previous_run_files(self.work_dir, keep=self.keep)]
+        self.removed = [p.name for p in previous_run_files(self.work_dir, keep=self.keep, also=self.also)]
         if self.removed:
             set_aside(self.work_dir, self.removed)
             self.pending = True
@@ -125,7 +126,8 @@ class ClearPreviousRun(Hook):
     def undo(self) -> None:
         """The run stopped before its first checkpoint: its files out, the previous run's back."""
         if self.pending:
-            restore_replaced(self.work_dir, [p.name for p in previous_run_files(self.work_dir, keep=self.keep)])
+            current = previous_run_files(self.work_dir, keep=self.keep, also=self.also)
+            restore_replaced(self.work_dir, [p.name for p in current])
             self.pending = False
 
 

@@ -132,6 +132,40 @@ def test_a_moved_work_dir_resumes_from_its_own_checkpoint(runs, exports, coco_ro
     assert proc.returncode == 2 and len(lines) == 1 and "pass --cfg-options resume=True load_from=" in lines[0]
 
 
+def test_overwrite_keeps_the_previous_run_until_the_first_checkpoint(runs, exports, coco_root, tmp_path, monkeypatch):
+    """--overwrite replaced only metrics.json: the previous run's epoch_N.pth and last_checkpoint stayed beside the
+    new run's. They now wait in .replaced/ with its metrics.json: back if the run stops before its first
+    checkpoint, gone once it has saved one."""
+    from mmengine.runner import Runner
+
+    work = tmp_path / "again"
+    shutil.copytree(runs["simplebaseline"], work)
+    (work / "epoch_9.pth").write_bytes(b"an old epoch the new run will not write")
+
+    def files() -> dict:  # less the lock and the config dump, which mmengine rewrites as it builds the runner
+        return {p.name: p.read_bytes() for p in work.iterdir() if p.is_file() and p.suffix not in (".lock", ".py")}
+
+    before = files()
+    argv = ["simplebaseline", str(exports["full"]), "--data-root", str(coco_root), "--work-dir", str(work)]
+    argv += ["--overwrite", "--cfg-options", *FAST["simplebaseline"]]
+
+    def fails_in_its_first_epoch(self):
+        self.call_hook("before_train")
+        raise RuntimeError("out of memory (a stand-in)")
+
+    monkeypatch.setattr(Runner, "train", fails_in_its_first_epoch)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        transfer_main(argv)
+    assert files() == before
+    assert not (work / ".replaced").exists()
+    monkeypatch.undo()
+    # a process of its own, as a user runs it (mmengine's visualizer outlives a runner within one process)
+    proc = transfer("simplebaseline", exports["full"], work, *argv[6:], data_root=coco_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (work / ".replaced").exists() and not (work / "epoch_9.pth").exists()
+    assert (work / "metrics.json").read_bytes() != before["metrics.json"]
+
+
 def named_iters(checkpoint: Path) -> int:
     """The iteration count a checkpoint was saved at (mmengine's meta)."""
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["meta"]["iter"]
