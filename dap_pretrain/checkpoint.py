@@ -13,7 +13,6 @@ import logging
 import os
 import pickle
 import random
-import re
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dap_pretrain.errors import DapError
+from dap_pretrain.errors import DapError, brief
 
 _logger = logging.getLogger(__name__)
 
@@ -146,13 +145,6 @@ def not_a_checkpoint_file(path: Path, *, fix: str) -> CheckpointError:
     return CheckpointError(f"checkpoint {path} does not exist; {fix}")
 
 
-def _brief(error: BaseException, limit: int = 120) -> str:
-    """The first line of an exception's text without terminal escape codes, cut at a word to about ``limit``."""
-    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(error)).strip()
-    first = text.splitlines()[0].strip() if text else type(error).__name__
-    return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + " ..."
-
-
 def _is_safetensors(path: Path) -> bool:
     """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
     try:
@@ -210,10 +202,10 @@ def load_checkpoint(path: str | os.PathLike, *, map_location="cpu") -> dict:
                 f"`python -m dap_pretrain export {path} --out DIR`"
             ) from None
         refused = "Weights only load failed" in str(e)
-        why = "it pickles Python objects that a safe load refuses" if refused else _brief(e)
+        why = "it pickles Python objects that a safe load refuses" if refused else brief(e)
         raise CheckpointError(f"checkpoint {path} is unreadable ({why}); {fix}") from None
     except Exception as e:  # corrupt, truncated, or not a torch file
-        raise CheckpointError(f"checkpoint {path} is unreadable ({_brief(e)}); {fix}") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable ({brief(e)}); {fix}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "arch" not in ckpt:
         raise CheckpointError(
             f"checkpoint {path} was not written by dap-train (no 'arch'/'state_dict'; weights only, such as an "

@@ -10,6 +10,7 @@ those into :class:`UsageError` where the values came from the user.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from contextlib import contextmanager
 
@@ -76,3 +77,11 @@ def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002 
         return wrapper
 
     return wrap(main) if main is not None else wrap
+
+
+def brief(error: BaseException, limit: int = 120) -> str:
+    """The first line of an exception's text without terminal escape codes, cut at a word to about ``limit``: a
+    library's message inside one of ours (torch's load errors run to many lines, some with colour codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(error)).strip()
+    first = text.splitlines()[0].strip() if text else type(error).__name__
+    return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + " ..."

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dap_pretrain.errors import brief
 from dap_pretrain.mm.head import RANKED_SELECT, head_refusal
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
 from dap_pretrain.mm.work_dir import (
@@ -231,7 +232,18 @@ def check_resume(cfg, settings: DaPSettings) -> None:
     import torch
 
     # the file the user resumes, loaded as mmengine's resume will load it (weights_only=False: trusted_checkpoints)
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("dap")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # corrupt, truncated, not a torch file: one line, not torch's traceback
+        raise DaPMMError(
+            f"--resume: {path} is not a readable checkpoint ({brief(e)}); pass a run's epoch_N.pth"
+        ) from None
+    if isinstance(ckpt, dict) and "arch" in ckpt and "sampler" in ckpt and "meta" not in ckpt:
+        raise DaPMMError(
+            f"--resume: {path} is a dap-train checkpoint (tools/pretrain.sh), not an mmengine one; resume it with "
+            f"tools/pretrain.sh --resume {path}, or pass a run's epoch_N.pth"
+        )
+    state = ckpt.get("dap") if isinstance(ckpt, dict) else None
     mismatch = resume_mismatch(state["sampler"], settings) if isinstance(state, dict) else None
     if mismatch:
         raise DaPMMError(mismatch)

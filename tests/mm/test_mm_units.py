@@ -328,3 +328,23 @@ def test_bad_cfg_options_are_one_line(item, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and item in err
     assert err.startswith("pretrain_mm: error: --cfg-options")
+
+
+def test_resume_of_a_file_that_is_no_mmengine_checkpoint_is_one_line(tmp_path):
+    """A corrupt file was torch's traceback; a dap-train last.pth.tar passed this check and failed inside mmengine."""
+    from mmengine.config import Config
+
+    from dap_pretrain.mm import DaPMMError
+    from dap_pretrain.mm.runner import check_resume
+    from dap_pretrain.mm.settings import resolve_dap
+
+    settings = resolve_dap(dict(warmup=1, interval=1, keep=0.5, reuse=[]), epochs=4)
+    corrupt = tmp_path / "epoch_2.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    timm_side = tmp_path / "last.pth.tar"
+    torch.save({"arch": "resnet18", "sampler": {}, "state_dict": {}, "epoch": 2}, timm_side)
+    for path, words in ((corrupt, "is not a readable checkpoint"), (timm_side, "tools/pretrain.sh --resume")):
+        cfg = Config(dict(resume=True, load_from=str(path), work_dir=str(tmp_path)))
+        with pytest.raises(DaPMMError, match=words) as e:
+            check_resume(cfg, settings)
+        assert "\n" not in str(e.value)
