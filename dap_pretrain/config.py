@@ -26,6 +26,12 @@ def dap_config_from_args(
     kwargs = dict(
         epochs=args.epochs, warmup=args.dap_warmup, interval=args.dap_interval, active=args.dap_active, reuse=reuse
     )
+    if isinstance(args.dap_warmup, int) and isinstance(args.epochs, int) and 1 <= args.epochs <= args.dap_warmup:
+        raise UsageError(
+            f"--dap-warmup {args.dap_warmup} is not below --epochs {args.epochs}: DaP warms up on all data for "
+            f"W epochs before it drops any (default 10); pass --dap-warmup {max(0, args.epochs // 4)} or another "
+            f"W below {args.epochs}"
+        )
     with user_input():
         DaPConfig(keep=1.0, **kwargs)  # validate everything but p before solving
         note = None

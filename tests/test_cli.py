@@ -187,3 +187,11 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
     assert exc.value.code == 130 and capsys.readouterr().err == "interrupted; what was saved before it is kept\n"
     assert entry_point(interrupted, prog="report", exit=False)() == 130
     assert capsys.readouterr().err.startswith("report: interrupted")
+
+
+def test_a_short_run_with_the_default_warmup_is_told_the_default(capsys):
+    """`--epochs 2` alone said "dap-warmup=10 is invalid: must be an integer in [0, 1]", a value never typed."""
+    with pytest.raises(SystemExit):
+        main(["plan", "--epochs", "5"])
+    err = capsys.readouterr().err.strip()
+    assert "--dap-warmup 10 is not below --epochs 5" in err and "(default 10)" in err and "\n" not in err
