@@ -134,6 +134,11 @@ def make_parser(**kwargs) -> argparse.ArgumentParser:
     return _Parser(**kwargs)
 
 
+def not_key_value(values: list[str]) -> list[str]:
+    """The items of a ``KEY=VALUE ...`` flag that are not: no ``=``, or nothing before it."""
+    return [v for v in values if not v.partition("=")[0] or "=" not in v]
+
+
 def add_cfg_options(parser: argparse.ArgumentParser) -> None:
     """mmengine's ``--cfg-options key.path=value ...`` (its ``DictAction``: lists, tuples, ``None``/booleans), where
     an item without ``=``, or a value it cannot parse (``a=[1,2``), is ``parser.error``'s one line instead of
@@ -144,9 +149,8 @@ def add_cfg_options(parser: argparse.ArgumentParser) -> None:
             from mmengine.config import DictAction
 
             flag = option_string or "--cfg-options"
-            for item in values:
-                if "=" not in item or not item.partition("=")[0]:
-                    parser.error(f"{flag} {item!r} is not KEY=VALUE; write e.g. {flag} train_cfg.max_epochs=4")
+            for item in not_key_value(values):
+                parser.error(f"{flag} {item!r} is not KEY=VALUE; write e.g. {flag} train_cfg.max_epochs=4")
             try:
                 DictAction(self.option_strings, self.dest)(parser, namespace, values, option_string)
             except (ValueError, AssertionError, IndexError) as e:  # DictAction's parsing of a malformed value

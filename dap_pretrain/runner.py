@@ -626,12 +626,9 @@ def _check_resumable(ckpt: dict, ckpt_path, *, cfg, num_classes: int, sampler, o
         )
     had = (ckpt.get("args") or {}).get("model_kwargs") or {}
     if dict(had) != dict(model_kwargs):
-
-        def shown(kw: dict) -> str:
-            return " ".join(f"{k}={v}" for k, v in kw.items()) or "none"
-
         raise CheckpointError(
-            f"checkpoint {ckpt_path} was trained with --model-kwargs {shown(had)}, this run has {shown(model_kwargs)}; "
+            f"checkpoint {ckpt_path} was trained with --model-kwargs {_shown(dict(had))}, this run has "
+            f"{_shown(dict(model_kwargs))}; "
             f"resume with the checkpoint's --model-kwargs (they define the model), or start a new run"
         )
     missing = [k for k in RESUME_KEYS if ckpt.get(k) is None]

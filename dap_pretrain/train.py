@@ -13,7 +13,7 @@ from pathlib import Path
 
 from timm.utils import ParseKwargs
 
-from dap_pretrain.cli import add_dap_arguments, given_flags, make_parser, refuse_exclusive_flags
+from dap_pretrain.cli import add_dap_arguments, given_flags, make_parser, not_key_value, refuse_exclusive_flags
 from dap_pretrain.config import load_config, run_config
 from dap_pretrain.errors import UsageError, entry_point
 
@@ -24,7 +24,7 @@ class _Kwargs(ParseKwargs):
     """timm's ``ParseKwargs``, where an item without ``=`` is ``parser.error``'s one line (timm's raises)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        bad = [v for v in values if "=" not in v or v.startswith("=")]
+        bad = not_key_value(values)
         if bad:
             parser.error(f"{option_string} takes KEY=VALUE items, not {' '.join(bad)}")
         super().__call__(parser, namespace, values, option_string)

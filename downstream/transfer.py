@@ -134,11 +134,9 @@ def _resume_in_moved_work_dir(cfg) -> None:
 
     marker = Path(cfg.work_dir) / "last_checkpoint"
     own = last_checkpoint_in(Path(cfg.work_dir), fix="pass --cfg-options resume=True load_from=CHECKPOINT")
-    if own is not None and own.parent.resolve() == Path(cfg.work_dir).resolve():
-        named = Path(marker.read_text().strip())
-        if named != own:
-            print(f"transfer_coco: resuming from {own} ({marker} names {named}, outside this work dir)", flush=True)
-            cfg.load_from = os.fspath(own)
+    if own is not None and os.fspath(own) != marker.read_text().strip():  # not the file it names: the copy's own
+        print(f"transfer_coco: resuming from {own} ({marker} names another place, outside this work dir)", flush=True)
+        cfg.load_from = os.fspath(own)
 
 
 def prepare_transfer(
