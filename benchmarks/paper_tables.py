@@ -656,8 +656,18 @@ def paired_vs_dap(records: list[dict], row: str) -> list[float]:
     return [r["top1"] - dap[r["seed"]] for r in records if r["row"] == row and r["seed"] in dap]
 
 
+def _mean_pm_std(values: list[float], signed: bool = False) -> str:
+    """``mean ± std`` over seeds; the mean alone for one seed, whose spread is unknown (not 0)."""
+    m, s = mean_std(values)
+    mean = f"{m:+.2f}" if signed else f"{m:.2f}"
+    return f"{mean} ± {s:.2f}" if len(values) > 1 else mean
+
+
 def table2f(records: list[dict], network: str) -> list[str]:
-    """Markdown Table 2(f) for ``network`` from CSV records, beside the paper's (ResNet-110) numbers."""
+    """Markdown Table 2(f) for ``network`` from CSV records, beside the paper's (ResNet-110) numbers.
+
+    Spreads are sample std over seeds; a row with one seed shows its value without one.
+    """
     recs = [r for r in records if r["network"] == network and r["top1"] != ""]
     lines = [
         "| row | epochs | n | top-1 (%) mean ± std | compute (measured) | row − DaP, paired by seed | "
@@ -668,19 +678,18 @@ def table2f(records: list[dict], network: str) -> list[str]:
         rs = [r for r in recs if r["row"] == row]
         if not rs:
             continue
-        m, s = mean_std([r["top1"] for r in rs])
+        top1 = _mean_pm_std([r["top1"] for r in rs])
         c = mean_std([r["compute_measured"] for r in rs])[0]
         epochs = "/".join(str(e) for e in sorted({r["epochs"] for r in rs}))
         paired = ahead = paper_diff = ""
         d = paired_vs_dap(recs, row) if row != "dap" else []
         if d:
-            pm, ps = mean_std(d)
-            paired, ahead = f"{pm:+.2f} ± {ps:.2f}", f"{sum(x < 0 for x in d)}/{len(d)}"
+            paired, ahead = _mean_pm_std(d, signed=True), f"{sum(x < 0 for x in d)}/{len(d)}"
         paper = PAPER_2F.get(row)
         if paper is not None and row != "dap":
             paper_diff = f"{paper - PAPER_2F['dap']:+.2f}"
         lines.append(
-            f"| {LABELS[row]} | {epochs} | {len(rs)} | {m:.2f} ± {s:.2f} | {c:.1%} | {paired} | {ahead} | "
+            f"| {LABELS[row]} | {epochs} | {len(rs)} | {top1} | {c:.1%} | {paired} | {ahead} | "
             f"{'' if paper is None else f'{paper:.2f}'} | {paper_diff} |"
         )
     return lines
