@@ -194,7 +194,12 @@ def loader_only(kind: str, root: Path, *, args, img_size: int, batches: int = 30
     return res
 
 
-VARIANTS = {"_pinned": {"pin_memory": True}, "_nested": {"pad": "nested"}, "_half": {"dtype": "amp"}}
+VARIANTS = {
+    "_pinned": {"pin_memory": True},
+    "_nested": {"pad": "nested"},
+    "_half": {"dtype": "amp"},
+    "_fused": {"fuse": True},  # flip, jitter and normalise under torch.compile (finish_crops)
+}
 
 
 def loader_experiments(suffixes: str, *, step: str) -> dict:
@@ -211,7 +216,8 @@ def loader_experiments(suffixes: str, *, step: str) -> dict:
 
 
 def loader_variant(step: str) -> dict:
-    """``model_with_gpu_loader``'s keywords for a step ``model_gpu_loader[_same_priority][_pinned][_nested][_half]``:
+    """``model_with_gpu_loader``'s keywords for a step
+    ``model_gpu_loader[_same_priority][_pinned][_nested][_half][_fused]``:
     the bare name runs the steps on a high-priority stream; every other name at the trainer's one priority, with
     the loader experiments its suffixes name (``_half``: batches in the model's AMP dtype)."""
     rest = step.removeprefix("model_gpu_loader")
@@ -221,7 +227,7 @@ def loader_variant(step: str) -> dict:
 
 
 def trainer_probe(step: str, *, profile: dict | None = None) -> list[str] | None:
-    """The trainer's entry for a step ``[profile_]trainer_gpu_decode[_pinned][_nested][_half]`` or
+    """The trainer's entry for a step ``[profile_]trainer_gpu_decode[_pinned][_nested][_half][_fused]`` or
     ``[profile_]trainer_cpu_decode``: ``None`` (the trainer as committed, ``-m dap_pretrain.train``) unless the step
     names loader experiments (``_half``: float16, the benchmark's AMP dtype) or ``profile`` is given; then
     ``trainer_probe.py`` with them."""
@@ -240,7 +246,7 @@ def model_with_gpu_loader(
     pipeline costs the model when both share the GPU. ``priority``: the steps run on a high-priority CUDA stream,
     the pipeline's kernels on its default-priority side stream (tried on an H100 and not kept in the trainer:
     RESULTS section 9); else both at the default priority, as the trainer runs. ``loader_kwargs``: the loader's
-    experiments (``pin_memory``, ``pad``, ``dtype="amp"``: the step's autocast dtype)."""
+    experiments (``pin_memory``, ``pad``, ``dtype="amp"``: the step's autocast dtype, ``fuse``)."""
     import contextlib
 
     import torch
@@ -420,7 +426,7 @@ def main(argv=None) -> int:
                    "without a model); "
                    "model_gpu_loader (the model-only loop fed by the GPU pipeline, the steps on a high-priority "
                    "stream), model_gpu_loader_same_priority (the same at one priority, as the trainer runs), and that "
-                   "with any of the suffixes _pinned, _nested, _half in this order (the loader's experiments); "
+                   "with any of the suffixes _pinned, _nested, _half, _fused in this order (the loader's experiments); "
                    "profile_gpu_loader (device time per kernel); profile_model_gpu_loader (SM busy, idle and "
                    "per-stream time per step, model-only beside the loop fed by the pipeline); trainer_gpu_decode "
                    "with the same suffixes (the trainer with those loader experiments, trainer_probe.py); "

@@ -149,8 +149,11 @@ def test_gpu_decode_step_names_pick_the_loader_experiments():
     assert gpu_decode.loader_variant("model_gpu_loader") == {"priority": True}
     assert gpu_decode.loader_variant("model_gpu_loader_same_priority") == {"priority": False}
     assert gpu_decode.loader_variant("model_gpu_loader_nested") == {"priority": False, "pad": "nested"}
-    every = {"priority": False, "pin_memory": True, "pad": "nested", "dtype": "amp"}
-    assert gpu_decode.loader_variant("model_gpu_loader_same_priority_pinned_nested_half") == every
+    every = {"priority": False, "pin_memory": True, "pad": "nested", "dtype": "amp", "fuse": True}
+    assert gpu_decode.loader_variant("model_gpu_loader_same_priority_pinned_nested_half_fused") == every
+    assert gpu_decode.loader_variant("model_gpu_loader_half_fused") == {"priority": False, "dtype": "amp", "fuse": True}
+    probe = gpu_decode.trainer_probe("trainer_gpu_decode_fused")  # the trainer with the loader's fuse=True
+    assert probe is not None and json.loads(probe[1]) == {"loader": {"fuse": True}}
     with pytest.raises(BenchmarkError, match="unknown step 'model_gpu_loader_halff'"):
         gpu_decode.loader_variant("model_gpu_loader_halff")
 
@@ -173,7 +176,7 @@ def test_gpu_decode_ab_dry_run(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DRY_RUN": "1", "WORK_DIR": str(tmp_path / "w"),
            "IMAGENET": str(REPO.parent / "shared/data/imagenet_sample"),
-           "STEPS": "model_only_torch_defaults model_only model_gpu_loader_same_priority model_gpu_loader_half "
+           "STEPS": "model_only_torch_defaults model_only model_gpu_loader_same_priority model_gpu_loader_half_fused "
                     "model_gpu_loader_pinned_nested_half trainer_cpu_decode profile_trainer_cpu_decode "
                     "model_gpu_loader_same_priority profile_model_gpu_loader"}  # fmt: skip
     proc = subprocess.run(["bash", "benchmarks/gpu_decode_ab.sh"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -187,7 +190,8 @@ def test_gpu_decode_ab_dry_run(tmp_path):
     profile, trainer = steps.pop("profile_model_gpu_loader"), steps.pop("profile_trainer_cpu_decode")
     assert trainer["trainer"]["steps"] == 1 and trainer["trainer"]["wall_ms"] > 0, trainer  # the trainer's step
     assert all(res["img_per_s"] > 0 for res in steps.values()), steps
-    assert steps["model_gpu_loader_half"]["dtype"] == "torch.bfloat16"  # the dry run's AMP dtype
+    assert steps["model_gpu_loader_half_fused"]["dtype"] == "torch.bfloat16"  # the dry run's AMP dtype
+    assert steps["model_gpu_loader_half_fused"]["fuse"] is True
     cpu = steps["trainer_cpu_decode"]  # per epoch, its wait for the first batch; the rate without it is higher
     assert all(s > 0 for s in cpu["first_batch_s"]) and cpu["after_first_batch_img_per_s"] > cpu["img_per_s"], cpu
     assert profile["model_only"]["wall_ms"] > 0 and profile["fed"]["wall_ms"] > 0, profile  # no CUDA events on CPU

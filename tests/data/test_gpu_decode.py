@@ -306,3 +306,40 @@ def test_half_precision_batches_match_float32(device):
     with pytest.raises(ValueError, match="dtype torch.float64"):
         GpuDecodeLoader([], sampler=[], batch_size=1, img_size=8, mean=(0,) * 3, std=(1,) * 3,
                         device=torch.device(device), num_workers=0, dtype=torch.float64)  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_finish_gives_the_eager_batches(device, monkeypatch, caplog):
+    """``fuse=True`` (flip, jitter and normalise as one ``torch.compile``d function) gives the step-by-step batches
+    to within float rounding, in float32 and in the AMP dtype; if compiling fails, one warning and the same
+    batches from the function run eagerly."""
+    files = _imagenet_files(12)
+
+    def batches(**kw) -> torch.Tensor:
+        loader = GpuDecodeLoader(
+            [(f, 0) for f in files], sampler=range(len(files)), batch_size=8, img_size=48, mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225), device=torch.device(device), num_workers=0, channels_last=True, **kw,
+        )  # fmt: skip
+        xs = [x for x, _, _ in loader]  # batches of 8 and 4: the compiled function meets a second batch size
+        assert all(x.is_contiguous(memory_format=torch.channels_last) for x in xs)
+        return torch.cat([x.float().cpu() for x in xs])
+
+    ref = batches()
+    fused = batches(fuse=True)
+    assert (ref - fused).abs().max() < 1e-3  # normalised units: about 1/4 of a grey level is 0.017
+    half = batches(fuse=True, dtype=torch.float16)
+    assert (half - ref).abs().max() < 0.02  # float16 out: its rounding at values up to about 2.6
+    assert (ref - ref.roll(1, 0)).abs().mean() > 0.3  # other images differ by far more: the test can fail
+
+    def broken(fn):
+        def call(*args, **kwargs):
+            raise RuntimeError("no compiler here\nsecond line")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level("WARNING"):
+        fallback = batches(fuse=True)
+    assert torch.equal(fallback, fused) or (fallback - ref).abs().max() < 1e-3
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1 and "no compiler here" in warnings[0] and "\n" not in warnings[0], warnings
