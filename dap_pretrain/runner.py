@@ -474,6 +474,7 @@ _SAMPLER_FLAGS = {
     "ratio": ("infobatch_ratio",),
     "delta": ("infobatch_delta",),
     "target_compute": ("infobatch_target_compute",),
+    "seed": ("seed",),
 }
 # The optimizer's state is only valid for the optimizer and parameter groups that made it.
 _OPTIMIZER_FLAGS = ("opt", "weight_decay", "layer_decay", "opt_kwargs", "opt_betas", "opt_eps", "momentum")
@@ -510,9 +511,12 @@ def _differing_flags(had: dict, cfg, names) -> list[str]:
 
 
 def _sampler_settings(state: dict) -> dict:
-    """What a sampler state was made with: the DaP config, the policy and InfoBatch's parameters (one flat dict)."""
+    """What a sampler state was made with: the DaP config, the policy, InfoBatch's parameters and the seed (one flat
+    dict)."""
     settings = dict(state.get("config") or {})
     settings["select"] = state.get("select")
+    if "seed" in state:  # the sampler's order and subsets; the loaders seed each sample's augmentation with it too
+        settings["seed"] = state["seed"]
     if state.get("infobatch") is not None:
         settings["select"] = "infobatch"
         settings.update({k: state["infobatch"].get(k) for k in ("epochs", "ratio", "delta", "target_compute")})
@@ -613,8 +617,9 @@ def _check_resumable(ckpt: dict, ckpt_path, *, cfg, num_classes: int, sampler, o
 
     Refused: another model or ``--model-kwargs`` (they can change what a layer computes without changing a weight's
     shape, and export builds the model from the checkpoint's), missing training state, another number of classes or
-    of samples, other sampler settings (DaP's, ``--dap-select``, InfoBatch's: the sampler state, schedule and
-    accounting were made with them), another ``--opt`` or other optimizer parameter groups. Anything else
+    of samples, other sampler settings (DaP's, ``--dap-select``, InfoBatch's, ``--seed``: the sampler state,
+    schedule and accounting were made with them, and a resumed sampler keeps its seed while the loaders would take
+    the new one), another ``--opt`` or other optimizer parameter groups. Anything else
     (``--lr``, ...) is allowed, as timm allows it, and logged as ``resumed with flags that differ from the
     checkpoint's: --lr 0.5 (was 0.1)``.
     """

@@ -87,6 +87,17 @@ def test_a_changed_selection_policy_is_refused():
     assert "--dap-select hard, the checkpoint's infobatch" in _refusal(_checkpoint(ib), RUN_B)
 
 
+def test_a_changed_seed_is_refused():
+    """The resumed sampler keeps the checkpoint's seed (its order, its subsets) while the loaders would seed each
+    sample's augmentation with the new one: a changed --seed, or one left out, is refused, not logged as changed."""
+    seeded = [*RUN_B, "--seed", "3"]
+    ckpt = _checkpoint(seeded)
+    _check(ckpt, seeded)
+    assert "--seed 42, the checkpoint's 3" in _refusal(ckpt, RUN_B)  # --seed left out on resume: timm's 42
+    fixed = [*seeded, "--fixed-subset", "0.5", "--dap-select", "none"]
+    assert "--seed 4, the checkpoint's 3" in _refusal(_checkpoint(fixed), [*fixed, "--seed", "4"])
+
+
 def test_a_run_started_with_a_config_names_the_flags_it_set_and_the_config():
     """tools/pretrain.sh adds --config embedded_cifar10.yaml; resuming with `python -m dap_pretrain.train` lacks it."""
     config = str(REPO / "configs" / "pretrain" / "embedded_cifar10.yaml")
