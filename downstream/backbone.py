@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -120,13 +121,17 @@ def compare_state_dicts(
     return [f"{len(keys)} {what} keys, e.g. {keys[0]}" for what, keys in bad.items() if keys]
 
 
-def check_backbone(*, spec: BackboneSpec, reference: dict[str, torch.Tensor], expected: str) -> None:
+def check_backbone(
+    *, spec: BackboneSpec, reference: dict[str, torch.Tensor], expected: str, overrides: Sequence[str] = ()
+) -> None:
     """Raises if ``spec.checkpoint`` does not load into the config's backbone.
 
     Args:
         spec: the resolved backbone.
         reference: state dict of the backbone the config builds (random init is fine).
         expected: how to name that backbone in the message, e.g. ``'mmdet ResNet-50 (configs/det/...py)'``.
+        overrides: the user's ``--cfg-options`` that changed that backbone (``model.backbone.depth=101``): a
+            misfit is then blamed on them, since the export alone fits the stock config.
 
     Raises:
         TransferInputError: names the mismatch and the fix.
@@ -134,6 +139,12 @@ def check_backbone(*, spec: BackboneSpec, reference: dict[str, torch.Tensor], ex
     problems = compare_state_dicts(
         checkpoint=load_backbone_state_dict(spec.checkpoint), reference=reference, model=spec.model
     )
+    if problems and overrides:
+        raise TransferInputError(
+            f"backbone {spec.checkpoint} ({spec.model}) does not fit {expected} as --cfg-options "
+            f"{' '.join(overrides)} changes it: {'; '.join(problems)}; drop those options, or pass an export of the "
+            "architecture they ask for"
+        )
     if problems:
         raise TransferInputError(
             f"backbone {spec.checkpoint} ({spec.model}) does not fit {expected}: {'; '.join(problems)}; "

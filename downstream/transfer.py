@@ -191,7 +191,9 @@ def prepare_transfer(
     _resume_in_moved_work_dir(cfg)
     check_coco_inputs(cfg, keypoints=t.is_pose)
     path = config_path(task=task, model=spec.model)
-    check_backbone(spec=spec, reference=_reference_state_dict(cfg, spec), expected=f"the backbone of {path.name}")
+    changed = [f"{k}={v}" for k, v in (cfg_options or {}).items() if k.startswith("model.backbone.")]
+    reference = _reference_state_dict(cfg, spec)
+    check_backbone(spec=spec, reference=reference, expected=f"the backbone of {path.name}", overrides=changed)
     return cfg, spec
 
 

@@ -295,6 +295,16 @@ def test_backbone_of_another_architecture(mm, make_export, tmp_path, capsys):
     _assert_refused(capsys, [*argv, "--work-dir", str(work)], "does not fit the backbone of faster-rcnn_r50", work)
 
 
+def test_a_backbone_changed_by_cfg_options_is_blamed_on_them(mm, exports, tmp_path, capsys):
+    """A resnet50 export fits the stock config; --cfg-options model.backbone.depth=101 makes it not fit, and the
+    refusal names that option (it used to say to pass another export)."""
+    work = tmp_path / "work"
+    argv = ["faster_rcnn", str(exports["full"]), "--data-root", str(COCO_MINI), "--work-dir", str(work)]
+    _assert_refused(
+        capsys, [*argv, "--cfg-options", "model.backbone.depth=101"], "as --cfg-options model.backbone.depth=101", work
+    )
+
+
 def test_malformed_meta_and_missing_person_dets(mm, exports, tmp_path, capsys):
     bad = tmp_path / "bad_export"
     shutil.copytree(exports["full"], bad)
