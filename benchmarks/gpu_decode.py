@@ -263,6 +263,8 @@ def model_with_gpu_loader(
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         rate = _timed(loader, device=dev.type, warm=max(1, min(5, len(loader) // 4)), step=step)  # cuDNN, nvjpeg
     shown = {k: v if isinstance(v, bool | str) else str(v) for k, v in experiments.items()}
+    if loader.fuse:  # False if torch.compile failed and the batches were finished unfused
+        shown["fused"] = loader.fused
     return {"img_per_s": rate, "batches": batches, "priority": priority, **shown}
 
 

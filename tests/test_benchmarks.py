@@ -192,6 +192,7 @@ def test_gpu_decode_ab_dry_run(tmp_path):
     assert all(res["img_per_s"] > 0 for res in steps.values()), steps
     assert steps["model_gpu_loader_half_fused"]["dtype"] == "torch.bfloat16"  # the dry run's AMP dtype
     assert steps["model_gpu_loader_half_fused"]["fuse"] is True
+    assert steps["model_gpu_loader_half_fused"]["fused"] is True  # compiled, not fallen back
     cpu = steps["trainer_cpu_decode"]  # per epoch, its wait for the first batch; the rate without it is higher
     assert all(s > 0 for s in cpu["first_batch_s"]) and cpu["after_first_batch_img_per_s"] > cpu["img_per_s"], cpu
     assert profile["model_only"]["wall_ms"] > 0 and profile["fed"]["wall_ms"] > 0, profile  # no CUDA events on CPU

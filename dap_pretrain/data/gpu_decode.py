@@ -266,7 +266,8 @@ def finish_crops(
     The same arithmetic as the eager steps (the flipped rows, :func:`color_jitter`, ``Normalize``), so the same
     values up to float rounding (tested). Eager, it reads and writes the batch more often than those in-place steps;
     compiled, each jitter round is a per-sample reduction (the grey mean) and one element-wise pass, and the flip
-    and the normalisation fold into those passes: a few kernels per batch instead of about thirty.
+    and the normalisation fold into those passes: a few passes over the batch (each round's mean needs the previous
+    round's result) instead of about thirty kernels.
     """
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     if order is not None and factors is not None:
@@ -426,10 +427,13 @@ class GpuDecodeLoader:
             the model's first layer casts its input anyway) also flips and jitters the crops in ``float16``, half
             the memory traffic of ``float32``; crops are always resized in ``float32`` (``roi_align`` computes its
             sampling positions in its input's dtype, too coarse in half precision beyond a few hundred pixels).
-        fuse: flip, jitter and normalise with :func:`finish_crops` under ``torch.compile``: a few fused kernels per
-            batch instead of about thirty, reading the float32 crops once and writing ``dtype``. The first batch
-            (and the first of another size) waits for the compile. If compiling fails (no compiler for the device),
-            a one-line warning says why and the batches are made by :func:`finish_crops` eagerly: the same values.
+        fuse: flip, jitter and normalise with :func:`finish_crops` under ``torch.compile``: a few fused passes
+            per batch instead of about thirty kernels; the arithmetic is float32, the result ``dtype`` (so the
+            float16 flip and jitter above do not apply). It is compiled once, for any batch size, in the thread that
+            first iterates the loader, before the producer thread starts (torch.compile is not thread-safe, and a
+            compile on the producer thread could meet the model's own ``--torchcompile``). If that compile fails (no
+            compiler for the device), one warning says why and the loader finishes batches as without ``fuse``;
+            ``fused`` tells which. Only a batch of one sample, which dynamo specialises, compiles again.
 
     ``pin_memory``, ``pad`` and ``dtype`` are the experiments the H100 profile suggested. An H100 A/B (RESULTS
     section 9, run 6) kept one: the trainer passes its AMP dtype; pinned bytes and nested padding stay off.
@@ -474,6 +478,7 @@ class GpuDecodeLoader:
         self.work_dtype = torch.float16 if dtype in HALF_DTYPES else torch.float32  # flip and jitter
         self.normalize = Normalize(mean, std, device=self.device, dtype=dtype)
         self.fuse = bool(fuse)
+        self.fused: bool | None = None  # with fuse: True once compiled, False after a failed compile
         self._finish = torch.compile(finish_crops) if self.fuse else None
         self.loader = DataLoader(
             self.files,
@@ -525,7 +530,7 @@ class GpuDecodeLoader:
                 h, w = int(images[k].shape[1]), int(images[k].shape[2])
                 params[k] = torch.tensor(draw_params(h, w, rng=random.Random(int(seeds[k])), **self.files.aug))
         x = resized_crops(images, params[:, :4].round().long(), self.img_size, pad=self.pad)
-        if self.fuse:
+        if self.fused:
             x = self._finish_fused(x, params)
         else:
             x = self._finish_eager(x.to(self.work_dtype), params)
@@ -533,23 +538,43 @@ class GpuDecodeLoader:
         self.stats["augment_s"] = self.stats.get("augment_s", 0.0) + time.perf_counter() - t1  # host launch time
         return x
 
-    def _finish_fused(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """Flip, jitter, normalise with the compiled :func:`finish_crops` (its eager self once compiling failed)."""
+    def _fused_args(self, x: torch.Tensor, params: torch.Tensor) -> tuple:
         dev = self.device
         flip = params[:, 4].to(dev) != 0
         order = factors = None
         if self.files.aug["jitter"] > 0:
-            order, factors = params[:, 5:8].long().to(dev), params[:, 8:11].to(dev, torch.float32)
-        args = (x, flip, order, factors, self.normalize.scale, self.normalize.shift)
+            order = params[:, 5:8].long().to(dev)
+            factors = params[:, 8:11].to(dev, torch.float32).contiguous()  # strides as compiled, never a recompile
+        return x, flip, order, factors, self.normalize.scale, self.normalize.shift
+
+    def _finish_fused(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Flip, jitter, normalise with the compiled :func:`finish_crops`."""
+        return self._finish(*self._fused_args(x, params), channels_last=self.channels_last)
+
+    def _compile_fused(self) -> None:
+        """With ``fuse``: compile :func:`finish_crops` on a dummy batch whose size is marked dynamic, so one graph
+        serves every batch size; on failure, warn once and finish batches eagerly (``fused`` False)."""
+        if not self.fuse or self.fused is not None:
+            return
+        n, size = max(2, self.batch_size), self.img_size
+        x = torch.full((n, 3, size, size), 128.0, device=self.device)
+        params = torch.zeros(n, len(PARAM_FIELDS))
+        params[:, 5:8] = torch.tensor([0.0, 1.0, 2.0])
+        params[:, 8:11] = 1.0
+        args = self._fused_args(x, params)
+        from torch import _dynamo
+
+        for t in args[:4]:
+            if t is not None:
+                _dynamo.maybe_mark_dynamic(t, 0)
         try:
-            return self._finish(*args, channels_last=self.channels_last)
-        except Exception as e:  # torch.compile's backend could not build (no C++ compiler or Triton here)
-            if self._finish is finish_crops:
-                raise
-            _logger.warning("GPU pipeline: fusing with torch.compile failed (%s); finishing batches eagerly",
-                            brief(e))  # fmt: skip
-            self._finish = finish_crops
-            return self._finish(*args, channels_last=self.channels_last)
+            self._finish(*args, channels_last=self.channels_last)
+            self.fused = True
+        except Exception as e:  # the backend could not build here (no C++ compiler, no Triton, ...)
+            _logger.warning(
+                "GPU pipeline: --fuse could not compile with torch.compile (%s); finishing batches unfused", brief(e)
+            )
+            self.fused = False
 
     def _finish_eager(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Flip, jitter, normalise in place, step by step (the default)."""
@@ -587,6 +612,7 @@ class GpuDecodeLoader:
         out.put(None)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        self._compile_fused()  # here, before the producer thread exists
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         producer = threading.Thread(target=self._produce, args=(q, stop), daemon=True, name="gpu-decode")

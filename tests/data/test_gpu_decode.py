@@ -310,26 +310,37 @@ def test_half_precision_batches_match_float32(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_finish_gives_the_eager_batches(device, monkeypatch, caplog):
-    """``fuse=True`` (flip, jitter and normalise as one ``torch.compile``d function) gives the step-by-step batches
-    to within float rounding, in float32 and in the AMP dtype; if compiling fails, one warning and the same
-    batches from the function run eagerly."""
+    """``fuse=True`` (flip, jitter and normalise as one ``torch.compile``d function, compiled once before the
+    producer thread starts, for any batch size) gives the step-by-step batches to within float rounding, in float32
+    and in the AMP dtype, with and without jitter and channels-last; if compiling fails, one warning and the
+    unfused batches."""
+    import torch._dynamo
+
     files = _imagenet_files(12)
 
-    def batches(**kw) -> torch.Tensor:
+    def batches(**kw) -> tuple[torch.Tensor, GpuDecodeLoader]:
+        channels_last = kw.pop("channels_last", True)
         loader = GpuDecodeLoader(
             [(f, 0) for f in files], sampler=range(len(files)), batch_size=8, img_size=48, mean=(0.485, 0.456, 0.406),
-            std=(0.229, 0.224, 0.225), device=torch.device(device), num_workers=0, channels_last=True, **kw,
+            std=(0.229, 0.224, 0.225), device=torch.device(device), num_workers=0, channels_last=channels_last, **kw,
         )  # fmt: skip
-        xs = [x for x, _, _ in loader]  # batches of 8 and 4: the compiled function meets a second batch size
-        assert all(x.is_contiguous(memory_format=torch.channels_last) for x in xs)
-        return torch.cat([x.float().cpu() for x in xs])
+        xs = [x for x, _, _ in loader]  # batches of 8 and 4: the one compiled graph serves both sizes
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert all(x.is_contiguous(memory_format=fmt) for x in xs)
+        return torch.cat([x.float().cpu() for x in xs]), loader
 
-    ref = batches()
-    fused = batches(fuse=True)
+    torch._dynamo.reset()
+    ref, _ = batches()
+    with caplog.at_level("WARNING"):
+        fused, loader = batches(fuse=True)
+    assert loader.fused is True, [r.getMessage() for r in caplog.records]  # compiled, not fallen back
     assert (ref - fused).abs().max() < 1e-3  # normalised units: about 1/4 of a grey level is 0.017
-    half = batches(fuse=True, dtype=torch.float16)
+    half, _ = batches(fuse=True, dtype=torch.float16)
     assert (half - ref).abs().max() < 0.02  # float16 out: its rounding at values up to about 2.6
+    plain, _ = batches(fuse=True, color_jitter=0.0, channels_last=False)
+    assert (plain - batches(color_jitter=0.0, channels_last=False)[0]).abs().max() < 1e-3
     assert (ref - ref.roll(1, 0)).abs().mean() > 0.3  # other images differ by far more: the test can fail
+    assert (ref - plain).abs().mean() > 0.01  # and the jitter changes the batch: its absence would show
 
     def broken(fn):
         def call(*args, **kwargs):
@@ -338,8 +349,9 @@ def test_fused_finish_gives_the_eager_batches(device, monkeypatch, caplog):
         return call
 
     monkeypatch.setattr(torch, "compile", broken)
+    caplog.clear()
     with caplog.at_level("WARNING"):
-        fallback = batches(fuse=True)
-    assert torch.equal(fallback, fused) or (fallback - ref).abs().max() < 1e-3
-    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+        fallback, loader = batches(fuse=True)
+    assert loader.fused is False and torch.equal(fallback, ref)  # the unfused path, exactly
+    warnings = [r.getMessage() for r in caplog.records if "could not compile" in r.getMessage()]
     assert len(warnings) == 1 and "no compiler here" in warnings[0] and "\n" not in warnings[0], warnings
