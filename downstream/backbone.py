@@ -130,8 +130,8 @@ def check_backbone(
         spec: the resolved backbone.
         reference: state dict of the backbone the config builds (random init is fine).
         expected: how to name that backbone in the message, e.g. ``'mmdet ResNet-50 (configs/det/...py)'``.
-        overrides: the user's ``--cfg-options`` that changed that backbone (``model.backbone.depth=101``): a
-            misfit is then blamed on them, since the export alone fits the stock config.
+        overrides: the user's ``--cfg-options`` keys that changed that backbone (``model.backbone.depth``) when
+            the export fits the stock config but not the changed one: the misfit is then blamed on them.
 
     Raises:
         TransferInputError: names the mismatch and the fix.

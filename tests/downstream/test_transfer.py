@@ -301,8 +301,17 @@ def test_a_backbone_changed_by_cfg_options_is_blamed_on_them(mm, exports, tmp_pa
     work = tmp_path / "work"
     argv = ["faster_rcnn", str(exports["full"]), "--data-root", str(COCO_MINI), "--work-dir", str(work)]
     _assert_refused(
-        capsys, [*argv, "--cfg-options", "model.backbone.depth=101"], "as --cfg-options model.backbone.depth=101", work
+        capsys, [*argv, "--cfg-options", "model.backbone.depth=101"], "as --cfg-options model.backbone.depth ", work
     )
+
+
+def test_cfg_options_are_not_blamed_for_a_wrong_export(mm, make_export, tmp_path, capsys):
+    """An option that leaves the architecture alone is not blamed when the export itself does not fit."""
+    r18 = make_export("r18", model="resnet18", compute_fraction=1.0, seed=0)
+    work = tmp_path / "work"
+    argv = ["faster_rcnn", str(r18 / "backbone.pth"), "--model", "resnet50", "--data-root", str(COCO_MINI)]
+    argv += ["--work-dir", str(work), "--cfg-options", "model.backbone.frozen_stages=-1"]
+    _assert_refused(capsys, argv, "pass an export of the architecture the config expects", work)
 
 
 def test_malformed_meta_and_missing_person_dets(mm, exports, tmp_path, capsys):
