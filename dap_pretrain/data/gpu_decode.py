@@ -54,6 +54,7 @@ _logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
 
+_COMPILE_LOCK = threading.Lock()  # torch.compile is not thread-safe
 JPEG_MAGIC = b"\xff\xd8\xff"
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)
 
@@ -568,7 +569,8 @@ class GpuDecodeLoader:
             if t is not None:
                 _dynamo.maybe_mark_dynamic(t, 0)
         try:
-            self._finish(*args, channels_last=self.channels_last)
+            with _COMPILE_LOCK:  # runs sharing a process (dap_pretrain.multirun) compile one at a time
+                self._finish(*args, channels_last=self.channels_last)
             self.fused = True
         except Exception as e:  # the backend could not build here (no C++ compiler, no Triton, ...)
             _logger.warning(
