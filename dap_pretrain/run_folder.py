@@ -66,12 +66,12 @@ def check_output_dir(output: Path, *, resume: str, overwrite: bool) -> None:
             f"output folder {output} holds another run ({', '.join(held)}) than --resume {resume}; pass --output "
             f"{Path(resume).parent} to continue that run there, an empty folder, or --overwrite to replace {output}"
         )
-    if held and not resume and not overwrite and (output / LAST_CHECKPOINT).is_file():
-        raise UsageError(
-            f"output folder {output} already holds a run ({', '.join(held)}); pass --resume "
-            f"{output / LAST_CHECKPOINT} to continue it, --overwrite to replace it, or another --output"
-        )
     if held and not resume and not overwrite:
+        if (output / LAST_CHECKPOINT).is_file():
+            raise UsageError(
+                f"output folder {output} already holds a run ({', '.join(held)}); pass --resume "
+                f"{output / LAST_CHECKPOINT} to continue it, --overwrite to replace it, or another --output"
+            )
         raise UsageError(
             f"output folder {output} holds an earlier run ({', '.join(held)}) but no {LAST_CHECKPOINT} to resume it "
             "from (it failed or was stopped before saving one); pass --overwrite to start it again there, or another "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -122,7 +122,12 @@ def compare_state_dicts(
 
 
 def check_backbone(
-    *, spec: BackboneSpec, reference: dict[str, torch.Tensor], expected: str, overrides: Sequence[str] = ()
+    *,
+    spec: BackboneSpec,
+    reference: dict[str, torch.Tensor],
+    expected: str,
+    overrides: Sequence[str] = (),
+    stock_reference: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """Raises if ``spec.checkpoint`` does not load into the config's backbone.
 
@@ -130,23 +135,28 @@ def check_backbone(
         spec: the resolved backbone.
         reference: state dict of the backbone the config builds (random init is fine).
         expected: how to name that backbone in the message, e.g. ``'mmdet ResNet-50 (configs/det/...py)'``.
-        overrides: the user's ``--cfg-options`` keys that changed that backbone (``model.backbone.depth``) when
-            the export fits the stock config but not the changed one: the misfit is then blamed on them.
+        overrides: the user's ``--cfg-options`` keys that changed that backbone (``model.backbone.depth``).
+        stock_reference: builds the state dict of the backbone without ``overrides``; called only on a misfit. If
+            the checkpoint fits that one, the misfit is blamed on ``overrides``, else on the checkpoint.
 
     Raises:
         TransferInputError: names the mismatch and the fix.
     """
-    problems = compare_state_dicts(
-        checkpoint=load_backbone_state_dict(spec.checkpoint), reference=reference, model=spec.model
-    )
-    if problems and overrides:
+    checkpoint = load_backbone_state_dict(spec.checkpoint)
+    problems = compare_state_dicts(checkpoint=checkpoint, reference=reference, model=spec.model)
+    if not problems:
+        return
+    if (
+        overrides
+        and stock_reference is not None
+        and not compare_state_dicts(checkpoint=checkpoint, reference=stock_reference(), model=spec.model)
+    ):
         raise TransferInputError(
             f"backbone {spec.checkpoint} ({spec.model}) does not fit {expected} as --cfg-options "
             f"{' '.join(overrides)} changes it: {'; '.join(problems)}; drop those options, or pass an export of the "
             "architecture they ask for"
         )
-    if problems:
-        raise TransferInputError(
-            f"backbone {spec.checkpoint} ({spec.model}) does not fit {expected}: {'; '.join(problems)}; "
-            "pass an export of the architecture the config expects (or the right --model for a bare .pth)"
-        )
+    raise TransferInputError(
+        f"backbone {spec.checkpoint} ({spec.model}) does not fit {expected}: {'; '.join(problems)}; "
+        "pass an export of the architecture the config expects (or the right --model for a bare .pth)"
+    )

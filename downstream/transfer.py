@@ -25,13 +25,7 @@ from dap_pretrain.cli import add_cfg_options, make_parser
 from dap_pretrain.compat import quiet_mm_imports
 from dap_pretrain.errors import entry_point
 from downstream import TransferInputError
-from downstream.backbone import (
-    BackboneSpec,
-    check_backbone,
-    compare_state_dicts,
-    load_backbone_state_dict,
-    resolve_backbone,
-)
+from downstream.backbone import BackboneSpec, check_backbone, resolve_backbone
 from downstream.checks import check_coco_inputs, check_person_dets
 from downstream.config import TASKS, build_transfer_config, config_path, get_task
 from downstream.report import TABLE_COLUMNS
@@ -55,21 +49,6 @@ def _reference_state_dict(cfg, spec: BackboneSpec) -> dict:
     backbone = copy.deepcopy(cfg.model.backbone)
     backbone.pop("init_cfg", None)
     return MODELS.build(backbone).state_dict()
-
-
-def _misfit_from_cfg_options(cfg_options: dict | None, *, spec: BackboneSpec, reference: dict, stock) -> list[str]:
-    """The ``model.backbone.*`` options to blame for a backbone misfit: all of them when the export does not fit the
-    config they changed (``reference``) but fits the config without them (``stock(options)`` builds it); otherwise
-    none, and the misfit is the export's."""
-    changed = [k for k in (cfg_options or {}) if k.startswith("model.backbone.")]
-    if not changed:
-        return []
-    checkpoint = load_backbone_state_dict(spec.checkpoint)
-    if not compare_state_dicts(checkpoint=checkpoint, reference=reference, model=spec.model):
-        return []  # it fits
-    unchanged = {k: v for k, v in cfg_options.items() if k not in changed}
-    stock_reference = _reference_state_dict(stock(unchanged), spec)
-    return [] if compare_state_dicts(checkpoint=checkpoint, reference=stock_reference, model=spec.model) else changed
 
 
 def _train_sec_per_iter(runner, key: str = "train/time") -> float:
@@ -212,14 +191,21 @@ def prepare_transfer(
     _resume_in_moved_work_dir(cfg)
     check_coco_inputs(cfg, keypoints=t.is_pose)
     path = config_path(task=task, model=spec.model)
-    reference = _reference_state_dict(cfg, spec)
-    blamed = _misfit_from_cfg_options(
-        cfg_options, spec=spec, reference=reference, stock=lambda options: build_transfer_config(
-            task=task, spec=spec, data_root=data_root, work_dir=work_dir, cfg_options=options,
-            person_dets=person_dets, launcher=launcher,
+    changed = [k for k in (cfg_options or {}) if k.startswith("model.backbone.")]
+    unchanged = {k: v for k, v in (cfg_options or {}).items() if k not in changed}
+    check_backbone(
+        spec=spec,
+        reference=_reference_state_dict(cfg, spec),
+        expected=f"the backbone of {path.name}",
+        overrides=changed,
+        stock_reference=lambda: _reference_state_dict(
+            build_transfer_config(
+                task=task, spec=spec, data_root=data_root, work_dir=work_dir, cfg_options=unchanged,
+                person_dets=person_dets, launcher=launcher,
+            ),
+            spec,
         ),
     )  # fmt: skip
-    check_backbone(spec=spec, reference=reference, expected=f"the backbone of {path.name}", overrides=blamed)
     return cfg, spec
 
 

@@ -21,6 +21,10 @@ from mmpretrain.registry import MODELS
 from dap_pretrain.mm.settings import DaPMMError
 
 RANKED_SELECT = ("hard",)  # dap.select strategies that rank samples by their recorded losses
+MIXED_BATCH_REFUSAL = (
+    "mixup/cutmix (model.train_cfg.augments) cannot be combined with dap.select='hard' (a mixed sample's loss has no "
+    "single owner); remove them, or set dap.select='none' (all data) or 'random'"
+)
 
 
 class DaPLossMixin:
@@ -50,10 +54,7 @@ class DaPLossMixin:
         mixed = "gt_score" in data_samples[0]
         if mixed and self._dap_ranked:
             # A mixed image's loss belongs to two samples; ranking either by it would be silently wrong.
-            raise DaPMMError(
-                "mixup/cutmix (model.train_cfg.augments) cannot be combined with dap.select='hard' (a mixed sample's "
-                "loss has no single owner); remove them, or set dap.select='none' (all data) or 'random'"
-            )
+            raise DaPMMError(MIXED_BATCH_REFUSAL)
         indices = [s.metainfo.get("sample_idx") for s in data_samples]
         if any(i is None for i in indices):
             raise DaPMMError(

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from dap_pretrain.errors import brief
-from dap_pretrain.mm.head import RANKED_SELECT, head_refusal
+from dap_pretrain.mm.head import MIXED_BATCH_REFUSAL, RANKED_SELECT, head_refusal
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
 from dap_pretrain.mm.work_dir import (
     ClearPreviousRun,
@@ -203,10 +203,7 @@ def check_config(cfg) -> DaPSettings:
     if refusal:
         raise DaPMMError(refusal)
     if settings.select in RANKED_SELECT and _batch_augments(cfg):
-        raise DaPMMError(
-            "mixup/cutmix (model.train_cfg.augments) cannot be combined with dap.select='hard' (a mixed sample's "
-            "loss has no single owner); remove them, or set dap.select='none' (all data) or 'random'"
-        )
+        raise DaPMMError(MIXED_BATCH_REFUSAL)
     if settings.select != "none":
         _check_schedulers(cfg, warmup=settings.config.warmup, max_epochs=settings.config.epochs)
     _check_data_paths(cfg)
@@ -214,12 +211,14 @@ def check_config(cfg) -> DaPSettings:
 
 
 def checkpoint_to_resume(cfg) -> str | None:
-    """The checkpoint ``cfg`` resumes (``load_from``, else the work dir's ``last_checkpoint``), else ``None``."""
+    """The checkpoint ``cfg`` resumes (``load_from``, else the one the work dir's ``last_checkpoint`` names, in a
+    moved work dir its own copy: :func:`~dap_pretrain.mm.work_dir.last_checkpoint_in`), else ``None``."""
     if not cfg.get("resume"):
         return None
     if cfg.get("load_from"):
         return str(cfg.load_from)
-    return (Path(cfg.work_dir) / "last_checkpoint").read_text().strip() or None
+    own = last_checkpoint_in(Path(cfg.work_dir), fix="pass --resume CKPT")
+    return str(own) if own is not None else None
 
 
 def check_resume(cfg, settings: DaPSettings) -> None:
