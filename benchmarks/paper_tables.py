@@ -29,12 +29,12 @@ A 300-epoch run does not fit in one GPU job, so the sweep is made to be cut and 
   img/s) and a copy of the CSV: 8 files, what a GPU job can send back. ``--state-in DIR`` unpacks such tars
   before the sweep (never over a run folder that has finished here).
 
-Runs go ``--jobs`` at a time in seed-major order (seed 0's rows for the first network first), so a sweep cut
-short holds whole seeds. ``--mode together`` (the default on cuda) trains each group of ``--jobs`` runs in one
-``python -m dap_pretrain.multirun`` process, a thread and CUDA stream per run, so kernels of different runs
-overlap (H100, cifar_resnet20, 6 runs: about 17,200 img/s each, against about 8,800 as 6 processes, which the GPU
-time-slices; docs/RESULTS.md section 7); ``--mode processes`` starts a trainer process per run. ``--report``
-prints the table from the CSV (mean +- sample std over seeds, the
+Runs go ``--jobs`` at a time in seed-major order (seed 0's rows for the first network first), the next starting as
+soon as one ends, so a sweep cut short holds the earliest seeds furthest along. ``--mode together`` (the default on
+cuda) trains all of them in one ``python -m dap_pretrain.multirun --jobs`` process, a thread and CUDA stream per
+run, so kernels of different runs overlap (H100, cifar_resnet20, 6 runs: about 17,200 img/s each, against about
+8,800 as 6 processes, which the GPU time-slices; docs/RESULTS.md section 7); ``--mode processes`` starts a trainer
+process per run. ``--report`` prints the table from the CSV (mean +- sample std over seeds, the
 difference to DaP paired by seed) beside the paper's numbers.
 
     bash benchmarks/paper_tables.sh --jobs 6 --budget-s 480 --state-in benchmarks/state/table2f_e300 --state-out $OUT
@@ -458,61 +458,69 @@ class Sweep:
             self.log(f"FAILED {run.name}: {run.error}")
 
     def _run_together(self) -> None:
-        """Groups of ``jobs`` runs, each group in one multirun process (threads + CUDA streams), seed-major."""
+        """All unfinished runs in one multirun process, ``jobs`` training at once, the next starting as one ends."""
         pending = []
         for run in self.runs:
             if (run.out / "run.json").is_file():
                 self._step(run)  # finished in an earlier job: into the CSV
             else:
                 pending.append(run)
-        for i in range(0, len(pending), self.jobs):
-            group = pending[i : i + self.jobs]
-            if self.stop.is_set() or self.deadline - time.monotonic() < self.start_margin:
-                for run in group:
-                    run.status = "not started"
-                    run.epoch_reached = run.epoch_start = _epoch_of(run.out)
-                continue
-            try:
-                self._train_together(group)
-            except KeyboardInterrupt:
-                self.stop.set()
-            for run in group:
-                if (run.out / "run.json").is_file():
-                    self._finish(run)
+        left = self.deadline - time.monotonic() - self.start_margin
+        if not pending or self.stop.is_set() or left < 0:
+            for run in pending:
+                run.status = "not started"
+                run.epoch_reached = run.epoch_start = _epoch_of(run.out)
+            return
+        try:
+            self._train_together(pending, start_within=left)
+        except KeyboardInterrupt:
+            self.stop.set()
+        for run in pending:
+            if (run.out / "run.json").is_file():
+                self._finish(run)
 
-    def _train_together(self, group: list[Run]) -> None:
-        cmd = [sys.executable, "-m", "dap_pretrain.multirun"]
-        for run in group:
+    def _train_together(self, runs: list[Run], *, start_within: float) -> None:
+        """One ``dap_pretrain.multirun --jobs`` process; its ``--status`` file says which runs started, and when."""
+        stamp = int(time.time())
+        log_path = runs[0].out.parents[2] / f"multirun-{stamp}.log"
+        status_path = log_path.with_suffix(".status.json")
+        cmd = [sys.executable, "-m", "dap_pretrain.multirun", "--jobs", str(self.jobs)]
+        cmd += ["--start-within", f"{start_within:.0f}", "--status", str(status_path)]
+        for run in runs:
             ckpt = run.out / "last.pth.tar"
             run.epoch_start = _epoch_of(run.out)
             run.out.mkdir(parents=True, exist_ok=True)
             (run.out / "flags.json").write_text(json.dumps(run.flags))
             resume = ["--resume", str(ckpt)] if ckpt.is_file() else ["--overwrite"]
             cmd += ["--run", shlex.join([*run.flags, "--output", str(run.out), *resume])]
-            self.log(
-                f"start {run.name} (together)"
-                + (f" (resume after epoch {run.epoch_start})" if resume[0] == "--resume" else "")
-            )
-        log_path = group[0].out.parents[2] / f"multirun-{int(time.time())}.log"
-        started, t0 = time.time(), time.monotonic()
+        self.log(
+            f"start {len(runs)} runs together, {self.jobs} at a time: "
+            + ", ".join(r.name + (f"@{r.epoch_start}" if r.epoch_start else "") for r in runs)
+        )
         with log_path.open("a") as log:
             log.write(f"$ {shlex.join(cmd)}\n")
             log.flush()
-            env = child_env(self.threads * len(group))
+            env = child_env(self.threads * min(self.jobs, len(runs)))
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
             stopped = self._wait(proc)
-        for run in group:
-            run.started_at, run.seconds = started, time.monotonic() - t0
+        ended = time.time()
+        board = json.loads(status_path.read_text()) if status_path.is_file() else {}
+        for run in runs:
+            entry = board.get(str(run.out), {})
             run.epoch_reached = _epoch_of(run.out)
+            if entry.get("started") is None:  # still queued when the process ended, or held back by --start-within
+                run.status = "not started"
+                continue
+            run.started_at, run.seconds = entry["started"], (entry.get("ended") or ended) - entry["started"]
             if (run.out / "run.json").is_file():
                 continue
             if stopped or self.stop.is_set() or proc.returncode in KILLED:
                 run.status = "stopped"
                 self.log(f"stopped {run.name} at epoch {run.epoch_reached} (budget or signal)")
             else:
-                tail = log_path.read_text().strip().splitlines()[-3:]
-                run.status, run.error = "failed", f"multirun exit {proc.returncode}: {' | '.join(tail)}"
-                self.log(f"FAILED {run.name}: {run.error}")
+                tail = [ln for ln in log_path.read_text().strip().splitlines() if str(run.out) in ln][-3:]
+                run.status, run.error = "failed", f"multirun exit {proc.returncode}: {' | '.join(tail) or 'see log'}"
+                self.log(f"FAILED {run.name}: {run.error} ({log_path})")
 
     def _wait(self, proc: subprocess.Popen) -> bool:
         """Waits for ``proc``; True if it was stopped for the deadline or ``stop``."""

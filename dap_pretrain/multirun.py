@@ -10,23 +10,38 @@ each run starts from the same weights it would get alone.
 
     python -m dap_pretrain.multirun --run "--config A.yaml --output runs/a" --run "--config B.yaml --output runs/b"
 
-Exit code: 0 when every run finished, 2 when any failed with a one-line error (printed per run), 1 for a bug
-(its traceback is printed). A run that fails does not stop the others.
+``--jobs N`` keeps at most N runs training at once: the others wait in the order given and each starts the moment
+a slot frees, so a queue of runs with unequal lengths (a 100%-compute baseline beside 63% ones, two seeds of six
+rows) keeps N runs on the GPU until the queue is empty, instead of ending each group with its slowest run.
+``--start-within S`` starts no queued run later than S seconds after launch (a caller that stops the process at a
+deadline passes what is left of it); runs left then are reported as not started. ``--status FILE`` keeps a JSON
+file up to date as runs start and end: per ``--output``, its state (``queued``, ``running``, ``finished``,
+``failed``, ``not started``) and the ``time.time()`` of its start and end, so a caller that had to kill the
+process still knows which runs ran and for how long.
+
+Exit code: 0 when every run finished (or was not started because of ``--start-within``), 2 when any failed with a
+one-line error (printed per run), 1 for a bug (its traceback is printed). A run that fails does not stop the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import sys
 import threading
+import time
 import traceback
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
-from dap_pretrain.errors import print_error
+from dap_pretrain.errors import DapError, print_error
 from dap_pretrain.train import main as train_main
+
+NOT_STARTED = "not started"  # run_many's result for a run that --start-within kept from starting
 
 
 def _stream_context(device_hint: str):
@@ -35,26 +50,82 @@ def _stream_context(device_hint: str):
     return nullcontext()
 
 
-def run_many(argvs: list[list[str]]) -> list[dict | BaseException | None]:
-    """Train every argv in its own thread (and CUDA stream); returns each run's summary or its exception."""
-    results: list = [None] * len(argvs)
+class _Status:
+    """Each run's state and start/end times, rewritten atomically to ``path`` (if any) on every change."""
 
-    def one(i: int, argv: list[str]) -> None:
+    def __init__(self, outputs: list[str], path: str | None):
+        self.path = Path(path) if path else None
+        self.runs = {out: {"state": "queued", "started": None, "ended": None} for out in outputs}
+        self.lock = threading.Lock()
+        self.set(None)
+
+    def set(self, out: str | None, **fields) -> None:
+        with self.lock:
+            if out is not None:
+                self.runs[out].update(fields)
+            if self.path is None:
+                return
+            tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.runs, indent=1) + "\n")
+            os.replace(tmp, self.path)
+
+
+def run_many(
+    argvs: list[list[str]], *, jobs: int | None = None, start_within: float | None = None, status: str | None = None
+) -> list:
+    """Train every argv in its own thread and CUDA stream, at most ``jobs`` at once, in the order given.
+
+    Args:
+        argvs: one trainer argv each (``python -m dap_pretrain.train``'s flags), each with its own ``--output``.
+        jobs: runs training at once; a queued run starts as soon as one ends. ``None``: all at once.
+        start_within: seconds after this call; a queued run not started by then is not started at all.
+        status: a JSON file kept up to date with each run's state and times (see the module docstring).
+
+    Returns:
+        Per argv, in order: the run's summary (a dict), the exception it raised, or :data:`NOT_STARTED`.
+    """
+    outputs = [_output_of(a) or f"run{i}" for i, a in enumerate(argvs)]
+    results: list = [NOT_STARTED] * len(argvs)
+    board = _Status(outputs, status)
+    deadline = None if start_within is None else time.monotonic() + start_within
+    queue, take = list(range(len(argvs))), threading.Lock()
+
+    def one(i: int) -> None:
+        argv = argvs[i]
         device = argv[argv.index("--device") + 1] if "--device" in argv[:-1] else "auto"
+        board.set(outputs[i], state="running", started=time.time())
         try:
             with _stream_context(device):
                 results[i] = train_main(argv)
+            board.set(outputs[i], state="finished", ended=time.time())
         except BaseException as e:  # reported per run by the caller; the other runs go on
             results[i] = e
-            if not isinstance(e, (ValueError, FileNotFoundError)):
+            board.set(outputs[i], state="failed", ended=time.time())
+            if not isinstance(e, DapError):
                 traceback.print_exc()
 
-    threads = [threading.Thread(target=one, args=(i, a), name=f"run{i}") for i, a in enumerate(argvs)]
+    def worker() -> None:
+        while True:
+            with take:
+                if not queue:
+                    return
+                i = queue.pop(0)
+                if deadline is not None and time.monotonic() >= deadline:
+                    board.set(outputs[i], state=NOT_STARTED)
+                    continue
+            one(i)
+
+    slots = len(argvs) if jobs is None else max(1, min(jobs, len(argvs)))
+    threads = [threading.Thread(target=worker, name=f"slot{k}") for k in range(slots)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return results
+
+
+def _output_of(argv: list[str]) -> str | None:
+    return argv[argv.index("--output") + 1] if "--output" in argv[:-1] else None
 
 
 def main(argv=None) -> int:
@@ -68,15 +139,24 @@ def main(argv=None) -> int:
         metavar="FLAGS",
         help="one trainer command line (quoted); repeat for each run",
     )
+    p.add_argument("--jobs", type=int, default=None, help="runs training at once; the rest queue (default: all)")
+    p.add_argument("--start-within", type=float, default=None, metavar="S", help="start no queued run after S seconds")
+    p.add_argument("--status", default=None, metavar="FILE", help="JSON file of each run's state and times")
     args = p.parse_args(argv)
     argvs = [shlex.split(r) for r in args.run]
-    outputs = [a[a.index("--output") + 1] if "--output" in a[:-1] else None for a in argvs]
+    outputs = [_output_of(a) for a in argvs]
     if None in outputs or len(set(outputs)) != len(outputs):
         print_error("error: every --run needs its own --output folder; give each run a different one")
         return 2
+    if (args.jobs is not None and args.jobs < 1) or (args.start_within is not None and args.start_within < 0):
+        print_error("error: --jobs must be >= 1 and --start-within >= 0 seconds; pass e.g. --jobs 6")
+        return 2
     code = 0
-    for out, result in zip(outputs, run_many(argvs), strict=True):
-        if isinstance(result, (ValueError, FileNotFoundError)):
+    results = run_many(argvs, jobs=args.jobs, start_within=args.start_within, status=args.status)
+    for out, result in zip(outputs, results, strict=True):
+        if result is NOT_STARTED:
+            print_error(f"note: {out}: not started (--start-within {args.start_within:g} s had passed)")
+        elif isinstance(result, DapError):
             lines = str(result).strip().splitlines() or [type(result).__name__]
             print_error(f"error: {out}: {lines[0]}")
             code = code or 2

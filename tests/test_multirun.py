@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+from dap_pretrain.multirun import NOT_STARTED, run_many
 from dap_pretrain.multirun import main as multirun_main
 from dap_pretrain.train import main as train_main
 
@@ -64,3 +66,24 @@ def test_a_failing_run_does_not_stop_the_other(tmp_path, cifar_tiny):
         cwd=REPO,
     )
     assert same.returncode == 2 and "its own --output" in same.stderr
+
+
+def test_jobs_queue_runs_and_start_within_leaves_the_rest(tmp_path, cifar_tiny):
+    flags = f"{FLAGS} --epochs 2 --decay-milestones 2 --data-dir {cifar_tiny}"
+    argvs = [[*shlex.split(flags), "--seed", str(k), "--output", str(tmp_path / f"r{k}")] for k in range(3)]
+    status = tmp_path / "status.json"
+    results = run_many(argvs, jobs=2, status=str(status))
+    assert all(isinstance(r, dict) for r in results), results
+    runs = json.loads(status.read_text())
+    assert [runs[str(tmp_path / f"r{k}")]["state"] for k in range(3)] == ["finished"] * 3
+    spans = [(runs[str(tmp_path / f"r{k}")]["started"], runs[str(tmp_path / f"r{k}")]["ended"]) for k in range(3)]
+    # the third run waited for a slot: it started after one of the first two ended, and never were three running
+    assert spans[2][0] >= min(spans[0][1], spans[1][1])
+    assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2
+
+    late = [[*a[:-1], str(tmp_path / f"late{k}")] for k, a in enumerate(argvs[:2])]
+    results = run_many(late, jobs=1, start_within=0.5, status=str(status))
+    assert isinstance(results[0], dict) and results[1] is NOT_STARTED  # two epochs take longer than 0.5 s
+    runs = json.loads(status.read_text())
+    assert runs[str(tmp_path / "late1")] == {"state": "not started", "started": None, "ended": None}
+    assert not (tmp_path / "late1").exists()

@@ -56,7 +56,7 @@ def _runs(runs_dir: Path, rows=("all", "dap"), seeds=(0,), networks=("net_a",)):
     )
 
 
-def _sweep(runs, tmp_path, trainer, *, budget=60.0, jobs=2, margin=0.0, grace=0.5):
+def _sweep(runs, tmp_path, trainer, *, budget=60.0, jobs=2, margin=0.0, grace=0.5, together=False):
     t0 = time.monotonic()
     return pt.Sweep(
         runs,
@@ -69,6 +69,7 @@ def _sweep(runs, tmp_path, trainer, *, budget=60.0, jobs=2, margin=0.0, grace=0.
         trainer=trainer,
         start_margin=margin,
         grace=grace,
+        together=together,
     )
 
 
@@ -211,6 +212,35 @@ def test_a_checkpoint_without_run_json_is_resumed(tmp_path, fake_trainer):
     assert by_row["dap"]["epoch_start"] == 2 and by_row["dap"]["samples_job"] == 100  # epoch 3 only
     assert by_row["all"]["samples_job"] == 300 and by_row["all"]["img_per_s"] == 200.0
     assert summary["aggregate_img_per_s"] == 200.0 and summary["per_network"]["net_a"]["img_per_s"] == 200.0
+
+
+@pytest.mark.slow
+def test_together_keeps_jobs_runs_going_and_starts_none_after_the_margin(tmp_path, cifar_tiny):
+    """--mode together: one real multirun process; a queued run starts when a slot frees, none within the margin."""
+    flags = "--model cifar_resnet20 -b 64 -j 0 --epochs 2 --decay-milestones 2 --dap-warmup 1 --dap-interval 1 "
+    flags += f"--dap-keep 0.5 --no-plot --in-memory on --device cpu --data-dir {cifar_tiny}"
+
+    def runs(seeds):
+        return pt.plan_runs(
+            networks=["cifar_resnet20"],
+            rows=["dap"],
+            seeds=seeds,
+            runs_dir=tmp_path / "w" / "runs",
+            flags_for=lambda n, r, s: [*flags.split(), "--seed", str(s), *(["--epochs", "6"] if s == 0 else [])],
+        )
+
+    first = runs([0, 1, 2])
+    _sweep(first, tmp_path, (), budget=300, jobs=2, together=True).run()
+    assert [r.status for r in first] == ["finished"] * 3
+    ends = [r.started_at + r.seconds for r in first[:2]]
+    # seed 0 trains 6 epochs, seed 1 two: seed 2 waited for seed 1's slot, and took it while seed 0 still ran
+    assert ends[1] - 0.1 <= first[2].started_at < ends[0]
+    assert len(pt.read_csv(tmp_path / "results.csv")) == 3
+
+    later = runs([3, 4])  # the margin leaves 1 s to start runs in: the second waits longer than that for its slot
+    _sweep(later, tmp_path, (), budget=100, jobs=1, margin=99, together=True).run()
+    assert [r.status for r in later] == ["finished", "not started"] and later[1].started_at is None
+    assert len(pt.read_csv(tmp_path / "results.csv")) == 4 and not (later[1].out / "log.txt").exists()
 
 
 def test_resume_with_other_flags_is_refused(tmp_path):
