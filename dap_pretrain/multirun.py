@@ -151,6 +151,9 @@ def main(argv=None) -> int:
     if (args.jobs is not None and args.jobs < 1) or (args.start_within is not None and args.start_within < 0):
         print_error("error: --jobs must be >= 1 and --start-within >= 0 seconds; pass e.g. --jobs 6")
         return 2
+    if args.status and not Path(args.status).resolve().parent.is_dir():
+        print_error(f"error: --status {args.status}: its folder does not exist; create it or name a file in another")
+        return 2
     code = 0
     results = run_many(argvs, jobs=args.jobs, start_within=args.start_within, status=args.status)
     for out, result in zip(outputs, results, strict=True):

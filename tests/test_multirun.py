@@ -66,6 +66,14 @@ def test_a_failing_run_does_not_stop_the_other(tmp_path, cifar_tiny):
         cwd=REPO,
     )
     assert same.returncode == 2 and "its own --output" in same.stderr
+    for bad, message in ((["--jobs", "0"], "--jobs must be >= 1"), (["--status", "/nonexistent/s.json"], "--status")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "dap_pretrain.multirun", "--run", f"--output {good}", *bad],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
 
 
 def test_jobs_queue_runs_and_start_within_leaves_the_rest(tmp_path, cifar_tiny):
