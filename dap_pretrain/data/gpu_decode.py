@@ -434,7 +434,9 @@ class GpuDecodeLoader:
             first iterates the loader, before the producer thread starts (torch.compile is not thread-safe, and a
             compile on the producer thread could meet the model's own ``--torchcompile``). If that compile fails (no
             compiler for the device), one warning says why and the loader finishes batches as without ``fuse``;
-            ``fused`` tells which. Only a batch of one sample, which dynamo specialises, compiles again.
+            ``fused`` tells which. The producer thread never compiles: it runs the compiled function under
+            ``torch._dynamo.run`` (prior compiles only), so a batch the graph's guards refuse (one sample, which
+            dynamo specialises) is finished by :func:`finish_crops` eagerly, the same arithmetic.
 
     ``pin_memory``, ``pad`` and ``dtype`` are the experiments the H100 profile suggested. An H100 A/B (RESULTS
     section 9, run 6) kept one: the trainer passes its AMP dtype; pinned bytes and nested padding stay off.
@@ -549,8 +551,10 @@ class GpuDecodeLoader:
         return x, flip, order, factors, self.normalize.scale, self.normalize.shift
 
     def _finish_fused(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """Flip, jitter, normalise with the compiled :func:`finish_crops`."""
-        return self._finish(*self._fused_args(x, params), channels_last=self.channels_last)
+        """Flip, jitter, normalise with the compiled :func:`finish_crops`; never compiles (see ``fuse``)."""
+        from torch import _dynamo
+
+        return _dynamo.run(self._finish)(*self._fused_args(x, params), channels_last=self.channels_last)
 
     def _compile_fused(self) -> None:
         """With ``fuse``: compile :func:`finish_crops` on a dummy batch whose size is marked dynamic, so one graph
