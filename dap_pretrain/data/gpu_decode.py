@@ -552,9 +552,7 @@ class GpuDecodeLoader:
 
     def _finish_fused(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Flip, jitter, normalise with the compiled :func:`finish_crops`; never compiles (see ``fuse``)."""
-        from torch import _dynamo
-
-        return _dynamo.run(self._finish)(*self._fused_args(x, params), channels_last=self.channels_last)
+        return self._run_compiled(*self._fused_args(x, params), channels_last=self.channels_last)
 
     def _compile_fused(self) -> None:
         """With ``fuse``: compile :func:`finish_crops` on a dummy batch whose size is marked dynamic, so one graph
@@ -575,6 +573,7 @@ class GpuDecodeLoader:
         try:
             with _COMPILE_LOCK:  # runs sharing a process (dap_pretrain.multirun) compile one at a time
                 self._finish(*args, channels_last=self.channels_last)
+            self._run_compiled = _dynamo.run(self._finish)  # what was compiled here, and never a compile
             self.fused = True
         except Exception as e:  # the backend could not build here (no C++ compiler, no Triton, ...)
             _logger.warning(
