@@ -379,11 +379,13 @@ class Sweep:
         start_margin: float = START_MARGIN_S,
         grace: float = KILL_GRACE_S,
         together: bool = False,
+        multirun: tuple = (sys.executable, "-m", "dap_pretrain.multirun"),
     ):
         self.runs, self.csv_path, self.device, self.deadline = runs, csv_path, device, deadline
         self.jobs, self.threads, self.t0 = jobs, threads, t0
         self.trainer, self.start_margin, self.grace = list(trainer), start_margin, grace
-        self.together = together  # True: each group of `jobs` runs shares one dap_pretrain.multirun process
+        self.together = together  # True: all runs in one dap_pretrain.multirun process, `jobs` training at once
+        self.multirun = list(multirun)
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.in_csv = {(r["network"], r["row"], r["seed"]) for r in read_csv(csv_path)}
 
@@ -472,20 +474,21 @@ class Sweep:
                 run.epoch_reached = run.epoch_start = _epoch_of(run.out)
             return
         try:
-            self._train_together(pending, start_within=left)
+            self._train_together(pending, start_until=time.time() + left)
         except KeyboardInterrupt:
             self.stop.set()
         for run in pending:
             if (run.out / "run.json").is_file():
                 self._finish(run)
 
-    def _train_together(self, runs: list[Run], *, start_within: float) -> None:
-        """One ``dap_pretrain.multirun --jobs`` process; its ``--status`` file says which runs started, and when."""
-        stamp = int(time.time())
-        log_path = runs[0].out.parents[2] / f"multirun-{stamp}.log"
+    def _train_together(self, runs: list[Run], *, start_until: float) -> None:
+        """One ``dap_pretrain.multirun --jobs`` process; its ``--status`` file says which runs started, when, and
+        why one failed. A process that ends badly without a word on a run (it died on import, or crashed) fails
+        the runs it had not finished; it is never taken for a budget that ran out."""
+        log_path = runs[0].out.parents[2] / f"multirun-{time.time_ns()}.log"
         status_path = log_path.with_suffix(".status.json")
-        cmd = [sys.executable, "-m", "dap_pretrain.multirun", "--jobs", str(self.jobs)]
-        cmd += ["--start-within", f"{start_within:.0f}", "--status", str(status_path)]
+        cmd = [*self.multirun, "--jobs", str(self.jobs), "--start-until", f"{start_until:.3f}"]
+        cmd += ["--status", str(status_path)]
         for run in runs:
             ckpt = run.out / "last.pth.tar"
             run.epoch_start = _epoch_of(run.out)
@@ -502,25 +505,36 @@ class Sweep:
             log.flush()
             env = child_env(self.threads * min(self.jobs, len(runs)))
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-            stopped = self._wait(proc)
+            stopped = self._wait(proc) or self.stop.is_set() or proc.returncode in KILLED
         ended = time.time()
         board = json.loads(status_path.read_text()) if status_path.is_file() else {}
         for run in runs:
-            entry = board.get(str(run.out), {})
-            run.epoch_reached = _epoch_of(run.out)
-            if entry.get("started") is None:  # still queued when the process ended, or held back by --start-within
-                run.status = "not started"
-                continue
+            self._together_outcome(
+                run, board.get(str(run.out), {}), stopped=stopped, ended=ended, proc=proc, log=log_path
+            )
+
+    def _together_outcome(self, run: Run, entry: dict, *, stopped: bool, ended: float, proc, log: Path) -> None:
+        """Sets ``run``'s status, times and error from its ``--status`` entry and how the process ended."""
+        run.epoch_reached = _epoch_of(run.out)
+        state = entry.get("state", "queued")
+        if entry.get("started") is not None:
             run.started_at, run.seconds = entry["started"], (entry.get("ended") or ended) - entry["started"]
-            if (run.out / "run.json").is_file():
-                continue
-            if stopped or self.stop.is_set() or proc.returncode in KILLED:
-                run.status = "stopped"
-                self.log(f"stopped {run.name} at epoch {run.epoch_reached} (budget or signal)")
-            else:
-                tail = [ln for ln in log_path.read_text().strip().splitlines() if str(run.out) in ln][-3:]
-                run.status, run.error = "failed", f"multirun exit {proc.returncode}: {' | '.join(tail) or 'see log'}"
-                self.log(f"FAILED {run.name}: {run.error} ({log_path})")
+        if (run.out / "run.json").is_file():
+            return  # finished: _finish reads it
+        if state == "failed":
+            run.status, run.error = "failed", entry.get("error") or "failed (no message)"
+        elif state == "not started" or (stopped and state == "queued"):  # multirun: --start-until had passed
+            run.status = "not started"
+            return
+        elif stopped:  # running when the budget or a signal ended the process: its last checkpoint stands
+            run.status = "stopped"
+            self.log(f"stopped {run.name} at epoch {run.epoch_reached} (budget or signal)")
+            return
+        else:  # the process ended by itself and left this run queued or running: it died
+            lines = [ln for ln in log.read_text().strip().splitlines() if not ln.startswith("$ ")]
+            run.status = "failed"
+            run.error = f"multirun exit {proc.returncode}: {' | '.join(lines[-3:]) or 'no output'}"
+        self.log(f"FAILED {run.name}: {run.error} ({log})")
 
     def _wait(self, proc: subprocess.Popen) -> bool:
         """Waits for ``proc``; True if it was stopped for the deadline or ``stop``."""
@@ -778,7 +792,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--mode",
         choices=("together", "processes"),
         default=None,
-        help="together: each group of --jobs runs in one process, a thread and CUDA stream each "
+        help="together: all runs in one process, --jobs at a time, a thread and CUDA stream each "
         "(dap_pretrain.multirun; kernels of different runs can overlap); processes: a trainer process per run "
         "(the GPU time-slices between them). Default: together on cuda, processes on cpu",
     )

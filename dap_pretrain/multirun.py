@@ -13,19 +13,22 @@ each run starts from the same weights it would get alone.
 ``--jobs N`` keeps at most N runs training at once: the others wait in the order given and each starts the moment
 a slot frees, so a queue of runs with unequal lengths (a 100%-compute baseline beside 63% ones, two seeds of six
 rows) keeps N runs on the GPU until the queue is empty, instead of ending each group with its slowest run.
-``--start-within S`` starts no queued run later than S seconds after launch (a caller that stops the process at a
-deadline passes what is left of it); runs left then are reported as not started. ``--status FILE`` keeps a JSON
-file up to date as runs start and end: per ``--output``, its state (``queued``, ``running``, ``finished``,
-``failed``, ``not started``) and the ``time.time()`` of its start and end, so a caller that had to kill the
-process still knows which runs ran and for how long.
+``--start-until T`` starts no queued run after the Unix time T (seconds; a caller that stops the process at a
+deadline passes that deadline less the time a run needs to be worth starting); runs left then are reported as not
+started. ``--status FILE`` keeps a JSON file up to date as runs start and end: per ``--output``, its state
+(``queued``, ``running``, ``finished``, ``failed``, ``not started``), the ``time.time()`` of its start and end, and a
+failed run's one-line error, so a caller that had to kill the process still knows which runs ran, for how long, and
+why one failed.
 
-Exit code: 0 when every run finished (or was not started because of ``--start-within``), 2 when any failed with a
-one-line error (printed per run), 1 for a bug (its traceback is printed). A run that fails does not stop the others.
+Exit code: 0 when every run finished (or was not started because of ``--start-until``), 2 when any failed with a
+one-line error (printed the moment it fails), 1 for a bug (its traceback is printed). A run that fails does not stop
+the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -38,10 +41,10 @@ from pathlib import Path
 
 import torch
 
-from dap_pretrain.errors import DapError, print_error
+from dap_pretrain.errors import DapError, one_line, print_error
 from dap_pretrain.train import main as train_main
 
-NOT_STARTED = "not started"  # run_many's result for a run that --start-within kept from starting
+NOT_STARTED = "not started"  # run_many's result for a run that --start-until kept from starting
 
 
 def _stream_context(device_hint: str):
@@ -55,7 +58,7 @@ class _Status:
 
     def __init__(self, outputs: list[str], path: str | None):
         self.path = Path(path) if path else None
-        self.runs = {out: {"state": "queued", "started": None, "ended": None} for out in outputs}
+        self.runs = {out: {"state": "queued", "started": None, "ended": None, "error": None} for out in outputs}
         self.lock = threading.Lock()
         self.set(None)
 
@@ -66,19 +69,25 @@ class _Status:
             if self.path is None:
                 return
             tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.runs, indent=1) + "\n")
-            os.replace(tmp, self.path)
+            try:
+                tmp.write_text(json.dumps(self.runs, indent=1) + "\n")
+                os.replace(tmp, self.path)
+            except OSError as e:  # a full disk must not stop the runs: they save their own checkpoints
+                print_error(f"warning: cannot write --status {self.path} ({e.strerror}); no longer updating it")
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                self.path = None
 
 
 def run_many(
-    argvs: list[list[str]], *, jobs: int | None = None, start_within: float | None = None, status: str | None = None
+    argvs: list[list[str]], *, jobs: int | None = None, start_until: float | None = None, status: str | None = None
 ) -> list:
     """Train every argv in its own thread and CUDA stream, at most ``jobs`` at once, in the order given.
 
     Args:
         argvs: one trainer argv each (``python -m dap_pretrain.train``'s flags), each with its own ``--output``.
         jobs: runs training at once; a queued run starts as soon as one ends. ``None``: all at once.
-        start_within: seconds after this call; a queued run not started by then is not started at all.
+        start_until: a ``time.time()``; a queued run not started by then is not started at all.
         status: a JSON file kept up to date with each run's state and times (see the module docstring).
 
     Returns:
@@ -87,7 +96,6 @@ def run_many(
     outputs = [_output_of(a) or f"run{i}" for i, a in enumerate(argvs)]
     results: list = [NOT_STARTED] * len(argvs)
     board = _Status(outputs, status)
-    deadline = None if start_within is None else time.monotonic() + start_within
     queue, take = list(range(len(argvs))), threading.Lock()
 
     def one(i: int) -> None:
@@ -98,11 +106,15 @@ def run_many(
             with _stream_context(device):
                 results[i] = train_main(argv)
             board.set(outputs[i], state="finished", ended=time.time())
-        except BaseException as e:  # reported per run by the caller; the other runs go on
+        except BaseException as e:  # reported at once, per run; the other runs go on
             results[i] = e
-            board.set(outputs[i], state="failed", ended=time.time())
-            if not isinstance(e, DapError):
+            if isinstance(e, DapError):
+                line = one_line(e) or type(e).__name__
+            else:
                 traceback.print_exc()
+                line = f"{type(e).__name__} (traceback above)"
+            print_error(f"error: {outputs[i]}: {line}")
+            board.set(outputs[i], state="failed", ended=time.time(), error=line)
 
     def worker() -> None:
         while True:
@@ -110,7 +122,7 @@ def run_many(
                 if not queue:
                     return
                 i = queue.pop(0)
-                if deadline is not None and time.monotonic() >= deadline:
+                if start_until is not None and time.time() >= start_until:
                     board.set(outputs[i], state=NOT_STARTED)
                     continue
             one(i)
@@ -140,7 +152,7 @@ def main(argv=None) -> int:
         help="one trainer command line (quoted); repeat for each run",
     )
     p.add_argument("--jobs", type=int, default=None, help="runs training at once; the rest queue (default: all)")
-    p.add_argument("--start-within", type=float, default=None, metavar="S", help="start no queued run after S seconds")
+    p.add_argument("--start-until", type=float, default=None, metavar="T", help="start no queued run after Unix time T")
     p.add_argument("--status", default=None, metavar="FILE", help="JSON file of each run's state and times")
     args = p.parse_args(argv)
     argvs = [shlex.split(r) for r in args.run]
@@ -148,23 +160,20 @@ def main(argv=None) -> int:
     if None in outputs or len(set(outputs)) != len(outputs):
         print_error("error: every --run needs its own --output folder; give each run a different one")
         return 2
-    if (args.jobs is not None and args.jobs < 1) or (args.start_within is not None and args.start_within < 0):
-        print_error("error: --jobs must be >= 1 and --start-within >= 0 seconds; pass e.g. --jobs 6")
+    if args.jobs is not None and args.jobs < 1:
+        print_error(f"error: --jobs {args.jobs}: at least one run must train at a time; pass e.g. --jobs 6")
         return 2
     if args.status and not Path(args.status).resolve().parent.is_dir():
         print_error(f"error: --status {args.status}: its folder does not exist; create it or name a file in another")
         return 2
     code = 0
-    results = run_many(argvs, jobs=args.jobs, start_within=args.start_within, status=args.status)
+    results = run_many(argvs, jobs=args.jobs, start_until=args.start_until, status=args.status)
     for out, result in zip(outputs, results, strict=True):
         if result is NOT_STARTED:
-            print_error(f"note: {out}: not started (--start-within {args.start_within:g} s had passed)")
+            print_error(f"note: {out}: not started (--start-until {args.start_until:.0f} had passed)")
         elif isinstance(result, DapError):
-            lines = str(result).strip().splitlines() or [type(result).__name__]
-            print_error(f"error: {out}: {lines[0]}")
-            code = code or 2
+            code = code or 2  # its error line was printed when it failed
         elif isinstance(result, BaseException):
-            print_error(f"error: {out}: {type(result).__name__} (traceback above)")
             code = 1  # a bug outranks bad input
     return code
 

@@ -7,6 +7,7 @@ import json
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from dap_pretrain.multirun import NOT_STARTED, run_many
@@ -66,7 +67,7 @@ def test_a_failing_run_does_not_stop_the_other(tmp_path, cifar_tiny):
         cwd=REPO,
     )
     assert same.returncode == 2 and "its own --output" in same.stderr
-    for bad, message in ((["--jobs", "0"], "--jobs must be >= 1"), (["--status", "/nonexistent/s.json"], "--status")):
+    for bad, message in ((["--jobs", "0"], "--jobs 0: at least one"), (["--status", "/no/s.json"], "--status")):
         proc = subprocess.run(
             [sys.executable, "-m", "dap_pretrain.multirun", "--run", f"--output {good}", *bad],
             capture_output=True,
@@ -76,7 +77,7 @@ def test_a_failing_run_does_not_stop_the_other(tmp_path, cifar_tiny):
         assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr
 
 
-def test_jobs_queue_runs_and_start_within_leaves_the_rest(tmp_path, cifar_tiny):
+def test_jobs_queue_runs_and_start_until_leaves_the_rest(tmp_path, cifar_tiny):
     flags = f"{FLAGS} --epochs 2 --decay-milestones 2 --data-dir {cifar_tiny}"
     argvs = [[*shlex.split(flags), "--seed", str(k), "--output", str(tmp_path / f"r{k}")] for k in range(3)]
     status = tmp_path / "status.json"
@@ -89,9 +90,21 @@ def test_jobs_queue_runs_and_start_within_leaves_the_rest(tmp_path, cifar_tiny):
     assert spans[2][0] >= min(spans[0][1], spans[1][1])
     assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2
 
-    late = [[*a[:-1], str(tmp_path / f"late{k}")] for k, a in enumerate(argvs[:2])]
-    results = run_many(late, jobs=1, start_within=0.5, status=str(status))
-    assert isinstance(results[0], dict) and results[1] is NOT_STARTED  # two epochs take longer than 0.5 s
+    late = [[*a[:-1], str(tmp_path / f"late{k}"), "--epochs", "6"] for k, a in enumerate(argvs[:2])]
+    results = run_many(late, jobs=1, start_until=time.time() + 0.2, status=str(status))
+    assert isinstance(results[0], dict) and results[1] is NOT_STARTED  # six epochs take longer than 0.2 s
     runs = json.loads(status.read_text())
-    assert runs[str(tmp_path / "late1")] == {"state": "not started", "started": None, "ended": None}
+    assert runs[str(tmp_path / "late1")] == {"state": "not started", "started": None, "ended": None, "error": None}
     assert not (tmp_path / "late1").exists()
+
+
+def test_a_status_file_that_cannot_be_written_warns_once_and_the_runs_go_on(tmp_path, capsys):
+    from dap_pretrain.multirun import _Status
+
+    (tmp_path / "file").write_text("")
+    board = _Status(["a"], str(tmp_path / "file" / "status.json"))  # its folder is a file: every write fails
+    board.set("a", state="running")
+    board.set("a", state="finished")
+    assert board.runs["a"]["state"] == "finished" and board.path is None
+    err = capsys.readouterr().err
+    assert err.count("warning: cannot write --status") == 1 and len(err.splitlines()) == 1, err

@@ -214,22 +214,23 @@ def test_a_checkpoint_without_run_json_is_resumed(tmp_path, fake_trainer):
     assert summary["aggregate_img_per_s"] == 200.0 and summary["per_network"]["net_a"]["img_per_s"] == 200.0
 
 
+def _together_runs(tmp_path, cifar_tiny, seeds, extra: dict) -> list:
+    """cifar_resnet20 DaP runs on 400 tiny CIFAR images, 2 epochs unless ``extra[seed]`` adds other flags."""
+    flags = "--model cifar_resnet20 -b 64 -j 0 --epochs 2 --decay-milestones 2 --dap-warmup 1 --dap-interval 1 "
+    flags += f"--dap-keep 0.5 --no-plot --in-memory on --device cpu --data-dir {cifar_tiny}"
+    return pt.plan_runs(
+        networks=["cifar_resnet20"],
+        rows=["dap"],
+        seeds=seeds,
+        runs_dir=tmp_path / "w" / "runs",
+        flags_for=lambda n, r, s: [*flags.split(), "--seed", str(s), *extra.get(s, [])],
+    )
+
+
 @pytest.mark.slow
 def test_together_keeps_jobs_runs_going_and_starts_none_after_the_margin(tmp_path, cifar_tiny):
     """--mode together: one real multirun process; a queued run starts when a slot frees, none within the margin."""
-    flags = "--model cifar_resnet20 -b 64 -j 0 --epochs 2 --decay-milestones 2 --dap-warmup 1 --dap-interval 1 "
-    flags += f"--dap-keep 0.5 --no-plot --in-memory on --device cpu --data-dir {cifar_tiny}"
-
-    def runs(seeds):
-        return pt.plan_runs(
-            networks=["cifar_resnet20"],
-            rows=["dap"],
-            seeds=seeds,
-            runs_dir=tmp_path / "w" / "runs",
-            flags_for=lambda n, r, s: [*flags.split(), "--seed", str(s), *(["--epochs", "6"] if s == 0 else [])],
-        )
-
-    first = runs([0, 1, 2])
+    first = _together_runs(tmp_path, cifar_tiny, [0, 1, 2], {0: ["--epochs", "6"]})
     _sweep(first, tmp_path, (), budget=300, jobs=2, together=True).run()
     assert [r.status for r in first] == ["finished"] * 3
     ends = [r.started_at + r.seconds for r in first[:2]]
@@ -237,10 +238,39 @@ def test_together_keeps_jobs_runs_going_and_starts_none_after_the_margin(tmp_pat
     assert ends[1] - 0.1 <= first[2].started_at < ends[0]
     assert len(pt.read_csv(tmp_path / "results.csv")) == 3
 
-    later = runs([3, 4])  # the margin leaves 1 s to start runs in: the second waits longer than that for its slot
-    _sweep(later, tmp_path, (), budget=100, jobs=1, margin=99, together=True).run()
+    # The margin leaves 10 s from now to start runs in (the process's start-up included); seed 3's 60 epochs (about
+    # 20 s on cpu-2) hold the one slot past that, so seed 4 is never started, and the process ends by itself before
+    # the budget.
+    later = _together_runs(tmp_path, cifar_tiny, [3, 4], {3: ["--epochs", "60"]})
+    _sweep(later, tmp_path, (), budget=300, jobs=1, margin=290, together=True).run()
     assert [r.status for r in later] == ["finished", "not started"] and later[1].started_at is None
+    assert later[0].seconds > 0 and later[0].started_at + later[0].seconds < time.time()
     assert len(pt.read_csv(tmp_path / "results.csv")) == 4 and not (later[1].out / "log.txt").exists()
+
+
+@pytest.mark.slow
+def test_together_tells_failed_from_stopped_and_not_started(tmp_path, cifar_tiny):
+    """A run that fails while another trains is failed (with its one-line error) even when the budget then stops
+    the process; the run training at the deadline is stopped; the one still queued was not started."""
+    runs = _together_runs(tmp_path, cifar_tiny, [0, 1, 2], {0: ["--model", "no_such_net"], 1: ["--epochs", "500"]})
+    t0 = time.monotonic()
+    _sweep(runs, tmp_path, (), budget=25, jobs=1, together=True).run()
+    assert time.monotonic() - t0 < 60
+    assert [r.status for r in runs] == ["failed", "stopped", "not started"]
+    assert "unknown model 'no_such_net'" in runs[0].error and len(runs[0].error) < 300  # the run's line only
+    assert runs[1].seconds > 0 and runs[2].started_at is None
+    assert not (tmp_path / "results.csv").exists()
+
+
+def test_together_process_that_dies_fails_its_runs(tmp_path):
+    """A multirun process that ends without a status for its runs (it died on import) failed them: not a budget."""
+    runs = _runs(tmp_path / "runs")
+    dies = (sys.executable, "-c", "import sys; print('ImportError: no module named torch'); sys.exit(1)")
+    sweep = _sweep(runs, tmp_path, (), together=True)
+    sweep.multirun = list(dies)
+    sweep.run()
+    assert [r.status for r in runs] == ["failed", "failed"]
+    assert all("multirun exit 1: ImportError: no module named torch" in r.error for r in runs)
 
 
 def test_resume_with_other_flags_is_refused(tmp_path):
