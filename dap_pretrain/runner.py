@@ -383,14 +383,19 @@ def _gpu_decode_augment(cfg) -> dict:
     return aug
 
 
-def _gpu_decode_loader(cfg, data: Data, sampler, *, device) -> GpuDecodeLoader:
-    """``--gpu-decode``: the train split decoded and augmented on the GPU; refused off CUDA or with CIFAR's aug."""
-    aug = _gpu_decode_augment(cfg)
+def _gpu_decode_device(device: torch.device) -> None:
+    """Refuse ``--gpu-decode`` off CUDA (the pipeline's own code runs on CPU tensors too, which tests use)."""
     if device.type != "cuda":
         raise UsageError(
             f"--gpu-decode decodes JPEGs with nvjpeg on a CUDA GPU, and this run's device is {device}; "
             "drop --gpu-decode (the loader workers then decode with PIL)"
         )
+
+
+def _gpu_decode_loader(cfg, data: Data, sampler, *, device) -> GpuDecodeLoader:
+    """``--gpu-decode``: the train split decoded and augmented on the GPU; refused off CUDA or with CIFAR's aug."""
+    aug = _gpu_decode_augment(cfg)
+    _gpu_decode_device(device)
     if data.cifar_aug:
         raise UsageError(
             "--gpu-decode applies timm's ImageNet augmentation (RandomResizedCrop); pass --aug imagenet, or drop "

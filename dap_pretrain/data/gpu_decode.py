@@ -502,7 +502,7 @@ class GpuDecodeLoader:
         return (
             f"GPU JPEG pipeline: {len(self.files)} files, batched decode + RandomResizedCrop{aug['scale']}/"
             f"ratio{tuple(round(r, 4) for r in aug['ratio'])} + flip {aug['hflip']} + jitter {aug['jitter']} on "
-            f"{self.device}"
+            f"{self.device}" + (" (flip, jitter and normalise fused by torch.compile)" if self.fuse else "")
         )
 
     def __len__(self) -> int:

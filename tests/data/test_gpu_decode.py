@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 import random
 
@@ -358,3 +359,30 @@ def test_fused_finish_gives_the_eager_batches(device, monkeypatch, caplog):
     assert loader.fused is False and torch.equal(fallback, ref)  # the unfused path, exactly
     warnings = [r.getMessage() for r in caplog.records if "could not compile" in r.getMessage()]
     assert len(warnings) == 1 and "no compiler here" in warnings[0] and "\n" not in warnings[0], warnings
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_trainer_trains_dap_through_the_gpu_pipeline(tmp_path, imagenet_tiny, monkeypatch, fuse):
+    """The trainer's ``--gpu-decode`` path end to end (DaP drops, loss record, evaluation), on CPU tensors: only the
+    CUDA refusal is lifted. With ``fuse`` (the GPU A/B's ``trainer_gpu_decode_fused``) the run uses the compiled
+    finish."""
+    import functools
+
+    from dap_pretrain import runner
+    from dap_pretrain.train import main as train_main
+
+    monkeypatch.setattr(runner, "_gpu_decode_device", lambda device: None)
+    if fuse:
+        monkeypatch.setattr(runner, "GpuDecodeLoader", functools.partial(runner.GpuDecodeLoader, fuse=True))
+    out = tmp_path / "run"
+    summary = train_main(
+        ["--data-dir", str(imagenet_tiny), "--model", "test_resnet", "--img-size", "48", "--aug", "imagenet",
+         "--device", "cpu", "--gpu-decode", "--output", str(out), "--epochs", "3", "--dap-warmup", "1",
+         "--dap-interval", "1", "--dap-keep", "0.5", "-b", "4", "-j", "0", "--no-plot", "--channels-last"]
+    )  # fmt: skip
+    with (out / "summary.csv").open() as f:
+        rows = [{k: float(r[k]) for k in ("samples_trained", "train_loss")} for r in csv.DictReader(f)]
+    assert [r["samples_trained"] for r in rows] == [16, 16, 8]  # warm-up, then DaP keeps half: through the pipeline
+    assert summary["top1"] is not None and all(math.isfinite(r["train_loss"]) for r in rows)
+    log = (out / "log.txt").read_text()
+    assert "GPU JPEG pipeline: 16 files" in log and ("fused by torch.compile" in log) == fuse
