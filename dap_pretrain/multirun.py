@@ -112,7 +112,7 @@ def run_many(
                 line = one_line(e) or type(e).__name__
             else:
                 traceback.print_exc()
-                line = f"{type(e).__name__} (traceback above)"
+                line = f"{type(e).__name__}: {one_line(e)[:200]} (traceback above)"  # e.g. CUDA out of memory
             print_error(f"error: {outputs[i]}: {line}")
             board.set(outputs[i], state="failed", ended=time.time(), error=line)
 

@@ -108,3 +108,22 @@ def test_a_status_file_that_cannot_be_written_warns_once_and_the_runs_go_on(tmp_
     assert board.runs["a"]["state"] == "finished" and board.path is None
     err = capsys.readouterr().err
     assert err.count("warning: cannot write --status") == 1 and len(err.splitlines()) == 1, err
+
+
+def test_a_bug_in_one_run_is_reported_with_its_message_and_the_other_finishes(tmp_path, monkeypatch, capsys):
+    from dap_pretrain import multirun
+
+    def fake(argv):
+        if "bad" in argv[-1]:
+            raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+        return {"top1": 1.0}
+
+    monkeypatch.setattr(multirun, "train_main", fake)
+    status = tmp_path / "s.json"
+    results = run_many([["--output", "good"], ["--output", "bad"]], jobs=1, status=str(status))
+    assert results[0] == {"top1": 1.0} and isinstance(results[1], RuntimeError)
+    entry = json.loads(status.read_text())["bad"]
+    assert entry["state"] == "failed"
+    assert entry["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB (traceback above)"
+    err = capsys.readouterr().err
+    assert "Traceback" in err and f"error: bad: {entry['error']}\n" in err
