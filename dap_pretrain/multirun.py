@@ -6,7 +6,11 @@ launching on separate streams can overlap their kernels. Each run is an ordinary
 ``python -m dap_pretrain.train``, its own output folder, sampler, schedule, recorder, model and optimizer);
 what the runs share is the process: one decoded copy of the data on the CPU (see
 :func:`dap_pretrain.data.memory.decode_dataset`), the CUDA context, and a lock around seeding + model init so
-each run starts from the same weights it would get alone.
+each run starts from the same weights it would get alone. That holds because nothing else in a run draws from
+torch's global generator: our loaders carry their own (:func:`dap_pretrain.data.loader.private_generator`) and
+augmentation is seeded per sample. A model that draws while it trains (dropout, drop-path) does draw from it (on a
+GPU, from the device's): such runs share one stream of random numbers, so they do not repeat what they would do
+alone, and on the CPU they can change the initial weights of a run starting beside them.
 
     python -m dap_pretrain.multirun --run "--config A.yaml --output runs/a" --run "--config B.yaml --output runs/b"
 

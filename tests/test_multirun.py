@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from dap_pretrain.multirun import NOT_STARTED, run_many
 from dap_pretrain.multirun import main as multirun_main
 from dap_pretrain.train import main as train_main
@@ -127,3 +129,34 @@ def test_a_bug_in_one_run_is_reported_with_its_message_and_the_other_finishes(tm
     assert entry["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB (traceback above)"
     err = capsys.readouterr().err
     assert "Traceback" in err and f"error: bad: {entry['error']}\n" in err
+
+
+def test_the_data_path_never_draws_from_the_global_rng(cifar_tiny, imagenet_tiny):
+    """Runs sharing a process share torch's global generator: a loader that drew from it (a DataLoader's base seed)
+    while another run seeded and built its model changed that model's initial weights. Ours draw from their own."""
+    from dap_pretrain.data.dataset import IndexedDataset, create_dataset
+    from dap_pretrain.data.gpu_decode import GpuDecodeLoader
+    from dap_pretrain.data.loader import cifar_transform, create_loader
+    from dap_pretrain.data.memory import _decode
+
+    ds = IndexedDataset(create_dataset(name="", root=cifar_tiny, split="val", is_training=False))
+    ds.transform = cifar_transform(img_size=32, is_training=True)  # random crop + flip, seeded per sample
+    files = sorted(str(p) for p in (imagenet_tiny / "train").glob("*/*"))
+    cpu, norm = torch.device("cpu"), dict(mean=(0.5,) * 3, std=(0.5,) * 3)
+
+    def passes():
+        yield lambda: _decode(ds, img_size=32, num_workers=0, batch_size=50)
+        for workers in (0, 1):
+            loader = create_loader(ds, batch_size=50, sampler=range(100), **norm, device=cpu, num_workers=workers,
+                                   seed=3)  # fmt: skip
+            yield lambda loader=loader: [b for b in loader]
+        gpu = GpuDecodeLoader([(f, 0) for f in files], sampler=range(len(files)), batch_size=4, img_size=32,
+                              **norm, device=cpu, num_workers=0)  # fmt: skip
+        yield lambda: [b for b in gpu]
+
+    for one_pass in passes():
+        torch.manual_seed(0)
+        expected = torch.rand(4)
+        torch.manual_seed(0)
+        one_pass()
+        assert torch.equal(torch.rand(4), expected), one_pass

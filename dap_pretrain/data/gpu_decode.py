@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dap_pretrain.data.dataset import DataError
-from dap_pretrain.data.loader import Normalize, SeededSampler
+from dap_pretrain.data.loader import Normalize, SeededSampler, private_generator
 from dap_pretrain.errors import brief
 
 _logger = logging.getLogger(__name__)
@@ -493,6 +493,7 @@ class GpuDecodeLoader:
             persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
             pin_memory=pin_memory and self.device.type == "cuda",
+            generator=private_generator(seed),
         )
         self.stats: dict = {}  # files PIL decoded because nvjpeg refused them (this epoch)
 

@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dap_pretrain.data.dataset import DataError
-from dap_pretrain.data.loader import Normalize, cifar_transform, epoch_seed, indexed_uint8_collate
+from dap_pretrain.data.loader import (
+    Normalize,
+    cifar_transform,
+    epoch_seed,
+    indexed_uint8_collate,
+    private_generator,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -88,7 +94,12 @@ def _decode(dataset, *, img_size: int, num_workers: int, batch_size: int) -> tup
     dataset.transform = cifar_transform(img_size=img_size, is_training=False)
     try:
         loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=indexed_uint8_collate
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=indexed_uint8_collate,
+            generator=private_generator(),
         )
         filled = torch.zeros(n, dtype=torch.bool)
         for batch, y, idx in loader:
