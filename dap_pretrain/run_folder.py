@@ -72,6 +72,12 @@ def check_output_dir(output: Path, *, resume: str, overwrite: bool) -> None:
                 f"output folder {output} already holds a run ({', '.join(held)}); pass --resume "
                 f"{output / LAST_CHECKPOINT} to continue it, --overwrite to replace it, or another --output"
             )
+        if (output / REPLACED).is_dir():  # an --overwrite killed (kill -9, OOM) before the new run's first checkpoint
+            raise UsageError(
+                f"output folder {output} holds an --overwrite that was killed before its first checkpoint; the run it "
+                f"was replacing is kept in {output / REPLACED}/: pass --overwrite to start the new run again (the kept "
+                "run is deleted only once it saves a checkpoint), or move the kept files back to keep the old run"
+            )
         raise UsageError(
             f"output folder {output} holds an earlier run ({', '.join(held)}) but no {LAST_CHECKPOINT} to resume it "
             "from (it failed or was stopped before saving one); pass --overwrite to start it again there, or another "

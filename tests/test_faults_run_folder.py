@@ -20,6 +20,7 @@ import torch
 from dap_pretrain.checkpoint import StorageError, save_checkpoint, write_atomic
 from dap_pretrain.errors import UsageError
 from dap_pretrain.logs import main_process_logging
+from dap_pretrain.run_folder import check_output_dir
 from dap_pretrain.run_folder import claim_output as _claim_output
 from dap_pretrain.train import main as train_main
 
@@ -99,6 +100,8 @@ def test_overwrite_that_fails_before_its_first_checkpoint_gives_the_old_run_back
         os.replace(other / name, other / ".replaced" / name)
     (other / "args.yaml").write_text("the killed attempt's\n")
     (other / "log.txt").write_text("the killed attempt's\n")
+    with pytest.raises(UsageError, match=r"killed before its first checkpoint; the run it was replacing is kept in "):
+        check_output_dir(other, resume="", overwrite=False)  # not "no last.pth.tar": the old run is not lost
     train_main(flags)
     assert not (other / ".replaced").exists() and "the killed attempt's" not in (other / "log.txt").read_text()
     assert json.loads((other / "run.json").read_text())["epochs"] == 1
