@@ -1,5 +1,6 @@
 """Dataset plumbing on real CIFAR-10 JPEGs from ../shared/data: archives, the embedded split, indices, bad input."""
 
+import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +53,30 @@ def test_archive_is_extracted_once_into_the_cache_and_reused(tmp_path, monkeypat
         name="imagefolder", root=CIFAR_TEST_TGZ, split="train", is_training=True, cache_dir=tmp_path
     )
     assert len(dataset) == 10_000
+
+
+def test_copies_of_one_archive_share_an_extraction_and_a_changed_one_does_not(tmp_path, monkeypatch):
+    """The cache is keyed by the archive's content, not its mtime: each clone of the repository holds its own copy
+    of the embedded archive, and every one of them extracting 40 MB anew filled ~/.cache (2.3 GB seen)."""
+    from dap_pretrain.data import dataset as ds_module
+    from dap_pretrain.data.dataset import EMBEDDED_ARCHIVE, _cache_key
+
+    a, b = tmp_path / "a" / EMBEDDED_ARCHIVE.name, tmp_path / "b" / EMBEDDED_ARCHIVE.name
+    for copy, mtime in ((a, 1_000_000), (b, 2_000_000)):  # two clones, made at different times
+        copy.parent.mkdir()
+        copy.write_bytes(EMBEDDED_ARCHIVE.read_bytes())
+        os.utime(copy, (mtime, mtime))
+    assert _cache_key(a) == _cache_key(b) == _cache_key(EMBEDDED_ARCHIVE)
+    changed = bytearray(a.read_bytes())
+    changed[len(changed) // 2] ^= 1  # one bit in the middle, same size
+    b.write_bytes(bytes(changed))
+    assert _cache_key(b) != _cache_key(a)
+    monkeypatch.setattr(ds_module, "HASH_WHOLE_BYTES", 4096)  # a large archive: its ends and its mtime, not all of it
+    monkeypatch.setattr(ds_module, "HASH_ENDS_BYTES", 1024)
+    os.utime(b, (1_000_000, 1_000_000))
+    assert _cache_key(b) == _cache_key(a)  # the same ends and mtime: not read through
+    os.utime(b, (2_000_000, 2_000_000))
+    assert _cache_key(b) != _cache_key(a)
 
 
 def test_folder_is_returned_as_is(tmp_path):
