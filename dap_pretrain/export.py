@@ -24,6 +24,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -89,6 +90,8 @@ def _read_checkpoint(path: Path) -> dict:
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # corrupt, truncated, or not a torch file
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not zipfile.is_zipfile(path):  # a CSV, a log: the unpickler's words ("pop from empty list") say nothing
+            first = "not a torch checkpoint: torch.save writes a zip archive"
         raise CheckpointError(
             f"checkpoint {path} is unreadable ({first[:120]}); pass a checkpoint written by dap-train or mmengine"
         ) from None

@@ -830,6 +830,15 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
     cfg, lr_note = scaled_lr(cfg, world=world)
     if lr_note:
         _logger.info(lr_note)
+    late = [m for m in cfg.decay_milestones if m >= cfg.epochs] if cfg.sched == "step" else []
+    if late:  # e.g. the embedded default's milestone 10 with --epochs 6: silently a constant LR
+        _logger.warning(
+            "--decay-milestones %s: at or after the end of training (%d epochs), so the LR never decays there; "
+            "pass milestones below %d to decay it",
+            " ".join(map(str, late)),
+            cfg.epochs,
+            cfg.epochs,
+        )
     _check_sync_bn(cfg, device=device, world=world)
     model_cfg = timm.models.get_pretrained_cfg(cfg.model)
     data = _build_data(cfg, model_cfg.to_dict() if model_cfg else {})

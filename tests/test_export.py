@@ -181,6 +181,10 @@ def test_export_refuses_bad_mm_checkpoints(tmp_path):
     _mm_checkpoint(tmp_path / "plain.pth", run={})
     with pytest.raises(CheckpointError, match="timm_model"):
         export_backbone(tmp_path / "plain.pth", tmp_path / "out")
+    (tmp_path / "summary.csv").write_text("epoch,train_loss\n1,2.3\n")  # a run's other file, passed by mistake
+    with pytest.raises(CheckpointError, match=r"unreadable \(not a torch checkpoint: torch.save writes a zip") as e:
+        export_backbone(tmp_path / "summary.csv", tmp_path / "out")
+    assert "pop from empty list" not in str(e.value)
     assert not (tmp_path / "out").exists()
 
 

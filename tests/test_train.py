@@ -545,3 +545,16 @@ def test_the_graphed_step_is_recorded_and_logged_like_the_eager_one(caplog):
     assert sampler.indices == list(range(20)) and stats.updates == 5
     steps = [r.getMessage().split(" loss ")[0] for r in caplog.records if " step " in r.getMessage()]
     assert steps == ["epoch 1 step 0/5", "epoch 1 step 2/5", "epoch 1 step 4/5"], steps
+
+
+def test_a_decay_milestone_past_the_last_epoch_is_warned(tmp_path, cifar_tiny):
+    """The embedded default with ``--epochs 6`` kept its milestone 10: the LR never decayed, and nothing said so."""
+    flags = ["--data-dir", str(cifar_tiny), "--model", "test_resnet", "--img-size", "32", "-b", "100", "-j", "0",
+             "--epochs", "2", "--decay-milestones", "1", "5", "--dap-warmup", "1", "--no-plot", "--device", "cpu",
+             "--output", str(tmp_path / "run"), "--eval-interval", "100"]  # fmt: skip
+    train_main(flags)
+    warned = [ln for ln in (tmp_path / "run" / "log.txt").read_text().splitlines() if "--decay-milestones" in ln]
+    assert len(warned) == 1 and warned[0].endswith(
+        "--decay-milestones 5: at or after the end of training (2 epochs), so the LR never decays there; pass "
+        "milestones below 2 to decay it"
+    ), warned

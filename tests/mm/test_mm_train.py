@@ -87,7 +87,7 @@ def test_done_when_run_spends_the_planned_compute(done_when):
     assert [int(x["subset_size"]) for x in r] == p.subset_sizes == [400, 400, 200, 100]
     # every subset member's loss was recorded under its own index: sample_idx travels in the batch
     assert [int(x["samples_trained"]) for x in r] == p.subset_sizes
-    assert [x["event"] for x in r] == ["keep", "drop", "drop", "drop"]
+    assert [x["event"] for x in r] == ["warm-up", "drop", "drop", "drop"]
     assert len({x["subset_digest"] for x in r}) == 3  # epochs 1-2 all data, then two different subsets
 
 
