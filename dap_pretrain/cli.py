@@ -116,7 +116,11 @@ class _Parser(argparse.ArgumentParser):
         to use instead for a timm train.py flag this parser lacks (:data:`TIMM_INSTEAD`)."""
         if not message.startswith("unrecognized arguments:"):
             return ""
-        known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        parsers = [self] + [  # a subcommand's flags too: argparse reports their leftovers from the top parser
+            sp for a in self._actions if isinstance(a, argparse._SubParsersAction) for sp in a.choices.values()
+        ]
+        flags = (o for q in parsers for action in q._actions for o in action.option_strings)
+        known = list(dict.fromkeys(o for o in flags if o.startswith("--")))
         hints, instead = [], []
         for token in message.split(":", 1)[1].split():
             flag = token.split("=", 1)[0]

@@ -71,6 +71,14 @@ def test_plan_bad_input_one_line_exit_2(args, name, capsys):
     assert err.count("\n") == 1 and name in err and err.startswith("error: ")
 
 
+def test_a_misspelt_plan_flag_gets_the_nearest_one(capsys):
+    """argparse reports a subcommand's leftover flags from the top parser, which knows none of plan's flags."""
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--preset", "imagenet", "--dap_keep", "0.9"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "did you mean --dap-keep for --dap_keep?" in err and err.count("\n") == 1, err
+
+
 def test_bad_input_through_the_real_entry_point():
     out = _run("plan", "--dap-keep", "2")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
