@@ -46,6 +46,16 @@ def git_commit() -> str | None:
         return None
 
 
+def killed_overwrite(folder: Path, what: str) -> str:
+    """The refusal for a folder holding ``.replaced/``: an ``--overwrite`` killed (kill -9, out of memory) before
+    the new run's first checkpoint, which nothing could undo; the run it replaced is there, not lost."""
+    return (
+        f"{what} {folder} holds an --overwrite that was killed before its first checkpoint; the run it was replacing "
+        f"is kept in {folder / REPLACED}/: pass --overwrite to start the new run again (the kept run is deleted only "
+        "once it saves a checkpoint), or move the kept files back to keep the old run"
+    )
+
+
 def check_output_dir(output: Path, *, resume: str, overwrite: bool) -> None:
     """Refuse to write into a folder that holds another run, unless resuming it or told to overwrite.
 
@@ -72,12 +82,8 @@ def check_output_dir(output: Path, *, resume: str, overwrite: bool) -> None:
                 f"output folder {output} already holds a run ({', '.join(held)}); pass --resume "
                 f"{output / LAST_CHECKPOINT} to continue it, --overwrite to replace it, or another --output"
             )
-        if (output / REPLACED).is_dir():  # an --overwrite killed (kill -9, OOM) before the new run's first checkpoint
-            raise UsageError(
-                f"output folder {output} holds an --overwrite that was killed before its first checkpoint; the run it "
-                f"was replacing is kept in {output / REPLACED}/: pass --overwrite to start the new run again (the kept "
-                "run is deleted only once it saves a checkpoint), or move the kept files back to keep the old run"
-            )
+        if (output / REPLACED).is_dir():
+            raise UsageError(killed_overwrite(output, "output folder"))
         raise UsageError(
             f"output folder {output} holds an earlier run ({', '.join(held)}) but no {LAST_CHECKPOINT} to resume it "
             "from (it failed or was stopped before saving one); pass --overwrite to start it again there, or another "

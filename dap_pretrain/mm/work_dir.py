@@ -25,7 +25,7 @@ from pathlib import Path
 from mmengine.hooks import Hook
 
 from dap_pretrain.mm.settings import DaPMMError
-from dap_pretrain.run_folder import REPLACED, drop_replaced, restore_replaced, set_aside
+from dap_pretrain.run_folder import REPLACED, drop_replaced, killed_overwrite, restore_replaced, set_aside
 
 RUN_MARKERS = ("run.json", "summary.csv", "last_checkpoint")
 LOCK = ".dap.lock"
@@ -39,6 +39,8 @@ def check_work_dir(work_dir: Path, *, resume: bool, overwrite: bool) -> None:
     (``--resume`` is offered only when the run saved a checkpoint)."""
     if work_dir.exists() and not work_dir.is_dir():
         raise DaPMMError(f"--work-dir {work_dir} is a file; pass a folder")
+    if (work_dir / REPLACED).is_dir() and not resume and not overwrite:
+        raise DaPMMError(killed_overwrite(work_dir, "work dir"))
     held = [m for m in RUN_MARKERS if (work_dir / m).exists()]
     if held and not resume and not overwrite:
         again = "--resume to continue it, " if (work_dir / "last_checkpoint").exists() else ""

@@ -154,6 +154,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     check_work_dir(work, resume=True, overwrite=False)
     with pytest.raises(DaPMMError, match="is a file; pass a folder"):  # was a FileExistsError traceback at the lock
         check_work_dir(work / "run.json", resume=False, overwrite=False)
+    (work / ".replaced").mkdir()  # an --overwrite killed before its first checkpoint: the old run is kept there
+    with pytest.raises(DaPMMError, match=r"killed before its first checkpoint; the run it was replacing is kept in "):
+        check_work_dir(work, resume=False, overwrite=False)
+    check_work_dir(work, resume=False, overwrite=True)
     for split, cls in (("train", "a"), ("train", "b"), ("val", "a"), ("val", "c")):
         (tmp_path / "data" / split / cls).mkdir(parents=True)
         (tmp_path / "data" / split / cls / "x.jpg").write_bytes(b"")
