@@ -78,7 +78,8 @@ class DaPSchedule:
 
     Call :meth:`step` exactly once at the END of every epoch ``tau`` (1-based), after that epoch's
     losses are recorded. It returns ``DROP`` (keep the hardest ``keep`` fraction of the current
-    subset), ``REUSE`` (all data, new cycle) or ``KEEP`` (unchanged). State is two ints, so a
+    subset), ``REUSE`` (all data, new cycle), ``WARMUP`` (a warm-up epoch: all data, nothing ranked yet)
+    or ``KEEP`` (unchanged). State is two ints, so a
     schedule restored from :meth:`state_dict` continues exactly.
     """
 
@@ -103,7 +104,9 @@ class DaPSchedule:
             self.t_start = epoch
             self.t_previous = epoch
             return REUSE
-        if epoch > c.warmup and epoch - self.t_previous == c.interval:
+        if epoch <= c.warmup:
+            return WARMUP
+        if epoch - self.t_previous == c.interval:
             if c.active is None or epoch - self.t_start < c.active:
                 self.t_previous = epoch
                 return DROP
@@ -163,7 +166,7 @@ def plan(config: DaPConfig, num_samples: int = IMAGENET_NUM_SAMPLES) -> Plan:
             size = keep_count(size, config.keep)
         elif action == REUSE:
             size = num_samples
-        events.append(WARMUP if action == KEEP and epoch <= config.warmup else action)
+        events.append(action)
     return Plan(config, num_samples, sizes, events)
 
 

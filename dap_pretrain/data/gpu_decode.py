@@ -543,12 +543,11 @@ class GpuDecodeLoader:
         return x
 
     def _fused_args(self, x: torch.Tensor, params: torch.Tensor) -> tuple:
-        dev = self.device
-        flip = params[:, 4].to(dev) != 0
-        order = factors = None
+        p = params[:, 4:11].to(self.device, torch.float32)  # flip, jitter order and factors: one copy per batch
+        flip, order, factors = p[:, 0] != 0, None, None
         if self.files.aug["jitter"] > 0:
-            order = params[:, 5:8].long().to(dev)
-            factors = params[:, 8:11].to(dev, torch.float32).contiguous()  # strides as compiled, never a recompile
+            order = p[:, 1:4].long()
+            factors = p[:, 4:7].contiguous()  # strides as compiled, never a recompile
         return x, flip, order, factors, self.normalize.scale, self.normalize.shift
 
     def _finish_fused(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:

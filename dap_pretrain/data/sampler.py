@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from dap_pretrain.errors import DapError
-from dap_pretrain.schedule import DROP, KEEP, REUSE, WARMUP, DaPConfig, DaPSchedule, keep_count
+from dap_pretrain.schedule import DROP, REUSE, DaPConfig, DaPSchedule, keep_count
 
 _logger = logging.getLogger(__name__)
 
@@ -298,8 +298,6 @@ class DaPSampler(Sampler[int]):
         event, losses = "keep", None
         if self.schedule is not None:
             event = self.schedule.step(epoch)
-            if event == KEEP and epoch <= self.schedule.config.warmup:
-                event = WARMUP  # as `dap-plan` labels these epochs: all data, nothing ranked yet
             if event == DROP:
                 mean = self.recorder.mean_losses()
                 losses = mean[self.subset].float()
