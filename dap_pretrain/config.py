@@ -87,6 +87,30 @@ class RunConfig:
         return dict(self._values)
 
 
+def mixing(v) -> bool:
+    """Whether the settings (a RunConfig or its dict) mix batches (Mixup or CutMix)."""
+    get = v.get if isinstance(v, dict) else lambda k: getattr(v, k)
+    return get("mixup") > 0 or get("cutmix") > 0 or get("cutmix_minmax") is not None
+
+
+def _check_mixing(v: dict) -> None:
+    for flag in ("mixup", "cutmix"):
+        if v[flag] < 0:
+            raise UsageError(f"{cli_flags([flag])}={v[flag]} is invalid: an alpha must be >= 0 (0: off)")
+    if not mixing(v):
+        return
+    for flag in ("mixup_prob", "mixup_switch_prob"):
+        if not 0 <= v[flag] <= 1:
+            raise UsageError(f"{cli_flags([flag])}={v[flag]} is invalid: a probability must be in [0, 1]")
+    if v["mixup_off_epoch"] < 0:
+        raise UsageError(f"--mixup-off-epoch={v['mixup_off_epoch']} is invalid: an epoch >= 1 (0: mix every epoch)")
+    minmax = v["cutmix_minmax"]
+    if minmax is not None and not 0 <= minmax[0] < minmax[1] <= 1:
+        raise UsageError(f"--cutmix-minmax {minmax[0]} {minmax[1]} is invalid: two fractions 0 <= MIN < MAX <= 1")
+    if v["cuda_graph"]:
+        raise UsageError("--cuda-graph replays an unmixed step; drop it or drop --mixup/--cutmix")
+
+
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The trainer's parsed flags, resolved into a :class:`RunConfig` (``args`` is not changed).
 
@@ -115,12 +139,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         if not 0 < v["fixed_subset"] <= 1:
             raise UsageError(f"--fixed-subset={v['fixed_subset']} is invalid: must be in (0, 1]")
         v["dap_select"] = "none"
-    if v["dap_select"] != "none" and (v["mixup"] > 0 or v["cutmix"] > 0):
-        # A mixed image's loss belongs to two samples; ranking either by it would be silently wrong.
-        raise UsageError(
-            "--mixup/--cutmix cannot be combined with DaP (a mixed sample's loss has no single owner); "
-            "drop them or pass --dap-select none"
-        )
+    _check_mixing(v)
     if v["lr_base"] is not None:  # timm's --lr-base: the LR of a global batch of --lr-base-size (default 256)
         v["lr"], v["lr_base_size"] = v["lr_base"], v["lr_base_size"] or 256
     if v["lr_base_size"] is not None and v["lr_base_size"] < 1:

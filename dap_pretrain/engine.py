@@ -20,6 +20,7 @@ from timm.models import model_parameters
 from timm.utils import dispatch_clip_grad
 
 from dap_pretrain.distributed import all_reduce_sum
+from dap_pretrain.mixing import mixed_losses
 
 _logger = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def train_one_epoch(
     show_progress: bool = True,
     graph_step=None,
     updates: int = 0,
+    mixer=None,
 ) -> EpochStats:
     """Train ``model`` for one epoch of ``loader`` (batches ``(input, target, index)``).
 
@@ -148,6 +150,9 @@ def train_one_epoch(
     the others take the eager path below. ``updates``: the run's optimizer updates before this epoch; the EMA
     decays by the run's update count (timm's ``num_updates``), which DaP's shorter epochs and
     ``grad_accum_steps`` make differ from ``epoch * steps``. The returned stats carry the count after the epoch.
+    ``mixer`` (a :class:`~dap_pretrain.mixing.Mixer`, or None for no mixing this epoch) mixes each batch with its
+    reverse (Mixup/CutMix); the model trains on each mixed image's soft-target loss and the sampler records each
+    sample's own label's share of it (:func:`~dap_pretrain.mixing.mixed_losses`).
     """
     model.train()
     steps = len(loader)
@@ -184,7 +189,11 @@ def train_one_epoch(
                 updater.cut_short()
             continue
         weights = loss_weights(indices) if loss_weights is not None else None
-        if graph_step is not None and graph_step.accepts(images):
+        lam = None
+        if mixer is not None:
+            images, lam = mixer(images, epoch=epoch, step=step)
+        owned = None  # each sample's own loss, where it differs from its image's (a mixed batch)
+        if graph_step is not None and lam is None and graph_step.accepts(images):  # the graph's loss is unmixed
             losses = graph_step(images, targets, weights)
             updater.updates += 1
             loss = None  # the graph's step loss is not kept: the log takes the batch's mean loss
@@ -192,10 +201,13 @@ def train_one_epoch(
             with updater.step_context(step):
                 with autocast:
                     output = model(images)
-                    losses = F.cross_entropy(output.float(), targets, reduction="none", label_smoothing=smoothing)
+                    if lam is None:
+                        losses = F.cross_entropy(output.float(), targets, reduction="none", label_smoothing=smoothing)
+                    else:
+                        losses, owned = mixed_losses(output, targets, lam, smoothing=smoothing)
                 loss = (losses * weights).mean() if weights is not None else losses.mean()
                 updater.backward(loss, step)
-        sampler.record(indices, losses.detach())
+        sampler.record(indices, (losses if owned is None else owned).detach())
         logged = step % log_interval == 0 or step == steps - 1
         batch_loss = float((losses.mean() if loss is None else loss).detach()) if logged else None
         if batch_loss is not None:

@@ -42,6 +42,7 @@ from dap_pretrain.config import (
     default_reuse,
     given_kwargs,
     merged_kwargs,
+    mixing,
     optimizer_kwargs,
     scaled_lr,
 )
@@ -63,6 +64,7 @@ from dap_pretrain.engine import evaluate, train_one_epoch
 from dap_pretrain.errors import UsageError, one_line, user_input
 from dap_pretrain.logs import HeldLogs, main_process_logging
 from dap_pretrain.lr import EpochProgressLR
+from dap_pretrain.mixing import Mixer
 from dap_pretrain.reporting import Accounting, log_epoch, subset_digest, write_summary_csv
 from dap_pretrain.run_folder import (
     REPLACED,
@@ -455,6 +457,22 @@ def _gather_rng(world: int, digest: str) -> list:
     if len(digests) > 1:
         raise RuntimeError(f"DDP ranks disagree on the DaP subset ({sorted(digests)}); this is a bug, please report it")
     return [s for s, _ in out]
+
+
+def _mixer(cfg, *, rank: int) -> Mixer | None:
+    """timm's Mixup/CutMix from the trainer's flags (None when neither is on)."""
+    if not mixing(cfg):
+        return None
+    return Mixer(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        cutmix_minmax=tuple(cfg.cutmix_minmax) if cfg.cutmix_minmax is not None else None,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        mode=cfg.mixup_mode,
+        seed=cfg.seed,
+        rank=rank,
+    )
 
 
 def _seeded_model(cfg, num_classes: int, device: torch.device, rank: int):
@@ -886,6 +904,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             model, optimizer, batch_size=cfg.batch_size, amp_dtype=amp_dtype, smoothing=cfg.smoothing
         )
     train_loader, val_loader = _build_loaders(cfg, data, sampler, device=device, rank=rank, world=world)
+    mixer = _mixer(cfg, rank=rank)
     decoding_workers = 0 if hasattr(train_loader, "store") else cfg.workers  # in-memory: workers only at start
     threads, threads_note = pick_threads(workers=decoding_workers, device_type=device.type)
     torch.set_num_threads(threads)
@@ -918,6 +937,9 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
     if rank == 0:
         write_atomic(output / "args.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False)))
     _logger.info(threads_note)
+    if mixer is not None:
+        off = f" (epochs 1-{cfg.mixup_off_epoch} only)" if cfg.mixup_off_epoch else ""
+        _logger.info("%s%s", mixer.describe(), off)
     if hasattr(train_loader, "describe"):
         _logger.info(train_loader.describe())
     _logger.info(
@@ -956,6 +978,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             show_progress=rank == 0,
             graph_step=graph_step,
             updates=state.updates,
+            mixer=mixer if mixer is not None and not 0 < cfg.mixup_off_epoch <= epoch else None,
         )
         state.updates = stats.updates
         _equal_batchnorm((model, ema.module if ema is not None else None), cfg, world=world)

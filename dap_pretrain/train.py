@@ -16,6 +16,7 @@ from timm.utils import ParseKwargs
 from dap_pretrain.cli import add_dap_arguments, given_flags, make_parser, not_key_value, refuse_exclusive_flags
 from dap_pretrain.config import load_config, run_config
 from dap_pretrain.errors import UsageError, entry_point
+from dap_pretrain.mixing import MODES as MIX_MODES
 
 _logger = logging.getLogger("dap_pretrain.train")
 
@@ -181,8 +182,25 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup-lr", type=float, default=1e-5)
     o.add_argument("--min-lr", type=float, default=0.0)
     o.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
-    o.add_argument("--mixup", type=float, default=0.0, help="refused with DaP (see docs)")
-    o.add_argument("--cutmix", type=float, default=0.0, help="refused with DaP (see docs)")
+    x = p.add_argument_group(
+        "Mixup/CutMix (timm's flags; with DaP each sample is ranked by its own label's share of the mixed losses)"
+    )
+    x.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="Mixup alpha; on if > 0 (0)")
+    x.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="CutMix alpha; on if > 0 (0)")
+    x.add_argument(
+        "--cutmix-minmax",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="CutMix box sides as fractions of the image, instead of alpha (turns CutMix on)",
+    )
+    x.add_argument("--mixup-prob", type=float, default=1.0, metavar="P", help="probability of mixing a batch (1.0)")
+    x.add_argument(
+        "--mixup-switch-prob", type=float, default=0.5, metavar="P", help="with both on: CutMix instead (0.5)"
+    )
+    x.add_argument("--mixup-mode", choices=MIX_MODES, default="batch", help="one draw per batch, pair or elem")
+    x.add_argument("--mixup-off-epoch", type=int, default=0, metavar="N", help="mix the first N epochs only (0: all)")
     add_dap_arguments(p)
     g = p.add_argument_group("DaP selection and Table 2(f) baselines")
     g.add_argument(
@@ -278,6 +296,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unused = sorted(f for f in given if f.startswith("--infobatch-"))
     if unused and args.dap_select != "infobatch":
         raise UsageError(f"{' '.join(unused)} set InfoBatch's policy; add --dap-select infobatch or drop them")
+    unused = sorted(f for f in given if f.startswith("--mixup-") or f == "--cutmix-minmax")
+    if unused and not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        raise UsageError(f"{' '.join(unused)} set how batches are mixed; add --mixup or --cutmix, or drop them")
     if args.resume and "--output" not in given:  # continue the run where it is, not in the default folder
         args.output = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
     return args

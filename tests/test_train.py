@@ -231,7 +231,8 @@ def test_bad_input_one_line_exit_2(tmp_path, cifar_tiny):
         _cli(*base, "--data-dir", str(cifar_tiny), "--dap-reuse", "9", "--output", str(tmp_path / "o5")), "dap-reuse"
     )
     _assert_one_line_error(
-        _cli(*base, "--data-dir", str(cifar_tiny), "--mixup", "0.2", "--output", str(tmp_path / "o6")), "mixup"
+        _cli(*base, "--data-dir", str(cifar_tiny), "--mixup-mode", "elem", "--output", str(tmp_path / "o6")),
+        "--mixup-mode set how batches are mixed",
     )
     # corrupt and foreign checkpoints
     corrupt = tmp_path / "corrupt.pth.tar"

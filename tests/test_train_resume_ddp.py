@@ -54,7 +54,9 @@ def _train_cmd(*args):
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, cifar_tiny):
-    common = [*ARGS, "-b", "64", "--data-dir", str(cifar_tiny)]
+    # with Mixup/CutMix per image: their draws too must continue as the uninterrupted run's did
+    mixing = ["--mixup", "0.4", "--cutmix", "1.0", "--mixup-mode", "elem"]
+    common = [*ARGS, "-b", "64", "--data-dir", str(cifar_tiny), *mixing]
     full = tmp_path / "full"
     subprocess.run(_train_cmd(*common, "--output", str(full)), check=True, capture_output=True, cwd=REPO, timeout=600)
 
