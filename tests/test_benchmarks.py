@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -271,3 +272,24 @@ def test_host_overhead_measures_both_loops():
 
     res = host_overhead.per_step_us(steps=20, repeats=1)
     assert res["trainer"] > 0 and res["bare"] > 0 and res["difference"] == res["trainer"] - res["bare"]
+
+
+def test_mixing_attribution_compares_the_two_rankings_at_each_drop(tmp_path, cifar_tiny):
+    """A subprocess: the benchmark wraps the engine's and the sampler's functions for the rest of its process."""
+    import mixing_attribution
+
+    a = torch.tensor([0.1, 0.5, 0.3, 0.9])
+    assert mixing_attribution.spearman(a, a * 2) == pytest.approx(1.0)
+    assert mixing_attribution.spearman(a, -a) == pytest.approx(-1.0)
+    out = tmp_path / "run"
+    flags = ["--data-dir", str(cifar_tiny), "--mixup", "0.8", "--epochs", "3", "--dap-warmup", "1", "--workers", "1"]
+    res = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/mixing_attribution.py"), "--output", str(out), *flags],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads((out / "mixing_attribution.json").read_text())
+    assert [d["epoch"] for d in result["drops"]] == [2, 3]  # the embedded config's p=0.9 every epoch after W=1
+    for d in result["drops"]:
+        assert -1 <= d["spearman"] <= 1 and 0 <= d["dropped_by_both"] <= 1 and d["dropped"] > 0
+    assert "2 drops: Spearman rho" in res.stdout
