@@ -10,6 +10,15 @@ exactly the loss ``ClsHead`` returns. Detached (inference, or plain mmpretrain u
 ``DaPClsHead`` replaces ``LinearClsHead`` only (same arguments, same weights). Another head that subclasses
 ``ClsHead`` and keeps its ``_get_loss`` (e.g. ``VisionTransformerClsHead``) gets the same recording from
 :class:`DaPLossMixin`: register ``class DaPViTHead(DaPLossMixin, VisionTransformerClsHead)`` in ``MODELS``.
+
+Mixed batches (mmpretrain's ``Mixup``, ``CutMix``, ``ResizeMix``: ``train_cfg.augments``, which mmpretrain runs
+as the data preprocessor's ``batch_augments``): a mixed image carries several samples' labels, so its loss is not
+one sample's. The hook wraps the preprocessor's ``batch_augments`` in :class:`TracedBatchAugments`, which hands the
+batch augment an identity matrix beside the labels: mixed like the labels, it comes back as the mixing weights
+``W`` (image i is ``sum_k W[i, k]`` of sample k), whatever permutation and lam the augment drew. Each sample is
+then charged for its own label wherever it was trained, ``own_k = sum_i W[i, k] * loss(image i, label of k)``, as
+the timm trainer does (``dap_pretrain.mixing``); the ``own`` losses of a batch sum to its images' losses. The model
+trains on the images' losses, unchanged.
 """
 
 from __future__ import annotations
@@ -22,9 +31,40 @@ from dap_pretrain.mm.settings import DaPMMError
 
 RANKED_SELECT = ("hard",)  # dap.select strategies that rank samples by their recorded losses
 MIXED_BATCH_REFUSAL = (
-    "mixup/cutmix (model.train_cfg.augments) cannot be combined with dap.select='hard' (a mixed sample's loss has no "
-    "single owner); remove them, or set dap.select='none' (all data) or 'random'"
+    "this batch was mixed (gt_score) outside the data preprocessor's batch_augments, so DaP cannot tell whose loss "
+    "is whose; mix through model.train_cfg.augments, or set dap.select='none' (all data) or 'random'"
 )
+
+
+class TracedBatchAugments:
+    """Wraps a data preprocessor's ``batch_augments`` (``(inputs, scores) -> (inputs, scores)``) and keeps each
+    training batch's mixing weights for the head (module docstring).
+
+    ``scores`` gets ``n`` more columns, an identity matrix; any augment that mixes the rows of ``scores`` linearly
+    (mmpretrain's all do) mixes them too. They are split off again, so the preprocessor and the head see the scores
+    they would without the wrapper. :meth:`take` returns the last batch's ``W`` (n, n) once.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self._weights: torch.Tensor | None = None
+
+    def __call__(self, inputs: torch.Tensor, scores: torch.Tensor):
+        n, classes = scores.shape
+        tagged = torch.cat([scores.float(), torch.eye(n, dtype=torch.float32, device=scores.device)], dim=1)
+        inputs, mixed = self.inner(inputs, tagged)
+        if mixed.shape != tagged.shape:
+            raise DaPMMError(
+                f"batch augment {type(self.inner).__name__} returned scores of shape {tuple(mixed.shape)} for "
+                f"{tuple(tagged.shape)}; DaP needs augments that mix the rows of the scores (mmpretrain's Mixup, "
+                "CutMix, ResizeMix), or dap.select='none' or 'random'"
+            )
+        self._weights = mixed[:, classes:]
+        return inputs, mixed[:, :classes]
+
+    def take(self) -> torch.Tensor | None:
+        weights, self._weights = self._weights, None
+        return weights
 
 
 class DaPLossMixin:
@@ -33,27 +73,43 @@ class DaPLossMixin:
 
     _dap_recorder = None  # an object with record(indices, losses), e.g. DaPMMSampler; None = stock behaviour
     _dap_ranked = True
+    _dap_mixing = None  # a TracedBatchAugments: the mixing weights of each mixed batch
 
-    def attach(self, recorder, *, ranked: bool = True) -> None:
+    def attach(self, recorder, *, ranked: bool = True, mixing: TracedBatchAugments | None = None) -> None:
         """Record training losses into ``recorder.record(indices, losses)`` from now on.
 
         Args:
             recorder: e.g. the :class:`~dap_pretrain.mm.sampler.DaPMMSampler`.
-            ranked: the losses rank samples (``dap.select='hard'``), so a mixed batch (mixup/cutmix) is refused;
-                ``False`` records mixed samples' losses too, for counting the samples trained only.
+            ranked: the losses rank samples (``dap.select='hard'``), so a mixed batch must come with its mixing
+                weights (from ``mixing``), else it is refused; ``False`` records a mixed image's loss against the
+                sample whose index it carries where there are no weights (it counts the samples trained only).
+            mixing: the data preprocessor's traced ``batch_augments``, whose weights split a mixed batch's losses.
         """
         self._dap_recorder = recorder
         self._dap_ranked = ranked
+        self._dap_mixing = mixing
 
     def detach(self) -> None:
         self._dap_recorder = None
+        self._dap_mixing = None
+
+    def _own_losses(self, cls_score: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, **kwargs):
+        """``own_k = sum_i W[i, k] * loss(image i, one-hot label of k)``, over the nonzero weights only (two per
+        image for Mixup/CutMix), with the head's own loss module (label smoothing included)."""
+        image, sample = weights.nonzero(as_tuple=True)
+        onehot = torch.nn.functional.one_hot(labels[sample], cls_score.shape[1]).to(cls_score.dtype)
+        pair = self.loss_module(cls_score[image], onehot, reduction_override="none", **kwargs)
+        pair = pair.reshape(image.numel(), -1).sum(1)
+        own = torch.zeros(labels.numel(), dtype=pair.dtype, device=pair.device)
+        return own.index_add_(0, sample, weights[image, sample].to(pair.dtype) * pair)
 
     def _get_loss(self, cls_score: torch.Tensor, data_samples: list, **kwargs) -> dict:
         if self._dap_recorder is None:
             return super()._get_loss(cls_score, data_samples, **kwargs)
         mixed = "gt_score" in data_samples[0]
-        if mixed and self._dap_ranked:
-            # A mixed image's loss belongs to two samples; ranking either by it would be silently wrong.
+        weights = self._dap_mixing.take() if mixed and self._dap_mixing is not None else None
+        if mixed and weights is None and self._dap_ranked:
+            # A mixed image's loss belongs to several samples; ranking by it without the weights would be wrong.
             raise DaPMMError(MIXED_BATCH_REFUSAL)
         indices = [s.metainfo.get("sample_idx") for s in data_samples]
         if any(i is None for i in indices):
@@ -67,7 +123,11 @@ class DaPLossMixin:
             target = torch.cat([s.gt_label for s in data_samples])
         batch = cls_score.size(0)
         per_sample = self.loss_module(cls_score, target, reduction_override="none", **kwargs).reshape(batch, -1).sum(1)
-        self._dap_recorder.record(torch.as_tensor(indices, dtype=torch.int64), per_sample.detach())
+        owned = per_sample
+        if weights is not None:
+            labels = torch.cat([s.gt_label for s in data_samples]).to(cls_score.device)
+            owned = self._own_losses(cls_score, labels, weights.to(cls_score.device), **kwargs)
+        self._dap_recorder.record(torch.as_tensor(indices, dtype=torch.int64), owned.detach())
         losses = {"loss": per_sample.sum() / batch}  # = ClsHead's mean (avg_factor = batch size)
         if self.cal_acc and not mixed:
             from mmpretrain.evaluation.metrics import Accuracy

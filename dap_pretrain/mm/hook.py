@@ -8,7 +8,8 @@ Who calls what, and when (mmengine calls the hook; the hook calls the engine):
   what would make DaP wrong (iteration-counting loops or LR schedulers, a wrapped dataset, a head that cannot
   record losses), configures the :class:`~dap_pretrain.mm.sampler.DaPMMSampler`, restores the kept state when the
   runner resumed (``runner.epoch > 0``: sampler, accounting, history, every rank's RNGs, so the run continues
-  exactly) and attaches the sampler to the :class:`~dap_pretrain.mm.head.DaPClsHead` (detached in ``after_train``).
+  exactly) and attaches the sampler to the :class:`~dap_pretrain.mm.head.DaPClsHead` (detached in ``after_train``),
+  with the data preprocessor's ``batch_augments`` (Mixup/CutMix) traced so that mixed losses split by sample.
   Validation- or test-only runs (``runner.val()``/``test()``) never call it, and the hook then does nothing.
 * ``before_train_epoch``: ``sampler.set_epoch(runner.epoch)``; ``after_train_epoch`` (priority NORMAL, so before
   the checkpoint and LR hooks): ``sampler.end_epoch()`` on every rank, accounting, ``summary.csv``, the log line.
@@ -43,7 +44,7 @@ from mmengine.runner import EpochBasedTrainLoop
 
 from dap_pretrain.checkpoint import rng_state, set_rng_state
 from dap_pretrain.data.sampler import NonFiniteLossError
-from dap_pretrain.mm.head import RANKED_SELECT, DaPLossMixin, head_refusal
+from dap_pretrain.mm.head import RANKED_SELECT, DaPLossMixin, TracedBatchAugments, head_refusal
 from dap_pretrain.mm.sampler import DaPMMSampler
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
 from dap_pretrain.reporting import Accounting, subset_digest
@@ -186,7 +187,16 @@ class DaPHook(Hook):
             self._restore(runner, state)
         elif state is not None:
             runner.logger.info("the load_from checkpoint's DaP state is ignored: a new run starts DaP afresh")
-        unwrap(runner.model).head.attach(self.sampler, ranked=self.settings.select in RANKED_SELECT)
+        model = unwrap(runner.model)
+        preprocessor = getattr(model, "data_preprocessor", None)
+        augments = getattr(preprocessor, "batch_augments", None)
+        if augments is not None and not isinstance(augments, TracedBatchAugments):
+            preprocessor.batch_augments = augments = TracedBatchAugments(augments)
+            runner.logger.info(
+                "batch augments %s: each sample's loss for DaP is its own label's share of the mixed losses",
+                ", ".join(type(a).__name__ for a in getattr(augments.inner, "augments", [augments.inner]) if a),
+            )
+        model.head.attach(self.sampler, ranked=self.settings.select in RANKED_SELECT, mixing=augments)
         self._t_start = time.perf_counter() - sum(r["epoch_time_s"] for r in self.acct.history)
 
     def _setup(self, runner) -> None:
@@ -318,7 +328,11 @@ class DaPHook(Hook):
             self._update_saved_checkpoint(runner)
 
     def after_train(self, runner) -> None:
-        unwrap(runner.model).head.detach()
+        model = unwrap(runner.model)
+        model.head.detach()
+        preprocessor = getattr(model, "data_preprocessor", None)
+        if isinstance(getattr(preprocessor, "batch_augments", None), TracedBatchAugments):
+            preprocessor.batch_augments = preprocessor.batch_augments.inner
         self.summary = self.run_summary()
         if is_main_process():
             _write_atomic(Path(runner.work_dir) / "run.json", json.dumps(self.summary, indent=2) + "\n")

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from dap_pretrain.errors import brief
-from dap_pretrain.mm.head import MIXED_BATCH_REFUSAL, RANKED_SELECT, head_refusal
+from dap_pretrain.mm.head import head_refusal
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
 from dap_pretrain.mm.work_dir import (
     ClearPreviousRun,
@@ -154,13 +154,6 @@ def _check_schedulers(cfg, *, warmup: int, max_epochs: int) -> None:
         )
 
 
-def _batch_augments(cfg) -> list:
-    model = cfg.get("model") or {}
-    found = [(model.get("train_cfg") or {}).get("augments")]
-    found += [(p or {}).get("batch_augments") for p in (model.get("data_preprocessor"), cfg.get("data_preprocessor"))]
-    return [a for a in found if a]
-
-
 def _check_data_paths(cfg) -> None:
     """The train/val datasets' local folders exist (mmengine would fail with a traceback after building the run)."""
     for key in ("train_dataloader", "val_dataloader"):
@@ -202,8 +195,6 @@ def check_config(cfg) -> DaPSettings:
     refusal = head_refusal(((cfg.get("model") or {}).get("head") or {}).get("type"))
     if refusal:
         raise DaPMMError(refusal)
-    if settings.select in RANKED_SELECT and _batch_augments(cfg):
-        raise DaPMMError(MIXED_BATCH_REFUSAL)
     if settings.select != "none":
         _check_schedulers(cfg, warmup=settings.config.warmup, max_epochs=settings.config.epochs)
     _check_data_paths(cfg)

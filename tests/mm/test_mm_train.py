@@ -136,6 +136,32 @@ def test_two_gloo_ranks_agree(cifar_tiny, tmp_path, free_port):
     assert len(torch.load(work / "epoch_3.pth", weights_only=False)["dap"]["rng"]) == 2  # gathered from both ranks
 
 
+def test_mixup_and_cutmix_run_with_hard_selection(cifar_tiny, tmp_path):
+    """train_cfg.augments (Mixup or CutMix per batch), inherited from the stock config: the run drops by each
+    sample's own label's share of the mixed losses and spends the planned compute."""
+    config = tmp_path / "mixed.py"
+    config.write_text(
+        f"_base_ = ['{REPO / CONFIG}']\n"
+        "model = dict(train_cfg=dict(augments=[dict(type='Mixup', alpha=0.8), dict(type='CutMix', alpha=1.0)]))\n"
+    )
+    work = tmp_path / "mixed"
+    cmd = ["bash", str(SCRIPT), str(config), "--data-root", str(cifar_tiny), "--work-dir", str(work)]
+    args = [*DONE_WHEN, "train_cfg.max_epochs=3", *FAST]
+    proc = subprocess.run(
+        [*cmd, "--cfg-options", *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (
+        "batch augments Mixup, CutMix: each sample's loss for DaP is its own label's share" in proc.stdout + proc.stderr
+    )
+    p = plan(DaPConfig(epochs=3, warmup=1, interval=1, keep=0.5, active=10), 400)
+    assert [int(x["samples_trained"]) for x in rows(work)] == p.subset_sizes == [400, 400, 200]
+    assert [x["event"] for x in rows(work)] == ["warm-up", "drop", "drop"]
+    run = json.loads((work / "run.json").read_text())
+    assert run["compute_fraction_measured"] == p.compute_fraction
+
+
 def test_iteration_based_scheduler_is_refused_in_one_line(cifar_tiny, tmp_path):
     args = [*DONE_WHEN, *FAST, "param_scheduler.convert_to_iter_based=True"]
     proc = pretrain_mm(tmp_path / "iter", cifar_tiny, "--cfg-options", *args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,7 @@ def test_head_refuses_mixed_targets_and_missing_sample_idx():
     head.attach(DaPSampler(4))
     feats = (torch.randn(2, 4),)
     mixed = [DataSample(metainfo={"sample_idx": i}).set_gt_score(torch.tensor([0.5, 0.5, 0.0])) for i in (0, 1)]
-    with pytest.raises(DaPMMError, match="mixup/cutmix"):
+    with pytest.raises(DaPMMError, match=r"mixed \(gt_score\) outside the data preprocessor's batch_augments"):
         head.loss(feats, mixed)
     with pytest.raises(DaPMMError, match="sample_idx"):
         head.loss(feats, [DataSample().set_gt_label(0), DataSample().set_gt_label(1)])
@@ -208,18 +209,17 @@ def _with_data(cfg, root):
     return cfg
 
 
-def test_mixup_is_refused_by_the_config_check_only_when_losses_rank_samples(tmp_path):
-    """dap.select='hard' with mixup/cutmix: refused before anything is built; 'none' and 'random' run, and the head
-    then records the mixed samples' losses (counting them as trained) instead of refusing."""
+def test_mixup_configs_pass_the_check_and_untraced_mixing_is_only_counted(tmp_path):
+    """Mixup/CutMix in train_cfg.augments pass the config check for every dap.select (the hook traces them); a
+    mixed batch that reaches the head without weights is recorded against its images' indices when losses only
+    count the samples trained."""
     from mmpretrain.structures import DataSample
 
-    from dap_pretrain.mm import DaPClsHead, DaPMMError
+    from dap_pretrain.mm import DaPClsHead
     from dap_pretrain.mm.runner import check_config
 
-    mix = "model = dict(train_cfg=dict(augments=[dict(type='Mixup', alpha=0.2)]))"
-    with pytest.raises(DaPMMError, match=r"mixup/cutmix .* or set dap.select='none'"):
-        check_config(_with_data(_config(tmp_path, mix), tmp_path / "d"))
-    for select in ("none", "random"):
+    mix = "model = dict(train_cfg=dict(augments=[dict(type='Mixup', alpha=0.2), dict(type='CutMix', alpha=1.0)]))"
+    for select in ("hard", "none", "random"):
         assert check_config(_with_data(_config(tmp_path, f"{mix}\ndap = dict(select='{select}')"), tmp_path / "d"))
     head = DaPClsHead(num_classes=3, in_channels=4)
     sampler = DaPSampler(4)
@@ -227,6 +227,75 @@ def test_mixup_is_refused_by_the_config_check_only_when_losses_rank_samples(tmp_
     mixed = [DataSample(metainfo={"sample_idx": i}).set_gt_score(torch.tensor([0.5, 0.5, 0.0])) for i in (0, 2)]
     loss = head.loss((torch.randn(2, 4),), mixed)["loss"]
     assert torch.isfinite(loss) and sampler.recorder.seen().tolist() == [True, False, True, False]
+
+
+def _mixed_batch(augments: list, *, n=6, classes=4, smoothing=0.0, seed=0):
+    """A batch through mmpretrain's own ClsDataPreprocessor with ``augments`` traced, and a DaPClsHead attached to a
+    recorder: returns (head, recorded own losses, the images' losses, the weights, labels)."""
+    from mmpretrain.models.utils import ClsDataPreprocessor
+    from mmpretrain.structures import DataSample
+
+    from dap_pretrain.mm import DaPClsHead
+    from dap_pretrain.mm.head import TracedBatchAugments
+
+    torch.manual_seed(seed)
+    numpy.random.seed(seed)  # mmpretrain draws lam from numpy's global generator
+    pre = ClsDataPreprocessor(num_classes=classes, batch_augments=dict(augments=augments))
+    pre.batch_augments = traced = TracedBatchAugments(pre.batch_augments)
+    labels = torch.tensor([0, 1, 2, 3, 1, 0][:n])
+    samples = [DataSample(metainfo={"sample_idx": 10 + i}).set_gt_label(int(y)) for i, y in enumerate(labels)]
+    data = pre({"inputs": [torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8) for _ in range(n)],
+                "data_samples": samples}, training=True)  # fmt: skip
+    loss = dict(type="LabelSmoothLoss", label_smooth_val=smoothing, mode="original") if smoothing else None
+    head = DaPClsHead(num_classes=classes, in_channels=5, **({"loss": loss} if loss else {}))
+    recorded = {}
+
+    class Recorder:
+        def record(self, indices, losses):
+            recorded.update(zip(indices.tolist(), losses.tolist(), strict=True))
+
+    head.attach(Recorder(), ranked=True, mixing=traced)
+    feats = torch.randn(n, 5)
+    weights = traced._weights.clone()
+    head.loss((feats,), data["data_samples"])
+    own = torch.tensor([recorded[10 + i] for i in range(n)])
+    scores = torch.stack([s.gt_score for s in data["data_samples"]])
+    per_image = head.loss_module(head.fc(feats), scores, reduction_override="none").reshape(n, -1).sum(1)
+    return own, per_image.detach(), weights, labels, head.fc(feats).detach()
+
+
+@pytest.mark.parametrize("augment", [dict(type="Mixup", alpha=1.0), dict(type="CutMix", alpha=1.0)])
+def test_traced_mixing_gives_mmpretrains_permutation_and_splits_the_loss_by_sample(augment):
+    own, per_image, weights, labels, logits = _mixed_batch([augment], smoothing=0.1)
+    assert torch.allclose(weights.sum(1), torch.ones(6))  # each image is a convex mix of samples
+    lam = weights.diagonal()
+    off = weights - torch.diag(lam)
+    moved = off.sum(1) > 0  # a sample the permutation left in place is its own partner: weight 1
+    partner = torch.where(moved, off.argmax(1), torch.arange(6))
+    assert sorted(partner.tolist()) == list(range(6)) and moved.sum() >= 2  # a permutation, as mmpretrain draws
+    assert torch.allclose(lam[moved], lam[moved][0].expand(int(moved.sum()))) and torch.all(lam[~moved] == 1)
+    assert 0 < float(lam[moved][0]) < 1  # one lam per batch
+    assert float(own.sum()) == pytest.approx(float(per_image.sum()), rel=1e-5)
+    # by hand, with label smoothing 0.1 as LabelSmoothLoss applies it
+    smooth = lambda c: F.one_hot(torch.tensor(c), 4).float() * 0.9 + 0.1 / 4  # noqa: E731
+    ce = lambda i, c: float(-(smooth(c) * logits[i].log_softmax(0)).sum())  # noqa: E731
+    j = int(torch.nonzero(moved)[0])
+    i = int((partner == j).nonzero()[0])  # the image that carries sample j as partner
+    expected = float(lam[j]) * ce(j, int(labels[j])) + float(weights[i, j]) * ce(i, int(labels[j]))
+    assert float(own[j]) == pytest.approx(expected, rel=1e-5)
+    assert not torch.allclose(own, per_image)
+
+
+def test_a_batch_the_random_choice_leaves_unmixed_has_identity_weights():
+    from mmpretrain.models.utils import RandomBatchAugment
+
+    from dap_pretrain.mm.head import TracedBatchAugments
+
+    traced = TracedBatchAugments(RandomBatchAugment([dict(type="Mixup", alpha=1.0)], probs=[0.0]))
+    onehot = F.one_hot(torch.tensor([0, 1, 2]), 3)
+    _, scores = traced(torch.zeros(3, 3, 4, 4), onehot)
+    assert torch.equal(traced.take(), torch.eye(3)) and traced.take() is None  # handed over once
+    assert torch.equal(scores, onehot.float())
 
 
 def test_head_refusal_names_a_fix_that_works(tmp_path):
