@@ -150,7 +150,7 @@ def train_one_epoch(
     the others take the eager path below. ``updates``: the run's optimizer updates before this epoch; the EMA
     decays by the run's update count (timm's ``num_updates``), which DaP's shorter epochs and
     ``grad_accum_steps`` make differ from ``epoch * steps``. The returned stats carry the count after the epoch.
-    ``mixer`` (a :class:`~dap_pretrain.mixing.Mixer`, or None for no mixing this epoch) mixes each batch with its
+    ``mixer`` (a :class:`~dap_pretrain.mixing.Mixer`, or None), where active for ``epoch``, mixes each batch with its
     reverse (Mixup/CutMix); the model trains on each mixed image's soft-target loss and the sampler records each
     sample's own label's share of it (:func:`~dap_pretrain.mixing.mixed_losses`).
     """
@@ -190,7 +190,7 @@ def train_one_epoch(
             continue
         weights = loss_weights(indices) if loss_weights is not None else None
         lam = None
-        if mixer is not None:
+        if mixer is not None and mixer.active(epoch):
             images, lam = mixer(images, epoch=epoch, step=step)
         owned = None  # each sample's own loss, where it differs from its image's (a mixed batch)
         if graph_step is not None and lam is None and graph_step.accepts(images):  # the graph's loss is unmixed

@@ -59,6 +59,7 @@ class Mixer:
             (``--mixup-mode``).
         seed: the run's seed; the draws for a batch depend only on ``(seed, rank, epoch, step)``.
         rank: the process's rank (each rank mixes its own batches, as under timm's DDP).
+        off_epoch: mix only the 0-based epochs before it (timm's ``--mixup-off-epoch``); 0 mixes every epoch.
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class Mixer:
         mode: str = "batch",
         seed: int = 0,
         rank: int = 0,
+        off_epoch: int = 0,
     ):
         if cutmix_minmax is not None:
             if len(cutmix_minmax) != 2 or not 0 <= cutmix_minmax[0] < cutmix_minmax[1] <= 1:
@@ -87,7 +89,11 @@ class Mixer:
             raise ValueError(f"mode={mode!r} is invalid: choose one of {', '.join(MODES)}")
         self.mixup_alpha, self.cutmix_alpha, self.cutmix_minmax = mixup_alpha, cutmix_alpha, cutmix_minmax
         self.prob, self.switch_prob, self.mode = prob, switch_prob, mode
-        self.seed, self.rank = seed, rank
+        self.seed, self.rank, self.off_epoch = seed, rank, off_epoch
+
+    def active(self, epoch: int) -> bool:
+        """Whether 0-based ``epoch`` is mixed."""
+        return not 0 < self.off_epoch <= epoch
 
     def describe(self) -> str:
         """One line for the run log."""
@@ -96,9 +102,10 @@ class Mixer:
             box = f"boxes {self.cutmix_minmax[0]:g}-{self.cutmix_minmax[1]:g}" if self.cutmix_minmax else ""
             kinds.append(f"CutMix {box or f'alpha {self.cutmix_alpha:g}'}")
         switch = f", CutMix with probability {self.switch_prob:g}" if len(kinds) == 2 else ""
+        off = f", epochs 1-{self.off_epoch} only" if self.off_epoch else ""
         return (
-            f"mixing batches: {' or '.join(kinds)}{switch}, per {self.mode}, probability {self.prob:g}; each sample's "
-            "loss for DaP is its own label's share of the mixed losses"
+            f"mixing batches: {' or '.join(kinds)}{switch}, per {self.mode}, probability {self.prob:g}{off}; each "
+            "sample's loss for DaP is its own label's share of the mixed losses"
         )
 
     def draw(self, n: int, height: int, width: int, *, epoch: int, step: int) -> MixParams:

@@ -472,6 +472,7 @@ def _mixer(cfg, *, rank: int) -> Mixer | None:
         mode=cfg.mixup_mode,
         seed=cfg.seed,
         rank=rank,
+        off_epoch=cfg.mixup_off_epoch,
     )
 
 
@@ -938,8 +939,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
         write_atomic(output / "args.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False)))
     _logger.info(threads_note)
     if mixer is not None:
-        off = f" (epochs 1-{cfg.mixup_off_epoch} only)" if cfg.mixup_off_epoch else ""
-        _logger.info("%s%s", mixer.describe(), off)
+        _logger.info(mixer.describe())
     if hasattr(train_loader, "describe"):
         _logger.info(train_loader.describe())
     _logger.info(
@@ -978,7 +978,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             show_progress=rank == 0,
             graph_step=graph_step,
             updates=state.updates,
-            mixer=mixer if mixer is not None and not 0 < cfg.mixup_off_epoch <= epoch else None,
+            mixer=mixer,
         )
         state.updates = stats.updates
         _equal_batchnorm((model, ema.module if ema is not None else None), cfg, world=world)

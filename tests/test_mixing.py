@@ -169,6 +169,16 @@ def test_the_engine_trains_on_image_losses_and_records_own_losses():
     torch.testing.assert_close(torch.tensor([recorded[i] for i in range(10, 16)]), own)
     assert not torch.allclose(own, per_image)
     assert stats.loss == pytest.approx(float(per_image.mean()), rel=1e-5)
+    # past --mixup-off-epoch the batch trains unmixed: the recorded losses are plain cross-entropy
+    late = Mixer(mixup_alpha=1.0, seed=0, off_epoch=1)
+    assert late.active(0) and not late.active(1) and "epochs 1-1 only" in late.describe()
+    train_one_epoch(
+        model, [(images, targets, torch.arange(10, 16))], torch.optim.SGD(model.parameters(), lr=0.0), epoch=1,
+        sampler=Sampler(), lr_scheduler=FixedLR(), device=torch.device("cpu"), mixer=late, show_progress=False,
+    )  # fmt: skip
+    with torch.no_grad():
+        plain = F.cross_entropy(model(images), targets, reduction="none")
+    torch.testing.assert_close(torch.tensor([recorded[i] for i in range(10, 16)]), plain)
 
 
 @pytest.mark.parametrize(
