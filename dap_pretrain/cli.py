@@ -9,6 +9,7 @@ import argparse
 import difflib
 import json
 import sys
+import time
 
 from dap_pretrain.config import PAPER_SETTINGS, dap_config_from_args, default_reuse, paper_setting
 from dap_pretrain.errors import UsageError, entry_point, print_error, user_input
@@ -198,6 +199,34 @@ def _export_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_main(args: argparse.Namespace) -> int:
+    from dap_pretrain.data import cache
+
+    if args.older_than < 0:
+        raise UsageError(f"--older-than={args.older_than} is invalid: a number of days >= 0 (0: every unused entry)")
+    root = cache.root(args.cache_dir)
+    if args.clean:
+        removed, busy = cache.clean(root, older_than_days=args.older_than)
+        for e in removed:
+            print(f"removed {e.path.name} ({cache.human_bytes(e.bytes)})")
+        for e in busy:
+            print(f"kept {e.path.name}: in use by another process")
+        freed = sum(e.bytes for e in removed)
+        print(f"{root}: removed {len(removed)} entries unused for {args.older_than:g} days, {cache.human_bytes(freed)}")
+        return 0
+    found = cache.entries(root)
+    now = time.time()
+    for e in found:
+        state = "in use" if e.in_use else f"last used {(now - e.last_used) / 86400:.1f} days ago"
+        print(f"{cache.human_bytes(e.bytes):>10}  {e.path.name}  ({state})")
+    total = cache.human_bytes(sum(e.bytes for e in found))
+    print(
+        f"{root}: {len(found)} entries, {total}; `python -m dap_pretrain cache --clean` removes those unused for "
+        "30 days"
+    )
+    return 0
+
+
 @entry_point
 def main(argv=None) -> int:
     parser = make_parser(prog="python -m dap_pretrain", description="Drop-and-Pick planner and backbone export")
@@ -230,10 +259,16 @@ def main(argv=None) -> int:
     )
     e.add_argument("--no-ema", action="store_true", help="export the raw weights even if EMA weights exist")
     e.add_argument("--overwrite", action="store_true", help="replace an existing export in --out")
+    c = sub.add_parser("cache", help="list the extracted datasets in the cache; --clean removes the unused ones")
+    c.add_argument("--clean", action="store_true", help="remove the entries not used for --older-than days")
+    c.add_argument(
+        "--older-than", type=float, default=30.0, metavar="DAYS", help="with --clean: unused this long (default 30)"
+    )
+    c.add_argument("--cache-dir", default=None, help="default: $XDG_CACHE_HOME/dap-pretrain/datasets")
     args = parser.parse_args(argv)
     if args.command == "plan":
         refuse_exclusive_flags(argv)
     if args.command == "plan" and args.preset:
         p.set_defaults(**paper_setting(args.preset))
         args = parser.parse_args(argv)
-    return {"plan": _plan_main, "export": _export_main}[args.command](args)
+    return {"plan": _plan_main, "export": _export_main, "cache": _cache_main}[args.command](args)

@@ -34,6 +34,7 @@ import timm.data
 import torch.utils.data
 from PIL import Image
 
+from dap_pretrain.data import cache
 from dap_pretrain.errors import DapError
 
 __all__ = [
@@ -172,12 +173,6 @@ def _targets(dataset: Any) -> list[int] | None:
     return None if targets is None else [int(t) for t in targets]
 
 
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "dap-pretrain" / "datasets"
-
-
 def _cache_key(archive: Path) -> str:
     """``<name>-<size>-<digest>``: a changed archive gets a fresh folder, an unchanged one reuses its own.
 
@@ -204,14 +199,27 @@ def _cache_key(archive: Path) -> str:
     return f"{name}-{st.st_size}-{h.hexdigest()[:16]}"
 
 
+def _cache_unwritable(folder: Path, e: OSError) -> DataError:
+    return DataError(
+        f"cannot write the dataset cache {folder} ({_one_line(e)}); set XDG_CACHE_HOME to a writable folder"
+    )
+
+
+def _hold(dest: Path) -> None:
+    """Mark the cache entry ``dest`` in use by this process (``python -m dap_pretrain cache --clean`` skips it)."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        cache.hold(dest)
+    except OSError as e:
+        raise _cache_unwritable(dest.parent, e) from None
+
+
 def _make_tmp_beside(dest: Path) -> Path:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     except OSError as e:
-        raise DataError(
-            f"cannot write the dataset cache {dest.parent} ({_one_line(e)}); set XDG_CACHE_HOME to a writable folder"
-        ) from None
+        raise _cache_unwritable(dest.parent, e) from None
 
 
 def publish_folder(tmp: Path, dest: Path) -> None:
@@ -264,7 +272,8 @@ def resolve_data_dir(data_dir: str | os.PathLike, *, cache_dir: str | os.PathLik
     Args:
         data_dir: an existing folder (returned as is) or a ``.tar``, ``.tar.gz`` or ``.tgz`` file of one.
         cache_dir: where archives are extracted, each into ``<name>-<size>-<digest>/`` below it; defaults to
-            ``$XDG_CACHE_HOME/dap-pretrain/datasets`` (``~/.cache/...``). An existing extraction is reused.
+            ``$XDG_CACHE_HOME/dap-pretrain/datasets`` (``~/.cache/...``). An existing extraction is reused; this
+            process holds it in use until it exits (:mod:`dap_pretrain.data.cache`).
 
     Returns:
         The folder, or the extracted tree; if that holds a single top-level folder, that folder.
@@ -280,7 +289,8 @@ def resolve_data_dir(data_dir: str | os.PathLike, *, cache_dir: str | os.PathLik
         raise DataError(f"data folder {path} does not exist; {_DATA_DIR_HINT}")
     if not path.name.endswith(ARCHIVE_SUFFIXES):
         raise DataError(f"{path} is a file but not a .tar/.tar.gz/.tgz archive; {_DATA_DIR_HINT}")
-    dest = _cache_root(cache_dir) / _cache_key(path)
+    dest = cache.root(cache_dir) / _cache_key(path)
+    _hold(dest)  # before looking: a cleaner removes no entry a process holds
     if not dest.is_dir():  # published atomically: if it exists, it is complete
         _extract(path, dest)
     return _single_top_folder(dest)
@@ -319,7 +329,8 @@ def embedded_data_dir(*, cache_dir: str | os.PathLike | None = None) -> Path:
         A folder holding ``train`` and ``val`` ImageFolder trees.
     """
     source = resolve_data_dir(EMBEDDED_ARCHIVE, cache_dir=cache_dir)
-    dest = _cache_root(cache_dir) / f"{_cache_key(EMBEDDED_ARCHIVE)}-split{EMBEDDED_TRAIN_PER_CLASS}"
+    dest = cache.root(cache_dir) / f"{_cache_key(EMBEDDED_ARCHIVE)}-split{EMBEDDED_TRAIN_PER_CLASS}"
+    _hold(dest)
     if not dest.is_dir():
         tmp = _make_tmp_beside(dest)
         _logger.info("splitting the embedded CIFAR-10 sample into %s", dest)
