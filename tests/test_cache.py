@@ -109,3 +109,20 @@ def test_bad_days_are_one_line():
     res = _cli("--clean", "--older-than", "-1")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "--older-than=-1.0 is invalid" in res.stderr
+
+
+def test_a_read_only_cache_with_the_entry_is_read_and_without_it_is_one_error(tmp_path, monkeypatch):
+    from dap_pretrain.data.dataset import DataError
+
+    root = tmp_path / "cache"
+    archive = _archive(tmp_path, "shared", b"s" * 100)
+    subprocess.run([sys.executable, "-c", f"from dap_pretrain.data.dataset import resolve_data_dir as r; "
+                    f"r({str(archive)!r}, cache_dir={str(root)!r})"], cwd=REPO, check=True, timeout=120)  # fmt: skip
+
+    def refuse(entry):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache, "hold", refuse)
+    assert (resolve_data_dir(archive, cache_dir=root) / "a" / "x.jpg").read_bytes() == b"s" * 100
+    with pytest.raises(DataError, match="cannot write the dataset cache .*Permission denied"):
+        resolve_data_dir(_archive(tmp_path, "other", b"o"), cache_dir=root)
