@@ -105,8 +105,8 @@ def _check_mixing(v: dict) -> None:
     if v["mixup_off_epoch"] < 0:
         raise UsageError(f"--mixup-off-epoch={v['mixup_off_epoch']} is invalid: an epoch >= 1 (0: mix every epoch)")
     minmax = v["cutmix_minmax"]
-    if minmax is not None and not 0 <= minmax[0] < minmax[1] <= 1:
-        raise UsageError(f"--cutmix-minmax {minmax[0]} {minmax[1]} is invalid: two fractions 0 <= MIN < MAX <= 1")
+    if minmax is not None and (len(minmax) != 2 or not 0 <= minmax[0] < minmax[1] <= 1):
+        raise UsageError(f"--cutmix-minmax {' '.join(map(str, minmax))} is invalid: two fractions 0 <= MIN < MAX <= 1")
     if v["cuda_graph"]:
         raise UsageError("--cuda-graph replays an unmixed step; drop it or drop --mixup/--cutmix")
 

@@ -152,7 +152,8 @@ def train_one_epoch(
     ``grad_accum_steps`` make differ from ``epoch * steps``. The returned stats carry the count after the epoch.
     ``mixer`` (a :class:`~dap_pretrain.mixing.Mixer`, or None), where active for ``epoch``, mixes each batch with its
     reverse (Mixup/CutMix); the model trains on each mixed image's soft-target loss and the sampler records each
-    sample's own label's share of it (:func:`~dap_pretrain.mixing.mixed_losses`).
+    sample's own label's loss (:func:`~dap_pretrain.mixing.mixed_losses`); loss weights then scale each label's
+    terms by its own sample's weight.
     """
     model.train()
     steps = len(loader)
@@ -203,9 +204,12 @@ def train_one_epoch(
                     output = model(images)
                     if lam is None:
                         losses = F.cross_entropy(output.float(), targets, reduction="none", label_smoothing=smoothing)
+                        trained = losses * weights if weights is not None else losses
                     else:
-                        losses, owned = mixed_losses(output, targets, lam, smoothing=smoothing)
-                loss = (losses * weights).mean() if weights is not None else losses.mean()
+                        losses, owned, trained = mixed_losses(
+                            output, targets, lam, smoothing=smoothing, weights=weights
+                        )
+                loss = trained.mean()
                 updater.backward(loss, step)
         sampler.record(indices, (losses if owned is None else owned).detach())
         logged = step % log_interval == 0 or step == steps - 1

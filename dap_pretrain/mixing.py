@@ -1,4 +1,4 @@
-"""Mixup and CutMix with per-sample losses that DaP can rank (timm's ``Mixup``, plus who owns each loss).
+"""Mixup and CutMix with per-sample losses that DaP can rank (timm's ``Mixup``, plus whose loss is whose).
 
 A mixed image carries two labels: image ``i`` is ``lam_i`` of sample ``i`` and ``1 - lam_i`` of its partner
 ``n-1-i`` (the batch reversed, as timm pairs them), and its soft-target loss is
@@ -6,14 +6,19 @@ A mixed image carries two labels: image ``i`` is ``lam_i`` of sample ``i`` and `
     ell_i = lam_i * L_i(y_i) + (1 - lam_i) * L_i(y_{n-1-i})
 
 where ``L_i(c)`` is image ``i``'s (label-smoothed) cross-entropy against class ``c``. Ranking sample ``i`` by
-``ell_i`` would charge it for its partner's label. Here each sample is charged for its own label, wherever that
-label was trained: in its own image with weight ``lam_i`` and in its partner's with weight ``1 - lam_{n-1-i}``,
+``ell_i`` would charge it for its partner's label. Here each sample is ranked by its own label, wherever that
+label was trained: in its own image with weight ``lam_j`` and in its partner's with weight ``1 - lam_{n-1-j}``,
+averaged over those weights:
 
-    own_j = lam_j * L_j(y_j) + (1 - lam_{n-1-j}) * L_{n-1-j}(y_j).
+    own_j = (lam_j * L_j(y_j) + (1 - lam_{n-1-j}) * L_{n-1-j}(y_j)) / (lam_j + 1 - lam_{n-1-j}).
 
-The ``own`` losses of a batch sum to its ``ell`` losses: the batch's loss is split between the samples, not
-changed. The model is trained on ``ell`` (timm's ``SoftTargetCrossEntropy``, the same numbers); DaP and InfoBatch
-record ``own``. This split is this project's, not the paper's: the paper trains without mixing.
+In ``batch`` and ``pair`` mode both images of a pair share one ``lam``, the weights add up to 1, and the ``own``
+losses of a batch sum to its ``ell`` losses: the batch's loss is split between the samples. In ``elem`` mode the
+two draws are independent and the weights add up to anything in (0, 2); without the division a sample would be
+ranked by its draws rather than by its difficulty (equally hard samples get equal ``own`` in every mode, tested).
+The model is trained on ``ell`` (timm's ``SoftTargetCrossEntropy``, the same numbers); DaP and InfoBatch record
+``own``; InfoBatch's loss weights scale each label's terms by that label's sample's weight. This split is this
+project's, not the paper's: the paper trains without mixing.
 
 Differences from timm's ``Mixup``, all deliberate:
 - a batch of odd size is allowed (a DaP subset's last batch): its middle image is its own partner and stays
@@ -24,11 +29,13 @@ Differences from timm's ``Mixup``, all deliberate:
 The parameter draws follow timm's: ``lam ~ Beta(alpha, alpha)`` per batch / pair / element, mixing with
 probability ``prob``, CutMix instead of Mixup with probability ``switch_prob`` when both are on, CutMix's ``lam``
 corrected to the pasted box's area (timm's ``correct_lam``) and boxes from ``cutmix_minmax`` where given.
+On CUDA the per-image parameters reach the GPU through pinned memory, without waiting for the GPU.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -105,7 +112,7 @@ class Mixer:
         off = f", epochs 1-{self.off_epoch} only" if self.off_epoch else ""
         return (
             f"mixing batches: {' or '.join(kinds)}{switch}, per {self.mode}, probability {self.prob:g}{off}; each "
-            "sample's loss for DaP is its own label's share of the mixed losses"
+            "sample's loss for DaP is its own label's loss in the images that carry it"
         )
 
     def draw(self, n: int, height: int, width: int, *, epoch: int, step: int) -> MixParams:
@@ -153,30 +160,61 @@ class Mixer:
         return np.array([y0, y1, x0, x1]), 1.0 - area / float(height * width)
 
     def __call__(self, images: torch.Tensor, *, epoch: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mix ``images`` (N, C, H, W); returns the mixed batch (a new tensor, same dtype and memory format) and
-        ``lam`` (N,) float32 on the images' device, for :func:`mixed_losses`."""
+        """Mix ``images`` (N, C, H, W); returns the mixed batch (same dtype and memory format; ``images`` itself,
+        unchanged, when the draws mix nothing) and ``lam`` (N,) float32 on the images' device, for
+        :func:`mixed_losses`."""
         n, _, height, width = images.shape
         params = self.draw(n, height, width, epoch=epoch, step=step)
-        return mix_images(images, params), torch.as_tensor(params.lam, dtype=torch.float32).to(images.device)
+        return mix_images(images, params), to_device(params.lam, images.device, torch.float32)
+
+
+def to_device(values: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small host array on ``device`` without a host-device sync: on CUDA through pinned memory, asynchronously
+    (a pageable copy would wait for every kernel queued before it)."""
+    t = torch.as_tensor(np.ascontiguousarray(values), dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def mix_images(images: torch.Tensor, params: MixParams) -> torch.Tensor:
-    """Apply ``params`` to ``images``: image i blends in (or has pasted in) image n-1-i of the *unmixed* batch."""
+    """Apply ``params`` to ``images``: image i blends in (or has pasted in) image n-1-i of the *unmixed* batch.
+    ``images`` is never written to; it is returned itself when nothing is mixed."""
     if not images.is_floating_point():
         raise TypeError(f"mix_images takes a floating-point batch (normalised images), not {images.dtype}")
-    partner = images.flip(0)
     pasted = params.boxes[:, 1] > params.boxes[:, 0]  # CutMix; the others blend (lam 1.0: unmixed)
-    w = torch.as_tensor(np.where(pasted, 1.0, params.lam), dtype=images.dtype).to(images.device).view(-1, 1, 1, 1)
-    out = images * w + partner * (1 - w)
-    for i in np.flatnonzero(pasted):
-        y0, y1, x0, x1 = (int(v) for v in params.boxes[i])
+    blend = np.where(pasted, 1.0, params.lam)
+    if not pasted.any() and (blend == 1.0).all():
+        return images
+    partner = images.flip(0)
+    if (blend < 1.0).any():
+        w = to_device(blend, images.device, images.dtype).view(-1, 1, 1, 1)
+        out = images * w + partner * (1 - w)
+    else:
+        out = images.clone()
+    rows = np.flatnonzero(pasted)
+    if len(rows) == len(pasted) and (params.boxes == params.boxes[0]).all():  # batch mode: one box for all
+        rows = [slice(None)]
+    for i in rows:
+        y0, y1, x0, x1 = (int(v) for v in params.boxes[0 if isinstance(i, slice) else i])
         out[i, :, y0:y1, x0:x1] = partner[i, :, y0:y1, x0:x1]
     return out
 
 
+class MixedLosses(NamedTuple):
+    images: torch.Tensor  # (N,) each image's soft-target loss (timm's SoftTargetCrossEntropy per image)
+    own: torch.Tensor  # (N,) each sample's own label's loss, averaged over the images that carry it (to rank by)
+    trained: torch.Tensor  # (N,) what to average for backward: ``images``, or with loss weights applied per label
+
+
 def mixed_losses(
-    logits: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor, *, smoothing: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lam: torch.Tensor,
+    *,
+    smoothing: float = 0.0,
+    weights: torch.Tensor | None = None,
+) -> MixedLosses:
     """The per-image losses to train on and the per-sample losses to rank by, for a batch mixed with its reverse.
 
     Args:
@@ -184,11 +222,12 @@ def mixed_losses(
         targets: (N,) class indices of the *unmixed* samples, in batch order.
         lam: (N,) each image's own share (1.0: unmixed), as :class:`Mixer` returns it.
         smoothing: label smoothing, as torch's ``label_smoothing`` (timm's ``mixup_target`` is the same target).
+        weights: (N,) per-sample loss weights (InfoBatch's), or None: each label's terms are scaled by the weight
+            of the sample whose label it is, in its own image and in its partner's.
 
     Returns:
-        ``(images, own)``: ``images[i]`` is image i's soft-target cross-entropy (what timm's
-        ``SoftTargetCrossEntropy`` averages); ``own[j]`` is sample j's label's share of the batch's loss (module
-        docstring). ``own.sum() == images.sum()``; with ``lam`` all ones both are ``F.cross_entropy``'s.
+        :class:`MixedLosses`. ``own`` is the module docstring's; in batch and pair mode ``own.sum() ==
+        images.sum()``; with ``lam`` all ones all three are ``F.cross_entropy``'s (``trained`` times ``weights``).
     """
     logp = logits.float().log_softmax(dim=1)
     uniform = -logp.mean(dim=1)  # the smoothing term: cross-entropy against the uniform distribution
@@ -198,6 +237,14 @@ def mixed_losses(
         return (1.0 - smoothing) * -logp[rows, classes] + smoothing * uniform
 
     lam = lam.to(logp.device, logp.dtype)
-    own_label = lam * against(targets)  # image i, its own label
+    own_term = against(targets)
+    own_label = lam * own_term  # image i, its own label
     partner_label = (1.0 - lam) * against(targets.flip(0))  # image i, its partner's label: owned by sample n-1-i
-    return own_label + partner_label, own_label + partner_label.flip(0)
+    share = lam + (1.0 - lam).flip(0)  # how much of sample j's label was trained, over both images
+    # a label with (almost) no weight anywhere (CutMix pasted all of it over, its partner unmixed): its own image
+    own = torch.where(share > 1e-6, (own_label + partner_label.flip(0)) / share.clamp_min(1e-6), own_term)
+    images = own_label + partner_label
+    if weights is None:
+        return MixedLosses(images=images, own=own, trained=images)
+    weights = weights.to(logp.device, logp.dtype)
+    return MixedLosses(images=images, own=own, trained=own_label * weights + partner_label * weights.flip(0))

@@ -293,10 +293,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     refuse_exclusive_flags(argv, args)
     given = given_flags(argv)
-    unused = sorted(f for f in given if f.startswith("--infobatch-"))
+    # what the command line or the config sets: a setting either holds must not be silently ignored
+    settings = given | ({"--" + key.replace("_", "-") for key in cfg} if pre.config else set())
+    unused = sorted(f for f in settings if f.startswith("--infobatch-"))
     if unused and args.dap_select != "infobatch":
         raise UsageError(f"{' '.join(unused)} set InfoBatch's policy; add --dap-select infobatch or drop them")
-    unused = sorted(f for f in given if f.startswith("--mixup-") or f == "--cutmix-minmax")
+    unused = sorted(f for f in settings if f.startswith("--mixup-") or f == "--cutmix-minmax")
     if unused and not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
         raise UsageError(f"{' '.join(unused)} set how batches are mixed; add --mixup or --cutmix, or drop them")
     if args.resume and "--output" not in given:  # continue the run where it is, not in the default folder

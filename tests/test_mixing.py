@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from unittest import mock
 
 import numpy as np
@@ -43,7 +44,7 @@ def test_a_mixed_batch_and_its_image_losses_are_timms(cutmix):
     ours = mix_images(images, MixParams(lam=np.full(6, lam), boxes=boxes))
     torch.testing.assert_close(ours, timm_images)
     logits = torch.randn(6, 5)
-    per_image, _ = mixed_losses(logits, targets, torch.full((6,), lam), smoothing=0.1)
+    per_image = mixed_losses(logits, targets, torch.full((6,), lam), smoothing=0.1).images
     torch.testing.assert_close(per_image, _timm_soft_losses(logits, soft))
 
 
@@ -56,7 +57,7 @@ def test_per_element_mixing_is_timms():
     ours = mix_images(images, MixParams(lam=lam.astype(np.float64), boxes=np.zeros((4, 4), np.int64)))
     torch.testing.assert_close(ours, timm_images)
     logits = torch.randn(4, 5)
-    per_image, _ = mixed_losses(logits, targets, torch.as_tensor(lam), smoothing=0.0)
+    per_image = mixed_losses(logits, targets, torch.as_tensor(lam), smoothing=0.0).images
     torch.testing.assert_close(per_image, _timm_soft_losses(logits, soft))
 
 
@@ -67,7 +68,7 @@ def test_each_sample_is_charged_for_its_own_label_and_the_batch_loss_is_only_spl
     logits = torch.full((4, 5), 0.0)
     logits[:, 1:] = 4.0  # every image: classes 1-4 likely, class 0 (sample 0's label) not
     lam = torch.full((4,), 0.5)
-    per_image, own = mixed_losses(logits, targets, lam, smoothing=0.0)
+    per_image, own, _ = mixed_losses(logits, targets, lam, smoothing=0.0)
     assert per_image[0] == pytest.approx(float(per_image[3]))
     assert own[0] > 3 * own[3]
     assert float(own.sum()) == pytest.approx(float(per_image.sum()))
@@ -76,9 +77,68 @@ def test_each_sample_is_charged_for_its_own_label_and_the_batch_loss_is_only_spl
     assert float(own[0]) == pytest.approx(0.5 * ce(0, 0) + 0.5 * ce(3, 0))
 
 
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+def test_equally_hard_samples_get_equal_own_losses_whatever_the_draws(mode):
+    """A model that knows nothing: every label costs log 5 in every image. The recorded losses must not depend on
+    how much of each sample the draws put into the images (in elem mode its two weights add up to 0-2)."""
+    logits, targets = torch.zeros(8, 5), torch.arange(8) % 5
+    for step in range(5):
+        p = Mixer(mixup_alpha=1.0, cutmix_alpha=1.0, mode=mode, seed=0).draw(8, 16, 16, epoch=0, step=step)
+        own = mixed_losses(logits, targets, torch.as_tensor(p.lam, dtype=torch.float32)).own
+        torch.testing.assert_close(own, torch.full((8,), math.log(5)))
+
+
+def test_loss_weights_scale_each_label_by_its_own_samples_weight():
+    """InfoBatch's weights: sample j's label is up-weighted in its own image and in its partner's, the partner's
+    label in image j by the partner's weight."""
+    logits, targets = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    lam, w = torch.tensor([0.7, 0.4, 0.4, 0.7]), torch.tensor([2.0, 1.0, 1.0, 1.0])
+    out = mixed_losses(logits, targets, lam, weights=w)
+    ce = lambda i, c: float(F.cross_entropy(logits[i : i + 1], torch.tensor([c])))  # noqa: E731
+    assert float(out.trained[0]) == pytest.approx(0.7 * 2.0 * ce(0, 0) + 0.3 * 1.0 * ce(0, 0))  # partner 3: label 0
+    assert float(out.trained[3]) == pytest.approx(0.7 * 1.0 * ce(3, 0) + 0.3 * 2.0 * ce(3, 0))
+    torch.testing.assert_close(mixed_losses(logits, targets, lam, weights=torch.ones(4)).trained, out.images)
+
+
+def test_pair_mode_and_per_element_cutmix_are_timms():
+    """Pair mode (one draw per pair, both images of it mixed) and CutMix per element, against timm's own code."""
+    images, targets = _batch(n=6, size=8)
+    lam3, cut3 = np.array([0.6, 0.8, 1.0], np.float32), np.array([True, False, False])
+    box = (1, 5, 2, 6)
+    timm = timm_mixup.Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, mode="pair", label_smoothing=0.0, num_classes=5)
+    with (
+        mock.patch.object(timm_mixup.Mixup, "_params_per_elem", return_value=(lam3.copy(), cut3)),
+        mock.patch.object(timm_mixup, "rand_bbox", return_value=box),
+    ):
+        timm_images, _ = timm(images.clone(), targets)
+    cut_lam = 1 - 16 / 64
+    lam = np.array([cut_lam, 0.8, 1.0, 1.0, 0.8, cut_lam])
+    boxes = np.array([box, (0,) * 4, (0,) * 4, (0,) * 4, (0,) * 4, box])
+    torch.testing.assert_close(mix_images(images, MixParams(lam=lam, boxes=boxes)), timm_images)
+    lam6, cut6 = np.array([0.5, 1.0, 0.3, 1.0, 0.9, 0.2], np.float32), np.array([True, False, True, False, False, True])
+    timm = timm_mixup.Mixup(mixup_alpha=1.0, cutmix_alpha=1.0, mode="elem", label_smoothing=0.0, num_classes=5)
+    with (
+        mock.patch.object(timm_mixup.Mixup, "_params_per_elem", return_value=(lam6.copy(), cut6)),
+        mock.patch.object(timm_mixup, "rand_bbox", return_value=box),
+    ):
+        timm_images, soft = timm(images.clone(), targets)
+    lam = np.where(cut6, cut_lam, lam6).astype(np.float64)
+    boxes = np.array([box if c else (0,) * 4 for c in cut6])
+    torch.testing.assert_close(mix_images(images, MixParams(lam=lam, boxes=boxes)), timm_images)
+    logits = torch.randn(6, 5)
+    per_image = mixed_losses(logits, targets, torch.as_tensor(lam, dtype=torch.float32)).images
+    torch.testing.assert_close(per_image, _timm_soft_losses(logits, soft))
+
+
+def test_a_batch_the_draws_leave_unmixed_is_passed_through():
+    images, _ = _batch(n=4)
+    mixed, lam = Mixer(mixup_alpha=1.0, prob=0.0, seed=0)(images, epoch=0, step=0)
+    assert mixed is images and torch.equal(lam, torch.ones(4))
+
+
 def test_unmixed_losses_are_cross_entropy_with_smoothing():
     logits, targets = torch.randn(5, 7), torch.tensor([0, 6, 3, 3, 1])
-    per_image, own = mixed_losses(logits, targets, torch.ones(5), smoothing=0.2)
+    per_image, own, _ = mixed_losses(logits, targets, torch.ones(5), smoothing=0.2)
     expected = F.cross_entropy(logits, targets, reduction="none", label_smoothing=0.2)
     torch.testing.assert_close(per_image, expected)
     torch.testing.assert_close(own, expected)
@@ -91,8 +151,9 @@ def test_an_odd_batch_leaves_its_middle_image_unmixed(mode):
     mixer = Mixer(mixup_alpha=1.0, cutmix_alpha=1.0, mode=mode, seed=3)
     mixed, lam = mixer(images, epoch=0, step=0)
     assert lam[2] == 1.0 and torch.equal(mixed[2], images[2])
-    per_image, own = mixed_losses(torch.randn(5, 5), targets, lam)
-    assert float(own.sum()) == pytest.approx(float(per_image.sum()), rel=1e-6)
+    per_image, own, _ = mixed_losses(torch.randn(5, 5), targets, lam)
+    if mode != "elem":  # a pair shares one draw: the own losses split the batch's loss
+        assert float(own.sum()) == pytest.approx(float(per_image.sum()), rel=1e-6)
 
 
 def test_pair_mode_gives_partners_one_draw():
@@ -160,7 +221,7 @@ def test_the_engine_trains_on_image_losses_and_records_own_losses():
     mixer = Mixer(mixup_alpha=1.0, seed=0)
     mixed, lam = mixer(images, epoch=0, step=0)
     with torch.no_grad():
-        per_image, own = mixed_losses(model(mixed), targets, lam)
+        per_image, own, _ = mixed_losses(model(mixed), targets, lam)
     stats = train_one_epoch(
         model, [(images, targets, torch.arange(10, 16))], torch.optim.SGD(model.parameters(), lr=0.0), epoch=0,
         sampler=Sampler(), lr_scheduler=FixedLR(), device=torch.device("cpu"), mixer=mixer, show_progress=False,
@@ -195,6 +256,17 @@ def test_the_engine_trains_on_image_losses_and_records_own_losses():
 def test_bad_mixing_flags_are_refused_in_one_line(flags, words):
     with pytest.raises(UsageError, match=words.replace("-", r"\-").replace(".", r"\.")):
         run_config(parse_args(["--output", "o", *flags]))
+
+
+def test_a_config_files_mixing_keys_are_checked_like_flags(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mixup: 0.8\ncutmix_minmax: [0.2, 0.5, 0.9]\n")
+    with pytest.raises(UsageError, match=r"--cutmix-minmax 0\.2 0\.5 0\.9 is invalid"):
+        run_config(parse_args(["--config", str(bad)]))
+    idle = tmp_path / "idle.yaml"
+    idle.write_text("mixup_mode: elem\n")
+    with pytest.raises(UsageError, match="--mixup-mode set how batches are mixed"):
+        run_config(parse_args(["--config", str(idle)]))
 
 
 def test_mixing_flags_are_accepted_with_dap_and_without():

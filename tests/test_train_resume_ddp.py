@@ -83,6 +83,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, cifar_tiny):
         timeout=600,
     )
     assert _digests(cut) == _digests(full)
+    assert all("mixing batches: Mixup alpha 0.4 or CutMix" in (d / "log.txt").read_text() for d in (full, cut))
     a, b = (json.loads((d / "run.json").read_text()) for d in (full, cut))
     for key in ("samples_trained", "compute_fraction_measured", "compute_fraction_planned", "top1", "top5"):
         assert a[key] == b[key], key

@@ -16,9 +16,11 @@ as the data preprocessor's ``batch_augments``): a mixed image carries several sa
 one sample's. The hook wraps the preprocessor's ``batch_augments`` in :class:`TracedBatchAugments`, which hands the
 batch augment an identity matrix beside the labels: mixed like the labels, it comes back as the mixing weights
 ``W`` (image i is ``sum_k W[i, k]`` of sample k), whatever permutation and lam the augment drew. Each sample is
-then charged for its own label wherever it was trained, ``own_k = sum_i W[i, k] * loss(image i, label of k)``, as
-the timm trainer does (``dap_pretrain.mixing``); the ``own`` losses of a batch sum to its images' losses. The model
-trains on the images' losses, unchanged.
+then ranked by its own label's loss wherever it was trained, ``own_k = sum_i W[i, k] * loss(image i, label of k)``
+(divided by ``sum_i W[i, k]``, which is 1 for a permutation), as the timm trainer does (``dap_pretrain.mixing``);
+the ``own`` losses of a batch sum to its images' losses for a loss linear in its target, which the first mixed
+batch checks (FocalLoss, AsymmetricLoss and LabelSmoothLoss 'multi_label' are refused). The model trains on the
+images' losses, unchanged.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class DaPLossMixin:
     _dap_recorder = None  # an object with record(indices, losses), e.g. DaPMMSampler; None = stock behaviour
     _dap_ranked = True
     _dap_mixing = None  # a TracedBatchAugments: the mixing weights of each mixed batch
+    _dap_split_checked = False  # the loss module splits mixed losses exactly (checked on the first mixed batch)
 
     def attach(self, recorder, *, ranked: bool = True, mixing: TracedBatchAugments | None = None) -> None:
         """Record training losses into ``recorder.record(indices, losses)`` from now on.
@@ -88,20 +91,46 @@ class DaPLossMixin:
         self._dap_recorder = recorder
         self._dap_ranked = ranked
         self._dap_mixing = mixing
+        self._dap_split_checked = False
 
     def detach(self) -> None:
         self._dap_recorder = None
         self._dap_mixing = None
 
-    def _own_losses(self, cls_score: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, **kwargs):
-        """``own_k = sum_i W[i, k] * loss(image i, one-hot label of k)``, over the nonzero weights only (two per
-        image for Mixup/CutMix), with the head's own loss module (label smoothing included)."""
+    def _own_losses(self, cls_score, data_samples: list, weights: torch.Tensor, per_image: torch.Tensor, **kwargs):
+        """``own_k = sum_i W[i, k] * loss(image i, one-hot label of k) / sum_i W[i, k]``: sample k's label's loss,
+        averaged over the images that carry it (for mmpretrain's augments, a permutation, the divisor is 1). Only
+        the nonzero weights are evaluated (two per image for Mixup/CutMix), with the head's own loss module.
+
+        On the first mixed batch after :meth:`attach`, checks that the split adds up to the images' losses: it does
+        for losses linear in their target (CrossEntropyLoss, LabelSmoothLoss 'original'/'classy_vision'), not for
+        FocalLoss, AsymmetricLoss or LabelSmoothLoss 'multi_label', which are refused.
+        """
+        labels = [s.gt_label for s in data_samples]
+        if any(label.numel() != 1 for label in labels):
+            raise DaPMMError(
+                "a mixed batch has samples with several labels; DaP splits mixed losses for one label per sample: "
+                "set dap.select='none' or 'random', or train without train_cfg.augments"
+            )
+        labels = torch.cat(labels).to(cls_score.device)
+        weights = weights.to(cls_score.device)
         image, sample = weights.nonzero(as_tuple=True)
         onehot = torch.nn.functional.one_hot(labels[sample], cls_score.shape[1]).to(cls_score.dtype)
         pair = self.loss_module(cls_score[image], onehot, reduction_override="none", **kwargs)
         pair = pair.reshape(image.numel(), -1).sum(1)
         own = torch.zeros(labels.numel(), dtype=pair.dtype, device=pair.device)
-        return own.index_add_(0, sample, weights[image, sample].to(pair.dtype) * pair)
+        own.index_add_(0, sample, weights[image, sample].to(pair.dtype) * pair)
+        if not self._dap_split_checked:
+            total, expected = float(own.sum()), float(per_image.sum())
+            if abs(total - expected) > 1e-4 * max(1.0, abs(expected)):
+                raise DaPMMError(
+                    f"the head's loss {type(self.loss_module).__name__} is not linear in its target, so a mixed "
+                    f"image's loss cannot be split between its samples (the split sums to {total:.4g}, the images' "
+                    f"losses to {expected:.4g}); use CrossEntropyLoss or LabelSmoothLoss (mode 'original' or "
+                    "'classy_vision') with dap.select='hard', or set dap.select='none' or 'random'"
+                )
+            self._dap_split_checked = True
+        return own / weights.sum(0).to(own.dtype).clamp_min(1e-6)
 
     def _get_loss(self, cls_score: torch.Tensor, data_samples: list, **kwargs) -> dict:
         if self._dap_recorder is None:
@@ -125,8 +154,7 @@ class DaPLossMixin:
         per_sample = self.loss_module(cls_score, target, reduction_override="none", **kwargs).reshape(batch, -1).sum(1)
         owned = per_sample
         if weights is not None:
-            labels = torch.cat([s.gt_label for s in data_samples]).to(cls_score.device)
-            owned = self._own_losses(cls_score, labels, weights.to(cls_score.device), **kwargs)
+            owned = self._own_losses(cls_score, data_samples, weights, per_sample, **kwargs)
         self._dap_recorder.record(torch.as_tensor(indices, dtype=torch.int64), owned.detach())
         losses = {"loss": per_sample.sum() / batch}  # = ClsHead's mean (avg_factor = batch size)
         if self.cal_acc and not mixed:

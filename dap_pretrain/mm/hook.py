@@ -193,7 +193,7 @@ class DaPHook(Hook):
         if augments is not None and not isinstance(augments, TracedBatchAugments):
             preprocessor.batch_augments = augments = TracedBatchAugments(augments)
             runner.logger.info(
-                "batch augments %s: each sample's loss for DaP is its own label's share of the mixed losses",
+                "batch augments %s: each sample's loss for DaP is its own label's loss in the images that carry it",
                 ", ".join(type(a).__name__ for a in getattr(augments.inner, "augments", [augments.inner]) if a),
             )
         model.head.attach(self.sampler, ranked=self.settings.select in RANKED_SELECT, mixing=augments)

@@ -153,7 +153,7 @@ def test_mixup_and_cutmix_run_with_hard_selection(cifar_tiny, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (
-        "batch augments Mixup, CutMix: each sample's loss for DaP is its own label's share" in proc.stdout + proc.stderr
+        "batch augments Mixup, CutMix: each sample's loss for DaP is its own label's loss" in proc.stdout + proc.stderr
     )
     p = plan(DaPConfig(epochs=3, warmup=1, interval=1, keep=0.5, active=10), 400)
     assert [int(x["samples_trained"]) for x in rows(work)] == p.subset_sizes == [400, 400, 200]

@@ -229,7 +229,7 @@ def test_mixup_configs_pass_the_check_and_untraced_mixing_is_only_counted(tmp_pa
     assert torch.isfinite(loss) and sampler.recorder.seen().tolist() == [True, False, True, False]
 
 
-def _mixed_batch(augments: list, *, n=6, classes=4, smoothing=0.0, seed=0):
+def _mixed_batch(augments: list, *, n=6, classes=4, smoothing=0.0, seed=0, loss=None):
     """A batch through mmpretrain's own ClsDataPreprocessor with ``augments`` traced, and a DaPClsHead attached to a
     recorder: returns (head, recorded own losses, the images' losses, the weights, labels)."""
     from mmpretrain.models.utils import ClsDataPreprocessor
@@ -246,7 +246,8 @@ def _mixed_batch(augments: list, *, n=6, classes=4, smoothing=0.0, seed=0):
     samples = [DataSample(metainfo={"sample_idx": 10 + i}).set_gt_label(int(y)) for i, y in enumerate(labels)]
     data = pre({"inputs": [torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8) for _ in range(n)],
                 "data_samples": samples}, training=True)  # fmt: skip
-    loss = dict(type="LabelSmoothLoss", label_smooth_val=smoothing, mode="original") if smoothing else None
+    if smoothing:
+        loss = dict(type="LabelSmoothLoss", label_smooth_val=smoothing, mode="original")
     head = DaPClsHead(num_classes=classes, in_channels=5, **({"loss": loss} if loss else {}))
     recorded = {}
 
@@ -284,6 +285,31 @@ def test_traced_mixing_gives_mmpretrains_permutation_and_splits_the_loss_by_samp
     expected = float(lam[j]) * ce(j, int(labels[j])) + float(weights[i, j]) * ce(i, int(labels[j]))
     assert float(own[j]) == pytest.approx(expected, rel=1e-5)
     assert not torch.allclose(own, per_image)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        dict(type="FocalLoss"),
+        dict(type="AsymmetricLoss"),
+        dict(type="LabelSmoothLoss", label_smooth_val=0.1, mode="multi_label", use_sigmoid=True),
+    ],
+)
+def test_a_loss_that_cannot_be_split_is_refused_on_the_first_mixed_batch(loss):
+    from dap_pretrain.mm import DaPMMError
+
+    with pytest.raises(DaPMMError, match=f"{loss['type']} is not linear in its target"):
+        _mixed_batch([dict(type="Mixup", alpha=1.0)], loss=loss)
+
+
+def test_linear_losses_split_exactly():
+    for loss in (
+        dict(type="CrossEntropyLoss", use_soft=True),
+        dict(type="CrossEntropyLoss", use_sigmoid=True),
+        dict(type="LabelSmoothLoss", label_smooth_val=0.2, mode="classy_vision"),
+    ):
+        own, per_image, *_ = _mixed_batch([dict(type="CutMix", alpha=1.0)], loss=loss)
+        assert float(own.sum()) == pytest.approx(float(per_image.sum()), rel=1e-5), loss
 
 
 def test_a_batch_the_random_choice_leaves_unmixed_has_identity_weights():
