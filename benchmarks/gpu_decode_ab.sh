@@ -23,8 +23,8 @@ export OUT
 summary=$OUT/summary.txt
 py=${PYTHON:-python3}
 start=$SECONDS
-timeout -k 5 "${TESTS_S:-150}" "$py" -m pytest -q -p no:cacheprovider tests/data/test_gpu_decode.py >"$OUT/tests.log" 2>&1
-echo "tests/data/test_gpu_decode.py: exit $? in $((SECONDS - start)) s | $(tail -n 1 "$OUT/tests.log")" | tee -a "$summary"
+timeout -k 5 "${TESTS_S:-150}" "$py" -m pytest -q -p no:cacheprovider tests/data/test_gpu_decode.py tests/test_mixing.py >"$OUT/tests.log" 2>&1
+echo "tests (gpu_decode, mixing): exit $? in $((SECONDS - start)) s | $(tail -n 1 "$OUT/tests.log")" | tee -a "$summary"
 if [ -n "${STEPS:-}" ]; then
   read -r -a steps <<<"$STEPS"
 else

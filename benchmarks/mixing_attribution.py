@@ -63,9 +63,9 @@ class Probe:
         probe, losses, record, end_epoch = self, engine.mixed_losses, DaPSampler.record, DaPSampler.end_epoch
 
         def mixed_losses(*args, **kwargs):
-            per_image, own = losses(*args, **kwargs)
-            probe.last_images = per_image.detach()
-            return per_image, own
+            out = losses(*args, **kwargs)
+            probe.last_images = out.images.detach()
+            return out
 
         def record_both(sampler, indices, owned):
             record(sampler, indices, owned)

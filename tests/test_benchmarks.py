@@ -184,7 +184,7 @@ def test_gpu_decode_ab_dry_run(tmp_path):
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
-    assert "test_gpu_decode.py: exit 0" in summary and " passed" in summary, summary
+    assert "tests (gpu_decode, mixing): exit 0" in summary and " passed" in summary, summary
     steps = json.loads((out / "gpu_decode.json").read_text())["steps"]
     base = "model_gpu_loader_same_priority"
     assert {base, f"{base} (2)", "model_gpu_loader_pinned_nested_half"} <= set(steps), steps  # both baselines kept

@@ -273,3 +273,29 @@ def test_mixing_flags_are_accepted_with_dap_and_without():
     for select in ("hard", "none", "infobatch", "random"):
         cfg = run_config(parse_args(["--mixup", "0.8", "--cutmix", "1.0", "--dap-select", select]))
         assert cfg.mixup == 0.8 and cfg.cutmix == 1.0
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on a GPU machine the same test runs on it
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+def test_mixing_and_its_losses_never_wait_for_the_device(device, mode):
+    """On CUDA, torch raises on any host-device sync inside (set_sync_debug_mode); on the CPU the same code runs."""
+    images, targets = (t.to(device) for t in _batch(n=8, size=16))
+    mixer = Mixer(mixup_alpha=1.0, cutmix_alpha=1.0, mode=mode, seed=0)
+    logits = torch.randn(8, 5, device=device)
+    weights = torch.rand(8, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(4):
+            mixed, lam = mixer(images, epoch=0, step=step)
+            out = mixed_losses(logits, targets, lam, smoothing=0.1, weights=weights)
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert mixed.device == images.device and out.own.device == images.device
+    reference = mix_images(images.cpu(), mixer.draw(8, 16, 16, epoch=0, step=3))
+    torch.testing.assert_close(mixed.cpu(), reference)

@@ -121,7 +121,7 @@ class DaPLossMixin:
         own = torch.zeros(labels.numel(), dtype=pair.dtype, device=pair.device)
         own.index_add_(0, sample, weights[image, sample].to(pair.dtype) * pair)
         if not self._dap_split_checked:
-            total, expected = float(own.sum()), float(per_image.sum())
+            total, expected = float(own.detach().sum()), float(per_image.detach().sum())
             if abs(total - expected) > 1e-4 * max(1.0, abs(expected)):
                 raise DaPMMError(
                     f"the head's loss {type(self.loss_module).__name__} is not linear in its target, so a mixed "
