@@ -12,6 +12,13 @@ charged to the sample whose index the image carries. At every drop it prints, ov
 - the share of the samples DaP dropped that ranking by image loss would also have dropped (same p, same subset;
   chance, for two unrelated rankings, is 1 - p).
 
+A control, because each sample is mixed once per epoch and both rankings carry that draw's noise: before each drop
+the script passes the subset twice more through a copy of the model (train mode, no gradient, the epoch's own
+batches and augmentation) with two other mixing draws, B and C, and compares at equal weights and draws:
+own(B) against image(B) (the choice of attribution), own(B) against own(C) and image(B) against image(C) (what
+another draw alone changes). The choice matters beyond the noise only where the first overlap is clearly below
+the other two. ``--no-control`` skips these passes.
+
 The only instrumentation: ``dap_pretrain.engine.mixed_losses`` is wrapped to keep each batch's per-image losses,
 and ``DaPSampler.record`` / ``end_epoch`` to sum them per sample and compare at each drop. The training itself is
 the trainer's, unchanged (its top-1 and compute are printed at the end).
@@ -20,6 +27,7 @@ the trainer's, unchanged (its top-1 and compute are printed at the end).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -30,8 +38,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dap_pretrain import engine  # noqa: E402
+from dap_pretrain import engine, runner  # noqa: E402
 from dap_pretrain.data.sampler import DaPSampler, select_subset  # noqa: E402
+from dap_pretrain.mixing import Mixer  # noqa: E402
 from dap_pretrain.schedule import DROP  # noqa: E402
 
 DEFAULT_FLAGS = ["--mixup", "0.8", "--cutmix", "1.0", "--smoothing", "0.1"]
@@ -50,17 +59,57 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
+def dropped_share(subset: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep: float) -> float:
+    """Of the samples ranking ``a`` drops from ``subset``, the share ranking ``b`` drops too (per-sample losses)."""
+    drop_a = subset[~torch.isin(subset, select_subset(subset, a, keep=keep, strategy="hard"))]
+    drop_b = subset[~torch.isin(subset, select_subset(subset, b, keep=keep, strategy="hard"))]
+    return float(torch.isin(drop_a, drop_b).sum()) / max(1, drop_a.numel())
+
+
+def redraw(mixer: Mixer, offset: int) -> Mixer:
+    """The same mixing with another seed: other draws from the same distributions."""
+    return Mixer(mixup_alpha=mixer.mixup_alpha, cutmix_alpha=mixer.cutmix_alpha, cutmix_minmax=mixer.cutmix_minmax,
+                 prob=mixer.prob, switch_prob=mixer.switch_prob, mode=mixer.mode, seed=mixer.seed + 7919 * offset,
+                 rank=mixer.rank)  # fmt: skip
+
+
+@torch.no_grad()
+def control_pass(context: dict, num_samples: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample mean own and image losses of one more pass over the epoch's batches with draw ``offset``, through a
+    copy of the model in train mode (batch statistics, as in training; the run's model is left untouched)."""
+    model = copy.deepcopy(context["model"]).train()
+    mixer = redraw(context["mixer"], offset)
+    own, image = torch.zeros(num_samples, dtype=torch.float64), torch.zeros(num_samples, dtype=torch.float64)
+    count = torch.zeros(num_samples, dtype=torch.float64)
+    for step, (images, targets, indices) in enumerate(context["loader"]):
+        mixed, lam = mixer(images, epoch=context["epoch"], step=step)
+        out = engine.mixed_losses(model(mixed), targets, lam, smoothing=context["smoothing"])
+        idx = indices.cpu()
+        own.index_add_(0, idx, out.own.cpu().double())
+        image.index_add_(0, idx, out.images.cpu().double())
+        count.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.float64))
+    return own / count.clamp(min=1), image / count.clamp(min=1)
+
+
 class Probe:
     """Sums each sample's per-image loss beside the recorder's own-label sums; compares the two at each drop."""
 
-    def __init__(self):
+    def __init__(self, *, control: bool = True):
         self.last_images: torch.Tensor | None = None
         self.sums: torch.Tensor | None = None
         self.counts: torch.Tensor | None = None
         self.rows: list[dict] = []
+        self.control = control
+        self.context: dict = {}
 
     def install(self) -> None:
         probe, losses, record, end_epoch = self, engine.mixed_losses, DaPSampler.record, DaPSampler.end_epoch
+        train_one_epoch = runner.train_one_epoch
+
+        def train_and_remember(model, loader, *args, **kwargs):
+            probe.context = dict(model=model, loader=loader, epoch=kwargs["epoch"], smoothing=kwargs["smoothing"],
+                                 mixer=kwargs["mixer"])  # fmt: skip
+            return train_one_epoch(model, loader, *args, **kwargs)
 
         def mixed_losses(*args, **kwargs):
             out = losses(*args, **kwargs)
@@ -80,6 +129,18 @@ class Probe:
         def end_epoch_and_compare(sampler):
             subset = sampler.subset.clone()
             own_mean = sampler.recorder.mean_losses().clone()
+            control = None
+            schedule = sampler.schedule
+            drops = schedule is not None and copy.deepcopy(schedule).step(sampler.epoch + 1) == DROP
+            if probe.control and drops and probe.context.get("mixer") is not None:
+                keep = sampler.config.keep
+                own_b, image_b = control_pass(probe.context, sampler.num_samples, 1)
+                own_c, image_c = control_pass(probe.context, sampler.num_samples, 2)
+                control = {
+                    "own_b_vs_image_b": dropped_share(subset, own_b, image_b, keep),
+                    "own_b_vs_own_c": dropped_share(subset, own_b, own_c, keep),
+                    "image_b_vs_image_c": dropped_share(subset, image_b, image_c, keep),
+                }
             report = end_epoch(sampler)
             if report.event == DROP and probe.sums is not None:
                 image_mean = probe.sums / probe.counts.clamp(min=1)
@@ -94,21 +155,28 @@ class Probe:
                         "spearman": spearman(own_mean[subset], image_mean[subset]),
                         "dropped_by_both": float(torch.isin(dropped, dropped_by_image).sum()) / max(1, dropped.numel()),
                         "chance": dropped.numel() / max(1, subset.numel()),
+                        **(control or {}),
                     }
                 )
                 row = probe.rows[-1]
-                print(
+                line = (
                     f"[mixing_attribution] epoch {row['epoch']}: subset {row['subset']}, dropped {row['dropped']}; "
                     f"Spearman rho {row['spearman']:.3f}; ranking by image loss drops {row['dropped_by_both']:.1%} "
-                    f"of the same samples (chance: {row['chance']:.1%})",
-                    flush=True,
+                    f"of the same samples (chance: {row['chance']:.1%})"
                 )
+                if control:
+                    line += (
+                        f"; control draws: own(B) vs image(B) {control['own_b_vs_image_b']:.1%}, own(B) vs own(C) "
+                        f"{control['own_b_vs_own_c']:.1%}, image(B) vs image(C) {control['image_b_vs_image_c']:.1%}"
+                    )
+                print(line, flush=True)
             if probe.sums is not None:
                 probe.sums.zero_()
                 probe.counts.zero_()
             return report
 
         engine.mixed_losses = mixed_losses
+        runner.train_one_epoch = train_and_remember
         DaPSampler.record = record_both
         DaPSampler.end_epoch = end_epoch_and_compare
 
@@ -116,9 +184,10 @@ class Probe:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output", default="runs/mixing_attribution", help="the run folder (refused if it holds a run)")
+    p.add_argument("--no-control", action="store_true", help="skip the two extra passes per drop (module docstring)")
     args, trainer_flags = p.parse_known_args(argv)
     flags = trainer_flags or DEFAULT_FLAGS
-    probe = Probe()
+    probe = Probe(control=not args.no_control)
     probe.install()
     from dap_pretrain.train import main as train_main
 
@@ -136,6 +205,15 @@ def main(argv=None) -> int:
         "seconds": seconds,
     }
     (Path(args.output) / "mixing_attribution.json").write_text(json.dumps(result, indent=1))
+    if probe.rows and "own_b_vs_image_b" in probe.rows[0]:
+        ranges = {k: [r[k] for r in probe.rows] for k in ("own_b_vs_image_b", "own_b_vs_own_c", "image_b_vs_image_c")}
+        print(
+            "[mixing_attribution] control draws, of the samples the first ranking drops the share the second drops "
+            "too: "
+            + "; ".join(
+                f"{k} {min(v):.1%}-{max(v):.1%} (median {sorted(v)[len(v) // 2]:.1%})" for k, v in ranges.items()
+            )  # fmt: skip
+        )
     print(
         f"[mixing_attribution] {len(rhos)} drops: Spearman rho {min(rhos):.3f}-{max(rhos):.3f}; ranking by image loss "
         f"would have dropped {min(both):.1%}-{max(both):.1%} of the samples DaP dropped; top-1 {summary['top1']:.2f}"

@@ -292,4 +292,6 @@ def test_mixing_attribution_compares_the_two_rankings_at_each_drop(tmp_path, cif
     assert [d["epoch"] for d in result["drops"]] == [2, 3]  # the embedded config's p=0.9 every epoch after W=1
     for d in result["drops"]:
         assert -1 <= d["spearman"] <= 1 and 0 <= d["dropped_by_both"] <= 1 and d["dropped"] > 0
-    assert "2 drops: Spearman rho" in res.stdout
+        controls = [d[k] for k in ("own_b_vs_image_b", "own_b_vs_own_c", "image_b_vs_image_c")]
+        assert all(0 <= c <= 1 for c in controls), d  # the two extra draws ran at every drop
+    assert "2 drops: Spearman rho" in res.stdout and "control draws" in res.stdout
