@@ -61,6 +61,26 @@ def hold(entry: Path) -> None:
     _HELD[key] = f
 
 
+def release_unbuilt(entry: Path) -> None:
+    """After building ``entry`` failed (a corrupt archive): stop holding it and, unless another process holds it
+    too (its own extraction may still succeed), remove its ``.use`` file, so a failed run leaves the cache as it was."""
+    held = _HELD.pop(str(entry), None)
+    if held is not None:
+        held.close()
+    path = use_file(entry)
+    try:
+        f = open(path)  # noqa: SIM115
+    except FileNotFoundError:
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # another process holds it
+        if not entry.exists():
+            path.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class Entry:
     path: Path

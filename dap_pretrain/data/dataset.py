@@ -296,7 +296,11 @@ def resolve_data_dir(data_dir: str | os.PathLike, *, cache_dir: str | os.PathLik
     dest = cache.root(cache_dir) / _cache_key(path)
     _hold(dest)  # before looking: a cleaner removes no entry a process holds
     if not dest.is_dir():  # published atomically: if it exists, it is complete
-        _extract(path, dest)
+        try:
+            _extract(path, dest)
+        except BaseException:
+            cache.release_unbuilt(dest)
+            raise
     return _single_top_folder(dest)
 
 
@@ -342,6 +346,7 @@ def embedded_data_dir(*, cache_dir: str | os.PathLike | None = None) -> Path:
             _build_split(source, tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            cache.release_unbuilt(dest)
             raise
         publish_folder(tmp, dest)
     return dest
