@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import sys
 import time
+from pathlib import Path
 
 from dap_pretrain.config import PAPER_SETTINGS, dap_config_from_args, default_reuse, paper_setting
 from dap_pretrain.errors import UsageError, entry_point, print_error, user_input
@@ -202,11 +204,27 @@ def _export_main(args: argparse.Namespace) -> int:
 def _cache_main(args: argparse.Namespace) -> int:
     from dap_pretrain.data import cache
 
-    if args.older_than < 0:
-        raise UsageError(f"--older-than={args.older_than} is invalid: a number of days >= 0 (0: every unused entry)")
+    if not math.isfinite(args.older_than) or args.older_than < 0:
+        raise UsageError(f"--older-than {args.older_than:g} is invalid: a number of days >= 0 (0: every unused entry)")
+    if args.older_than_given and not args.clean:
+        raise UsageError("--older-than says which entries --clean removes; add --clean or drop it")
+    if args.cache_dir is not None:
+        given = Path(args.cache_dir).expanduser()
+        if not str(args.cache_dir).strip() or not given.is_dir():
+            raise UsageError(
+                f"--cache-dir {args.cache_dir!r} is not a folder; pass the folder that holds the extractions"
+            )
+        if args.clean and not (given / cache.TAG).is_file():
+            raise UsageError(
+                f"{given} is not a dap-pretrain dataset cache (no {cache.TAG}); pass the folder that holds the "
+                f"extractions (default {cache.root()})"
+            )
     root = cache.root(args.cache_dir)
     if args.clean:
-        removed, busy = cache.clean(root, older_than_days=args.older_than)
+        try:
+            removed, busy = cache.clean(root, older_than_days=args.older_than) if root.is_dir() else ([], [])
+        except cache.CleanRefused as e:
+            raise UsageError(str(e)) from None
         for e in removed:
             print(f"removed {e.path.name} ({cache.human_bytes(e.bytes)})")
         for e in busy:
@@ -262,10 +280,13 @@ def main(argv=None) -> int:
     c = sub.add_parser("cache", help="list the extracted datasets in the cache; --clean removes the unused ones")
     c.add_argument("--clean", action="store_true", help="remove the entries not used for --older-than days")
     c.add_argument(
-        "--older-than", type=float, default=30.0, metavar="DAYS", help="with --clean: unused this long (default 30)"
+        "--older-than", type=float, default=None, metavar="DAYS", help="with --clean: unused this long (default 30)"
     )
     c.add_argument("--cache-dir", default=None, help="default: $XDG_CACHE_HOME/dap-pretrain/datasets")
     args = parser.parse_args(argv)
+    if args.command == "cache":
+        args.older_than_given = args.older_than is not None
+        args.older_than = 30.0 if args.older_than is None else args.older_than
     if args.command == "plan":
         refuse_exclusive_flags(argv)
     if args.command == "plan" and args.preset:

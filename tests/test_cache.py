@@ -71,7 +71,7 @@ def test_clean_removes_old_unused_entries_and_keeps_recent_or_held_ones(tmp_path
         assert res.returncode == 0, res.stderr
         assert f"removed {by_name['old'].name}" in res.stdout
         assert f"kept {by_name['held'].name}: in use by another process" in res.stdout
-        assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted(
+        assert sorted(p.name for p in root.iterdir() if cache.ENTRY_NAME.fullmatch(p.name)) == sorted(
             [by_name["recent"].name, by_name["held"].name]
         )
         assert not cache.use_file(by_name["old"]).exists()
@@ -80,38 +80,114 @@ def test_clean_removes_old_unused_entries_and_keeps_recent_or_held_ones(tmp_path
     # the reader has exited: its entry is no longer in use, and --older-than 0 takes every unused entry
     res = _cli("--cache-dir", str(root), "--clean", "--older-than", "0")
     assert res.returncode == 0 and "removed 2 entries" in res.stdout, res.stdout + res.stderr
-    assert [p for p in root.iterdir() if not p.name.startswith(".")] == []
+    assert [p for p in root.iterdir() if cache.ENTRY_NAME.fullmatch(p.name)] == []
     # a removed archive is extracted again on its next use
     assert (resolve_data_dir(old, cache_dir=root) / "a" / "x.jpg").read_bytes() == b"old" * 100
 
 
-def test_entries_from_before_the_use_files_and_killed_extractions(tmp_path):
-    """An entry with no .use file counts as last used at its folder's mtime; a hidden extraction folder left by a
-    killed process is removed once it is a day old."""
+def test_only_entries_are_touched_and_only_in_a_tagged_cache(tmp_path):
+    """An entry with no .use file (from before them) counts as last used at its folder's mtime. Folders not named
+    like entries, extractions in progress (hidden .tmp) and any folder outside a tagged cache are never removed;
+    an entry a killed cleaner had renamed aside is."""
     root = tmp_path / "cache"
-    legacy = root / "legacy-123-abc"
-    legacy.mkdir(parents=True)
-    (legacy / "f").write_bytes(b"z" * 100)
-    killed, fresh = root / ".legacy2.x1.tmp", root / ".legacy3.x2.tmp"
-    killed.mkdir()
-    fresh.mkdir()
+    legacy = root / "legacy-123-0123456789abcdef"
+    mine, extracting = root / "projects", root / ".legacy2-1-0123456789abcdef.x1y2z3.tmp"
+    aside = root / ".old-9-0123456789abcdef.removing-0badc0de"
+    for p in (legacy, mine, extracting, aside):
+        p.mkdir(parents=True)
+        (p / "f").write_bytes(b"z" * 100)
     old = time.time() - 3 * 86400
-    for p in (legacy, killed):
+    for p in (legacy, mine, extracting):
         os.utime(p, (old, old))
+    res = _cli("--cache-dir", str(root), "--clean", "--older-than", "1")
+    assert res.returncode == 2 and "is not a dap-pretrain dataset cache (no CACHEDIR.TAG)" in res.stderr
+    assert legacy.is_dir() and aside.is_dir()  # nothing touched without the tag
+    (root / cache.TAG).write_text(cache._TAG_TEXT)
     (entry,) = cache.entries(root)
     assert entry.path == legacy and entry.last_used == pytest.approx(old) and not entry.in_use
-    removed, busy = cache.clean(root, older_than_days=1)
-    assert [e.path for e in removed] == [legacy] and busy == []
-    assert sorted(p.name for p in root.iterdir()) == [fresh.name]
+    res = _cli("--cache-dir", str(root), "--clean", "--older-than", "1")
+    assert res.returncode == 0 and f"removed {legacy.name}" in res.stdout, res.stdout + res.stderr
+    assert sorted(p.name for p in root.iterdir()) == sorted([cache.TAG, ".clean.lock", mine.name, extracting.name])
 
 
-def test_bad_days_are_one_line():
-    res = _cli("--clean", "--older-than", "-1")
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
-    assert "--older-than=-1.0 is invalid" in res.stderr
+def test_one_cleaner_at_a_time(tmp_path):
+    import fcntl
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / cache.TAG).write_text(cache._TAG_TEXT)
+    with open(root / ".clean.lock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        res = _cli("--cache-dir", str(root), "--clean")
+    assert res.returncode == 2 and "another `cache --clean` is running" in res.stderr, res.stderr
 
 
-def test_a_read_only_cache_with_the_entry_is_read_and_without_it_is_one_error(tmp_path, monkeypatch):
+def test_the_embedded_extraction_and_its_split_go_together(tmp_path):
+    """The split hard-links the extraction's files: removing one alone would free nothing."""
+    root = tmp_path / "cache"
+    key = "cifar10_test_jpg-3291257-75d84991587e9621"
+    extraction, split = root / key, root / f"{key}-split800"
+    (extraction / "a").mkdir(parents=True)
+    (extraction / "a" / "x.jpg").write_bytes(b"j" * 5000)
+    (split / "a").mkdir(parents=True)
+    os.link(extraction / "a" / "x.jpg", split / "a" / "x.jpg")
+    for p, days in ((extraction, 40), (split, 2)):
+        cache.use_file(p).touch()
+        _age(p, days)
+    sizes = {e.path.name: e.bytes for e in cache.entries(root)}
+    assert sizes[key] >= 5000 and sizes[split.name] < 5000  # the shared file is counted once
+    assert cache.clean(root, older_than_days=30) == ([], [])  # the split was used 2 days ago: both stay
+    _age(split, 40)
+    removed, _ = cache.clean(root, older_than_days=30)
+    assert sorted(e.path.name for e in removed) == sorted([key, split.name])
+
+
+def test_a_holder_whose_use_file_was_replaced_locks_the_current_one(tmp_path, monkeypatch):
+    """A cleaner can unlink the .use file between a reader's open and its lock; the reader must not keep a lock
+    on the unlinked file (a later cleaner would not see it)."""
+    import fcntl
+
+    entry = tmp_path / "cache" / "e-1-0123456789abcdef"
+    entry.mkdir(parents=True)
+    path = cache.use_file(entry)
+    path.touch()
+    real, calls = fcntl.flock, []
+
+    def flock_after_a_cleaner(f, op):
+        if not calls:  # the first lock attempt: meanwhile a cleaner replaced the file
+            path.unlink()
+            path.touch()
+        calls.append(op)
+        return real(f, op)
+
+    monkeypatch.setattr(cache.fcntl, "flock", flock_after_a_cleaner)
+    assert cache.hold(entry)
+    monkeypatch.setattr(cache.fcntl, "flock", real)
+    assert len(calls) == 2  # locked again after seeing the replacement
+    held = cache._HELD.pop(str(entry))
+    assert os.fstat(held.fileno()).st_ino == path.stat().st_ino
+    held.close()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--clean", "--older-than", "-1"], "--older-than -1 is invalid"),
+        (["--clean", "--older-than", "nan"], "--older-than nan is invalid"),
+        (["--older-than", "5"], "--older-than says which entries --clean removes; add --clean"),
+        (["--cache-dir", "/no/such/cache"], "--cache-dir '/no/such/cache' is not a folder"),
+        (["--cache-dir", "", "--clean"], "--cache-dir '' is not a folder"),
+    ],
+)
+def test_bad_cache_flags_are_one_line(args, words):
+    res = _cli(*args)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert words in res.stderr
+
+
+def test_an_entry_that_cannot_be_marked_is_read_and_an_unwritable_cache_is_one_error(tmp_path, monkeypatch):
+    """Another user's read-only cache (the .use file can be neither created nor opened) or a file system without
+    locks: the entry is read unmarked. A cache folder that cannot be made is a one-line DataError."""
     from dap_pretrain.data.dataset import DataError
 
     root = tmp_path / "cache"
@@ -119,10 +195,20 @@ def test_a_read_only_cache_with_the_entry_is_read_and_without_it_is_one_error(tm
     subprocess.run([sys.executable, "-c", f"from dap_pretrain.data.dataset import resolve_data_dir as r; "
                     f"r({str(archive)!r}, cache_dir={str(root)!r})"], cwd=REPO, check=True, timeout=120)  # fmt: skip
 
-    def refuse(entry):
+    def refuse(path):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cache, "hold", refuse)
+    monkeypatch.setattr(cache, "_open_use", refuse)
     assert (resolve_data_dir(archive, cache_dir=root) / "a" / "x.jpg").read_bytes() == b"s" * 100
-    with pytest.raises(DataError, match="cannot write the dataset cache .*Permission denied"):
-        resolve_data_dir(_archive(tmp_path, "other", b"o"), cache_dir=root)
+    monkeypatch.undo()
+
+    def no_locks(f, op):
+        raise OSError(37, "No locks available")  # ENOLCK
+
+    monkeypatch.setattr(cache.fcntl, "flock", no_locks)
+    other = _archive(tmp_path, "other", b"o" * 10)
+    assert (resolve_data_dir(other, cache_dir=root) / "a" / "x.jpg").read_bytes() == b"o" * 10  # extracted anyway
+    monkeypatch.undo()
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match="cannot write the dataset cache"):
+        resolve_data_dir(_archive(tmp_path, "third", b"t"), cache_dir=tmp_path / "a_file" / "cache")

@@ -206,16 +206,14 @@ def _cache_unwritable(folder: Path, e: OSError) -> DataError:
 
 
 def _hold(dest: Path) -> None:
-    """Mark the cache entry ``dest`` in use by this process (``python -m dap_pretrain cache --clean`` skips it).
-    A read-only cache that already holds the entry (one extracted for several users) is read without the mark."""
+    """Mark the cache entry ``dest`` in use by this process (``python -m dap_pretrain cache --clean`` skips it);
+    where no mark can be made (no file locks, another user's read-only cache) the entry is read unmarked."""
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        cache.hold(dest)
     except OSError as e:
-        if dest.is_dir():
-            _logger.debug("cannot mark %s in use (%s); reading it anyway", dest, _one_line(e))
-            return
-        raise _cache_unwritable(dest.parent, e) from None
+        if not dest.is_dir():
+            raise _cache_unwritable(dest.parent, e) from None
+    cache.hold(dest)
 
 
 def _make_tmp_beside(dest: Path) -> Path:

@@ -41,8 +41,8 @@ def test_archive_is_extracted_once_into_the_cache_and_reused(tmp_path, monkeypat
     assert sorted(p.name for p in root.iterdir()) == CLASSES
     assert len(list(root.glob("*/*.jpg"))) == 10_000
     entry = root.parent
-    # no temporary folder left behind; beside the entry, the file that marks it in use (python -m dap_pretrain cache)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([entry.name, f".{entry.name}.use"])
+    # no temporary folder left behind; beside the entry, the file that marks it in use and the cache's marker
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([entry.name, f".{entry.name}.use", "CACHEDIR.TAG"])
     assert _listing(CIFAR_TEST_TGZ.parent) == inputs_before  # nothing written next to the (read-only) input
 
     def no_extraction(*args, **kwargs):
@@ -172,7 +172,7 @@ def test_corrupt_archive_is_a_data_error_and_leaves_no_partial_cache(tmp_path, c
     with pytest.raises(DataError) as excinfo:
         resolve_data_dir(archive, cache_dir=cache)
     assert "corrupt" in _one_line_error(excinfo)
-    assert list(cache.iterdir()) == []
+    assert [p.name for p in cache.iterdir()] == ["CACHEDIR.TAG"]  # the cache's marker only
 
 
 def test_other_files_and_torch_datasets_give_data_errors(tmp_path):
