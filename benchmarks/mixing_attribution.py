@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
             "[mixing_attribution] control draws, of the samples the first ranking drops the share the second drops "
             "too: "
             + "; ".join(
-                f"{k} {min(v):.1%}-{max(v):.1%} (median {sorted(v)[len(v) // 2]:.1%})" for k, v in ranges.items()
+                f"{k} {min(v):.1%}-{max(v):.1%} (median {statistics.median(v):.1%})" for k, v in ranges.items()
             )  # fmt: skip
         )
     print(
