@@ -220,6 +220,17 @@ def _cache_main(args: argparse.Namespace) -> int:
                 f"extractions (default {cache.root()})"
             )
     root = cache.root(args.cache_dir)
+    try:
+        return _cache_report(root, args)
+    except OSError as e:
+        raise UsageError(
+            f"cannot read the dataset cache {root} ({e.strerror or e}); pass a readable --cache-dir"
+        ) from None
+
+
+def _cache_report(root, args: argparse.Namespace) -> int:
+    from dap_pretrain.data import cache
+
     if args.clean:
         try:
             removed, busy = cache.clean(root, older_than_days=args.older_than) if root.is_dir() else ([], [])

@@ -89,25 +89,32 @@ def test_only_entries_are_touched_and_only_in_a_tagged_cache(tmp_path):
     """An entry with no .use file (from before them) counts as last used at its folder's mtime. Folders not named
     like entries, extractions in progress (hidden .tmp) and any folder outside a tagged cache are never removed;
     an entry a killed cleaner had renamed aside is."""
+    import fcntl
+
     root = tmp_path / "cache"
-    legacy = root / "legacy-123-0123456789abcdef"
-    mine, extracting = root / "projects", root / ".legacy2-1-0123456789abcdef.x1y2z3.tmp"
+    legacy, older_key = root / "legacy-123-0123456789abcdef", root / "cifar-3291257-1764000000-split800"
+    mine = root / "projects"
+    extracting, killed = root / ".run-1-0123456789abcdef.x1y2z3w4.tmp", root / ".dead-1-0123456789abcdef.a1b2c3d4.tmp"
     aside = root / ".old-9-0123456789abcdef.removing-0badc0de"
-    for p in (legacy, mine, extracting, aside):
+    for p in (legacy, older_key, mine, extracting, killed, aside):
         p.mkdir(parents=True)
         (p / "f").write_bytes(b"z" * 100)
     old = time.time() - 3 * 86400
-    for p in (legacy, mine, extracting):
+    for p in (legacy, older_key, mine, extracting, killed):
         os.utime(p, (old, old))
     res = _cli("--cache-dir", str(root), "--clean", "--older-than", "1")
     assert res.returncode == 2 and "is not a dap-pretrain dataset cache (no CACHEDIR.TAG)" in res.stderr
-    assert legacy.is_dir() and aside.is_dir()  # nothing touched without the tag
+    assert legacy.is_dir() and aside.is_dir() and killed.is_dir()  # nothing touched without the tag
     (root / cache.TAG).write_text(cache._TAG_TEXT)
-    (entry,) = cache.entries(root)
-    assert entry.path == legacy and entry.last_used == pytest.approx(old) and not entry.in_use
-    res = _cli("--cache-dir", str(root), "--clean", "--older-than", "1")
-    assert res.returncode == 0 and f"removed {legacy.name}" in res.stdout, res.stdout + res.stderr
-    assert sorted(p.name for p in root.iterdir()) == sorted([cache.TAG, ".clean.lock", mine.name, extracting.name])
+    found = cache.entries(root)
+    assert {e.path for e in found} == {legacy, older_key}  # both key formats; last used: the folder's mtime
+    assert all(e.last_used == pytest.approx(old) and not e.in_use for e in found)
+    with open(cache.use_file(root / "run-1-0123456789abcdef"), "a") as extractor:  # its extractor holds the entry
+        fcntl.flock(extractor, fcntl.LOCK_SH)
+        res = _cli("--cache-dir", str(root), "--clean", "--older-than", "1")
+    assert res.returncode == 0 and f"removed {legacy.name}" in res.stdout and f"removed {older_key.name}" in res.stdout
+    left = sorted(p.name for p in root.iterdir() if not p.name.endswith(".use"))
+    assert left == sorted([cache.TAG, mine.name, extracting.name])  # the killed extraction's folder is gone
 
 
 def test_one_cleaner_at_a_time(tmp_path):
@@ -116,9 +123,12 @@ def test_one_cleaner_at_a_time(tmp_path):
     root = tmp_path / "cache"
     root.mkdir()
     (root / cache.TAG).write_text(cache._TAG_TEXT)
-    with open(root / ".clean.lock", "a") as guard:
+    guard = os.open(root, os.O_RDONLY)  # what a running cleaner holds: the cache folder itself
+    try:
         fcntl.flock(guard, fcntl.LOCK_EX)
         res = _cli("--cache-dir", str(root), "--clean")
+    finally:
+        os.close(guard)
     assert res.returncode == 2 and "another `cache --clean` is running" in res.stderr, res.stderr
 
 
@@ -212,3 +222,59 @@ def test_an_entry_that_cannot_be_marked_is_read_and_an_unwritable_cache_is_one_e
     (tmp_path / "a_file").write_text("")
     with pytest.raises(DataError, match="cannot write the dataset cache"):
         resolve_data_dir(_archive(tmp_path, "third", b"t"), cache_dir=tmp_path / "a_file" / "cache")
+
+
+def _stale_entry(tmp_path) -> tuple[Path, cache.Entry]:
+    root = tmp_path / "cache"
+    entry = root / "e-1-0123456789abcdef"
+    entry.mkdir(parents=True)
+    cache.use_file(entry).touch()
+    _age(entry, 40)
+    (found,) = cache.entries(root)
+    return root, found
+
+
+def test_the_cleaner_rechecks_under_its_lock(tmp_path, monkeypatch):
+    """Between the listing and the exclusive lock, a reader may use the entry (its .use touched) or a cleaner and a
+    new reader may replace the .use file: either way the entry stays."""
+    import fcntl
+
+    root, found = _stale_entry(tmp_path)
+    os.utime(cache.use_file(found.path))  # used again after the listing
+    assert not cache._remove(found, root, older_than_days=30, now=time.time()) and found.path.is_dir()
+    _age(found.path, 40)
+    real = fcntl.flock
+
+    def replaced_meanwhile(f, op):
+        path = cache.use_file(found.path)
+        path.unlink()
+        path.touch()  # a new reader's file
+        return real(f, op)
+
+    monkeypatch.setattr(cache.fcntl, "flock", replaced_meanwhile)
+    assert not cache._remove(found, root, older_than_days=30, now=time.time()) and found.path.is_dir()
+    monkeypatch.setattr(cache.fcntl, "flock", real)
+    _age(found.path, 40)  # the new reader's file, old now too
+    assert cache._remove(found, root, older_than_days=30, now=time.time()) and not found.path.exists()
+
+
+def test_a_read_only_mount_is_read_with_a_shared_lock(tmp_path, monkeypatch):
+    """A container's read-only volume refuses writes with EROFS: the .use file is opened read-only, and the shared
+    lock still keeps cleaners on the host away."""
+    import builtins
+    import errno
+
+    root, found = _stale_entry(tmp_path)
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if "a" in mode:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "open", read_only, raising=False)
+    assert cache.hold(found.path)
+    monkeypatch.undo()
+    assert (root / cache.TAG).is_file()  # hold() marked the folder as this cache
+    res = _cli("--cache-dir", str(root), "--clean", "--older-than", "1")
+    assert res.returncode == 0 and "in use by another process" in res.stdout and found.path.is_dir(), res.stdout
+    cache._HELD.pop(str(found.path)).close()

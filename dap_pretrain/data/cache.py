@@ -12,9 +12,10 @@ Who calls what:
   ``CACHEDIR.TAG`` (the standard marker backup tools honour), which ``--clean`` requires of a ``--cache-dir``;
 - ``python -m dap_pretrain cache`` lists the entries (:func:`entries`), and with ``--clean`` removes those unused
   for ``--older-than`` days (:func:`clean`). Only folders named like entries are touched. One cleaner at a time
-  (``.clean.lock``); an entry is removed only under an exclusive lock on its current ``.use`` file, which no
-  holder lets through, and it is first renamed aside, so no reader ever sees half of it. The embedded sample's
-  extraction and its split (hard links into it) are kept or removed together.
+  (a lock on the cache folder itself); an entry is removed only under an exclusive lock on its current ``.use``
+  file, which no holder lets through, and it is first renamed aside, so no reader ever sees half of it. The
+  embedded sample's extraction and its split (hard links into it) are kept or removed together. The temporary
+  folder of an extraction a killed process left is removed once nobody holds its entry.
 
 Where locks cannot be taken (a file system without ``flock``, a ``.use`` file of another user that cannot be
 created), readers read without the mark, and ``--clean`` treats an entry it cannot lock as in use. Locks on a
@@ -38,13 +39,16 @@ from pathlib import Path
 
 _logger = logging.getLogger(__name__)
 
-ENTRY_NAME = re.compile(r"[^./][^/]*-\d+-[0-9a-f]{16}(-split\d+)?")
+# <name>-<bytes>-<16 hex> (content keys), or <name>-<bytes>-<mtime> (the keys before them), each maybe -split<N>
+ENTRY_NAME = re.compile(r"[^./][^/]*-\d+-([0-9a-f]{16}|\d{9,11})(-split\d+)?")
+UNFINISHED = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")  # tempfile.mkdtemp(prefix=".<entry>.", suffix=".tmp")
 TAG = "CACHEDIR.TAG"
 _TAG_TEXT = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
     "# This folder holds dap-pretrain's extracted datasets; `python -m dap_pretrain cache` lists and cleans it.\n"
 )
 _NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF)
+_NO_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)  # another user's cache, or a read-only mount
 _HELD: dict[str, object] = {}  # entry path -> the open .use file whose shared lock this process holds
 
 
@@ -68,10 +72,13 @@ def _tag(folder: Path) -> None:
 
 
 def _open_use(path: Path):
-    """The ``.use`` file opened for locking: for appending (created if missing), else read-only (another user's)."""
+    """The ``.use`` file opened for locking: for appending (created if missing), else read-only (another user's
+    cache, a read-only mount)."""
     try:
         return open(path, "a")  # noqa: SIM115 - held open for the process's lifetime
-    except PermissionError:
+    except OSError as e:
+        if e.errno not in _NO_WRITE:
+            raise
         return open(path)  # noqa: SIM115 - a shared lock needs no write access
 
 
@@ -90,7 +97,10 @@ def hold(entry: Path) -> bool:
         try:
             f = _open_use(path)
         except OSError as e:
-            _logger.debug("cannot mark %s in use (%s); reading it anyway", entry, e)
+            _logger.warning(
+                "cannot mark %s in use (%s); reading it anyway, but `python -m dap_pretrain cache --clean` run "
+                "elsewhere could remove it meanwhile", entry, e.strerror or e,
+            )  # fmt: skip
             return False
         try:
             fcntl.flock(f, fcntl.LOCK_SH)
@@ -217,14 +227,16 @@ def clean(cache_root: Path, *, older_than_days: float, now: float | None = None)
     """
     now = time.time() if now is None else now
     try:
-        guard = open(cache_root / ".clean.lock", "a")  # noqa: SIM115
-        fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        guard.close()
-        raise CleanRefused(f"another `cache --clean` is running on {cache_root}; wait for it") from None
+        guard = os.open(cache_root, os.O_RDONLY)  # the folder itself: nothing to create on a full disk
     except OSError as e:
-        raise CleanRefused(f"cannot lock {cache_root} ({e.strerror}); --clean needs file locks there") from None
-    with guard:
+        raise CleanRefused(f"cannot open {cache_root} ({e.strerror}); pass a readable cache folder") from None
+    try:
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CleanRefused(f"another `cache --clean` is running on {cache_root}; wait for it") from None
+        except OSError as e:
+            raise CleanRefused(f"cannot lock {cache_root} ({e.strerror}); --clean needs file locks there") from None
         found = entries(cache_root)
         stale = {e.path.name for e in found if now - e.last_used >= older_than_days * 86400 and not e.in_use}
         groups_kept = {_group(e.path.name) for e in found if e.path.name not in stale}
@@ -238,11 +250,33 @@ def clean(cache_root: Path, *, older_than_days: float, now: float | None = None)
                 removed.append(e)
             else:
                 busy.append(e)
-        for p in cache_root.iterdir():  # entries a killed cleaner had renamed aside: no reader can reach them
-            aside = re.fullmatch(r"\.(.+)\.removing-[0-9a-f]{8}", p.name)
-            if aside and ENTRY_NAME.fullmatch(aside.group(1)) and p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
+        for p in cache_root.iterdir():
+            _remove_leftover(p)
+    finally:
+        os.close(guard)
     return removed, busy
+
+
+def _remove_leftover(p: Path) -> None:
+    """Folders left by killed processes: an entry a cleaner had renamed aside (no reader can reach it), and an
+    extraction's temporary folder whose entry nobody holds (every extractor holds its entry while it extracts)."""
+    if not p.name.startswith(".") or p.is_symlink() or not p.is_dir():
+        return
+    aside = re.fullmatch(r"\.(.+)\.removing-[0-9a-f]{8}", p.name)
+    if aside and ENTRY_NAME.fullmatch(aside.group(1)):
+        shutil.rmtree(p, ignore_errors=True)
+        return
+    unfinished = UNFINISHED.fullmatch(p.name)
+    if not unfinished or not ENTRY_NAME.fullmatch(unfinished.group(1)):
+        return
+    path = use_file(p.parent / unfinished.group(1))
+    try:
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its extractor runs
+            if os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+                shutil.rmtree(p, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def _remove(e: Entry, cache_root: Path, *, older_than_days: float, now: float) -> bool:

@@ -255,6 +255,9 @@ def _extract(archive: Path, dest: Path) -> None:
             f"cannot extract {archive} into {dest.parent} ({_one_line(e)}); free disk space or set "
             "XDG_CACHE_HOME to a writable folder with room"
         ) from None
+    except BaseException:  # Ctrl-C, SIGTERM's SystemExit: no half-extracted folder left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     publish_folder(tmp, dest)
 
 
