@@ -11,7 +11,6 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
 from dap_pretrain.config import PAPER_SETTINGS, dap_config_from_args, default_reuse, paper_setting
 from dap_pretrain.errors import UsageError, entry_point, print_error, user_input
@@ -208,19 +207,19 @@ def _cache_main(args: argparse.Namespace) -> int:
         raise UsageError(f"--older-than {args.older_than:g} is invalid: a number of days >= 0 (0: every unused entry)")
     if args.older_than_given and not args.clean:
         raise UsageError("--older-than says which entries --clean removes; add --clean or drop it")
-    if args.cache_dir is not None:
-        given = Path(args.cache_dir).expanduser()
-        if not str(args.cache_dir).strip() or not given.is_dir():
-            raise UsageError(
-                f"--cache-dir {args.cache_dir!r} is not a folder; pass the folder that holds the extractions"
-            )
-        if args.clean and not (given / cache.TAG).is_file():
-            raise UsageError(
-                f"{given} is not a dap-pretrain dataset cache (no {cache.TAG}); pass the folder that holds the "
-                f"extractions (default {cache.root()})"
-            )
     root = cache.root(args.cache_dir)
     try:
+        if args.cache_dir is not None:
+            if not str(args.cache_dir).strip() or not root.is_dir():
+                raise UsageError(
+                    f"--cache-dir {args.cache_dir!r} is not a folder; pass the folder that holds the extractions"
+                )
+            if args.clean and not (root / cache.TAG).is_file():
+                raise UsageError(
+                    f"{root} is not a dap-pretrain dataset cache (no {cache.TAG}); pass the folder that holds the "
+                    f"extractions (default {cache.root()}), or, for a cache from before the marker, create "
+                    f"{root / cache.TAG}"
+                )
         return _cache_report(root, args)
     except OSError as e:
         raise UsageError(

@@ -278,3 +278,26 @@ def test_a_read_only_mount_is_read_with_a_shared_lock(tmp_path, monkeypatch):
     res = _cli("--cache-dir", str(root), "--clean", "--older-than", "1")
     assert res.returncode == 0 and "in use by another process" in res.stdout and found.path.is_dir(), res.stdout
     cache._HELD.pop(str(found.path)).close()
+
+
+def test_a_legacy_entry_used_after_the_listing_stays(tmp_path):
+    """An entry from before the .use files is listed by its folder's mtime; a reader that uses it (creating its
+    .use file) before the cleaner locks it keeps it."""
+    root = tmp_path / "cache"
+    entry = root / "old-1-1764000000"
+    entry.mkdir(parents=True)
+    old = time.time() - 40 * 86400
+    os.utime(entry, (old, old))
+    (found,) = cache.entries(root)
+    real_open = os.open
+
+    def reader_first(path, flags, *args):
+        if str(path) == str(cache.use_file(entry)) and not cache.use_file(entry).exists():
+            os.close(real_open(path, os.O_CREAT | os.O_WRONLY, 0o644))  # a reader came and went just before
+        return real_open(path, flags, *args)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cache.os, "open", reader_first)
+        assert not cache._remove(found, root, older_than_days=30, now=time.time()) and entry.is_dir()
+    cache.use_file(entry).unlink()
+    assert cache._remove(found, root, older_than_days=30, now=time.time()) and not entry.exists()

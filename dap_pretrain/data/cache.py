@@ -107,12 +107,11 @@ def hold(entry: Path) -> bool:
             same = os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
         except FileNotFoundError:  # a cleaner removed it after we opened it
             same = False
-        except OSError as e:
+        except OSError as e:  # no locks here (or a stale NFS handle): read unmarked, but record the use
             f.close()
-            if e.errno in _NO_LOCKS:
-                _logger.debug("no file locks for %s (%s); reading it unmarked", entry, e)
-                return False
-            raise
+            _logger.debug("cannot lock %s (%s); reading it unmarked", path, e)
+            _touch(path)
+            return False
         if same:
             break
         f.close()  # locked a file a cleaner has since unlinked: lock the current one
@@ -282,9 +281,15 @@ def _remove_leftover(p: Path) -> None:
 def _remove(e: Entry, cache_root: Path, *, older_than_days: float, now: float) -> bool:
     """Remove one stale entry under an exclusive lock on its current ``.use`` file; False if it is in use now."""
     path = use_file(e.path)
-    existed = path.exists()  # entries from before the .use files have none: their folder's mtime counts
-    try:
-        f = open(path, "a")  # noqa: SIM115
+    try:  # created here: an entry from before the .use files, whose folder's mtime counts (the listing's)
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), "r+")
+        existed = False
+    except FileExistsError:
+        existed = True
+        try:
+            f = open(path, "a")  # noqa: SIM115
+        except OSError:
+            return False
     except OSError:
         return False
     with f:
