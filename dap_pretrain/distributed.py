@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -74,14 +75,37 @@ def barrier() -> None:
         dist.barrier()
 
 
+def busy_cores_now(interval: float = 0.2) -> float | None:
+    """How many cores the machine's processes kept busy over the next ``interval`` seconds (``/proc/stat``; this
+    process sleeps meanwhile), or None where there is no ``/proc/stat``."""
+
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle  # user..steal; guest time is already counted in user
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(interval)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
 def pick_threads(*, workers: int, device_type: str, environ: dict | None = None) -> tuple[int, str]:
     """torch intra-op threads for this process, and one line saying why.
 
     ``OMP_NUM_THREADS`` wins when set. Otherwise: the cores this process may run on (its CPU affinity), shared
     between the processes of this node (``LOCAL_WORLD_SIZE``), less one per loader worker when the model trains
-    on the CPU (the workers decode at the same time), less the load other processes already put on the machine
-    (1-minute load average). At least 1. On a 2-core machine next to one busy process, torch's default of one
-    thread per core ran the trainer at about 10 img/s against about 250 with one thread.
+    on the CPU (the workers decode at the same time), less the load other processes put on the machine: the
+    1-minute load average, or what they keep busy right now (:func:`busy_cores_now`) if that is less, since the
+    average still counts a job that ended a minute ago. At least 1. On a 2-core machine next to one busy process,
+    torch's default of one thread per core ran the trainer at about 10 img/s against about 250 with one thread;
+    right after a test run ended, the load average alone took the embedded default down to one thread (264 img/s
+    against about 450 with two).
     """
     env = os.environ if environ is None else environ
     if env.get("OMP_NUM_THREADS"):
@@ -91,6 +115,9 @@ def pick_threads(*, workers: int, device_type: str, environ: dict | None = None)
     local = max(1, int(env.get("LOCAL_WORLD_SIZE", 1)))
     share = max(1, cores // local)
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if busy >= 1:  # worth a look at now: a finished job still weighs on the average for minutes
+        now = busy_cores_now()
+        busy = min(busy, now) if now is not None else busy
     others = int(busy // local)
     n = max(1, share - (workers if device_type == "cpu" else 0) - others)
     return n, (

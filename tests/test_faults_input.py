@@ -214,17 +214,40 @@ def test_nonfinite_loss_names_sample_and_epoch_and_a_real_fix():
 # -- speed: intra-op threads ------------------------------------------------------------------------------------------
 
 
+def test_busy_cores_now_reads_the_machine():
+    import threading
+
+    from dap_pretrain.distributed import busy_cores_now
+
+    stop = threading.Event()
+    spinner = threading.Thread(target=lambda: [None for _ in iter(stop.is_set, True)])  # one core busy
+    spinner.start()
+    try:
+        busy = busy_cores_now(0.3)
+    finally:
+        stop.set()
+        spinner.join()
+    assert 0.5 <= busy <= (os.cpu_count() or 1) + 1e-6  # at least the spinning thread, at most every core
+
+
 def test_pick_threads_leaves_room_for_workers_and_other_processes(monkeypatch):
+    from dap_pretrain import distributed
     from dap_pretrain.distributed import pick_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    monkeypatch.setattr(distributed, "busy_cores_now", lambda: 3.2)  # the others keep 3 cores busy right now
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
     assert pick_threads(workers=2, device_type="cpu", environ={})[0] == 6
     assert pick_threads(workers=2, device_type="cuda", environ={})[0] == 8  # workers run beside the GPU's host
     assert pick_threads(workers=2, device_type="cpu", environ={"LOCAL_WORLD_SIZE": "2"})[0] == 2
     monkeypatch.setattr(os, "getloadavg", lambda: (3.4, 0.0, 0.0))  # three busy processes elsewhere
     n, note = pick_threads(workers=2, device_type="cpu", environ={})
-    assert n == 3 and "load 3.4" in note and "OMP_NUM_THREADS" in note
+    assert n == 3 and "load 3.2" in note and "OMP_NUM_THREADS" in note  # the lower of average (3.4) and now
+    monkeypatch.setattr(distributed, "busy_cores_now", lambda: 0.1)  # a job that ended: the average still counts it
+    n, note = pick_threads(workers=2, device_type="cpu", environ={})
+    assert n == 6 and "from other processes" not in note
+    monkeypatch.setattr(distributed, "busy_cores_now", lambda: None)  # no /proc/stat: the average alone
+    assert pick_threads(workers=2, device_type="cpu", environ={})[0] == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert pick_threads(workers=2, device_type="cpu", environ={})[0] == 1  # never below one
     assert pick_threads(workers=2, device_type="cpu", environ={"OMP_NUM_THREADS": "5"}) == (
