@@ -235,30 +235,41 @@ def publish_folder(tmp: Path, dest: Path) -> None:
         _logger.debug("%s was published by another process first; using it", dest)
 
 
-def _extract(archive: Path, dest: Path) -> None:
+def _cache_entry(dest: Path, build, what: str) -> Path:
+    """The cache entry ``dest``, held in use by this process (:mod:`dap_pretrain.data.cache`) and built once:
+    ``build(tmp)`` fills a hidden folder beside it, which is then published atomically (so an entry that exists is
+    complete). A build that fails or is interrupted leaves neither its folder nor the entry's mark behind."""
+    _hold(dest)  # before looking: a cleaner removes no entry a process holds
+    if dest.is_dir():
+        return dest
     tmp = _make_tmp_beside(dest)
-    _logger.info("extracting %s into %s (once; later runs reuse it)", archive, dest)
+    _logger.info("%s into %s (once; later runs reuse it)", what, dest)
+    try:
+        build(tmp)
+    except BaseException:  # a DataError, Ctrl-C, SIGTERM's SystemExit
+        shutil.rmtree(tmp, ignore_errors=True)
+        cache.release_unbuilt(dest)
+        raise
+    publish_folder(tmp, dest)
+    return dest
+
+
+def _extract(archive: Path, tmp: Path) -> None:
     # the 'data' filter refuses absolute paths, links out of the tree and device files (Python >= 3.10.12)
     safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     try:
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, **safe)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(
             f"archive {archive} is corrupt or not a tar file ({_one_line(e)}); re-create it with "
             "`tar -czf NAME.tar.gz FOLDER` or pass --data-dir the extracted folder"
         ) from None
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(
-            f"cannot extract {archive} into {dest.parent} ({_one_line(e)}); free disk space or set "
+            f"cannot extract {archive} into {tmp.parent} ({_one_line(e)}); free disk space or set "
             "XDG_CACHE_HOME to a writable folder with room"
         ) from None
-    except BaseException:  # Ctrl-C, SIGTERM's SystemExit: no half-extracted folder left behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_folder(tmp, dest)
 
 
 def _single_top_folder(root: Path) -> Path:
@@ -294,14 +305,7 @@ def resolve_data_dir(data_dir: str | os.PathLike, *, cache_dir: str | os.PathLik
         raise DataError(f"data folder {path} does not exist; {_DATA_DIR_HINT}")
     if not path.name.endswith(ARCHIVE_SUFFIXES):
         raise DataError(f"{path} is a file but not a .tar/.tar.gz/.tgz archive; {_DATA_DIR_HINT}")
-    dest = cache.root(cache_dir) / _cache_key(path)
-    _hold(dest)  # before looking: a cleaner removes no entry a process holds
-    if not dest.is_dir():  # published atomically: if it exists, it is complete
-        try:
-            _extract(path, dest)
-        except BaseException:
-            cache.release_unbuilt(dest)
-            raise
+    dest = _cache_entry(cache.root(cache_dir) / _cache_key(path), lambda tmp: _extract(path, tmp), f"extracting {path}")
     return _single_top_folder(dest)
 
 
@@ -339,18 +343,7 @@ def embedded_data_dir(*, cache_dir: str | os.PathLike | None = None) -> Path:
     """
     source = resolve_data_dir(EMBEDDED_ARCHIVE, cache_dir=cache_dir)
     dest = cache.root(cache_dir) / f"{_cache_key(EMBEDDED_ARCHIVE)}-split{EMBEDDED_TRAIN_PER_CLASS}"
-    _hold(dest)
-    if not dest.is_dir():
-        tmp = _make_tmp_beside(dest)
-        _logger.info("splitting the embedded CIFAR-10 sample into %s", dest)
-        try:
-            _build_split(source, tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            cache.release_unbuilt(dest)
-            raise
-        publish_folder(tmp, dest)
-    return dest
+    return _cache_entry(dest, lambda tmp: _build_split(source, tmp), "splitting the embedded CIFAR-10 sample")
 
 
 def _split_folder(root: Path, split: str) -> Path:
