@@ -54,6 +54,7 @@ def add_dap_arguments(parser: argparse.ArgumentParser, *, with_epochs: bool = Tr
 EXCLUSIVE_FLAGS = (
     ("--lr", "--lr-base", "--lr sets the LR and --lr-base sets it from the global batch size"),
     ("--dap-keep", "--dap-target-compute", "--dap-target-compute solves --dap-keep"),
+    ("--decay-milestones", "--decay-epochs", "--decay-epochs N sets the milestones N, 2N, ... (--sched step)"),
 )
 
 
@@ -81,7 +82,7 @@ TIMM_INSTEAD = {
     "--input-size": "use --img-size N (square, 3 channels)",
     "--in-chans": "not supported: the trainer builds 3-channel models",
     "--no-aug": "not supported; --aug cifar is the lightest augmentation, --in-memory off keeps timm's",
-    "--eval-metric": "not supported: model_best.pth.tar is chosen by top-1",
+    "--eval-metric": "not supported: model_best.pth.tar is chosen by top-1 (the EMA's with --model-ema, as timm's)",
     "--no-resume-opt": "not supported: --resume restores the optimizer (to start from weights: --initial-checkpoint)",
     "--start-epoch": "not supported: --resume continues from the checkpoint's epoch",
     "--pin-mem": "not needed: batches are pinned when training on CUDA",
@@ -96,6 +97,14 @@ TIMM_INSTEAD = {
     "--bce-loss": "not supported: DaP ranks samples by cross-entropy",
     "--aug-repeats": "not supported: repeated augmentation would rank each sample several times per epoch",
     "--checkpoint-hist": "not supported: last.pth.tar and model_best.pth.tar are kept",
+    "--gp": "pass --model-kwargs global_pool=avg (or the pooling you want)",
+    "--drop-block": "pass --model-kwargs drop_block_rate=R, if the model takes it",
+    "--drop-connect": "deprecated in timm; use --drop-path",
+    "--color-jitter-prob": "not supported: colour jitter is applied to every image (--color-jitter 0 turns it off)",
+    "--warmup-prefix": "not supported: the warm-up replaces the start of the schedule, timm's default",
+    "--lr-k-decay": "not supported: --sched cosine follows timm's default curve (k = 1)",
+    "--local_rank": "launch with torchrun, which sets LOCAL_RANK in the environment",
+    "--local-rank": "launch with torchrun, which sets LOCAL_RANK in the environment",
 }
 
 
@@ -123,11 +132,14 @@ class _Parser(argparse.ArgumentParser):
         ]
         flags = (o for q in parsers for action in q._actions for o in action.option_strings)
         known = list(dict.fromkeys(o for o in flags if o.startswith("--")))
-        hints, instead = [], []
+        hints, instead, previous = [], [], ""
         for token in message.split(":", 1)[1].split():
-            flag = token.split("=", 1)[0]
+            flag, after_flag, previous = token.split("=", 1)[0], previous, token
             if flag in TIMM_INSTEAD and self.timm_hints:
                 instead.append(f"timm's {flag}: {TIMM_INSTEAD[flag]}")
+            elif self.timm_hints and not token.startswith("-"):
+                if not (after_flag.startswith("-") and "=" not in after_flag):  # not an unknown flag's value
+                    instead.append(f"timm's positional data folder: pass --data-dir {token}")
             elif flag.startswith("--"):
                 longer = [o for o in known if o.startswith(flag)]  # an abbreviation (argparse's are off)
                 close = longer if len(longer) == 1 else difflib.get_close_matches(flag.replace("_", "-"), known, 1, 0.8)

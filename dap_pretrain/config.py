@@ -127,10 +127,12 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         v["decay_milestones"] = list(range(v["decay_epochs"], v["epochs"], v["decay_epochs"]))
     if v["dap_select"] == "infobatch" and (v["epochs_scale"] is not None or v["fixed_subset"] is not None):
         raise UsageError("--dap-select infobatch cannot be combined with --epochs-scale/--fixed-subset; drop one")
+    v["unscaled"] = None
     if v["epochs_scale"] is not None:
         scale = v["epochs_scale"]
         if not 0 < scale <= 1:
             raise UsageError(f"--epochs-scale={scale} is invalid: must be in (0, 1]")
+        v["unscaled"] = {k: v[k] for k in ("epochs", "decay_milestones", "warmup_epochs")}  # for args.yaml
         v["epochs"] = max(1, round(v["epochs"] * scale))
         v["decay_milestones"] = [round(m * scale) for m in v["decay_milestones"]]
         v["warmup_epochs"] = v["warmup_epochs"] * scale
@@ -165,6 +167,19 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     cfg = RunConfig(**v)
     dap_config_from_args(cfg, num_samples=1, default_reuse=default_reuse(cfg))  # bad DaP flags fail before data
     return cfg
+
+
+# RunConfig settings that are not flags: what run_config derives, and the notes parse_args adds
+DERIVED_SETTINGS = ("baseline_epochs", "unscaled", "config_notes")
+
+
+def args_yaml(cfg: RunConfig) -> dict:
+    """What OUTPUT/args.yaml holds: the run's resolved flags, so that ``--config OUTPUT/args.yaml`` trains the same run
+    (as timm's args.yaml does). Derived settings are left out, and a run of ``--epochs-scale`` keeps its unscaled
+    epochs, milestones and warm-up, which the flag scales again when the file is read."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in DERIVED_SETTINGS}
+    values.update(cfg.to_dict().get("unscaled") or {})
+    return values
 
 
 # The trainer's timm augmentation flags -> timm ``create_transform`` keywords. A flag left at None keeps timm's

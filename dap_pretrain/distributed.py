@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -14,7 +15,9 @@ from dap_pretrain.errors import UsageError
 def init_distributed(device: str | None = None) -> tuple[torch.device, int, int]:
     """Initialise DDP when torchrun launched us; returns (device, rank, world_size).
 
-    Backend: nccl when the device is CUDA, gloo otherwise. Without torchrun: rank 0 of 1.
+    Backend: nccl when the device is CUDA, gloo otherwise. Without torchrun: rank 0 of 1. On CUDA each process of
+    several takes the GPU of its ``LOCAL_RANK`` (an index given is overridden, with a warning, as in timm); a single
+    process takes the one named (``--device cuda:1``), as timm's train.py does, and ``cuda`` is ``cuda:0``.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -22,7 +25,19 @@ def init_distributed(device: str | None = None) -> tuple[torch.device, int, int]
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = _available_device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
+        if world > 1 and dev.index is not None and dev.index != local_rank:
+            logging.getLogger(__name__).warning(
+                "--device %s: under torchrun each process takes the GPU of its LOCAL_RANK, here cuda:%d (choose GPUs "
+                "with CUDA_VISIBLE_DEVICES)",
+                device,
+                local_rank,
+            )
+        index = local_rank if world > 1 else (dev.index or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); pass a lower index"
+            )
+        dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")

@@ -27,15 +27,16 @@ def lr_at(
     """LR at ``progress`` epochs into training (0 <= progress <= epochs).
 
     ``step``: ``base_lr * decay_rate ** (number of milestones <= progress)``; ``cosine``: from
-    ``base_lr`` to ``min_lr`` over ``epochs``; either after a linear warm-up from ``warmup_lr``
-    over ``warmup_epochs``.
+    ``base_lr`` to ``min_lr`` over ``epochs``. A linear warm-up from ``warmup_lr`` over ``warmup_epochs``
+    replaces the start of either, as timm's schedulers do by default (timm's ``--warmup-prefix``, which adds the
+    warm-up to the epochs instead, is not offered).
     """
     if progress < warmup_epochs:
         return warmup_lr + (base_lr - warmup_lr) * progress / warmup_epochs
     if sched == "step":
         return base_lr * decay_rate ** sum(1 for m in milestones if progress >= m)
     if sched == "cosine":
-        t = (progress - warmup_epochs) / max(1e-8, epochs - warmup_epochs)
+        t = progress / max(1e-8, epochs)
         return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
     raise ValueError(f"sched={sched!r} is invalid: must be 'step' or 'cosine'")
 

@@ -34,9 +34,11 @@ from dap_pretrain.checkpoint import (
 )
 from dap_pretrain.config import (
     AUGMENT_FLAGS,
+    DERIVED_SETTINGS,
     EVAL_FLAGS,
     MODEL_FLAGS,
     RunConfig,
+    args_yaml,
     cli_flags,
     dap_config_from_args,
     default_reuse,
@@ -502,7 +504,8 @@ _SAMPLER_FLAGS = {
 }
 # The optimizer's state is only valid for the optimizer and parameter groups that made it.
 _OPTIMIZER_FLAGS = ("opt", "weight_decay", "layer_decay", "opt_kwargs", "opt_betas", "opt_eps", "momentum")
-_NOT_COMPARED = ("resume", "output", "overwrite", "baseline_epochs")  # where and how a run starts, not what it is
+# where and how a run starts, not what it is
+_NOT_COMPARED = ("resume", "output", "overwrite", *DERIVED_SETTINGS)
 
 
 def _plain(value):
@@ -780,21 +783,28 @@ def _updates_implied(ckpt: dict, *, world: int) -> int:
     return sum(math.ceil(math.ceil(r["samples_trained"] / per_step) / accum) for r in ckpt.get("history") or [])
 
 
+def _best_metric(row: dict) -> float | None:
+    """What ``model_best.pth.tar`` is chosen by, from an epoch's summary row: the EMA's top-1 where the EMA was
+    evaluated (timm's train.py ranks by the EMA's metrics then), else the model's; None where nothing was."""
+    ema = row.get("ema_top1")
+    return ema if ema is not None else row.get("eval_top1")
+
+
 def _restore_best(ckpt: dict, output: Path, history: list) -> float:
-    """The best top-1 so far. A missing model_best.pth.tar (killed during its first write) is rewritten when the
-    resumed checkpoint is that best epoch (last and best are saved from one state); else the next evaluation
-    writes a new one."""
-    evaluated = [r for r in history if r["eval_top1"] is not None]
+    """The best top-1 so far (:func:`_best_metric`). A missing model_best.pth.tar (killed during its first write) is
+    rewritten when the resumed checkpoint is that best epoch (last and best are saved from one state); else the next
+    evaluation writes a new one."""
+    evaluated = [r for r in history if _best_metric(r) is not None]
     if not evaluated:
         return -1.0
-    top = max(evaluated, key=lambda r: r["eval_top1"])  # the first epoch reaching it, as the `>` below keeps
+    top = max(evaluated, key=_best_metric)  # the first epoch reaching it, as the `>` below keeps
     path = output / "model_best.pth.tar"
     if path.is_file():
-        return top["eval_top1"]
+        return _best_metric(top)
     if top["epoch"] == ckpt["epoch"]:
         save_checkpoint({k: v for k, v in ckpt.items() if k != "version"}, path)
         _logger.warning("%s was missing; rewritten from the resumed checkpoint (its best epoch %d)", path, top["epoch"])
-        return top["eval_top1"]
+        return _best_metric(top)
     _logger.warning(
         "%s is missing and the weights of its best epoch %d are gone; the next evaluation writes a new one",
         path,
@@ -846,6 +856,8 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
     import timm
     from timm.utils import ModelEmaV3
 
+    for note in getattr(cfg, "config_notes", ()):  # how --config was read (dap_pretrain.train.parse_args)
+        _logger.info(note)
     cfg, lr_note = scaled_lr(cfg, world=world)
     if lr_note:
         _logger.info(lr_note)
@@ -934,7 +946,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
         _logger.info("removed from %s before starting: %s%s", output, ", ".join(removed), aside)
     if ckpt is not None:
         _logger.info("resumed %s at epoch %d", cfg.resume, ckpt["epoch"])
-    resolved = cfg.to_dict()
+    resolved = args_yaml(cfg)
     if rank == 0:
         write_atomic(output / "args.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False)))
     _logger.info(threads_note)
@@ -1012,8 +1024,9 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             if getattr(lock, "replaced", False):  # --overwrite: the previous run's files are no longer needed
                 drop_replaced(output)
                 lock.replaced = False
-            if ev and ev["top1"] > state.best:
-                state.best = ev["top1"]
+            best_top1 = _best_metric(row)  # the EMA's top-1 where there is one, as timm's train.py
+            if best_top1 is not None and best_top1 > state.best:
+                state.best = best_top1
                 save_checkpoint(ckpt_state, output / "model_best.pth.tar")
     wall = time.perf_counter() - run_start
     if rank != 0:

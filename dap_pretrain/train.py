@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="LR *= rate every N epochs (replaces the milestones)",
     )
-    o.add_argument("--decay-rate", type=float, default=0.1)
+    o.add_argument("--decay-rate", "--dr", type=float, default=0.1, help="LR factor at each decay (timm's --dr too)")
     o.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up (not DaP's --dap-warmup)")
     o.add_argument("--warmup-lr", type=float, default=1e-5)
     o.add_argument("--min-lr", type=float, default=0.0)
@@ -278,23 +278,118 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_key_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Config key -> its parser action: each flag's ``dest`` and each of its long names with ``_`` (``val_interval``
+    and ``eval_interval`` both name ``--val-interval``, as timm's ``args.yaml`` spells it)."""
+    keys: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        keys.setdefault(action.dest, action)
+        for option in action.option_strings:
+            if option.startswith("--"):
+                keys.setdefault(option[2:].replace("-", "_"), action)
+    return keys
+
+
+def _config_value(action: argparse.Action, key: str, value, path: Path):
+    """A config value checked and converted as the command line's would be, or a :class:`UsageError` naming it.
+
+    argparse checks neither ``choices`` nor ``type`` of a default, which is what a config value becomes, so a typo
+    would be silently taken for the default behaviour. YAML reads ``on``/``off`` as booleans: for a flag whose
+    choices are ``on``/``off`` they are mapped back."""
+    bad = f"config {path}: {key}: {value!r} is invalid"
+    if type(action) not in (argparse._StoreAction, argparse._StoreTrueAction, argparse._StoreFalseAction):
+        return value  # the trainer's own actions (KEY=VALUE dicts) take the YAML value as it is
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise UsageError(f"{bad}: write true or false")
+        return value
+    if value is None or (value == "" and action.default is None):  # timm writes '' for "unset" (lr_base_scale)
+        return None
+    if isinstance(value, bool) and action.choices is not None and {"on", "off"} <= set(action.choices):
+        value = "on" if value else "off"
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    items = value if many and isinstance(value, list) else [value]
+    if many and not isinstance(value, list):
+        raise UsageError(f"{bad}: write a list, e.g. [{value!r}]")
+    if action.type in (int, float):
+        for item in items:
+            number = isinstance(item, (int, float)) and not isinstance(item, bool)
+            if not number or (action.type is int and item != int(item)):
+                raise UsageError(f"{bad}: write {'an integer' if action.type is int else 'a number'}")
+        items = [action.type(item) for item in items]
+    if action.choices is not None:
+        wrong = [item for item in items if item not in action.choices]
+        if wrong:
+            raise UsageError(f"{bad}: choose from {', '.join(map(str, action.choices))}")
+    return items if many else items[0]
+
+
+def _config_defaults(parser: argparse.ArgumentParser, cfg: dict, path: Path) -> tuple[dict, list[str]]:
+    """A config's values as ``{dest: value}``, each checked (:func:`_config_value`), and its notes for the run log.
+
+    Keys the trainer lacks are refused in one line, except timm's own settings at timm's defaults
+    (:data:`~dap_pretrain.timm_keys.TIMM_ONLY_DEFAULTS`), which change nothing here: a timm ``args.yaml`` holds all
+    of them. Those are listed in one note."""
+    from dap_pretrain.timm_keys import TIMM_ONLY_DEFAULTS
+
+    actions = _config_key_actions(parser)
+    values, at_default, unknown = {}, [], []
+    for key, value in cfg.items():
+        action = actions.get(key)
+        if action is not None:
+            values[action.dest] = _config_value(action, key, value, path)
+        elif key in TIMM_ONLY_DEFAULTS and value == TIMM_ONLY_DEFAULTS[key]:
+            at_default.append(key)
+        else:
+            unknown.append(key)
+    if unknown:
+        timm = sorted(k for k in unknown if k in TIMM_ONLY_DEFAULTS)
+        why = (
+            f" ({', '.join(timm)}: timm settings this trainer lacks, accepted only at timm's defaults)" if timm else ""
+        )
+        raise UsageError(
+            f"config {path} has unknown keys {sorted(unknown)}{why}; use the trainer's flag names with '_'"
+        )
+    notes = [f"config {path.name}: timm settings at timm's defaults, not used here: {', '.join(at_default)}"]
+    return values, notes if at_default else []
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    """YAML config -> argparse defaults -> command line (timm's two-pass parse)."""
+    """YAML config -> argparse defaults -> command line (timm's two-pass parse).
+
+    The result also holds ``config_notes``: lines the run logs about how the config was read (keys left unused as
+    timm's own train.py leaves them)."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
+    cfg, notes, defaults = {}, [], {}
     if pre.config:
         path = Path(pre.config)
-        cfg = load_config(path)
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise UsageError(f"config {path} has unknown keys {unknown}; use the trainer's flag names with '_'")
+        cfg, notes = _config_defaults(parser, load_config(path), path)
+        defaults = {dest: parser.get_default(dest) for dest in cfg}
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
     refuse_exclusive_flags(argv, args)
     given = given_flags(argv)
-    # what the command line or the config sets: a setting either holds must not be silently ignored
-    settings = given | ({"--" + key.replace("_", "-") for key in cfg} if pre.config else set())
+    if not str(args.output).strip():
+        raise UsageError("--output is empty: pass the run folder, e.g. --output runs/my_run")
+    if cfg.get("lr") is not None and args.lr_base is not None and "--lr-base" not in given and "--lr" not in given:
+        # a timm args.yaml: timm uses lr_base and lr_base_size only when lr is unset
+        notes.append(f"config sets both lr and lr_base: lr {args.lr} is used as it is, as in timm")
+        args.lr_base = None
+        if "--lr-base-size" not in given:
+            args.lr_base_size = None
+    if args.decay_epochs is not None and args.sched != "step":  # timm: every N epochs under --sched step only
+        if "--decay-epochs" in given:
+            raise UsageError(
+                f"--decay-epochs sets --sched step's interval, but --sched is {args.sched}; drop it, or pass "
+                "--sched step (--sched multistep decays at --decay-milestones)"
+            )
+        notes.append(f"config's decay_epochs {args.decay_epochs} is not used under sched {args.sched}, as in timm")
+        args.decay_epochs = None
+    # what the command line or the config sets (a config value at the flag's default sets nothing): a setting
+    # either holds must not be silently ignored
+    set_by_config = {"--" + dest.replace("_", "-") for dest, v in cfg.items() if v != defaults[dest]}
+    settings = given | set_by_config
     unused = sorted(f for f in settings if f.startswith("--infobatch-"))
     if unused and args.dap_select != "infobatch":
         raise UsageError(f"{' '.join(unused)} set InfoBatch's policy; add --dap-select infobatch or drop them")
@@ -303,6 +398,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f"{' '.join(unused)} set how batches are mixed; add --mixup or --cutmix, or drop them")
     if args.resume and "--output" not in given:  # continue the run where it is, not in the default folder
         args.output = str(Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent)
+    args.config_notes = notes
     return args
 
 
