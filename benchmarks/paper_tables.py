@@ -635,7 +635,12 @@ def _planned_epochs(folder: Path) -> int | None:
     import yaml
 
     path = folder / "args.yaml"
-    return yaml.safe_load(path.read_text()).get("epochs") if path.is_file() else None
+    if not path.is_file():
+        return None
+    args = yaml.safe_load(path.read_text())
+    if args.get("epochs_scale") is None or "baseline_epochs" in args:  # before 2026-11-27 it held the scaled epochs
+        return args.get("epochs")
+    return max(1, round(args["epochs"] * args["epochs_scale"]))  # as run_config scales them
 
 
 def summary_lines(summary: dict, *, device: str, total_s: float) -> list[str]:

@@ -137,14 +137,22 @@ class _Parser(argparse.ArgumentParser):
             flag, after_flag, previous = token.split("=", 1)[0], previous, token
             if flag in TIMM_INSTEAD and self.timm_hints:
                 instead.append(f"timm's {flag}: {TIMM_INSTEAD[flag]}")
-            elif self.timm_hints and not token.startswith("-"):
-                if not (after_flag.startswith("-") and "=" not in after_flag):  # not an unknown flag's value
+            elif self.timm_hints and not token.startswith("-") and not _number_like(token):  # not a surplus value
+                if not (after_flag.startswith("-") and "=" not in after_flag) and not instead:  # nor a flag's value
                     instead.append(f"timm's positional data folder: pass --data-dir {token}")
             elif flag.startswith("--"):
                 longer = [o for o in known if o.startswith(flag)]  # an abbreviation (argparse's are off)
                 close = longer if len(longer) == 1 else difflib.get_close_matches(flag.replace("_", "-"), known, 1, 0.8)
                 hints += [f"{close[0]} for {flag}"] if close else []
         return (f"; did you mean {', '.join(hints)}?" if hints else "") + "".join(f"; {i}" for i in instead)
+
+
+def _number_like(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
 
 
 def make_parser(**kwargs) -> argparse.ArgumentParser:

@@ -171,13 +171,16 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 # RunConfig settings that are not flags: what run_config derives, and the notes parse_args adds
 DERIVED_SETTINGS = ("baseline_epochs", "unscaled", "config_notes")
+# flags args.yaml leaves out: how a run was started, which reading the file back must not repeat
+START_FLAGS = ("resume", "overwrite")
 
 
 def args_yaml(cfg: RunConfig) -> dict:
     """What OUTPUT/args.yaml holds: the run's resolved flags, so that ``--config OUTPUT/args.yaml`` trains the same run
     (as timm's args.yaml does). Derived settings are left out, and a run of ``--epochs-scale`` keeps its unscaled
-    epochs, milestones and warm-up, which the flag scales again when the file is read."""
-    values = {k: v for k, v in cfg.to_dict().items() if k not in DERIVED_SETTINGS}
+    epochs, milestones and warm-up, which the flag scales again when the file is read; ``--resume`` and
+    ``--overwrite`` are left out (reading the file back starts a new run)."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in DERIVED_SETTINGS + START_FLAGS}
     values.update(cfg.to_dict().get("unscaled") or {})
     return values
 
@@ -249,8 +252,11 @@ def scaled_lr(cfg, *, world: int) -> tuple[RunConfig, str | None]:
     return cfg.replace(lr=lr, lr_base=None, lr_base_size=None, lr_base_scale=None), note
 
 
-def load_config(path: Path, _seen: tuple = ()) -> dict:
-    """Read a YAML config; ``_base_: file`` (or a list) is read first and overridden (mmengine-style)."""
+def load_config(path: Path, _seen: tuple = (), origin: dict | None = None) -> dict:
+    """Read a YAML config; ``_base_: file`` (or a list) is read first and overridden (mmengine-style).
+
+    ``origin``, if given, receives for each key how many ``_base_`` steps below ``path`` the file that set it last
+    lies (0: ``path`` itself), so a caller can tell a key the file sets from one it inherits."""
     path = Path(path).resolve()
     if path in _seen:
         raise UsageError(f"config {path} includes itself through _base_; remove the cycle")
@@ -273,8 +279,10 @@ def load_config(path: Path, _seen: tuple = ()) -> dict:
         raise UsageError(f"config {path} has _base_: {bases!r}; expected a file name relative to it, or a list of them")
     merged: dict = {}
     for base in bases:
-        merged.update(load_config(path.parent / base, (*_seen, path)))
+        merged.update(load_config(path.parent / base, (*_seen, path), origin))
     merged.update(cfg)
+    if origin is not None:
+        origin.update(dict.fromkeys(cfg, len(_seen)))
     return merged
 
 

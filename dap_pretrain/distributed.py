@@ -34,8 +34,10 @@ def init_distributed(device: str | None = None) -> tuple[torch.device, int, int]
             )
         index = local_rank if world > 1 else (dev.index or 0)
         if index >= torch.cuda.device_count():
+            fix = "start at most that many processes per node" if world > 1 else "pass a lower index"
             raise UsageError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); pass a lower index"
+                f"{'LOCAL_RANK ' + str(local_rank) if world > 1 else '--device ' + device}: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s); {fix}"
             )
         dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)

@@ -304,6 +304,8 @@ def _config_value(action: argparse.Action, key: str, value, path: Path):
             raise UsageError(f"{bad}: write true or false")
         return value
     if value is None or (value == "" and action.default is None):  # timm writes '' for "unset" (lr_base_scale)
+        if action.default is not None and action.type in (int, float):
+            raise UsageError(f"{bad}: write {'an integer' if action.type is int else 'a number'}")
         return None
     if isinstance(value, bool) and action.choices is not None and {"on", "off"} <= set(action.choices):
         value = "on" if value else "off"
@@ -311,17 +313,30 @@ def _config_value(action: argparse.Action, key: str, value, path: Path):
     items = value if many and isinstance(value, list) else [value]
     if many and not isinstance(value, list):
         raise UsageError(f"{bad}: write a list, e.g. [{value!r}]")
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        raise UsageError(f"{bad}: write a list of {action.nargs}")
     if action.type in (int, float):
-        for item in items:
-            number = isinstance(item, (int, float)) and not isinstance(item, bool)
-            if not number or (action.type is int and item != int(item)):
-                raise UsageError(f"{bad}: write {'an integer' if action.type is int else 'a number'}")
-        items = [action.type(item) for item in items]
+        items = [_number(item, action.type, bad) for item in items]
+    elif action.type in (None, str):  # YAML reads `val_split: 2017` as a number; the flag takes text
+        items = [str(item) if isinstance(item, (int, float)) and not isinstance(item, bool) else item for item in items]
     if action.choices is not None:
         wrong = [item for item in items if item not in action.choices]
         if wrong:
             raise UsageError(f"{bad}: choose from {', '.join(map(str, action.choices))}")
     return items if many else items[0]
+
+
+def _number(item, kind: type, bad: str):
+    """``item`` as ``kind`` (int or float), as argparse converts the command line's text; YAML 1.1 reads ``5e-4`` as
+    text, which is a number here too. Booleans and fractional integers are refused (:class:`UsageError`)."""
+    if isinstance(item, str):
+        try:
+            return kind(item)
+        except ValueError:
+            pass
+    elif not isinstance(item, bool) and isinstance(item, (int, float)) and (kind is float or item == int(item)):
+        return kind(item)
+    raise UsageError(f"{bad}: write {'an integer' if kind is int else 'a number'}")
 
 
 def _config_defaults(parser: argparse.ArgumentParser, cfg: dict, path: Path) -> tuple[dict, list[str]]:
@@ -361,10 +376,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     timm's own train.py leaves them)."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
-    cfg, notes, defaults = {}, [], {}
+    cfg, notes, defaults, origin = {}, [], {}, {}
     if pre.config:
         path = Path(pre.config)
-        cfg, notes = _config_defaults(parser, load_config(path), path)
+        raw = load_config(path, origin=origin)
+        if "baseline_epochs" in raw:  # a run's args.yaml written before 2026-11-27
+            if raw.get("epochs_scale") is not None and raw["baseline_epochs"] != raw.get("epochs"):
+                raise UsageError(
+                    f"config {path} is an --epochs-scale run's args.yaml from before 2026-11-27, which holds the "
+                    f"scaled epochs and milestones; set epochs: {raw['baseline_epochs']} and the unscaled "
+                    "decay_milestones and warmup_epochs, and remove baseline_epochs"
+                )
+            for key in ("baseline_epochs", "resume", "overwrite"):  # derived, or how that run was started
+                raw.pop(key, None)
+        cfg, more = _config_defaults(parser, raw, path)
+        notes += more
         defaults = {dest: parser.get_default(dest) for dest in cfg}
         parser.set_defaults(**cfg)
     args = parser.parse_args(argv)
@@ -372,12 +398,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     given = given_flags(argv)
     if not str(args.output).strip():
         raise UsageError("--output is empty: pass the run folder, e.g. --output runs/my_run")
-    if cfg.get("lr") is not None and args.lr_base is not None and "--lr-base" not in given and "--lr" not in given:
-        # a timm args.yaml: timm uses lr_base and lr_base_size only when lr is unset
-        notes.append(f"config sets both lr and lr_base: lr {args.lr} is used as it is, as in timm")
-        args.lr_base = None
-        if "--lr-base-size" not in given:
-            args.lr_base_size = None
+    if "--lr" in given and cfg.get("lr_base") is not None and "--lr-base-size" not in given:
+        args.lr_base_size = None  # the config's lr_base_size was lr_base's batch, which --lr replaces (as in timm)
+    typed = {"--lr", "--lr-base"} & given
+    if cfg.get("lr") is not None and cfg.get("lr_base") is not None and not typed:
+        if origin["lr"] <= origin["lr_base"]:  # set in the same file (a timm args.yaml), or lr in a later one
+            notes.append(f"config sets lr and lr_base: lr {args.lr} wins, as in timm (lr_base only without lr)")
+            args.lr_base = None
+            if "--lr-base-size" not in given:
+                args.lr_base_size = None
     if args.decay_epochs is not None and args.sched != "step":  # timm: every N epochs under --sched step only
         if "--decay-epochs" in given:
             raise UsageError(

@@ -261,7 +261,10 @@ def test_bad_mixing_flags_are_refused_in_one_line(flags, words):
 def test_a_config_files_mixing_keys_are_checked_like_flags(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("mixup: 0.8\ncutmix_minmax: [0.2, 0.5, 0.9]\n")
-    with pytest.raises(UsageError, match=r"--cutmix-minmax 0\.2 0\.5 0\.9 is invalid"):
+    with pytest.raises(UsageError, match=r"cutmix_minmax: \[0\.2, 0\.5, 0\.9\] is invalid: write a list of 2"):
+        run_config(parse_args(["--config", str(bad)]))
+    bad.write_text("mixup: 0.8\ncutmix_minmax: [0.5, 0.2]\n")  # the right shape, a wrong range: run_config's check
+    with pytest.raises(UsageError, match=r"--cutmix-minmax 0\.5 0\.2 is invalid"):
         run_config(parse_args(["--config", str(bad)]))
     idle = tmp_path / "idle.yaml"
     idle.write_text("mixup_mode: elem\n")

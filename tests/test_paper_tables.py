@@ -465,3 +465,14 @@ def test_portable_ignores_loader_workers_but_not_the_schedule():
     a = ["--data-dir", "/x", "-j", "0", "--epochs", "300"]
     assert pt.portable(a) == pt.portable(["--data-dir", "/y", "-j", "4", "--epochs", "300"])
     assert pt.portable(a) != pt.portable(["--data-dir", "/x", "-j", "0", "--epochs", "200"])
+
+
+def test_planned_epochs_reads_both_args_yaml_formats(tmp_path):
+    """args.yaml holds the unscaled epochs since 2026-11-27 (it trains the same run when read back); before, the scaled
+    ones with baseline_epochs beside them."""
+    (tmp_path / "args.yaml").write_text("epochs: 300\nepochs_scale: 0.625\n")
+    assert pt._planned_epochs(tmp_path) == 188
+    (tmp_path / "args.yaml").write_text("epochs: 188\nepochs_scale: 0.625\nbaseline_epochs: 300\n")
+    assert pt._planned_epochs(tmp_path) == 188
+    (tmp_path / "args.yaml").write_text("epochs: 300\nepochs_scale: null\n")
+    assert pt._planned_epochs(tmp_path) == 300

@@ -95,7 +95,7 @@ def test_a_timm_args_yaml_reads_as_timm_reads_it(tmp_path, caplog):
     assert cfg.decay_milestones == [2]  # multistep decays at the milestones, as in timm
     notes = " | ".join(cfg.config_notes)
     assert "timm settings at timm's defaults, not used here: " + ", ".join(timm_noops) in notes
-    assert "lr 0.4 is used as it is" in notes and "decay_epochs 90 is not used under sched multistep" in notes
+    assert "lr 0.4 wins, as in timm" in notes and "decay_epochs 90 is not used under sched multistep" in notes
 
 
 def test_a_timm_key_at_another_value_is_refused_by_name(tmp_path, capsys):
@@ -215,3 +215,53 @@ def test_under_torchrun_each_process_takes_its_local_rank(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         assert distributed.init_distributed("cuda:0")[0] == torch.device("cuda", 3)
     assert "each process takes the GPU of its LOCAL_RANK, here cuda:3" in caplog.text
+
+
+def test_an_inherited_lr_gives_way_to_the_childs_lr_base(tmp_path):
+    """The "lr wins" rule is for one file holding both (a timm args.yaml); a child config's lr_base still replaces
+    the lr its _base_ sets, and a child's lr replaces its base's lr_base."""
+    (tmp_path / "base.yaml").write_text("lr: 0.1\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\nlr_base: 0.2\nlr_base_size: 512\n")
+    args = parse_args(["--config", str(tmp_path / "child.yaml"), "--output", "o"])
+    assert args.lr_base == 0.2 and args.lr_base_size == 512
+    (tmp_path / "base.yaml").write_text("lr_base: 0.2\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\nlr: 0.3\n")
+    args = parse_args(["--config", str(tmp_path / "child.yaml"), "--output", "o"])
+    assert args.lr == 0.3 and args.lr_base is None
+
+
+def test_a_typed_lr_is_not_rescaled_by_a_timm_configs_base_size(tmp_path):
+    args = _parse(tmp_path, "--lr", "0.4", "-b", "128", lr_base=0.1, lr_base_size=256)
+    cfg = scaled_lr(run_config(args), world=1)[0]
+    assert cfg.lr == 0.4  # timm: --lr as given; lr_base_size belongs to lr_base
+
+
+def test_yaml_numbers_written_as_text_are_numbers(tmp_path):
+    (tmp_path / "cfg.yaml").write_text("weight_decay: 5e-4\nlr: 1e-3\nepochs: '5'\nval_split: 2017\n")
+    args = parse_args(["--config", str(tmp_path / "cfg.yaml"), "--output", "o"])  # YAML 1.1 reads 5e-4 as text
+    assert args.weight_decay == 5e-4 and args.lr == 1e-3 and args.epochs == 5 and args.val_split == "2017"
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [({"mean": [0.5, 0.5]}, "write a list of 3"), ({"epochs": None}, "epochs: None is invalid: write an integer")],
+)
+def test_a_config_value_of_the_wrong_shape_is_one_line(tmp_path, capsys, values, words):
+    assert words in _refused(capsys, ["--config", _config(tmp_path, **values), "--output", "o"])
+
+
+def test_args_yaml_starts_a_new_run_and_an_old_one_reads_or_says_what_to_change(tmp_path, capsys):
+    cfg = run_config(parse_args(["--output", "o", "--overwrite", "--resume", str(tmp_path / "last.pth.tar")]))
+    assert not {"resume", "overwrite"} & set(args_yaml(cfg))
+    old = dict(args_yaml(run_config(parse_args(["--output", "o", "--epochs", "6", "--dap-warmup", "1"]))))
+    old.update(baseline_epochs=6, resume="x/last.pth.tar", overwrite=True)  # an args.yaml from before 2026-11-27
+    args = _parse(tmp_path, **old)
+    assert args.resume == "" and args.overwrite is False and args.epochs == 6
+    old.update(epochs=4, epochs_scale=0.6, baseline_epochs=6)
+    line = _refused(capsys, ["--config", _config(tmp_path, **old)])
+    assert "args.yaml from before 2026-11-27" in line and "set epochs: 6" in line
+
+
+def test_surplus_numbers_are_not_taken_for_timms_data_folder(capsys):
+    assert "positional" not in _refused(capsys, ["--input-size", "3", "224", "224", "--output", "o"])
+    assert "positional" not in _refused(capsys, ["--lr", "0.1", "0.2", "--output", "o"])

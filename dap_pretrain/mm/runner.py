@@ -87,6 +87,11 @@ def prepare_config(
     resume: str | None = None,
     cfg_options: dict | None = None,
     launcher: str = "none",
+    amp: bool = False,
+    validate: bool = True,
+    auto_scale_lr: bool = False,
+    pin_memory: bool = True,
+    persistent_workers: bool = True,
 ):
     """The run's resolved config; writes nothing.
 
@@ -98,8 +103,19 @@ def prepare_config(
         resume: ``None`` (new run), ``'auto'`` (the work dir's latest checkpoint) or a checkpoint path.
         cfg_options: ``--cfg-options`` overrides, applied before ``data_root``.
         launcher: ``'none'`` or ``'pytorch'`` (under torchrun).
+        amp, validate, auto_scale_lr, pin_memory, persistent_workers: what mmpretrain's ``tools/train.py`` does with
+            ``--amp``, ``--no-validate``, ``--auto-scale-lr``, ``--no-pin-memory``, ``--no-persistent-workers``
+            (:func:`mmpretrain_defaults`).
     """
     cfg = load_config(config, cfg_options)
+    mmpretrain_defaults(
+        cfg,
+        amp=amp,
+        validate=validate,
+        auto_scale_lr=auto_scale_lr,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers,
+    )
     if data_root is not None:
         set_data_root(cfg, data_root)
     cfg.work_dir = str(work_dir or cfg.get("work_dir") or Path("work_dirs") / Path(config).stem)
@@ -119,18 +135,63 @@ def prepare_config(
     return cfg
 
 
+def mmpretrain_defaults(
+    cfg, *, amp: bool, validate: bool, auto_scale_lr: bool, pin_memory: bool, persistent_workers: bool
+) -> None:
+    """What mmpretrain's ``tools/train.py`` adds to every config (its ``merge_args``), so a config trains here as it
+    does there: each dataloader gets ``pin_memory=True``, ``persistent_workers=True`` (only where it has workers:
+    torch refuses it without) and ``collate_fn=default_collate`` unless the config sets them; ``pin_memory`` /
+    ``persistent_workers`` False turn those off, as ``--no-pin-memory`` / ``--no-persistent-workers`` do. ``amp``:
+    ``AmpOptimWrapper`` with dynamic loss scaling; ``validate`` False: no validation; ``auto_scale_lr``:
+    ``auto_scale_lr.enable=True``. Modifies ``cfg`` in place."""
+    if not validate:
+        cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+    if amp:
+        wrapper = cfg.get("optim_wrapper") or {}
+        if wrapper.get("type", "OptimWrapper") not in ("OptimWrapper", "AmpOptimWrapper"):
+            raise DaPMMError(
+                f"--amp replaces optim_wrapper.type, but the config has {wrapper.get('type')!r}; drop --amp or use "
+                "OptimWrapper"
+            )
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+    if auto_scale_lr:
+        if not cfg.get("auto_scale_lr"):
+            raise DaPMMError("--auto-scale-lr: the config has no auto_scale_lr=dict(base_batch_size=N); add it")
+        cfg.auto_scale_lr.enable = True
+    for key in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        loader = cfg.get(key)
+        if not loader:
+            continue
+        merged = dict(pin_memory=True, persistent_workers=bool(loader.get("num_workers", 0)))
+        merged["collate_fn"] = dict(type="default_collate")
+        merged.update(loader)
+        if not pin_memory:
+            merged["pin_memory"] = False
+        if not persistent_workers:
+            merged["persistent_workers"] = False
+        cfg[key] = merged
+
+
 def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
 
 
-def _cfg_milestones(param_scheduler) -> tuple[int, ...]:
+def _cfg_milestones(param_scheduler, *, max_epochs: int) -> tuple[int, ...]:
+    """The epochs where an epoch-based ``MultiStepLR`` or ``StepLR`` of the config decays the LR (DaP's default R)."""
     items = param_scheduler if isinstance(param_scheduler, (list, tuple)) else [param_scheduler]
     out = set()
     for s in items:
-        if isinstance(s, dict) and s.get("type") == "MultiStepLR" and s.get("by_epoch", True):
-            out.update(s.get("begin", 0) + int(m) for m in s.get("milestones", ()))
+        if not isinstance(s, dict) or not s.get("by_epoch", True):
+            continue
+        begin = s.get("begin", 0)
+        if s.get("type") == "MultiStepLR":
+            out.update(begin + int(m) for m in s.get("milestones", ()))
+        elif s.get("type") == "StepLR" and int(s.get("step_size", 0)) > 0:
+            end = min(s.get("end", max_epochs), max_epochs)
+            out.update(range(begin + int(s["step_size"]), end, int(s["step_size"])))
     return tuple(sorted(out))
 
 
@@ -152,6 +213,29 @@ def _check_schedulers(cfg, *, warmup: int, max_epochs: int) -> None:
             f"but DaP shortens epochs after its warm-up (dap.warmup={warmup} epochs), so its LR would drift from the "
             "full-data run's; use by_epoch=True without convert_to_iter_based"
         )
+
+
+_SAMPLER_KEYS = ("type", "_scope_", "shuffle", "seed", "drop_last", "round_up")
+
+
+def _check_sampler_keys(sampler_cfg) -> None:
+    """``DaPMMSampler`` takes ``DefaultSampler``'s keys: ``round_up`` (pad each epoch to a multiple of the world size)
+    is ``drop_last`` negated, and is rewritten so; anything else is one line (the sampler's constructor would raise a
+    ``TypeError`` deep inside the runner)."""
+    unknown = sorted(set(sampler_cfg) - set(_SAMPLER_KEYS))
+    if unknown:
+        raise DaPMMError(
+            f"train_dataloader.sampler has {unknown}, which DaPMMSampler does not take; it takes "
+            f"{', '.join(_SAMPLER_KEYS[2:])}"
+        )
+    if "round_up" in sampler_cfg:
+        round_up = bool(sampler_cfg.pop("round_up"))
+        if "drop_last" in sampler_cfg and bool(sampler_cfg["drop_last"]) == round_up:
+            raise DaPMMError(
+                "train_dataloader.sampler: round_up and drop_last disagree (round_up=True pads, drop_last=True trims); "
+                "give one"
+            )
+        sampler_cfg["drop_last"] = not round_up
 
 
 def _check_data_paths(cfg) -> None:
@@ -184,14 +268,29 @@ def check_config(cfg) -> DaPSettings:
     if not isinstance(train_cfg.get("max_epochs"), int):
         raise DaPMMError("train_cfg.max_epochs must be an integer (DaP's schedule counts epochs)")
     settings = resolve_dap(
-        cfg.get("dap"), epochs=train_cfg["max_epochs"], milestones=_cfg_milestones(cfg.get("param_scheduler"))
+        cfg.get("dap"),
+        epochs=train_cfg["max_epochs"],
+        milestones=_cfg_milestones(cfg.get("param_scheduler"), max_epochs=train_cfg["max_epochs"]),
     )
     hooks = [h.get("type") for h in cfg.get("custom_hooks") or []]
     if not any(getattr(t, "__name__", t) == "DaPHook" for t in hooks):
         raise DaPMMError("custom_hooks has no DaPHook; add dict(type='DaPHook') (configs/mmpretrain/_base_ does)")
-    sampler = ((cfg.get("train_dataloader") or {}).get("sampler") or {}).get("type")
-    if getattr(sampler, "__name__", sampler) != "DaPMMSampler":
+    sampler_cfg = (cfg.get("train_dataloader") or {}).get("sampler") or {}
+    sampler = sampler_cfg.get("type")
+    if str(getattr(sampler, "__name__", sampler)).rpartition(".")[2] != "DaPMMSampler":  # also mmpretrain.DaPMMSampler
         raise DaPMMError(f"train_dataloader.sampler.type is {sampler!r}; set it to 'DaPMMSampler' for DaP")
+    _check_sampler_keys(sampler_cfg)
+    if cfg.get("runner_type", "Runner") not in ("Runner", None):
+        raise DaPMMError(
+            f"runner_type={cfg.runner_type!r}: DaPHook drives mmengine's Runner, the only runner this front end "
+            "builds; remove runner_type"
+        )
+    checkpoint = (cfg.get("default_hooks") or {}).get("checkpoint") or {}
+    if checkpoint and not checkpoint.get("by_epoch", True):
+        raise DaPMMError(
+            "default_hooks.checkpoint.by_epoch=False: DaP shortens epochs, so mmengine's iteration count never reaches "
+            "its planned end and the last checkpoint would not be saved; use by_epoch=True (interval in epochs)"
+        )
     refusal = head_refusal(((cfg.get("model") or {}).get("head") or {}).get("type"))
     if refusal:
         raise DaPMMError(refusal)
@@ -248,10 +347,12 @@ def pretrain_mm(
     cfg_options: dict | None = None,
     launcher: str = "none",
     overwrite: bool = False,
+    **mmpretrain_flags,
 ) -> dict:
     """Train one DaP run with mmengine's Runner; returns what ``WORK_DIR/run.json`` holds (rank 0 writes it).
 
-    Keyword args are :func:`prepare_config`'s, plus ``overwrite``: replace a finished run in the work dir; its
+    Keyword args are :func:`prepare_config`'s (``mmpretrain_flags``: its ``amp``, ``validate``, ``auto_scale_lr``,
+    ``pin_memory``, ``persistent_workers``), plus ``overwrite``: replace a finished run in the work dir; its
     files (:func:`~dap_pretrain.mm.work_dir.previous_run_files`: checkpoints, ``last_checkpoint``, ``run.json``,
     ``summary.csv``, log folders) are set aside once the new run has passed every check and deleted once it has
     saved a checkpoint, as the timm trainer's ``--overwrite`` does; a run that stops before gives them back. A
@@ -263,7 +364,13 @@ def pretrain_mm(
         DaPMMError: bad config, data root, work dir or resume; or what the hook refuses once the run is built.
     """
     cfg = prepare_config(
-        config=config, data_root=data_root, work_dir=work_dir, resume=resume, cfg_options=cfg_options, launcher=launcher
+        config=config,
+        data_root=data_root,
+        work_dir=work_dir,
+        resume=resume,
+        cfg_options=cfg_options,
+        launcher=launcher,
+        **mmpretrain_flags,
     )
     settings = check_config(cfg)
     check_resume(cfg, settings)

@@ -1,7 +1,11 @@
 """``python -m dap_pretrain.mm.train CONFIG``: DaP pretraining with mmengine/mmpretrain (``tools/pretrain_mm.sh``).
 
     python -m dap_pretrain.mm.train CONFIG [--data-root DIR] [--work-dir DIR] [--resume [CKPT]] [--overwrite]
+        [--amp] [--no-validate] [--auto-scale-lr] [--no-pin-memory] [--no-persistent-workers]
         [--launcher none|pytorch] [--cfg-options key=value ...]
+
+The flags mmpretrain's ``tools/train.py`` has mean what they mean there, and its dataloader defaults apply
+(``pin_memory``, ``persistent_workers``, ``default_collate``).
 
 Writes mmengine's work dir (``epoch_N.pth`` with ``checkpoint['dap']``, logs) plus ``run.json`` and
 ``summary.csv`` in the timm trainer's format. Bad input: one line on stderr, exit code 2, and the work dir left as
@@ -11,6 +15,7 @@ it was (see :mod:`dap_pretrain.mm.work_dir`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from dap_pretrain.cli import add_cfg_options, make_parser
@@ -33,9 +38,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "log folders wait in WORK_DIR/.replaced/ until the new run's first checkpoint, and come back if it stops "
         "before (other files stay)",
     )
-    p.add_argument("--launcher", choices=["none", "pytorch"], default="none", help="pytorch under torchrun")
+    p.add_argument("--amp", action="store_true", help="AmpOptimWrapper, dynamic loss scale (mmpretrain's)")
+    p.add_argument("--no-validate", action="store_true", help="no validation during training (mmpretrain's)")
+    p.add_argument("--auto-scale-lr", action="store_true", help="auto_scale_lr.enable=True (mmpretrain's)")
+    p.add_argument("--no-pin-memory", action="store_true", help="dataloaders without pin_memory (mmpretrain's)")
+    p.add_argument(
+        "--no-persistent-workers", action="store_true", help="dataloaders without persistent_workers (mmpretrain's)"
+    )
+    p.add_argument(
+        "--launcher",
+        choices=["none", "pytorch", "slurm", "mpi"],
+        default="none",
+        help="pytorch under torchrun (slurm and mpi: start torchrun from the job, NPROC_PER_NODE/NNODES)",
+    )
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_cfg_options(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.launcher in ("slurm", "mpi"):
+        p.error(
+            f"--launcher {args.launcher}: this front end runs under torchrun; start it from your {args.launcher} job "
+            "with NPROC_PER_NODE/NNODES (tools/pretrain_mm.sh) and --launcher pytorch"
+        )
+    if args.local_rank is not None:  # torch.distributed.launch passes it; mmpretrain sets LOCAL_RANK from it too
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args
 
 
 @entry_point(prog="pretrain_mm", exit=False)
@@ -53,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg_options=args.cfg_options,
         launcher=args.launcher,
         overwrite=args.overwrite,
+        amp=args.amp,
+        validate=not args.no_validate,
+        auto_scale_lr=args.auto_scale_lr,
+        pin_memory=not args.no_pin_memory,
+        persistent_workers=not args.no_persistent_workers,
     )
     return 0
 

@@ -447,3 +447,58 @@ def test_resume_of_a_file_that_is_no_mmengine_checkpoint_is_one_line(tmp_path):
         with pytest.raises(DaPMMError, match=words) as e:
             check_resume(cfg, settings)
         assert "\n" not in str(e.value)
+
+
+def _prepared(tmp_path, body: str = "", **flags):
+    """``prepare_config`` on a config inheriting the repo's ResNet-18 one, as the entry point calls it."""
+    from dap_pretrain.mm.runner import prepare_config
+
+    repo = Path(__file__).resolve().parents[2]
+    path = tmp_path / "p.py"
+    path.write_text(f"_base_ = ['{repo}/configs/mmpretrain/resnet18_dap75_in1k.py']\n{body}\n")
+    return prepare_config(config=path, work_dir=tmp_path / "work", **flags)
+
+
+def test_mmpretrain_train_py_defaults_and_flags(tmp_path):
+    """What mmpretrain's tools/train.py adds to a config: loader defaults (config values win), --amp, --no-validate,
+    --auto-scale-lr, --no-pin-memory, --no-persistent-workers."""
+    cfg = _prepared(tmp_path, "val_dataloader = dict(pin_memory=False)")
+    train = cfg.train_dataloader
+    assert train.pin_memory and train.persistent_workers and train.collate_fn == dict(type="default_collate")
+    assert cfg.val_dataloader.pin_memory is False  # the config's own value stays
+    assert cfg.optim_wrapper.get("type", "OptimWrapper") == "OptimWrapper" and cfg.val_cfg is not None
+    cfg = _prepared(tmp_path, "train_dataloader = dict(num_workers=0)")
+    assert cfg.train_dataloader.persistent_workers is False  # torch refuses persistent workers without workers
+    cfg = _prepared(tmp_path, amp=True, validate=False, auto_scale_lr=True, pin_memory=False, persistent_workers=False)
+    assert cfg.optim_wrapper.type == "AmpOptimWrapper" and cfg.optim_wrapper.loss_scale == "dynamic"
+    assert cfg.val_cfg is None and cfg.val_dataloader is None and cfg.val_evaluator is None
+    assert cfg.auto_scale_lr.enable is True
+    assert not cfg.train_dataloader.pin_memory and not cfg.train_dataloader.persistent_workers
+
+
+def test_config_fields_dap_cannot_honour_are_one_line_or_translated(tmp_path):
+    from dap_pretrain.mm.runner import check_config
+    from dap_pretrain.mm.settings import DaPMMError
+
+    cfg = _with_data(_prepared(tmp_path, "train_dataloader = dict(sampler=dict(round_up=False))"), tmp_path / "d")
+    check_config(cfg)
+    assert cfg.train_dataloader.sampler.drop_last is True and "round_up" not in cfg.train_dataloader.sampler
+    for body, words in (
+        ("train_dataloader = dict(sampler=dict(round_up=True, drop_last=True))", "round_up and drop_last disagree"),
+        ("train_dataloader = dict(sampler=dict(shuffle_seed=1))", "['shuffle_seed'], which DaPMMSampler does not"),
+        ("runner_type = 'FlexibleRunner'", "runner_type='FlexibleRunner': DaPHook drives mmengine's Runner"),
+        ("default_hooks = dict(checkpoint=dict(by_epoch=False, interval=50))", "checkpoint.by_epoch=False"),
+    ):
+        with pytest.raises(DaPMMError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            check_config(_with_data(_prepared(tmp_path, body), tmp_path / "d"))
+    with pytest.raises(DaPMMError, match="--amp replaces optim_wrapper.type"):
+        _prepared(tmp_path, "optim_wrapper = dict(type='Custom')", amp=True)
+
+
+def test_steplr_decays_are_reuse_epochs_too(tmp_path):
+    """dap.reuse=None follows every epoch-based LR decay: MultiStepLR's milestones and StepLR's steps."""
+    from dap_pretrain.mm.runner import check_config
+
+    step = "param_scheduler = dict(_delete_=True, type='StepLR', by_epoch=True, step_size=30, gamma=0.1)"
+    settings = check_config(_with_data(_prepared(tmp_path, step), tmp_path / "d"))
+    assert settings.config.reuse == (30, 60, 90)
