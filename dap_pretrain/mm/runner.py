@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dap_pretrain.errors import brief
+from dap_pretrain.errors import brief, print_error
 from dap_pretrain.mm.head import head_refusal
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
 from dap_pretrain.mm.work_dir import (
+    RUN_MARKERS,
     ClearPreviousRun,
     WorkDirSnapshot,
     check_work_dir,
@@ -123,8 +124,18 @@ def prepare_config(
     if resume is not None:
         if resume != "auto" and not Path(resume).is_file():
             raise DaPMMError(f"--resume {resume} does not exist; pass a checkpoint file or --resume alone")
-        if resume == "auto" and not (Path(cfg.work_dir) / "last_checkpoint").is_file():
-            raise DaPMMError(f"--resume: {cfg.work_dir} has no last_checkpoint; pass the run's --work-dir")
+    if resume == "auto" and not (Path(cfg.work_dir) / "last_checkpoint").is_file():
+        held = [m for m in RUN_MARKERS if (Path(cfg.work_dir) / m).exists()]
+        if held:
+            raise DaPMMError(
+                f"--resume: {cfg.work_dir} holds a run ({', '.join(held)}) but no last_checkpoint; pass --resume CKPT, "
+                "or --overwrite without --resume"
+            )
+        # nothing to resume yet (a requeued job's first start): a new run, as mmpretrain's --resume does
+        if int(os.environ.get("RANK", "0")) == 0:
+            print_error(f"pretrain_mm: --resume: {cfg.work_dir} has no checkpoint yet; starting a new run there")
+        resume = None
+    if resume is not None:
         cfg.resume, cfg.load_from = True, (None if resume == "auto" else str(resume))
         if resume == "auto":  # a moved or copied work dir resumes from its own copy of the checkpoint
             cfg.load_from = str(last_checkpoint_in(Path(cfg.work_dir), fix="pass --resume CKPT"))
@@ -372,10 +383,17 @@ def pretrain_mm(
         launcher=launcher,
         **mmpretrain_flags,
     )
+    resuming = bool(cfg.get("resume"))  # --resume with nothing to resume yet starts a new run (prepare_config)
     settings = check_config(cfg)
+    workers = ((cfg.get("train_dataloader") or {}).get("num_workers") or 0) > 0
+    if (cfg.get("randomness") or {}).get("seed") is None and workers and int(os.environ.get("RANK", "0")) == 0:
+        print_error(
+            "pretrain_mm: randomness.seed is None: the loader workers draw new augmentation after a --resume, so the "
+            "resumed run's losses and subsets will differ; set randomness.seed for an exact resume"
+        )
     check_resume(cfg, settings)
     work = Path(cfg.work_dir)
-    check_work_dir(work, resume=resume is not None, overwrite=overwrite)
+    check_work_dir(work, resume=resuming, overwrite=overwrite)
     if launcher == "pytorch" and not _cuda():
         from dap_pretrain.distributed import init_distributed
 
@@ -388,11 +406,11 @@ def pretrain_mm(
     rank0 = int(os.environ.get("RANK", "0")) == 0
     before = WorkDirSnapshot.take(work) if rank0 else None
     with work_dir_lock(work, enabled=rank0):
-        check_work_dir(work, resume=resume is not None, overwrite=overwrite)
+        check_work_dir(work, resume=resuming, overwrite=overwrite)
         clear = None
         try:
             runner = Runner.from_cfg(cfg)
-            if overwrite and resume is None and rank0:  # once DaPHook has accepted the built run
+            if overwrite and not resuming and rank0:  # once DaPHook has accepted the built run
                 clear = ClearPreviousRun(work_dir=work, keep=(runner.timestamp,))
                 runner.register_hook(clear, priority="LOWEST")
             with trusted_checkpoints([work] + ([cfg.load_from] if isinstance(cfg.get("load_from"), str) else [])):

@@ -502,3 +502,16 @@ def test_steplr_decays_are_reuse_epochs_too(tmp_path):
     step = "param_scheduler = dict(_delete_=True, type='StepLR', by_epoch=True, step_size=30, gamma=0.1)"
     settings = check_config(_with_data(_prepared(tmp_path, step), tmp_path / "d"))
     assert settings.config.reuse == (30, 60, 90)
+
+
+def test_resume_with_nothing_to_resume_starts_a_new_run(tmp_path, capsys):
+    """mmpretrain's --resume on a work dir without a checkpoint trains from scratch (a requeued job's first start);
+    a work dir that holds a run but no last_checkpoint is still refused in one line."""
+    from dap_pretrain.mm.settings import DaPMMError
+
+    cfg = _prepared(tmp_path, resume="auto")
+    assert not cfg.get("resume") and "has no checkpoint yet; starting a new run there" in capsys.readouterr().err
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "run.json").write_text("{}")
+    with pytest.raises(DaPMMError, match=r"holds a run \(run.json\) but no last_checkpoint"):
+        _prepared(tmp_path, resume="auto")
