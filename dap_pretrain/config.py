@@ -255,8 +255,9 @@ def scaled_lr(cfg, *, world: int) -> tuple[RunConfig, str | None]:
 def load_config(path: Path, _seen: tuple = (), origin: dict | None = None) -> dict:
     """Read a YAML config; ``_base_: file`` (or a list) is read first and overridden (mmengine-style).
 
-    ``origin``, if given, receives for each key how many ``_base_`` steps below ``path`` the file that set it last
-    lies (0: ``path`` itself), so a caller can tell a key the file sets from one it inherits."""
+    ``origin``, if given, receives for each key ``(order, file)``: the position in merge order of the file that set
+    it last (later files override earlier ones) and that file's path, so a caller can tell which of two keys was
+    set later, or whether one file set both."""
     path = Path(path).resolve()
     if path in _seen:
         raise UsageError(f"config {path} includes itself through _base_; remove the cycle")
@@ -282,7 +283,8 @@ def load_config(path: Path, _seen: tuple = (), origin: dict | None = None) -> di
         merged.update(load_config(path.parent / base, (*_seen, path), origin))
     merged.update(cfg)
     if origin is not None:
-        origin.update(dict.fromkeys(cfg, len(_seen)))
+        order = 1 + max((o for o, _ in origin.values()), default=-1)
+        origin.update(dict.fromkeys(cfg, (order, path)))
     return merged
 
 

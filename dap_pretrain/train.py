@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -304,8 +305,9 @@ def _config_value(action: argparse.Action, key: str, value, path: Path):
             raise UsageError(f"{bad}: write true or false")
         return value
     if value is None or (value == "" and action.default is None):  # timm writes '' for "unset" (lr_base_scale)
-        if action.default is not None and action.type in (int, float):
-            raise UsageError(f"{bad}: write {'an integer' if action.type is int else 'a number'}")
+        # null where the flag has a value is refused, but timm's `lr: null` (no --lr typed) means "from lr_base"
+        if action.default is not None and action.dest != "lr":
+            raise UsageError(f"{bad}: give a value (null leaves nothing to use; the default is {action.default!r})")
         return None
     if isinstance(value, bool) and action.choices is not None and {"on", "off"} <= set(action.choices):
         value = "on" if value else "off"
@@ -331,11 +333,12 @@ def _number(item, kind: type, bad: str):
     text, which is a number here too. Booleans and fractional integers are refused (:class:`UsageError`)."""
     if isinstance(item, str):
         try:
-            return kind(item)
+            item = kind(item)
         except ValueError:
             pass
-    elif not isinstance(item, bool) and isinstance(item, (int, float)) and (kind is float or item == int(item)):
-        return kind(item)
+    if not isinstance(item, (bool, str)) and isinstance(item, (int, float)) and math.isfinite(item):
+        if kind is float or item == int(item):
+            return kind(item)
     raise UsageError(f"{bad}: write {'an integer' if kind is int else 'a number'}")
 
 
@@ -398,11 +401,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     given = given_flags(argv)
     if not str(args.output).strip():
         raise UsageError("--output is empty: pass the run folder, e.g. --output runs/my_run")
+    if args.lr is None and args.lr_base is None:  # a config's lr: null (timm's args.yaml) without an lr_base
+        raise UsageError("the config sets lr: null and no lr_base; set lr, or lr_base (the LR of a batch of 256)")
     if "--lr" in given and cfg.get("lr_base") is not None and "--lr-base-size" not in given:
         args.lr_base_size = None  # the config's lr_base_size was lr_base's batch, which --lr replaces (as in timm)
     typed = {"--lr", "--lr-base"} & given
     if cfg.get("lr") is not None and cfg.get("lr_base") is not None and not typed:
-        if origin["lr"] <= origin["lr_base"]:  # set in the same file (a timm args.yaml), or lr in a later one
+        (lr_at, lr_file), (base_at, base_file) = origin["lr"], origin["lr_base"]
+        if lr_file == base_file or lr_at > base_at:  # one file holds both (a timm args.yaml), or lr is the later
             notes.append(f"config sets lr and lr_base: lr {args.lr} wins, as in timm (lr_base only without lr)")
             args.lr_base = None
             if "--lr-base-size" not in given:

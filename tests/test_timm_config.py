@@ -244,7 +244,7 @@ def test_yaml_numbers_written_as_text_are_numbers(tmp_path):
 
 @pytest.mark.parametrize(
     ("values", "words"),
-    [({"mean": [0.5, 0.5]}, "write a list of 3"), ({"epochs": None}, "epochs: None is invalid: write an integer")],
+    [({"mean": [0.5, 0.5]}, "write a list of 3"), ({"epochs": None}, "epochs: None is invalid: give a value")],
 )
 def test_a_config_value_of_the_wrong_shape_is_one_line(tmp_path, capsys, values, words):
     assert words in _refused(capsys, ["--config", _config(tmp_path, **values), "--output", "o"])
@@ -265,3 +265,33 @@ def test_args_yaml_starts_a_new_run_and_an_old_one_reads_or_says_what_to_change(
 def test_surplus_numbers_are_not_taken_for_timms_data_folder(capsys):
     assert "positional" not in _refused(capsys, ["--input-size", "3", "224", "224", "--output", "o"])
     assert "positional" not in _refused(capsys, ["--lr", "0.1", "0.2", "--output", "o"])
+
+
+def test_timms_lr_null_takes_the_lr_from_lr_base(tmp_path, capsys):
+    """timm's args.yaml holds lr: null unless --lr was typed: the LR then comes from lr_base, as in timm."""
+    args = _parse(tmp_path, "-b", "128", lr=None, lr_base=0.1, lr_base_size=256)
+    assert scaled_lr(run_config(args), world=1)[0].lr == pytest.approx(0.05)
+    args = _parse(tmp_path, "--lr", "0.4", lr=None, lr_base=0.1, lr_base_size=256)
+    assert scaled_lr(run_config(args), world=1)[0].lr == 0.4
+    line = _refused(capsys, ["--config", _config(tmp_path, lr=None), "--output", "o"])
+    assert "lr: null and no lr_base" in line
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [({"output": None}, "output: None is invalid: give a value"), ({"epochs": float("inf")}, "write an integer"),
+     ({"lr": float("nan")}, "write a number")],
+)  # fmt: skip
+def test_null_and_non_finite_config_values_are_one_line(tmp_path, capsys, values, words):
+    assert words in _refused(capsys, ["--config", _config(tmp_path, **values)])
+
+
+def test_a_later_base_in_a_list_overrides_an_earlier_ones_lr(tmp_path):
+    """`_base_: [a, b]`: b is merged after a, so b's lr_base replaces a's lr (one file holding both: timm's rule)."""
+    (tmp_path / "a.yaml").write_text("lr: 0.1\n")
+    (tmp_path / "b.yaml").write_text("lr_base: 0.2\n")
+    (tmp_path / "c.yaml").write_text("_base_: [a.yaml, b.yaml]\n")
+    assert parse_args(["--config", str(tmp_path / "c.yaml"), "--output", "o"]).lr_base == 0.2
+    (tmp_path / "c.yaml").write_text("_base_: [b.yaml, a.yaml]\n")
+    args = parse_args(["--config", str(tmp_path / "c.yaml"), "--output", "o"])
+    assert args.lr == 0.1 and args.lr_base is None

@@ -38,7 +38,7 @@ from mmengine.dataset import BaseDataset
 from mmengine.dist import get_dist_info, is_main_process
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
-from mmengine.optim.scheduler import MultiStepParamScheduler, StepParamScheduler
+from mmengine.optim.scheduler import MultiStepParamScheduler
 from mmengine.registry import HOOKS
 from mmengine.runner import EpochBasedTrainLoop
 
@@ -63,15 +63,12 @@ def _flat(schedulers) -> list:
 
 
 def lr_milestones(schedulers) -> tuple[int, ...]:
-    """Epochs at whose end an epoch-based MultiStepLR or StepLR decays the LR (the paper's reuse epochs R)."""
+    """Epochs at whose end an epoch-based MultiStepLR decays the LR (the paper's reuse epochs R; a StepLR without an
+    explicit ``dap.reuse`` is refused before the run is built, :func:`~dap_pretrain.mm.runner.check_config`)."""
     out = set()
     for s in _flat(schedulers):
-        if s.param_name != "lr" or not s.by_epoch:
-            continue
-        if isinstance(s, MultiStepParamScheduler):
+        if isinstance(s, MultiStepParamScheduler) and s.param_name == "lr" and s.by_epoch:
             out.update(s.begin + int(m) for m in s.milestones)
-        elif isinstance(s, StepParamScheduler) and s.step_size > 0:
-            out.update(range(s.begin + s.step_size, s.end, s.step_size))
     return tuple(sorted(out))
 
 

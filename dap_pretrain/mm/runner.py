@@ -14,6 +14,7 @@ from dap_pretrain.errors import brief, print_error
 from dap_pretrain.mm.head import head_refusal
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
 from dap_pretrain.mm.work_dir import (
+    REPLACED,
     RUN_MARKERS,
     ClearPreviousRun,
     WorkDirSnapshot,
@@ -125,7 +126,7 @@ def prepare_config(
         if resume != "auto" and not Path(resume).is_file():
             raise DaPMMError(f"--resume {resume} does not exist; pass a checkpoint file or --resume alone")
     if resume == "auto" and not (Path(cfg.work_dir) / "last_checkpoint").is_file():
-        held = [m for m in RUN_MARKERS if (Path(cfg.work_dir) / m).exists()]
+        held = [m for m in (*RUN_MARKERS, REPLACED) if (Path(cfg.work_dir) / m).exists()]
         if held:
             raise DaPMMError(
                 f"--resume: {cfg.work_dir} holds a run ({', '.join(held)}) but no last_checkpoint; pass --resume CKPT, "
@@ -158,6 +159,8 @@ def mmpretrain_defaults(
     if not validate:
         cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
     if amp:
+        if not _cuda():
+            raise DaPMMError("--amp: mmengine's AmpOptimWrapper needs a CUDA GPU, and torch sees none; drop --amp")
         wrapper = cfg.get("optim_wrapper") or {}
         if wrapper.get("type", "OptimWrapper") not in ("OptimWrapper", "AmpOptimWrapper"):
             raise DaPMMError(
@@ -190,20 +193,32 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _cfg_milestones(param_scheduler, *, max_epochs: int) -> tuple[int, ...]:
-    """The epochs where an epoch-based ``MultiStepLR`` or ``StepLR`` of the config decays the LR (DaP's default R)."""
+def _cfg_milestones(param_scheduler) -> tuple[int, ...]:
+    """The epochs where an epoch-based ``MultiStepLR`` of the config decays the LR (DaP's default R)."""
     items = param_scheduler if isinstance(param_scheduler, (list, tuple)) else [param_scheduler]
     out = set()
     for s in items:
-        if not isinstance(s, dict) or not s.get("by_epoch", True):
-            continue
-        begin = s.get("begin", 0)
-        if s.get("type") == "MultiStepLR":
-            out.update(begin + int(m) for m in s.get("milestones", ()))
-        elif s.get("type") == "StepLR" and int(s.get("step_size", 0)) > 0:
-            end = min(s.get("end", max_epochs), max_epochs)
-            out.update(range(begin + int(s["step_size"]), end, int(s["step_size"])))
+        if isinstance(s, dict) and s.get("type") == "MultiStepLR" and s.get("by_epoch", True):
+            out.update(s.get("begin", 0) + int(m) for m in s.get("milestones", ()))
     return tuple(sorted(out))
+
+
+def _check_step_lr(cfg, max_epochs: int) -> None:
+    """A ``StepLR`` decays every ``step_size`` epochs; DaP's default R (pick all data back up at each LR decay) is
+    meant for a few decays, and mmpretrain's own StepLR schedules step every epoch or two, which would leave nothing
+    dropped. So with ``dap.reuse`` unset such a schedule is one line asking for R (before, it got none, silently)."""
+    if (cfg.get("dap") or {}).get("reuse") is not None:
+        return
+    items = cfg.get("param_scheduler") or []
+    for s in items if isinstance(items, (list, tuple)) else [items]:
+        if isinstance(s, dict) and s.get("type") == "StepLR" and s.get("by_epoch", True):
+            step, begin = int(s.get("step_size", 0)), int(s.get("begin", 0))
+            decays = list(range(begin + step, min(int(s.get("end", max_epochs)), max_epochs), step)) if step > 0 else []
+            shown = f"{decays[:4]}{' ...' if len(decays) > 4 else ''}"
+            raise DaPMMError(
+                f"param_scheduler StepLR decays every {step} epochs ({shown}) and dap.reuse is unset: set the epochs "
+                f"where DaP picks all data back up, e.g. dap.reuse={decays[:3]}, or dap.reuse=[] for none"
+            )
 
 
 def _check_schedulers(cfg, *, warmup: int, max_epochs: int) -> None:
@@ -230,9 +245,9 @@ _SAMPLER_KEYS = ("type", "_scope_", "shuffle", "seed", "drop_last", "round_up")
 
 
 def _check_sampler_keys(sampler_cfg) -> None:
-    """``DaPMMSampler`` takes ``DefaultSampler``'s keys: ``round_up`` (pad each epoch to a multiple of the world size)
-    is ``drop_last`` negated, and is rewritten so; anything else is one line (the sampler's constructor would raise a
-    ``TypeError`` deep inside the runner)."""
+    """``DaPMMSampler`` takes ``DefaultSampler``'s keys: ``round_up=True`` (pad each epoch to a multiple of the world
+    size) is what it does anyway and is dropped; ``round_up=False`` (uneven shards) and any other key are one line
+    (the sampler's constructor would raise a ``TypeError`` deep inside the runner)."""
     unknown = sorted(set(sampler_cfg) - set(_SAMPLER_KEYS))
     if unknown:
         raise DaPMMError(
@@ -240,13 +255,12 @@ def _check_sampler_keys(sampler_cfg) -> None:
             f"{', '.join(_SAMPLER_KEYS[2:])}"
         )
     if "round_up" in sampler_cfg:
-        round_up = bool(sampler_cfg.pop("round_up"))
-        if "drop_last" in sampler_cfg and bool(sampler_cfg["drop_last"]) == round_up:
+        if not sampler_cfg["round_up"]:
             raise DaPMMError(
-                "train_dataloader.sampler: round_up and drop_last disagree (round_up=True pads, drop_last=True trims); "
-                "give one"
+                "train_dataloader.sampler.round_up=False (uneven shards): DaPMMSampler gives every rank the same "
+                "count, padding as round_up=True does, or trimming with drop_last=True; remove round_up=False"
             )
-        sampler_cfg["drop_last"] = not round_up
+        sampler_cfg.pop("round_up")  # True: what DaPMMSampler does without drop_last
 
 
 def _check_data_paths(cfg) -> None:
@@ -281,8 +295,9 @@ def check_config(cfg) -> DaPSettings:
     settings = resolve_dap(
         cfg.get("dap"),
         epochs=train_cfg["max_epochs"],
-        milestones=_cfg_milestones(cfg.get("param_scheduler"), max_epochs=train_cfg["max_epochs"]),
+        milestones=_cfg_milestones(cfg.get("param_scheduler")),
     )
+    _check_step_lr(cfg, train_cfg["max_epochs"])
     hooks = [h.get("type") for h in cfg.get("custom_hooks") or []]
     if not any(getattr(t, "__name__", t) == "DaPHook" for t in hooks):
         raise DaPMMError("custom_hooks has no DaPHook; add dict(type='DaPHook') (configs/mmpretrain/_base_ does)")
@@ -385,12 +400,17 @@ def pretrain_mm(
     )
     resuming = bool(cfg.get("resume"))  # --resume with nothing to resume yet starts a new run (prepare_config)
     settings = check_config(cfg)
-    workers = ((cfg.get("train_dataloader") or {}).get("num_workers") or 0) > 0
-    if (cfg.get("randomness") or {}).get("seed") is None and workers and int(os.environ.get("RANK", "0")) == 0:
-        print_error(
-            "pretrain_mm: randomness.seed is None: the loader workers draw new augmentation after a --resume, so the "
-            "resumed run's losses and subsets will differ; set randomness.seed for an exact resume"
-        )
+    train_loader = cfg.get("train_dataloader") or {}
+    if (train_loader.get("num_workers") or 0) > 0 and int(os.environ.get("RANK", "0")) == 0:
+        why = [
+            "randomness.seed is None" if (cfg.get("randomness") or {}).get("seed") is None else "",
+            "the loader workers persist across epochs" if train_loader.get("persistent_workers") else "",
+        ]
+        if any(why):  # both as in mmpretrain; the augmentation after a --resume is then drawn afresh
+            print_error(
+                f"pretrain_mm: {' and '.join(w for w in why if w)}, so a --resume will not repeat the augmentation, "
+                "losses and subsets exactly; for that, set randomness.seed and pass --no-persistent-workers"
+            )
     check_resume(cfg, settings)
     work = Path(cfg.work_dir)
     check_work_dir(work, resume=resuming, overwrite=overwrite)

@@ -3,6 +3,7 @@ the dap block, the scheduler rule, the timm architecture of a checkpoint, and th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy
@@ -459,7 +460,7 @@ def _prepared(tmp_path, body: str = "", **flags):
     return prepare_config(config=path, work_dir=tmp_path / "work", **flags)
 
 
-def test_mmpretrain_train_py_defaults_and_flags(tmp_path):
+def test_mmpretrain_train_py_defaults_and_flags(tmp_path, monkeypatch):
     """What mmpretrain's tools/train.py adds to a config: loader defaults (config values win), --amp, --no-validate,
     --auto-scale-lr, --no-pin-memory, --no-persistent-workers."""
     cfg = _prepared(tmp_path, "val_dataloader = dict(pin_memory=False)")
@@ -469,6 +470,12 @@ def test_mmpretrain_train_py_defaults_and_flags(tmp_path):
     assert cfg.optim_wrapper.get("type", "OptimWrapper") == "OptimWrapper" and cfg.val_cfg is not None
     cfg = _prepared(tmp_path, "train_dataloader = dict(num_workers=0)")
     assert cfg.train_dataloader.persistent_workers is False  # torch refuses persistent workers without workers
+    from dap_pretrain.mm import runner
+    from dap_pretrain.mm.settings import DaPMMError
+
+    with pytest.raises(DaPMMError, match="--amp: mmengine's AmpOptimWrapper needs a CUDA GPU"):
+        _prepared(tmp_path, amp=True)  # this machine has none (the CI's); mmengine would raise a traceback later
+    monkeypatch.setattr(runner, "_cuda", lambda: True)
     cfg = _prepared(tmp_path, amp=True, validate=False, auto_scale_lr=True, pin_memory=False, persistent_workers=False)
     assert cfg.optim_wrapper.type == "AmpOptimWrapper" and cfg.optim_wrapper.loss_scale == "dynamic"
     assert cfg.val_cfg is None and cfg.val_dataloader is None and cfg.val_evaluator is None
@@ -476,32 +483,37 @@ def test_mmpretrain_train_py_defaults_and_flags(tmp_path):
     assert not cfg.train_dataloader.pin_memory and not cfg.train_dataloader.persistent_workers
 
 
-def test_config_fields_dap_cannot_honour_are_one_line_or_translated(tmp_path):
+def test_config_fields_dap_cannot_honour_are_one_line_or_translated(tmp_path, monkeypatch):
     from dap_pretrain.mm.runner import check_config
     from dap_pretrain.mm.settings import DaPMMError
 
-    cfg = _with_data(_prepared(tmp_path, "train_dataloader = dict(sampler=dict(round_up=False))"), tmp_path / "d")
+    cfg = _with_data(_prepared(tmp_path, "train_dataloader = dict(sampler=dict(round_up=True))"), tmp_path / "d")
     check_config(cfg)
-    assert cfg.train_dataloader.sampler.drop_last is True and "round_up" not in cfg.train_dataloader.sampler
+    assert "round_up" not in cfg.train_dataloader.sampler and not cfg.train_dataloader.sampler.get("drop_last")
     for body, words in (
-        ("train_dataloader = dict(sampler=dict(round_up=True, drop_last=True))", "round_up and drop_last disagree"),
+        ("train_dataloader = dict(sampler=dict(round_up=False))", "round_up=False (uneven shards)"),
         ("train_dataloader = dict(sampler=dict(shuffle_seed=1))", "['shuffle_seed'], which DaPMMSampler does not"),
         ("runner_type = 'FlexibleRunner'", "runner_type='FlexibleRunner': DaPHook drives mmengine's Runner"),
         ("default_hooks = dict(checkpoint=dict(by_epoch=False, interval=50))", "checkpoint.by_epoch=False"),
     ):
-        with pytest.raises(DaPMMError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(DaPMMError, match=re.escape(words)):
             check_config(_with_data(_prepared(tmp_path, body), tmp_path / "d"))
+    monkeypatch.setattr("dap_pretrain.mm.runner._cuda", lambda: True)
     with pytest.raises(DaPMMError, match="--amp replaces optim_wrapper.type"):
         _prepared(tmp_path, "optim_wrapper = dict(type='Custom')", amp=True)
 
 
-def test_steplr_decays_are_reuse_epochs_too(tmp_path):
-    """dap.reuse=None follows every epoch-based LR decay: MultiStepLR's milestones and StepLR's steps."""
+def test_a_steplr_schedule_needs_dap_reuse_set(tmp_path):
+    """dap.reuse=None follows MultiStepLR's few decays; a StepLR decays every step_size epochs (mmpretrain's every
+    epoch or two), which would pick all data back up nearly every epoch, so it needs dap.reuse given."""
     from dap_pretrain.mm.runner import check_config
+    from dap_pretrain.mm.settings import DaPMMError
 
     step = "param_scheduler = dict(_delete_=True, type='StepLR', by_epoch=True, step_size=30, gamma=0.1)"
-    settings = check_config(_with_data(_prepared(tmp_path, step), tmp_path / "d"))
-    assert settings.config.reuse == (30, 60, 90)
+    with pytest.raises(DaPMMError, match=r"StepLR decays every 30 epochs \(\[30, 60, 90\]\) and dap.reuse is unset"):
+        check_config(_with_data(_prepared(tmp_path, step), tmp_path / "d"))
+    settings = check_config(_with_data(_prepared(tmp_path, step + "\ndap = dict(reuse=[30, 60])"), tmp_path / "d"))
+    assert settings.config.reuse == (30, 60)
 
 
 def test_resume_with_nothing_to_resume_starts_a_new_run(tmp_path, capsys):
