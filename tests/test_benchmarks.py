@@ -94,36 +94,6 @@ def test_finished_run_is_reused_only_with_the_same_flags(tmp_path):
     assert json.loads((out / "flags.json").read_text()) == ["--epochs", "4", "--no-such-flag"]
 
 
-@pytest.mark.slow
-def test_gpu_check_dry_run(tmp_path):
-    """The GPU script's code paths on the CPU at toy size: engine speed, CIFAR rows, summary last, JSON."""
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
-    proc = subprocess.run(
-        [
-            "bash",
-            "benchmarks/gpu_check.sh",
-            "--dry-run",
-            "--work-dir",
-            str(tmp_path / "work"),
-            "--data",
-            str(CIFAR),
-            "--imagenet",
-            str(REPO.parent / "shared/data/imagenet_sample"),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1].startswith("total ")
-    results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert results["engine"]["trainer_none"]["img_per_s"] > 0 and results["engine"]["bare_loop"]["img_per_s"] > 0
-    rows = {r["row"] for r in results["cifar"]["runs"]}
-    assert rows == set(cifar_ablation.ROWS), results.get("cifar", {}).get("error")
-
-
 def test_gpu_decode_wall_fraction_and_original_folder(tmp_path):
     import gpu_decode
 
@@ -171,34 +141,6 @@ def test_timeline_separates_idle_concurrent_and_per_stream_time():
                    "kernel_ms": {"7": 4.0, "9": 1.0}, "copy_ms": 1.0}  # fmt: skip
 
 
-@pytest.mark.slow
-def test_gpu_decode_ab_dry_run(tmp_path):
-    """The prepared GPU job for the pipeline's experiments, on the CPU at toy size: tests, then every variant."""
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DRY_RUN": "1", "WORK_DIR": str(tmp_path / "w"),
-           "IMAGENET": str(REPO.parent / "shared/data/imagenet_sample"),
-           "STEPS": "model_only_torch_defaults model_only model_gpu_loader_same_priority model_gpu_loader_half_fused "
-                    "model_gpu_loader_pinned_nested_half trainer_cpu_decode profile_trainer_cpu_decode "
-                    "model_gpu_loader_same_priority profile_model_gpu_loader"}  # fmt: skip
-    proc = subprocess.run(["bash", "benchmarks/gpu_decode_ab.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    summary = (out / "summary.txt").read_text()
-    assert "tests (gpu_decode, mixing): exit 0" in summary and " passed" in summary, summary
-    steps = json.loads((out / "gpu_decode.json").read_text())["steps"]
-    base = "model_gpu_loader_same_priority"
-    assert {base, f"{base} (2)", "model_gpu_loader_pinned_nested_half"} <= set(steps), steps  # both baselines kept
-    profile, trainer = steps.pop("profile_model_gpu_loader"), steps.pop("profile_trainer_cpu_decode")
-    assert trainer["trainer"]["steps"] == 1 and trainer["trainer"]["wall_ms"] > 0, trainer  # the trainer's step
-    assert all(res["img_per_s"] > 0 for res in steps.values()), steps
-    assert steps["model_gpu_loader_half_fused"]["dtype"] == "torch.bfloat16"  # the dry run's AMP dtype
-    assert steps["model_gpu_loader_half_fused"]["fuse"] is True
-    assert steps["model_gpu_loader_half_fused"]["fused"] is True  # compiled, not fallen back
-    cpu = steps["trainer_cpu_decode"]  # per epoch, its wait for the first batch; the rate without it is higher
-    assert all(s > 0 for s in cpu["first_batch_s"]) and cpu["after_first_batch_img_per_s"] > cpu["img_per_s"], cpu
-    assert profile["model_only"]["wall_ms"] > 0 and profile["fed"]["wall_ms"] > 0, profile  # no CUDA events on CPU
-
-
 def _transfer_metrics(task, sec_per_iter, *, batch, launcher="none", **metrics):
     run = dict(train_sec_per_iter=sec_per_iter, train_data_sec_per_iter=0.01, train_iters=30, world_size=1)
     run.update(train_batch_size_per_gpu=batch, launcher=launcher, device="NVIDIA H100 80GB HBM3")
@@ -232,33 +174,6 @@ def test_gpu_transfer_summary_row(tmp_path):
     assert absent == "mask_rcnn: no metrics.json | wall 3 s | exit 124"
 
 
-@pytest.mark.slow
-def test_gpu_transfer_dry_run(tmp_path, require):
-    """benchmarks/gpu_transfer.sh on the CPU: every step, 2 iterations, small inputs; --gpus 1 refused."""
-    require("mmcv", "mmdet", "mmpose")
-    env = {**os.environ, "DRY_RUN": "1", "DAP_PYTHON": sys.executable, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    for var in ("WHEELS", "ITERS", "BUDGET_S", "DATA_ROOT"):
-        env.pop(var, None)
-    proc = subprocess.run(
-        ["bash", "benchmarks/gpu_transfer.sh", "--data-root", str(REPO.parent / "shared/data/coco_mini")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    summary = (tmp_path / "summary.txt").read_text()
-    for name in ("faster_rcnn", "mask_rcnn", "simplebaseline"):
-        assert f"{name}: {name} plain x1 | " in summary and summary.count("| cpu | wall") == 3
-        assert json.loads((tmp_path / f"{name}.metrics.json").read_text())["run"]["train_iters"] == 2
-    assert "but torch sees 0 CUDA device(s); drop --gpus" in summary and "| exit 2" in summary
-    assert "Table 8 Mask R-CNN ResNet-50: " in summary and "gpu_transfer done in" in summary
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["summary.txt", "log.txt", "faster_rcnn.metrics.json", "mask_rcnn.metrics.json", "simplebaseline.metrics.json"]
-    )
-
-
 def test_after_first_batch_leaves_out_the_epochs_fixed_start():
     from common import after_first_batch
 
@@ -274,6 +189,18 @@ def test_host_overhead_measures_both_loops():
     assert res["trainer"] > 0 and res["bare"] > 0 and res["difference"] == res["trainer"] - res["bare"]
 
 
+def _ranking_benchmark(name: str, tmp_path, data, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """benchmarks/NAME.py on ``data`` for 3 epochs (drops after epochs 2 and 3): its process and its JSON."""
+    out = tmp_path / "run"
+    res = subprocess.run(
+        [sys.executable, str(REPO / f"benchmarks/{name}.py"), "--output", str(out), "--data-dir", str(data),
+         "--epochs", "3", "--dap-warmup", "1", "--workers", "1", *flags],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res, json.loads((out / f"{name}.json").read_text())
+
+
 def test_mixing_attribution_compares_the_two_rankings_at_each_drop(tmp_path, cifar_tiny):
     """A subprocess: the benchmark wraps the engine's and the sampler's functions for the rest of its process."""
     import mixing_attribution
@@ -281,17 +208,25 @@ def test_mixing_attribution_compares_the_two_rankings_at_each_drop(tmp_path, cif
     a = torch.tensor([0.1, 0.5, 0.3, 0.9])
     assert mixing_attribution.spearman(a, a * 2) == pytest.approx(1.0)
     assert mixing_attribution.spearman(a, -a) == pytest.approx(-1.0)
-    out = tmp_path / "run"
-    flags = ["--data-dir", str(cifar_tiny), "--mixup", "0.8", "--epochs", "3", "--dap-warmup", "1", "--workers", "1"]
-    res = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/mixing_attribution.py"), "--output", str(out), *flags],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    result = json.loads((out / "mixing_attribution.json").read_text())
+    res, result = _ranking_benchmark("mixing_attribution", tmp_path, cifar_tiny, "--mixup", "0.8")
     assert [d["epoch"] for d in result["drops"]] == [2, 3]  # the embedded config's p=0.9 every epoch after W=1
     for d in result["drops"]:
         assert -1 <= d["spearman"] <= 1 and 0 <= d["dropped_by_both"] <= 1 and d["dropped"] > 0
         controls = [d[k] for k in ("own_b_vs_image_b", "own_b_vs_own_c", "image_b_vs_image_c")]
         assert all(0 <= c <= 1 for c in controls), d  # the two extra draws ran at every drop
     assert "2 drops: Spearman rho" in res.stdout and "control draws" in res.stdout
+
+
+def test_ranking_noise_reranks_the_subset_at_each_drop(tmp_path, cifar_tiny):
+    """A subprocess, as above. The ranking it reads is the one DaP dropped by; every comparison is a share."""
+    res, result = _ranking_benchmark("ranking_noise", tmp_path, cifar_tiny)
+    assert [d["epoch"] for d in result["drops"]] == [2, 3]
+    for d in result["drops"]:
+        assert d["training_is_daps_ranking"] and d["dropped"] > 0
+        assert all(0 <= d[f"{a}_vs_{b}"] <= 1 and -1 <= d[f"rho_{a}_{b}"] <= 1 for a, b in (("training", "b"),
+                   ("b", "c"), ("b", "clean"), ("training", "clean"), ("relative", "b")))  # fmt: skip
+        assert d["b_vs_c"] > d["chance"]  # a fixed model under two draws agrees beyond chance
+    assert "2 drops; of the first ranking's drops" in res.stdout
+    refused = subprocess.run([sys.executable, str(REPO / "benchmarks/ranking_noise.py"), "--mixup", "0.2"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and "mixing flags" in refused.stderr
