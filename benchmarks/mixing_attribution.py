@@ -67,6 +67,38 @@ def dropped_share(subset: torch.Tensor, a: torch.Tensor, b: torch.Tensor, keep: 
     return float(torch.isin(drop_a, drop_b).sum()) / max(1, drop_a.numel())
 
 
+def drops_after_this_epoch(sampler) -> bool:
+    """Whether the sampler's ``end_epoch`` about to run drops (its schedule stepped on a copy)."""
+    schedule = sampler.schedule
+    return schedule is not None and copy.deepcopy(schedule).step(sampler.epoch + 1) == DROP
+
+
+def train_embedded(output: str, flags: list[str], name: str, rows: list[dict]) -> tuple[dict, dict]:
+    """Train the embedded default (``configs/pretrain/embedded_cifar10.yaml``) with ``flags`` into ``output`` through
+    the trainer, with whatever the caller's probe has wrapped; write ``OUTPUT/NAME.json`` (flags, the probe's
+    ``rows`` per drop, top-1, compute, seconds). Returns the run summary and that JSON's content."""
+    from dap_pretrain.train import main as train_main
+
+    config = REPO / "configs/pretrain/embedded_cifar10.yaml"
+    t0 = time.perf_counter()
+    summary = train_main(["--config", str(config), "--no-plot", "--output", output, *flags])
+    result = {
+        "flags": flags,
+        "drops": rows,
+        "top1": summary["top1"],
+        "compute_fraction_measured": summary["compute_fraction_measured"],
+        "seconds": time.perf_counter() - t0,
+    }
+    (Path(output) / f"{name}.json").write_text(json.dumps(result, indent=1))
+    return summary, result
+
+
+def share_ranges(rows: list[dict], keys) -> str:
+    """``key min-max (median m)`` of each share over the drops, ``; ``-joined."""
+    shares = {k: [r[k] for r in rows] for k in keys}
+    return "; ".join(f"{k} {min(v):.1%}-{max(v):.1%} (median {statistics.median(v):.1%})" for k, v in shares.items())
+
+
 def redraw(mixer: Mixer, offset: int) -> Mixer:
     """The same mixing with another seed: other draws from the same distributions."""
     return Mixer(mixup_alpha=mixer.mixup_alpha, cutmix_alpha=mixer.cutmix_alpha, cutmix_minmax=mixer.cutmix_minmax,
@@ -131,9 +163,7 @@ class Probe:
             subset = sampler.subset.clone()
             own_mean = sampler.recorder.mean_losses().clone()
             control = None
-            schedule = sampler.schedule
-            drops = schedule is not None and copy.deepcopy(schedule).step(sampler.epoch + 1) == DROP
-            if probe.control and drops and probe.context.get("mixer") is not None:
+            if probe.control and drops_after_this_epoch(sampler) and probe.context.get("mixer") is not None:
                 keep = sampler.config.keep
                 own_b, image_b = control_pass(probe.context, sampler.num_samples, 1)
                 own_c, image_c = control_pass(probe.context, sampler.num_samples, 2)
@@ -190,30 +220,14 @@ def main(argv=None) -> int:
     flags = trainer_flags or DEFAULT_FLAGS
     probe = Probe(control=not args.no_control)
     probe.install()
-    from dap_pretrain.train import main as train_main
-
-    config = REPO / "configs/pretrain/embedded_cifar10.yaml"
-    t0 = time.perf_counter()
-    summary = train_main(["--config", str(config), "--no-plot", "--output", args.output, *flags])
-    seconds = time.perf_counter() - t0
+    summary, result = train_embedded(args.output, flags, "mixing_attribution", probe.rows)
+    seconds = result["seconds"]
     rhos = [r["spearman"] for r in probe.rows]
     both = [r["dropped_by_both"] for r in probe.rows]
-    result = {
-        "flags": flags,
-        "drops": probe.rows,
-        "top1": summary["top1"],
-        "compute_fraction_measured": summary["compute_fraction_measured"],
-        "seconds": seconds,
-    }
-    (Path(args.output) / "mixing_attribution.json").write_text(json.dumps(result, indent=1))
     if probe.rows and "own_b_vs_image_b" in probe.rows[0]:
-        ranges = {k: [r[k] for r in probe.rows] for k in ("own_b_vs_image_b", "own_b_vs_own_c", "image_b_vs_image_c")}
         print(
             "[mixing_attribution] control draws, of the samples the first ranking drops the share the second drops "
-            "too: "
-            + "; ".join(
-                f"{k} {min(v):.1%}-{max(v):.1%} (median {statistics.median(v):.1%})" for k, v in ranges.items()
-            )  # fmt: skip
+            "too: " + share_ranges(probe.rows, ("own_b_vs_image_b", "own_b_vs_own_c", "image_b_vs_image_c"))
         )
     print(
         f"[mixing_attribution] {len(rhos)} drops: Spearman rho {min(rhos):.3f}-{max(rhos):.3f}; ranking by image loss "

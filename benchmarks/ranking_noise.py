@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -44,12 +41,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from mixing_attribution import dropped_share, spearman  # noqa: E402
+from mixing_attribution import (  # noqa: E402
+    dropped_share,
+    drops_after_this_epoch,
+    share_ranges,
+    spearman,
+    train_embedded,
+)
 
 from dap_pretrain import runner  # noqa: E402
 from dap_pretrain.data.memory import PAD, InMemoryLoader, gather_crop_flip  # noqa: E402
 from dap_pretrain.data.sampler import DaPSampler, select_subset  # noqa: E402
-from dap_pretrain.schedule import DROP  # noqa: E402
 
 PAIRS = (
     ("training", "b"),
@@ -121,14 +123,14 @@ class Probe:
         probe, train_one_epoch = self, runner.train_one_epoch
         end_epoch, record = DaPSampler.end_epoch, DaPSampler.record
 
-        def record_position(sampler, indices, losses):
+        def record_position(sampler, indices, losses):  # on the losses' device: no sync per batch
             record(sampler, indices, losses)
             if probe.position is None:
-                probe.position = torch.zeros(sampler.num_samples, dtype=torch.float64)
-                probe.relative = torch.zeros(sampler.num_samples, dtype=torch.float64)
-            idx, batch = indices.cpu(), losses.detach().cpu().double()
-            probe.position[idx] = float(probe.step)
-            probe.relative.index_add_(0, idx, batch / batch.mean())
+                probe.position = torch.zeros(sampler.num_samples, dtype=torch.float64, device=losses.device)
+                probe.relative = torch.zeros_like(probe.position)
+            batch = losses.detach().double()
+            probe.position[indices] = float(probe.step)
+            probe.relative.index_add_(0, indices, batch / batch.mean())
             probe.step += 1
 
         def train_and_remember(model, loader, *args, **kwargs):
@@ -138,12 +140,11 @@ class Probe:
             return train_one_epoch(model, loader, *args, **kwargs)
 
         def end_epoch_and_compare(sampler):
-            schedule = sampler.schedule
-            drops = schedule is not None and copy.deepcopy(schedule).step(sampler.epoch + 1) == DROP
             steps, position, relative = probe.step, probe.position, probe.relative
             probe.step, probe.position, probe.relative = 0, None, None
-            if not drops:
+            if not drops_after_this_epoch(sampler):
                 return end_epoch(sampler)
+            position, relative = position.cpu(), relative.cpu()
             seen = sampler.recorder.seen().double().clamp(min=1)
             subset, keep, n = sampler.subset.clone(), sampler.config.keep, sampler.num_samples
             losses = {
@@ -198,28 +199,12 @@ def main(argv=None) -> int:
         p.error("mixing flags: this measures augmentation alone; use benchmarks/mixing_attribution.py for mixing")
     probe = Probe()
     probe.install()
-    from dap_pretrain.train import main as train_main
-
-    config = REPO / "configs/pretrain/embedded_cifar10.yaml"
-    t0 = time.perf_counter()
-    summary = train_main(["--config", str(config), "--no-plot", "--output", args.output, *trainer_flags])
-    seconds = time.perf_counter() - t0
-    result = {
-        "flags": trainer_flags,
-        "drops": probe.rows,
-        "top1": summary["top1"],
-        "compute_fraction_measured": summary["compute_fraction_measured"],
-        "seconds": seconds,
-    }
-    (Path(args.output) / "ranking_noise.json").write_text(json.dumps(result, indent=1))
+    summary, result = train_embedded(args.output, trainer_flags, "ranking_noise", probe.rows)
+    seconds = result["seconds"]
     if probe.rows:
         print(
             f"[ranking_noise] {len(probe.rows)} drops; of the first ranking's drops the share the second drops too: "
-            + "; ".join(
-                f"{a} vs {b} {min(v):.1%}-{max(v):.1%} (median {statistics.median(v):.1%})"
-                for a, b in PAIRS
-                for v in [[r[f"{a}_vs_{b}"] for r in probe.rows]]
-            )
+            + share_ranges(probe.rows, [f"{a}_vs_{b}" for a, b in PAIRS]).replace("_vs_", " vs ")
         )
     print(
         f"[ranking_noise] top-1 {summary['top1']:.2f} at compute {summary['compute_fraction_measured']:.1%}; "

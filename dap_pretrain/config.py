@@ -180,8 +180,9 @@ def args_yaml(cfg: RunConfig) -> dict:
     (as timm's args.yaml does). Derived settings are left out, and a run of ``--epochs-scale`` keeps its unscaled
     epochs, milestones and warm-up, which the flag scales again when the file is read; ``--resume`` and
     ``--overwrite`` are left out (reading the file back starts a new run)."""
-    values = {k: v for k, v in cfg.to_dict().items() if k not in DERIVED_SETTINGS + START_FLAGS}
-    values.update(cfg.to_dict().get("unscaled") or {})
+    settings = cfg.to_dict()
+    values = {k: v for k, v in settings.items() if k not in DERIVED_SETTINGS + START_FLAGS}
+    values.update(settings.get("unscaled") or {})
     return values
 
 

@@ -133,7 +133,7 @@ def prepare_config(
                 "or --overwrite without --resume"
             )
         # nothing to resume yet (a requeued job's first start): a new run, as mmpretrain's --resume does
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _rank0():
             print_error(f"pretrain_mm: --resume: {cfg.work_dir} has no checkpoint yet; starting a new run there")
         resume = None
     if resume is not None:
@@ -193,12 +193,21 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _cfg_milestones(param_scheduler) -> tuple[int, ...]:
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _schedulers(cfg) -> list:
+    """The config's ``param_scheduler`` entries as a list (one dict, a list, or none)."""
+    items = cfg.get("param_scheduler") or []
+    return [s for s in (items if isinstance(items, (list, tuple)) else [items]) if isinstance(s, dict)]
+
+
+def _cfg_milestones(cfg) -> tuple[int, ...]:
     """The epochs where an epoch-based ``MultiStepLR`` of the config decays the LR (DaP's default R)."""
-    items = param_scheduler if isinstance(param_scheduler, (list, tuple)) else [param_scheduler]
     out = set()
-    for s in items:
-        if isinstance(s, dict) and s.get("type") == "MultiStepLR" and s.get("by_epoch", True):
+    for s in _schedulers(cfg):
+        if s.get("type") == "MultiStepLR" and s.get("by_epoch", True):
             out.update(s.get("begin", 0) + int(m) for m in s.get("milestones", ()))
     return tuple(sorted(out))
 
@@ -209,9 +218,8 @@ def _check_step_lr(cfg, max_epochs: int) -> None:
     dropped. So with ``dap.reuse`` unset such a schedule is one line asking for R (before, it got none, silently)."""
     if (cfg.get("dap") or {}).get("reuse") is not None:
         return
-    items = cfg.get("param_scheduler") or []
-    for s in items if isinstance(items, (list, tuple)) else [items]:
-        if isinstance(s, dict) and s.get("type") == "StepLR" and s.get("by_epoch", True):
+    for s in _schedulers(cfg):
+        if s.get("type") == "StepLR" and s.get("by_epoch", True):
             step, begin = int(s.get("step_size", 0)), int(s.get("begin", 0))
             decays = list(range(begin + step, min(int(s.get("end", max_epochs)), max_epochs), step)) if step > 0 else []
             shown = f"{decays[:4]}{' ...' if len(decays) > 4 else ''}"
@@ -224,10 +232,7 @@ def _check_step_lr(cfg, max_epochs: int) -> None:
 def _check_schedulers(cfg, *, warmup: int, max_epochs: int) -> None:
     """:func:`~dap_pretrain.mm.hook.check_schedulers` on the config, where the epoch length is not needed: an
     iteration-counting scheduler whose end (default: the run's end) lies past the DaP warm-up."""
-    items = cfg.get("param_scheduler") or []
-    for s in items if isinstance(items, (list, tuple)) else [items]:
-        if not isinstance(s, dict):
-            continue
+    for s in _schedulers(cfg):
         if s.get("convert_to_iter_based") and s.get("end", max_epochs) > warmup:
             end = f"ends at epoch {s.get('end', max_epochs)}"
         elif not s.get("by_epoch", True) and "end" not in s and max_epochs > warmup:
@@ -295,7 +300,7 @@ def check_config(cfg) -> DaPSettings:
     settings = resolve_dap(
         cfg.get("dap"),
         epochs=train_cfg["max_epochs"],
-        milestones=_cfg_milestones(cfg.get("param_scheduler")),
+        milestones=_cfg_milestones(cfg),
     )
     _check_step_lr(cfg, train_cfg["max_epochs"])
     hooks = [h.get("type") for h in cfg.get("custom_hooks") or []]
@@ -401,7 +406,7 @@ def pretrain_mm(
     resuming = bool(cfg.get("resume"))  # --resume with nothing to resume yet starts a new run (prepare_config)
     settings = check_config(cfg)
     train_loader = cfg.get("train_dataloader") or {}
-    if (train_loader.get("num_workers") or 0) > 0 and int(os.environ.get("RANK", "0")) == 0:
+    if (train_loader.get("num_workers") or 0) > 0 and _rank0():
         why = [
             "randomness.seed is None" if (cfg.get("randomness") or {}).get("seed") is None else "",
             "the loader workers persist across epochs" if train_loader.get("persistent_workers") else "",
@@ -423,7 +428,7 @@ def pretrain_mm(
     from dap_pretrain.mm.hook import DaPHook
     from downstream.compat import trusted_checkpoints
 
-    rank0 = int(os.environ.get("RANK", "0")) == 0
+    rank0 = _rank0()
     before = WorkDirSnapshot.take(work) if rank0 else None
     with work_dir_lock(work, enabled=rank0):
         check_work_dir(work, resume=resuming, overwrite=overwrite)
