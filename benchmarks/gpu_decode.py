@@ -420,6 +420,10 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=14)
     p.add_argument("--copies", type=int, default=24)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--window", type=int, default=40,
+                   help="timed steps of model_only (a quarter more warm it up) and batches of model_gpu_loader* "
+                   "(up to 5 of them warm-up), default 40; run 8's two runs of one 40-batch step differed by 6%%. "
+                   "The fed loop has at most the images there are (--copies)")
     p.add_argument("--step-timeout", type=float, default=120)
     p.add_argument("--steps", nargs="+", default=["model_only", "trainer_cpu_decode", "trainer_gpu_decode",
                                                   "timm_train", "dap_cpu_decode", "dap_gpu_decode"],
@@ -438,6 +442,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.device = "cpu" if args.dry_run else "cuda"
     img_size, max_classes = 224, args.max_classes
+    if args.window < 1:
+        p.error(f"--window {args.window}: give at least 1 timed step")
     if args.dry_run:
         args.model, args.batch_size, args.workers, args.copies, args.epochs = "test_resnet", 16, 1, 2, 2
         img_size, max_classes = 64, 20
@@ -462,11 +468,13 @@ def main(argv=None) -> int:
         try:
             if step in ("model_only", "model_only_torch_defaults"):  # the latter: no cuDNN autotuning nor TF32
                 res = {"img_per_s": model_only_img_per_s(model=args.model, img_size=img_size,
-                                                         batch_size=args.batch_size, steps=40, device=args.device,
+                                                         batch_size=args.batch_size, steps=args.window,
+                                                         device=args.device,
                                                          amp=True, channels_last=True,
                                                          speed_flags=step == "model_only")}
             elif step.startswith("model_gpu_loader"):
-                res = model_with_gpu_loader(root, args=args, img_size=img_size, **loader_variant(step))
+                res = model_with_gpu_loader(root, args=args, img_size=img_size, batches=args.window,
+                                            **loader_variant(step))
             elif step == "profile_gpu_loader":
                 res = profile_gpu_loader(root, args=args, img_size=img_size)
             elif step == "profile_model_gpu_loader":

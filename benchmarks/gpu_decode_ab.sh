@@ -11,7 +11,7 @@
 #   DRY_RUN=1 bash benchmarks/gpu_decode_ab.sh    # CPU rehearsal: the tests on CPU, toy sizes
 #
 # PYTHON (default python3), IMAGENET (default: gpu_decode.py's search), WORK_DIR (gpu_decode.py's --work-dir),
-# COPIES (default 16), TIMM_TRAIN; TESTS_S (150) and AB_S (420) cap the two parts, so the job stays under 10 minutes;
+# COPIES (default 16), WINDOW (steps of the model-only and fed loops, default 40), TIMM_TRAIN; TESTS_S (150) and AB_S (420) cap the two parts, so the job stays under 10 minutes;
 # STEP_S (100) caps each step; STEPS (space-separated gpu_decode.py steps) replaces the list above, e.g. the job
 # after run 6 (RESULTS section 9): STEPS="model_only trainer_gpu_decode trainer_cpu_decode timm_train
 # model_gpu_loader_same_priority profile_trainer_gpu_decode profile_model_gpu_loader".
@@ -34,7 +34,7 @@ else
   [ -n "${TIMM_TRAIN:-}" ] && steps+=(timm_train)
   steps+=(model_gpu_loader_same_priority profile_model_gpu_loader)
 fi
-args=(--copies "${COPIES:-16}" --step-timeout "${STEP_S:-100}" --steps "${steps[@]}")
+args=(--copies "${COPIES:-16}" --window "${WINDOW:-40}" --step-timeout "${STEP_S:-100}" --steps "${steps[@]}")
 [ -n "${TIMM_TRAIN:-}" ] && args+=(--timm-train "$TIMM_TRAIN")
 [ -n "${IMAGENET:-}" ] && args+=(--imagenet "$IMAGENET")
 [ -n "${WORK_DIR:-}" ] && args+=(--work-dir "$WORK_DIR")
