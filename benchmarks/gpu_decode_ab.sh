@@ -12,7 +12,7 @@
 #
 # PYTHON (default python3), IMAGENET (default: gpu_decode.py's search), WORK_DIR (gpu_decode.py's --work-dir),
 # COPIES (default 16), WINDOW (steps of the model-only and fed loops, default 40), TIMM_TRAIN; TESTS_S (150) and AB_S (420) cap the two parts, so the job stays under 10 minutes;
-# STEP_S (100) caps each step; STEPS (space-separated gpu_decode.py steps) replaces the list above, e.g. the job
+# STEP_S (100) caps each step; TESTS (space-separated pytest paths) replaces the two test files; STEPS (space-separated gpu_decode.py steps) replaces the list above, e.g. the job
 # after run 6 (RESULTS section 9): STEPS="model_only trainer_gpu_decode trainer_cpu_decode timm_train
 # model_gpu_loader_same_priority profile_trainer_gpu_decode profile_model_gpu_loader".
 set -uo pipefail
@@ -23,8 +23,9 @@ export OUT
 summary=$OUT/summary.txt
 py=${PYTHON:-python3}
 start=$SECONDS
-timeout -k 5 "${TESTS_S:-150}" "$py" -m pytest -q -p no:cacheprovider tests/data/test_gpu_decode.py tests/test_mixing.py >"$OUT/tests.log" 2>&1
-echo "tests (gpu_decode, mixing): exit $? in $((SECONDS - start)) s | $(tail -n 1 "$OUT/tests.log")" | tee -a "$summary"
+read -r -a tests <<<"${TESTS:-tests/data/test_gpu_decode.py tests/test_mixing.py}"
+timeout -k 5 "${TESTS_S:-150}" "$py" -m pytest -q -p no:cacheprovider "${tests[@]}" >"$OUT/tests.log" 2>&1
+echo "tests (${tests[*]}): exit $? in $((SECONDS - start)) s | $(tail -n 1 "$OUT/tests.log")" | tee -a "$summary"
 if [ -n "${STEPS:-}" ]; then
   read -r -a steps <<<"$STEPS"
 else

@@ -36,6 +36,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Test files by their seconds on cpu-2 under `-n 2 --dist loadfile` (junit times, 2026-11-27, commit 2f8e507), the
+# files above 60 s. xdist's loadfile hands each worker one file at a time; `--no-loadscope-reorder` (pyproject)
+# keeps the order given here, so these go first, longest first, and the many short files fill in at the end and
+# the two workers finish together (by test count, xdist's default order, the 250 s of the GPU scripts' rehearsals
+# started last and one worker idled for about 4 minutes). A file missing here only runs later.
+LONGEST_FIRST = (
+    "tests/downstream/test_transfer.py",  # 297 s
+    "tests/test_train_resume_ddp.py",  # 184 s
+    "tests/test_gpu_scripts_dry_run.py",  # 251 s, before the CIFAR subsets were read from the tarballs (~170 s)
+    "tests/test_train.py",  # 138 s
+    "tests/test_paper_tables.py",  # 124 s
+    "tests/mm/test_mm_train.py",  # 113 s
+    "tests/test_cache.py",  # 68 s
+    "tests/test_faults_run_folder.py",  # 66 s
+    "tests/test_multirun.py",  # 61 s
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Runs the files of :data:`LONGEST_FIRST` first, in that order; the rest keep their order after them."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def file_rank(item) -> int:
+        return rank.get(Path(str(item.path)).relative_to(REPO).as_posix(), len(rank))
+
+    items.sort(key=file_rank)  # stable: tests keep their order within a file
+
+
+def _shared_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` once for the whole run, also across `pytest -n` workers (each has its own session
+    fixtures): the first worker to get here builds ``name`` under the run's common temporary folder while holding a
+    lock, later ones wait and reuse it. A build that fails leaves nothing, and the next worker tries again."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # workers' folders share a parent
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shared_once(tmp_path_factory):
+    """``shared_once(name, build)``: see :func:`_shared_once`."""
+    return lambda name, build: _shared_once(tmp_path_factory, name, build)
+
+
 @pytest.fixture(scope="session")
 def free_port():
     """``free_port()``: see :func:`_free_port`."""

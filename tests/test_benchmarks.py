@@ -1,10 +1,12 @@
 """Benchmarks' bookkeeping (schedule rule, rows, tables, data cache, the transfer job's GPU-hours estimate) and
 the GPU scripts' dry runs in CI."""
 
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -66,14 +68,67 @@ def test_tables_report_mean_std_and_difference_to_dap():
 def test_cifar_folder_keeps_the_first_k_per_class_by_name(tmp_path):
     root = common.cifar_folder(CIFAR, tmp_path, train_per_class=3, test_per_class=2)
     for split, k in (("train", 3), ("test", 2)):
-        classes = sorted(p for p in (root / split).iterdir())
-        assert len(classes) == 10
-        for c in classes:
-            names = sorted(p.name for p in c.iterdir())
-            assert len(names) == k
-            extracted = common.find_dir(None, [tmp_path / "extracted"]).glob(f"*/{split}/{c.name}")
-            assert names == sorted(p.name for p in next(extracted).iterdir())[:k]
+        with tarfile.open(CIFAR / common.CIFAR_TARBALLS[split]) as tar:
+            listed = [m for m in tar.getmembers() if m.isfile()]
+            classes = sorted(p for p in (root / split).iterdir())
+            assert [c.name for c in classes] == sorted({Path(m.name).parent.name for m in listed})
+            for c in classes:
+                names = sorted(p.name for p in c.iterdir())
+                assert names == sorted(Path(m.name).name for m in listed if Path(m.name).parent.name == c.name)[:k]
+                member = next(m for m in listed if m.name.endswith(f"/{c.name}/{names[0]}"))
+                assert (c / names[0]).read_bytes() == tar.extractfile(member).read()
+    assert not (tmp_path / "extracted").exists()  # read from the tarballs, nothing extracted
     assert common.cifar_folder(CIFAR, tmp_path, train_per_class=3, test_per_class=2) == root  # built once
+
+
+def _tar(path: Path, entries: dict) -> Path:
+    """A .tar.gz of ``entries``: name -> bytes (a file), None (a folder) or ``"->target"`` (a symbolic link)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif isinstance(data, str):
+                info.type, info.linkname = tarfile.SYMTYPE, data[2:]
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    "layout, readable",
+    [
+        ({"./": None, "./train/": None, "./train/cat/b.jpg": b"b", "./train/cat/a.jpg": b"a",
+          "./train/dog/c.jpg": b"c", "./train/cat/c.jpg": b"c2", "./train/eel/": None}, True),
+        ({"cat/b.jpg": b"b", "cat/a.jpg": b"a", "dog/z.jpg": b"z"}, True),
+        ({"train/cat/a.jpg": b"a", "train/cat/b.jpg": b"b", "train/dog/c.jpg": "->../cat/a.jpg"}, False),
+        ({"train/cat/a.jpg": b"a", "train/cat/deeper/": None, "train/dog/c.jpg": b"c"}, False),
+        ({"train/cat/a.jpg": b"a", "test/dog/c.jpg": b"c"}, False),
+    ],
+    ids=["dot-prefixed-with-an-empty-class", "no-top-folder", "a-link", "a-folder-in-a-class", "two-top-folders"],
+)  # fmt: skip
+def test_cifar_folder_from_the_archive_equals_linking_the_extracted_tree(tmp_path, layout, readable):
+    """The archive-only read picks what extracting then linking picks, or declines (then cifar_folder extracts)."""
+    from dap_pretrain.data.dataset import resolve_data_dir
+
+    archive = _tar(tmp_path / "train.tar.gz", layout)
+    fast = tmp_path / "fast"
+    read = common._first_k_from_archive(archive, fast, per_class=2)
+    assert read == readable
+    if not read:
+        assert not fast.exists()  # declined before writing anything
+        return
+    root = resolve_data_dir(archive, cache_dir=tmp_path / "extracted")
+    slow = tmp_path / "slow"
+    common._link_split(root / "train" if (root / "train").is_dir() else root, slow, 2)
+
+    def tree(folder):
+        return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+    assert tree(fast) == tree(slow) and tree(fast)
 
 
 def test_missing_data_is_one_line_error(tmp_path):

@@ -77,13 +77,15 @@ def make_export(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def exports(tmp_path_factory, imagenet_tiny) -> dict[str, Path]:
+def exports(shared_once, imagenet_tiny) -> dict[str, Path]:
     """Two ResNet-50 export folders: ``'full'`` (100% pre-train compute) and ``'dap'`` (DaP, 75%), both trained."""
-    root = tmp_path_factory.mktemp("exports")
-    return {
-        "full": train_export(root / "r50_full", data=imagenet_tiny, model="resnet50", extra_args=TRAINER_FULL_ARGS),
-        "dap": train_export(root / "r50_dap", data=imagenet_tiny, model="resnet50", extra_args=TRAINER_DAP_ARGS),
-    }
+
+    def build(root: Path) -> None:
+        train_export(root / "r50_full", data=imagenet_tiny, model="resnet50", extra_args=TRAINER_FULL_ARGS)
+        train_export(root / "r50_dap", data=imagenet_tiny, model="resnet50", extra_args=TRAINER_DAP_ARGS)
+
+    root = shared_once("exports", build)  # trained once for both test workers (28 s)
+    return {"full": root / "r50_full", "dap": root / "r50_dap"}
 
 
 @pytest.fixture(scope="session")
