@@ -27,16 +27,13 @@ from dap_pretrain.mm.work_dir import (
 _WHERE_KEYS = ("type", "data_root", "data_prefix", "split", "ann_file", "metainfo", "with_label")
 
 
-def load_config(config: str | os.PathLike, cfg_options: dict | None = None):
-    """``Config.fromfile`` + ``--cfg-options`` (dotted keys, list indices such as ``pipeline.1.scale``)."""
+def load_config(config: str | os.PathLike):
+    """``Config.fromfile``, with a missing file one line (``--cfg-options`` are merged by :func:`prepare_config`)."""
     from mmengine.config import Config
 
     if not Path(config).is_file():
         raise DaPMMError(f"config file {config} does not exist; pass one such as configs/mmpretrain/*.py")
-    cfg = Config.fromfile(str(config))
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-    return cfg
+    return Config.fromfile(str(config))
 
 
 def _class_folders(root: Path, split: str) -> list[str]:
@@ -103,13 +100,14 @@ def prepare_config(
             config's datasets.
         work_dir: default: the config's ``work_dir``, else ``work_dirs/<config name>``.
         resume: ``None`` (new run), ``'auto'`` (the work dir's latest checkpoint) or a checkpoint path.
-        cfg_options: ``--cfg-options`` overrides, applied before ``data_root``.
+        cfg_options: ``--cfg-options`` overrides, merged last (after the flags, ``data_root`` and ``work_dir``), as
+            mmpretrain's ``tools/train.py`` merges them, so ``work_dir=...`` there beats ``--work-dir``.
         launcher: ``'none'`` or ``'pytorch'`` (under torchrun).
         amp, validate, auto_scale_lr, pin_memory, persistent_workers: what mmpretrain's ``tools/train.py`` does with
             ``--amp``, ``--no-validate``, ``--auto-scale-lr``, ``--no-pin-memory``, ``--no-persistent-workers``
             (:func:`mmpretrain_defaults`).
     """
-    cfg = load_config(config, cfg_options)
+    cfg = load_config(config)
     mmpretrain_defaults(
         cfg,
         amp=amp,
@@ -122,6 +120,13 @@ def prepare_config(
         set_data_root(cfg, data_root)
     cfg.work_dir = str(work_dir or cfg.get("work_dir") or Path("work_dirs") / Path(config).stem)
     cfg.launcher = launcher
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+        cfg.work_dir = str(cfg.work_dir)  # a number or a path given as work_dir=... is still a folder name
+        for key in ("train_dataloader", "val_dataloader", "test_dataloader"):  # e.g. an option num_workers=0
+            loader = cfg.get(key)
+            if loader and not loader.get("num_workers", 0) and loader.get("persistent_workers"):
+                loader["persistent_workers"] = False  # torch refuses persistent workers without workers
     if resume is not None:
         if resume != "auto" and not Path(resume).is_file():
             raise DaPMMError(f"--resume {resume} does not exist; pass a checkpoint file or --resume alone")

@@ -483,6 +483,28 @@ def test_mmpretrain_train_py_defaults_and_flags(tmp_path, monkeypatch):
     assert not cfg.train_dataloader.pin_memory and not cfg.train_dataloader.persistent_workers
 
 
+def test_cfg_options_merge_last_as_in_mmpretrain(tmp_path, cifar_tiny):
+    """mmpretrain's tools/train.py merges --cfg-options after its flags and --work-dir: an option beats --work-dir,
+    --data-root's dataset keys and class count, and --no-pin-memory. Before, --data-root silently replaced them."""
+    options = {
+        "work_dir": str(tmp_path / "from_options"),
+        "train_dataloader.dataset.data_prefix": "val",
+        "train_dataloader.pin_memory": True,
+        "model.head.num_classes": 7,
+    }
+    cfg = _prepared(tmp_path, data_root=cifar_tiny, cfg_options=options, pin_memory=False)
+    assert cfg.work_dir == str(tmp_path / "from_options")
+    assert cfg.train_dataloader.dataset.data_prefix == "val" and cfg.train_dataloader.dataset.type == "CustomDataset"
+    assert cfg.train_dataloader.dataset.data_root == str(cifar_tiny.resolve())  # --data-root's, not overridden
+    assert cfg.train_dataloader.pin_memory is True and cfg.val_dataloader.pin_memory is False
+    assert cfg.model.head.num_classes == 7
+    cfg = _prepared(tmp_path, "train_dataloader = dict(num_workers=2)", cfg_options={"train_dataloader.num_workers": 0})
+    assert cfg.train_dataloader.persistent_workers is False  # the default dropped again: torch refuses it
+    cfg = _prepared(tmp_path, data_root=cifar_tiny)  # without options: the flags' values
+    assert cfg.work_dir == str(tmp_path / "work") and cfg.model.head.num_classes == 10
+    assert cfg.train_dataloader.dataset.data_prefix == "train"
+
+
 def test_config_fields_dap_cannot_honour_are_one_line_or_translated(tmp_path, monkeypatch):
     from dap_pretrain.mm.runner import check_config
     from dap_pretrain.mm.settings import DaPMMError
