@@ -36,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Test files by their seconds on cpu-2 under `-n 2 --dist loadfile` (junit times, 2026-11-27, commit 2f8e507), the
+# Test files by their seconds on cpu-2 under `-n 2 --dist loadfile` (junit times, 2026-11-27, commit c5799e8), the
 # files above 60 s. xdist's loadfile hands each worker one file at a time; `--no-loadscope-reorder` (pyproject)
 # keeps the order given here, so these go first, longest first, and the many short files fill in at the end and
 # the two workers finish together (by test count, xdist's default order, the 250 s of the GPU scripts' rehearsals
