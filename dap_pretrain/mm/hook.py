@@ -165,6 +165,7 @@ class DaPHook(Hook):
         self.timm_model: str | None = None
         self.num_classes: int | None = None
         self._model_name = self._dataset = ""
+        self._ema_validates = False  # an EMAHook swaps the EMA weights in for every validation
         self._loaded: dict | None = None
         self._rngs: list = []
         self._t_start = self._t_epoch = self._t_val = 0.0
@@ -234,6 +235,9 @@ class DaPHook(Hook):
         self.timm_model = timm_architecture(model)
         self.num_classes = getattr(model.head, "num_classes", None)
         self._model_name = self.timm_model or f"mmpretrain:{type(model.backbone).__name__}"
+        from mmengine.hooks import EMAHook
+
+        self._ema_validates = any(isinstance(h, EMAHook) for h in runner.hooks)
         self._dataset = str(getattr(dataset, "data_root", "") or dataset.data_prefix.get("img_path", ""))
         runner.logger.info(
             f"DaP: {n} training samples, {self.settings.to_dict()}; planned compute "
@@ -340,7 +344,8 @@ class DaPHook(Hook):
         s = self.summary
         runner.logger.info(
             f"compute spent: {s['compute_fraction_measured']:.2%} of full-data training ({s['samples_trained']:,} / "
-            f"{s['samples_baseline']:,} samples; planned {s['compute_fraction_planned']:.2%}); top-1 {s['top1']}; "
+            f"{s['samples_baseline']:,} samples; planned {s['compute_fraction_planned']:.2%}); "
+            f"{'top-1 (EMA) ' + str(s['ema_top1']) if self._ema_validates else 'top-1 ' + str(s['top1'])}; "
             f"wall {s['wall_time_s']:.1f}s -> {Path(runner.work_dir) / 'run.json'}"
         )
 
@@ -369,17 +374,22 @@ class DaPHook(Hook):
         }
 
     def run_summary(self) -> dict:
-        """What ``run.json`` holds: the timm trainer's keys; top-1/5 from the last validated epoch (percent)."""
+        """What ``run.json`` holds: the timm trainer's keys; top-1/5 from the last validated epoch (percent), as
+        ``top1``/``top5``, or as ``ema_top1``/``ema_top5`` when an ``EMAHook`` validated the EMA weights (then the raw
+        weights were never evaluated and ``top1``/``top5`` are None, as the timm trainer's keys mean)."""
         evaluated = [r for r in self.acct.history if r["eval_top1"] is not None]
         last = evaluated[-1] if evaluated else {}
+        top = {"1": last.get("eval_top1"), "5": last.get("eval_top5")}
+        raw = dict.fromkeys(top) if self._ema_validates else top
+        ema = top if self._ema_validates else dict.fromkeys(top)
         return self.acct.run_summary(
             model=self._model_name,
             epochs=self.settings.config.epochs,
             dataset=self._dataset,
-            top1=last.get("eval_top1"),
-            top5=last.get("eval_top5"),
-            ema_top1=None,
-            ema_top5=None,
+            top1=raw["1"],
+            top5=raw["5"],
+            ema_top1=ema["1"],
+            ema_top5=ema["5"],
             wall_s=time.perf_counter() - self._t_start,
             dap=self.settings.to_dict(),
         )

@@ -136,6 +136,33 @@ def test_two_gloo_ranks_agree(cifar_tiny, tmp_path, free_port):
     assert len(torch.load(work / "epoch_3.pth", weights_only=False)["dap"]["rng"]) == 2  # gathered from both ranks
 
 
+def test_an_ema_hook_run_records_the_ema_top1_and_exports_say_whose(cifar_tiny, tmp_path):
+    """mmengine's EMAHook validates the EMA weights, so run.json's top-1 is ema_top1 (the raw weights' top1 was
+    never measured: None, as the timm trainer's keys mean); the export labels the weights it releases with their
+    own top-1: the EMA's by default, none with --no-ema. Before, run.json called the EMA's figure top1."""
+    config = tmp_path / "ema.py"
+    config.write_text(f"_base_ = ['{REPO / CONFIG}']\ncustom_hooks = [dict(type='DaPHook'), dict(type='EMAHook', momentum=0.01)]\n")
+    work = tmp_path / "ema"
+    cmd = ["bash", str(SCRIPT), str(config), "--data-root", str(cifar_tiny), "--work-dir", str(work)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*cmd, "--cfg-options", *DONE_WHEN, "train_cfg.max_epochs=2", *FAST], cwd=REPO, capture_output=True,
+        text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = json.loads((work / "run.json").read_text())
+    validated = float(rows(work)[-1]["eval_top1"])
+    assert run["top1"] is None and run["top5"] is None and run["ema_top1"] == pytest.approx(validated)
+    assert f"top-1 (EMA) {run['ema_top1']}" in proc.stdout + proc.stderr
+    for flags, weights, top1 in (([], "ema", run["ema_top1"]), (["--no-ema"], "raw", None)):
+        out = tmp_path / f"export_{weights}"
+        export = [str(REPO / ".venv/bin/python"), "-m", "dap_pretrain", "export", str(work / "epoch_2.pth")]
+        done = subprocess.run([*export, "--out", str(out), *flags], cwd=REPO, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["weights"] == weights and meta["top1"] == top1, meta
+
+
 def test_mixup_and_cutmix_run_with_hard_selection(cifar_tiny, tmp_path):
     """train_cfg.augments (Mixup or CutMix per batch), inherited from the stock config: the run drops by each
     sample's own label's share of the mixed losses and spends the planned compute."""
