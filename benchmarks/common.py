@@ -79,44 +79,55 @@ def _link_split(source: Path, out: Path, per_class: int | None) -> int:
     return count
 
 
-def _first_k_from_archive(archive: Path, out: Path, per_class: int) -> bool:
+def _first_k_from_archive(archive: Path, out: Path, per_class: int, *, split: str) -> bool:
     """Writes to ``out/<class>/`` the first ``per_class`` files of each class folder, by sorted file name, read from
     ``archive`` itself, so that a few images per class cost no full extraction (CIFAR-10's 60,000 files took 30 s
     on cpu-2). The class folders are the archive's deepest folders, all at one depth below at most one top folder,
-    as :func:`_link_split` reads the extracted tree; returns False, writing nothing, for any other layout or a name
-    that leaves the folder, and the caller extracts the archive instead."""
+    as :func:`_link_split` reads the tree extracted for ``split``; a name given twice counts once, with its later
+    member's bytes, as extraction overwrites. Returns False for any other layout (a link, a hidden name, a folder
+    inside a class, a class named ``split``), a name that leaves the folder, or an archive it cannot read; then
+    nothing is written before the check, ``out`` is the caller's to remove, and the caller extracts instead (whose
+    error names a corrupt archive)."""
     import tarfile
-    from collections import defaultdict
+    import zlib
     from pathlib import PurePosixPath
 
-    with tarfile.open(archive) as tar:
-        members = tar.getmembers()
-        files = [m for m in members if m.isfile()]
-        if len(files) + sum(m.isdir() for m in members) != len(members):  # links or devices: extract instead
-            return False
-        by_class: dict[str, list] = defaultdict(list)
-        for m in files:
-            parts = PurePosixPath(m.name).parts
-            if m.name.startswith("/") or ".." in parts or len(parts) not in (2, 3):
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            if any(not (m.isfile() or m.isdir()) for m in members):  # links or devices: extract instead
                 return False
-            by_class[PurePosixPath(*parts[:-1]).as_posix()].append((parts[-1], m))
-        tops = {PurePosixPath(c).parent for c in by_class}
-        if len(tops) != 1:
-            return False
-        top = tops.pop()
-        for d in (PurePosixPath(m.name) for m in members if m.isdir()):
-            if d.parent == top:
-                by_class[d.as_posix()] += []  # a class folder without files is a class all the same
-            elif d != top and d not in top.parents and top not in d.parents:  # ancestors: '.', the top folder
+            files = {PurePosixPath(m.name): m for m in members if m.isfile()}  # a later member replaces an earlier
+            dirs = {PurePosixPath(m.name) for m in members if m.isdir()}
+            escapes = any(m.name.startswith("/") or ".." in PurePosixPath(m.name).parts for m in members)
+            if escapes or files.keys() & dirs:
                 return False
-            elif len(d.parts) > len(top.parts) + 1:  # a folder inside a class folder
+            if any(part.startswith(".") for path in (*files, *dirs) for part in path.parts):
                 return False
-        for cls in by_class:
-            (out / PurePosixPath(cls).name).mkdir(parents=True, exist_ok=True)
-        chosen = [m for entries in by_class.values() for _, m in sorted(entries, key=lambda f: f[0])[:per_class]]
-        for m in sorted(chosen, key=lambda m: m.offset_data):  # in archive order: one pass over the stream
-            *_, cls, name = PurePosixPath(m.name).parts
-            (out / cls / name).write_bytes(tar.extractfile(m).read())
+            by_class: dict[PurePosixPath, list] = {}
+            for path, m in files.items():
+                if len(path.parts) not in (2, 3):
+                    return False
+                by_class.setdefault(path.parent, []).append((path.name, m))
+            tops = {c.parent for c in by_class}
+            if len(tops) != 1:
+                return False
+            top = tops.pop()
+            for d in dirs:
+                if d.parent == top:
+                    by_class.setdefault(d, [])  # a class folder without files is a class all the same
+                elif d != top and d not in top.parents:  # only the top folder and its ancestors besides classes
+                    return False
+            if any(c.name == split for c in by_class):  # the extracted tree would be read from that folder
+                return False
+            for cls in by_class:
+                (out / cls.name).mkdir(parents=True, exist_ok=True)
+            chosen = [m for entries in by_class.values() for _, m in sorted(entries, key=lambda f: f[0])[:per_class]]
+            for m in sorted(chosen, key=lambda m: m.offset_data):  # in archive order: one pass over the stream
+                path = PurePosixPath(m.name)
+                (out / path.parent.name / path.name).write_bytes(tar.extractfile(m).read())
+    except (tarfile.TarError, EOFError, zlib.error, OSError):
+        return False
     return True
 
 
@@ -140,7 +151,7 @@ def cifar_folder(data: Path, work_dir: Path, *, train_per_class: int | None = No
     try:
         for split, per_class in (("train", train_per_class), ("test", test_per_class)):
             archive = data / CIFAR_TARBALLS[split]
-            if per_class and archive.is_file() and _first_k_from_archive(archive, tmp / split, per_class):
+            if per_class and archive.is_file() and _first_k_from_archive(archive, tmp / split, per_class, split=split):
                 continue
             shutil.rmtree(tmp / split, ignore_errors=True)
             root = resolve_data_dir(archive, cache_dir=work_dir / "extracted")

@@ -442,8 +442,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.device = "cpu" if args.dry_run else "cuda"
     img_size, max_classes = 224, args.max_classes
-    if args.window < 1:
-        p.error(f"--window {args.window}: give at least 1 timed step")
+    if args.window < 3:  # the fed loop times the batches after a warm-up one and the one that starts the clock
+        p.error(f"--window {args.window}: give at least 3 steps")
     if args.dry_run:
         args.model, args.batch_size, args.workers, args.copies, args.epochs = "test_resnet", 16, 1, 2, 2
         img_size, max_classes = 64, 20

@@ -37,10 +37,11 @@ def _free_port() -> int:
 
 
 # Test files by their seconds on cpu-2 under `-n 2 --dist loadfile` (junit times, 2026-11-27, commit c5799e8), the
-# files above 60 s. xdist's loadfile hands each worker one file at a time; `--no-loadscope-reorder` (pyproject)
-# keeps the order given here, so these go first, longest first, and the many short files fill in at the end and
-# the two workers finish together (by test count, xdist's default order, the 250 s of the GPU scripts' rehearsals
-# started last and one worker idled for about 4 minutes). A file missing here only runs later.
+# files above 60 s. xdist's loadfile hands each worker one file at a time; with its reordering off
+# (pytest_configure below) it keeps the order given here, so these go first, longest first, and the many short
+# files fill in at the end and the two workers finish together (by test count, xdist's default order, the 250 s of
+# the GPU scripts' rehearsals started last and one worker idled for about 4 minutes). A file missing here only
+# runs later.
 LONGEST_FIRST = (
     "tests/downstream/test_transfer.py",  # 297 s
     "tests/test_train_resume_ddp.py",  # 184 s
@@ -54,25 +55,30 @@ LONGEST_FIRST = (
 )
 
 
+def pytest_configure(config):
+    """xdist (3.x) orders its loadfile/loadscope work by test count unless told not to; the option is set here, not
+    in pyproject's addopts, because pytest without xdist (or an older one, such as a GPU machine's) refuses it."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     """Runs the files of :data:`LONGEST_FIRST` first, in that order; the rest keep their order after them."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-
-    def file_rank(item) -> int:
-        return rank.get(Path(str(item.path)).relative_to(REPO).as_posix(), len(rank))
-
-    items.sort(key=file_rank)  # stable: tests keep their order within a file
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable within a file
 
 
-def _shared_once(tmp_path_factory, name: str, build) -> Path:
+def _shared_once(tmp_path_factory, name: str, build, *, worker: bool) -> Path:
     """``build(folder)`` once for the whole run, also across `pytest -n` workers (each has its own session
     fixtures): the first worker to get here builds ``name`` under the run's common temporary folder while holding a
-    lock, later ones wait and reuse it. A build that fails leaves nothing, and the next worker tries again."""
+    lock, later ones wait and reuse it. A build that fails leaves nothing, and the next worker tries again.
+    ``worker``: this process is an xdist worker (its config has ``workerinput``; ``PYTEST_XDIST_WORKER`` would also
+    be true in a pytest that a test starts, which then shares nothing)."""
     import fcntl
     import shutil
 
     base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # workers' folders share a parent
+    root = base.parent if worker else base  # the workers' folders share a parent
     folder, done = root / name, root / f"{name}.done"
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -85,9 +91,10 @@ def _shared_once(tmp_path_factory, name: str, build) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_once(tmp_path_factory):
+def shared_once(tmp_path_factory, request):
     """``shared_once(name, build)``: see :func:`_shared_once`."""
-    return lambda name, build: _shared_once(tmp_path_factory, name, build)
+    worker = hasattr(request.config, "workerinput")
+    return lambda name, build: _shared_once(tmp_path_factory, name, build, worker=worker)
 
 
 @pytest.fixture(scope="session")

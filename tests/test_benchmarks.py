@@ -81,10 +81,11 @@ def test_cifar_folder_keeps_the_first_k_per_class_by_name(tmp_path):
     assert common.cifar_folder(CIFAR, tmp_path, train_per_class=3, test_per_class=2) == root  # built once
 
 
-def _tar(path: Path, entries: dict) -> Path:
-    """A .tar.gz of ``entries``: name -> bytes (a file), None (a folder) or ``"->target"`` (a symbolic link)."""
+def _tar(path: Path, entries) -> Path:
+    """A .tar.gz of ``entries`` (a dict or a list of pairs, in archive order): name -> bytes (a file), None (a
+    folder) or ``"->target"`` (a symbolic link)."""
     with tarfile.open(path, "w:gz") as tar:
-        for name, data in entries.items():
+        for name, data in entries.items() if isinstance(entries, dict) else entries:
             info = tarfile.TarInfo(name)
             if data is None:
                 info.type = tarfile.DIRTYPE
@@ -107,8 +108,13 @@ def _tar(path: Path, entries: dict) -> Path:
         ({"train/cat/a.jpg": b"a", "train/cat/b.jpg": b"b", "train/dog/c.jpg": "->../cat/a.jpg"}, False),
         ({"train/cat/a.jpg": b"a", "train/cat/deeper/": None, "train/dog/c.jpg": b"c"}, False),
         ({"train/cat/a.jpg": b"a", "test/dog/c.jpg": b"c"}, False),
+        ([("train/cat/a.jpg", b"old"), ("train/cat/b.jpg", b"b"), ("./train/cat/a.jpg", b"new"),
+          ("train/cat/c.jpg", b"c")], True),  # a name twice (tar -r): the later bytes, counted once
+        ({".hidden/cat/a.jpg": b"a", ".hidden/dog/b.jpg": b"b"}, False),
+        ({"cat/a.jpg": b"a", "train/b.jpg": b"b"}, False),  # a class named like the split
     ],
-    ids=["dot-prefixed-with-an-empty-class", "no-top-folder", "a-link", "a-folder-in-a-class", "two-top-folders"],
+    ids=["dot-prefixed-with-an-empty-class", "no-top-folder", "a-link", "a-folder-in-a-class", "two-top-folders",
+         "a-name-twice", "a-hidden-top-folder", "a-class-named-train"],
 )  # fmt: skip
 def test_cifar_folder_from_the_archive_equals_linking_the_extracted_tree(tmp_path, layout, readable):
     """The archive-only read picks what extracting then linking picks, or declines (then cifar_folder extracts)."""
@@ -116,7 +122,7 @@ def test_cifar_folder_from_the_archive_equals_linking_the_extracted_tree(tmp_pat
 
     archive = _tar(tmp_path / "train.tar.gz", layout)
     fast = tmp_path / "fast"
-    read = common._first_k_from_archive(archive, fast, per_class=2)
+    read = common._first_k_from_archive(archive, fast, per_class=2, split="train")
     assert read == readable
     if not read:
         assert not fast.exists()  # declined before writing anything
@@ -129,6 +135,21 @@ def test_cifar_folder_from_the_archive_equals_linking_the_extracted_tree(tmp_pat
         return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
 
     assert tree(fast) == tree(slow) and tree(fast)
+
+
+def test_a_corrupt_tarball_is_the_extractions_one_line_error(tmp_path):
+    """The archive-only read declines an archive it cannot read, so the extraction's DataError names the fix."""
+    from dap_pretrain.data.dataset import DataError
+
+    data = tmp_path / "cifar10"
+    data.mkdir()
+    good = _tar(tmp_path / "good.tar.gz", {"test/cat/a.jpg": b"a" * 4000})
+    (data / common.CIFAR_TARBALLS["train"]).write_bytes(good.read_bytes()[:-200])  # truncated
+    (data / common.CIFAR_TARBALLS["test"]).write_bytes(good.read_bytes())
+    assert not common._first_k_from_archive(data / common.CIFAR_TARBALLS["train"], tmp_path / "x", 1, split="train")
+    with pytest.raises(DataError, match="is corrupt or not a tar file"):
+        common.cifar_folder(data, tmp_path / "work", train_per_class=1, test_per_class=1)
+    assert not any(p.name.startswith(".cifar10-") for p in (tmp_path / "work").iterdir())  # nothing half-built
 
 
 def test_missing_data_is_one_line_error(tmp_path):

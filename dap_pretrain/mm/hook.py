@@ -147,6 +147,14 @@ def _csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def ema_validates(hooks) -> bool:
+    """Whether validation sees EMA weights: an ``EMAHook`` swaps them in, mmengine's always and mmpretrain's unless
+    ``evaluate_on_ema=False`` (then it validates the raw weights)."""
+    from mmengine.hooks import EMAHook
+
+    return any(isinstance(h, EMAHook) and getattr(h, "evaluate_on_ema", True) for h in hooks)
+
+
 @HOOKS.register_module()
 class DaPHook(Hook):
     """Drop-and-Pick for an mmengine epoch-based run (see the module docstring for the call contract).
@@ -235,9 +243,7 @@ class DaPHook(Hook):
         self.timm_model = timm_architecture(model)
         self.num_classes = getattr(model.head, "num_classes", None)
         self._model_name = self.timm_model or f"mmpretrain:{type(model.backbone).__name__}"
-        from mmengine.hooks import EMAHook
-
-        self._ema_validates = any(isinstance(h, EMAHook) for h in runner.hooks)
+        self._ema_validates = ema_validates(runner.hooks)
         self._dataset = str(getattr(dataset, "data_root", "") or dataset.data_prefix.get("img_path", ""))
         runner.logger.info(
             f"DaP: {n} training samples, {self.settings.to_dict()}; planned compute "

@@ -100,15 +100,27 @@ def prepare_config(
             config's datasets.
         work_dir: default: the config's ``work_dir``, else ``work_dirs/<config name>``.
         resume: ``None`` (new run), ``'auto'`` (the work dir's latest checkpoint) or a checkpoint path.
-        cfg_options: ``--cfg-options`` overrides, merged last (after the flags, ``data_root`` and ``work_dir``), as
-            mmpretrain's ``tools/train.py`` merges them, so ``work_dir=...`` there beats ``--work-dir``.
+        cfg_options: ``--cfg-options`` overrides, merged after ``data_root`` and ``work_dir`` (so ``work_dir=...``
+            beats ``--work-dir``, as in mmpretrain's ``tools/train.py``); the flags below then apply to the merged
+            config (mmpretrain applies them before the options: the same result unless an option and a flag set one
+            key, where here the flag wins, and ``--no-validate`` beside a ``val_dataloader.*`` option is no
+            traceback).
         launcher: ``'none'`` or ``'pytorch'`` (under torchrun).
         amp, validate, auto_scale_lr, pin_memory, persistent_workers: what mmpretrain's ``tools/train.py`` does with
             ``--amp``, ``--no-validate``, ``--auto-scale-lr``, ``--no-pin-memory``, ``--no-persistent-workers``
             (:func:`mmpretrain_defaults`).
     """
     cfg = load_config(config)
-    mmpretrain_defaults(
+    if data_root is not None:
+        set_data_root(cfg, data_root)
+    cfg.work_dir = str(work_dir or cfg.get("work_dir") or Path("work_dirs") / Path(config).stem)
+    cfg.launcher = launcher
+    if cfg_options:
+        before = cfg.work_dir
+        cfg.merge_from_dict(cfg_options)
+        given = cfg.get("work_dir")  # an empty or None value keeps the folder above, as before the merge
+        cfg.work_dir = before if given in (None, "", "None") else str(given)
+    mmpretrain_defaults(  # after the options: the flags and loader defaults see the loaders as they will run
         cfg,
         amp=amp,
         validate=validate,
@@ -116,17 +128,6 @@ def prepare_config(
         pin_memory=pin_memory,
         persistent_workers=persistent_workers,
     )
-    if data_root is not None:
-        set_data_root(cfg, data_root)
-    cfg.work_dir = str(work_dir or cfg.get("work_dir") or Path("work_dirs") / Path(config).stem)
-    cfg.launcher = launcher
-    if cfg_options:
-        cfg.merge_from_dict(cfg_options)
-        cfg.work_dir = str(cfg.work_dir)  # a number or a path given as work_dir=... is still a folder name
-        for key in ("train_dataloader", "val_dataloader", "test_dataloader"):  # e.g. an option num_workers=0
-            loader = cfg.get(key)
-            if loader and not loader.get("num_workers", 0) and loader.get("persistent_workers"):
-                loader["persistent_workers"] = False  # torch refuses persistent workers without workers
     if resume is not None:
         if resume != "auto" and not Path(resume).is_file():
             raise DaPMMError(f"--resume {resume} does not exist; pass a checkpoint file or --resume alone")

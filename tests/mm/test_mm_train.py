@@ -141,7 +141,8 @@ def test_an_ema_hook_run_records_the_ema_top1_and_exports_say_whose(cifar_tiny, 
     never measured: None, as the timm trainer's keys mean); the export labels the weights it releases with their
     own top-1: the EMA's by default, none with --no-ema. Before, run.json called the EMA's figure top1."""
     config = tmp_path / "ema.py"
-    config.write_text(f"_base_ = ['{REPO / CONFIG}']\ncustom_hooks = [dict(type='DaPHook'), dict(type='EMAHook', momentum=0.01)]\n")
+    hooks = "[dict(type='DaPHook'), dict(type='EMAHook', momentum=0.01)]"
+    config.write_text(f"_base_ = ['{REPO / CONFIG}']\ncustom_hooks = {hooks}\n")
     work = tmp_path / "ema"
     cmd = ["bash", str(SCRIPT), str(config), "--data-root", str(cifar_tiny), "--work-dir", str(work)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

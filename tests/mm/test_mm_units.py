@@ -484,8 +484,9 @@ def test_mmpretrain_train_py_defaults_and_flags(tmp_path, monkeypatch):
 
 
 def test_cfg_options_merge_last_as_in_mmpretrain(tmp_path, cifar_tiny):
-    """mmpretrain's tools/train.py merges --cfg-options after its flags and --work-dir: an option beats --work-dir,
-    --data-root's dataset keys and class count, and --no-pin-memory. Before, --data-root silently replaced them."""
+    """--cfg-options merge after --data-root and --work-dir, as in mmpretrain's tools/train.py: an option beats
+    --work-dir and --data-root's dataset keys and class count (before, --data-root silently replaced them); the
+    flags then apply to the merged config."""
     options = {
         "work_dir": str(tmp_path / "from_options"),
         "train_dataloader.dataset.data_prefix": "val",
@@ -496,13 +497,33 @@ def test_cfg_options_merge_last_as_in_mmpretrain(tmp_path, cifar_tiny):
     assert cfg.work_dir == str(tmp_path / "from_options")
     assert cfg.train_dataloader.dataset.data_prefix == "val" and cfg.train_dataloader.dataset.type == "CustomDataset"
     assert cfg.train_dataloader.dataset.data_root == str(cifar_tiny.resolve())  # --data-root's, not overridden
-    assert cfg.train_dataloader.pin_memory is True and cfg.val_dataloader.pin_memory is False
+    assert cfg.train_dataloader.pin_memory is False  # --no-pin-memory applies to the merged config: the flag wins
     assert cfg.model.head.num_classes == 7
+    # the flags and loader defaults apply to the merged config: persistent workers follow the options' workers
     cfg = _prepared(tmp_path, "train_dataloader = dict(num_workers=2)", cfg_options={"train_dataloader.num_workers": 0})
-    assert cfg.train_dataloader.persistent_workers is False  # the default dropped again: torch refuses it
+    assert cfg.train_dataloader.persistent_workers is False  # torch refuses persistent workers without workers
+    cfg = _prepared(tmp_path, "train_dataloader = dict(num_workers=0)", cfg_options={"train_dataloader.num_workers": 4})
+    assert cfg.train_dataloader.persistent_workers is True  # as mmpretrain gives
+    cfg = _prepared(tmp_path, cfg_options={"val_dataloader.batch_size": 8}, validate=False)  # no mmengine TypeError
+    assert cfg.val_dataloader is None and cfg.val_cfg is None
+    for empty in ("", "None", None):  # an empty work_dir option keeps --work-dir
+        assert _prepared(tmp_path, cfg_options={"work_dir": empty}).work_dir == str(tmp_path / "work")
     cfg = _prepared(tmp_path, data_root=cifar_tiny)  # without options: the flags' values
     assert cfg.work_dir == str(tmp_path / "work") and cfg.model.head.num_classes == 10
     assert cfg.train_dataloader.dataset.data_prefix == "train"
+
+
+def test_ema_hooks_that_validate_the_ema_weights():
+    import mmengine.hooks
+    import mmpretrain.engine.hooks
+
+    from dap_pretrain.mm.hook import ema_validates
+
+    assert ema_validates([mmengine.hooks.EMAHook(), mmengine.hooks.CheckpointHook()])
+    assert ema_validates([mmpretrain.engine.hooks.EMAHook()])  # evaluate_on_ema=True by default
+    assert ema_validates([mmpretrain.engine.hooks.EMAHook(evaluate_on_ema=True, evaluate_on_origin=True)])
+    assert not ema_validates([mmpretrain.engine.hooks.EMAHook(evaluate_on_ema=False)])  # raw weights validated
+    assert not ema_validates([mmengine.hooks.CheckpointHook()])
 
 
 def test_config_fields_dap_cannot_honour_are_one_line_or_translated(tmp_path, monkeypatch):
@@ -523,6 +544,9 @@ def test_config_fields_dap_cannot_honour_are_one_line_or_translated(tmp_path, mo
     monkeypatch.setattr("dap_pretrain.mm.runner._cuda", lambda: True)
     with pytest.raises(DaPMMError, match="--amp replaces optim_wrapper.type"):
         _prepared(tmp_path, "optim_wrapper = dict(type='Custom')", amp=True)
+    options = {"optim_wrapper.type": "OptimWrapper"}  # an option that sets the type back is seen by --amp
+    cfg = _prepared(tmp_path, "optim_wrapper = dict(type='Custom')", amp=True, cfg_options=options)
+    assert cfg.optim_wrapper.type == "AmpOptimWrapper"
 
 
 def test_a_steplr_schedule_needs_dap_reuse_set(tmp_path):
