@@ -19,7 +19,7 @@
 #   ../shared/data/coco_mini.
 # --backbone PATH: transfer this backbone (export folder, or a state dict with --model NAME) instead of training
 #   and exporting one in step (c).
-# TORCHRUN=0 leaves out step (e).
+# TORCHRUN=0 leaves out step (e). TASKS (space-separated) runs only these of step (d)'s three.
 # DAP_PYTHON: the interpreter (default python3; DRY_RUN: .venv/bin/python). ITERS: training iterations per run
 #   (default 30; DRY_RUN 2). BUDGET_S: the whole script's seconds (default 270; DRY_RUN 1200): each step's timeout
 #   is its own cap or what is left, whichever is less; a step with under 10 s left is skipped.
@@ -138,9 +138,13 @@ transfer() {  # transfer NAME TASK [--gpus N]
     && metrics+=("$OUT/$name.metrics.json")
   say "$("$PY" benchmarks/gpu_transfer.py row "$name" "$work/$name/metrics.json" "$wall" "$rc")"
 }
-transfer faster_rcnn faster_rcnn
-transfer mask_rcnn mask_rcnn
-transfer simplebaseline simplebaseline
+read -r -a tasks <<<"${TASKS:-faster_rcnn mask_rcnn simplebaseline}"
+for task in "${tasks[@]}"; do
+  case "$task" in
+    faster_rcnn|mask_rcnn|simplebaseline) transfer "$task" "$task" ;;
+    *) say "$task: not a task (TASKS takes faster_rcnn, mask_rcnn, simplebaseline)"; exit 2 ;;
+  esac
+done
 if [ "${TORCHRUN:-1}" = 0 ]; then
   say "faster_rcnn_torchrun: left out (TORCHRUN=0)"
 elif [ "$dry" = 1 ]; then
