@@ -45,7 +45,7 @@ def _free_port() -> int:
 LONGEST_FIRST = (
     "tests/downstream/test_transfer.py",  # 297 s
     "tests/test_train_resume_ddp.py",  # 184 s
-    "tests/test_gpu_scripts_dry_run.py",  # 251 s, before the CIFAR subsets were read from the tarballs (~170 s)
+    "tests/test_gpu_scripts_dry_run.py",  # 251 s; 150-260 s since, with lighter rehearsals and a noisy machine
     "tests/test_train.py",  # 138 s
     "tests/test_paper_tables.py",  # 124 s
     "tests/mm/test_mm_train.py",  # 113 s
