@@ -94,15 +94,14 @@ def _first_k_from_archive(archive: Path, out: Path, per_class: int, *, split: st
 
     try:
         with tarfile.open(archive) as tar:
-            members = tar.getmembers()
-            if any(not (m.isfile() or m.isdir()) for m in members):  # links or devices: extract instead
+            members = [(PurePosixPath(m.name), m) for m in tar.getmembers()]
+            if any(not (m.isfile() or m.isdir()) for _, m in members):  # links or devices: extract instead
                 return False
-            files = {PurePosixPath(m.name): m for m in members if m.isfile()}  # a later member replaces an earlier
-            dirs = {PurePosixPath(m.name) for m in members if m.isdir()}
-            escapes = any(m.name.startswith("/") or ".." in PurePosixPath(m.name).parts for m in members)
-            if escapes or files.keys() & dirs:
-                return False
-            if any(part.startswith(".") for path in (*files, *dirs) for part in path.parts):
+            if any(m.name.startswith("/") or any(p.startswith(".") for p in path.parts) for path, m in members):
+                return False  # a name that leaves the folder ('..', absolute), or a hidden one
+            files = {path: m for path, m in members if m.isfile()}  # a later member replaces an earlier
+            dirs = {path for path, m in members if m.isdir()}
+            if files.keys() & dirs:
                 return False
             by_class: dict[PurePosixPath, list] = {}
             for path, m in files.items():
@@ -124,8 +123,8 @@ def _first_k_from_archive(archive: Path, out: Path, per_class: int, *, split: st
                 (out / cls.name).mkdir(parents=True, exist_ok=True)
             chosen = [m for entries in by_class.values() for _, m in sorted(entries, key=lambda f: f[0])[:per_class]]
             for m in sorted(chosen, key=lambda m: m.offset_data):  # in archive order: one pass over the stream
-                path = PurePosixPath(m.name)
-                (out / path.parent.name / path.name).write_bytes(tar.extractfile(m).read())
+                *_, cls, name = PurePosixPath(m.name).parts
+                (out / cls / name).write_bytes(tar.extractfile(m).read())
     except (tarfile.TarError, EOFError, zlib.error, OSError):
         return False
     return True

@@ -348,10 +348,10 @@ class DaPHook(Hook):
         if is_main_process():
             _write_atomic(Path(runner.work_dir) / "run.json", json.dumps(self.summary, indent=2) + "\n")
         s = self.summary
+        top1 = f"top-1 (EMA) {s['ema_top1']}" if self._ema_validates else f"top-1 {s['top1']}"
         runner.logger.info(
             f"compute spent: {s['compute_fraction_measured']:.2%} of full-data training ({s['samples_trained']:,} / "
-            f"{s['samples_baseline']:,} samples; planned {s['compute_fraction_planned']:.2%}); "
-            f"{'top-1 (EMA) ' + str(s['ema_top1']) if self._ema_validates else 'top-1 ' + str(s['top1'])}; "
+            f"{s['samples_baseline']:,} samples; planned {s['compute_fraction_planned']:.2%}); {top1}; "
             f"wall {s['wall_time_s']:.1f}s -> {Path(runner.work_dir) / 'run.json'}"
         )
 
@@ -385,17 +385,16 @@ class DaPHook(Hook):
         weights were never evaluated and ``top1``/``top5`` are None, as the timm trainer's keys mean)."""
         evaluated = [r for r in self.acct.history if r["eval_top1"] is not None]
         last = evaluated[-1] if evaluated else {}
-        top = {"1": last.get("eval_top1"), "5": last.get("eval_top5")}
-        raw = dict.fromkeys(top) if self._ema_validates else top
-        ema = top if self._ema_validates else dict.fromkeys(top)
+        top, none = (last.get("eval_top1"), last.get("eval_top5")), (None, None)
+        (top1, top5), (ema_top1, ema_top5) = (none, top) if self._ema_validates else (top, none)
         return self.acct.run_summary(
             model=self._model_name,
             epochs=self.settings.config.epochs,
             dataset=self._dataset,
-            top1=raw["1"],
-            top5=raw["5"],
-            ema_top1=ema["1"],
-            ema_top5=ema["5"],
+            top1=top1,
+            top5=top5,
+            ema_top1=ema_top1,
+            ema_top5=ema_top5,
             wall_s=time.perf_counter() - self._t_start,
             dap=self.settings.to_dict(),
         )
