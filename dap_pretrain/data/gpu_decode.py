@@ -17,9 +17,9 @@ Who calls what, and when:
    * decodes every JPEG of the batch in one batched nvjpeg call (``torchvision.io.decode_jpeg(..., device)``);
      a file nvjpeg cannot decode (a PNG under a ``.JPEG`` name, CMYK, an odd progressive file) is decoded on the
      CPU by PIL instead, never dropped; a file nothing can decode is a :class:`DataError` naming it;
-   * crops and resizes all samples with one ``roi_align`` over the padded batch (bilinear, with as many
-     samples per output pixel as the crop is larger than the output, which is what an antialiased downscale
-     does), flips, jitters and normalises the whole batch on the device.
+   * crops and resizes all samples with one ``roi_align`` over a padded batch of their crop regions (bilinear,
+     with as many samples per output pixel as the crop is larger than the output, which is what an antialiased
+     downscale does), flips, jitters and normalises the whole batch on the device.
 
    Batches are ``(input, target, index)`` as from :func:`~dap_pretrain.data.loader.create_loader`, so the DaP
    sampler and loss recorder drive this path exactly as the others. A producer thread prepares the next batches
@@ -332,8 +332,30 @@ def _pil_decode(data: torch.Tensor, name: str) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
+def crop_regions(images: list[torch.Tensor], boxes: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each image cut (a view, no copy) to its box ``(top, left, h, w)`` and the one-pixel border around it that
+    :func:`resized_crops`'s bilinear samples read, with each box in its cut's coordinates.
+
+    A sample of ``roi_align(aligned=True)`` lies less than half a pixel inside the box, so it reads at most one
+    row or column beyond the box on each side. Where the box meets the image's edge the border is not there, and
+    :func:`pad_batch` repeats the edge instead, as for a whole image.
+    """
+    cuts, local = [], boxes.clone()
+    for k, (im, (top, left, h, w)) in enumerate(zip(images, boxes.tolist(), strict=True)):
+        r0, c0 = max(top - 1, 0), max(left - 1, 0)
+        cuts.append(im[:, r0 : top + h + 1, c0 : left + w + 1])  # slicing stops at the image's edge
+        local[k, 0], local[k, 1] = top - r0, left - c0
+    return cuts, local
+
+
 def resized_crops(
-    images: list[torch.Tensor], boxes: torch.Tensor, size: int, *, pad: str = "copies", fill: float | None = None
+    images: list[torch.Tensor],
+    boxes: torch.Tensor,
+    size: int,
+    *,
+    pad: str = "copies",
+    fill: float | None = None,
+    cut: bool = True,
 ) -> torch.Tensor:
     """Crop ``boxes[k] = (top, left, h, w)`` from ``images[k]``, resize each to ``size`` px square: ``(B, 3, S, S)``.
 
@@ -344,9 +366,15 @@ def resized_crops(
     bilinear interpolation reads the next column or row: :func:`pad_batch` repeats each image's last column and
     row there, so no padding zero darkens the edge. Nothing else of the padded batch is read, so it is left
     unwritten (``fill`` None; the tests fill NaN to show that none of it reaches a crop).
+
+    ``cut`` (the default) pads only each crop's region (:func:`crop_regions`), not its whole image: the same
+    crops to float rounding, for about half the pixels converted and copied (RandomResizedCrop's boxes cover 8-100%
+    of an image). ``cut=False`` pads whole images, as before (the tests compare the two).
     """
     from torchvision.ops import roi_align
 
+    if cut:
+        images, boxes = crop_regions(images, boxes)
     batch = pad_batch(images, method=pad, dtype=torch.float32, fill=fill)
     dev = batch.device
     b = boxes.to(dev, torch.float32)

@@ -18,6 +18,7 @@ from dap_pretrain.data.dataset import DataError
 from dap_pretrain.data.gpu_decode import (
     GpuDecodeLoader,
     color_jitter,
+    crop_regions,
     decode_batch,
     header_size,
     pad_batch,
@@ -177,6 +178,35 @@ def test_crops_reaching_an_image_edge_read_no_padding(device):
     ramp = torch.arange(90, dtype=torch.uint8, device=device).expand(3, 64, 90).contiguous()
     edge = resized_crops([ramp, images[0]], torch.tensor([[0, 60, 64, 30], [0, 0, 30, 40]]), 30)[0]
     assert abs(edge[:, :, -1].mean().item() - 89) < 0.6 and abs(edge[:, :, 0].mean().item() - 60) < 0.6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cutting_each_image_to_its_crop_region_changes_no_crop(device):
+    """The loader pads only each crop's region and the one-pixel border its bilinear samples read, not the whole
+    image: on noise images, with boxes anywhere (inside, at every edge, one pixel, whole image), the crops equal
+    those from whole images to float rounding, and no padding (NaN) is read. A border too thin, or a box moved
+    into its cut wrongly, changes the noise the samples see."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [(30, 40), (64, 50), (17, 90), (1, 1), (2, 7), (100, 120)]
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8).to(device) for h, w in sizes]
+    rng = random.Random(0)
+    for trial in range(40):
+        boxes = []
+        for h, w in sizes:
+            top, left = (0, 0) if trial == 0 else (rng.randrange(h), rng.randrange(w))
+            bh, bw = (h - top, w - left) if trial < 2 else (rng.randint(1, h - top), rng.randint(1, w - left))
+            boxes.append([top, left, bh, bw])
+        boxes = torch.tensor(boxes)
+        cut = resized_crops(images, boxes, 24, fill=math.nan)
+        whole = resized_crops(images, boxes, 24, fill=math.nan, cut=False)
+        assert not torch.isnan(cut).any()
+        torch.testing.assert_close(cut, whole, atol=0.01, rtol=0)
+    cuts, local = crop_regions(
+        images, torch.tensor([[5, 6, 10, 20], [0, 0, 64, 50], [16, 89, 1, 1]] + [[0, 0, 1, 1]] * 3)
+    )
+    assert [tuple(c.shape[1:]) for c in cuts[:3]] == [(12, 22), (64, 50), (2, 2)]
+    assert local[:3, :2].tolist() == [[1, 1], [0, 0], [1, 1]]
+    assert cuts[0].untyped_storage().data_ptr() == images[0].untyped_storage().data_ptr()  # a view, not a copy
 
 
 def _solid_jpeg(path, value: int, mode: str = "RGB", fmt: str = "JPEG") -> None:
