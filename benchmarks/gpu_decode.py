@@ -199,6 +199,7 @@ VARIANTS = {
     "_nested": {"pad": "nested"},
     "_half": {"dtype": "amp"},
     "_fused": {"fuse": True},  # flip, jitter and normalise under torch.compile (finish_crops)
+    "_whole": {"chunk": False},  # one worker reads a whole batch (the loader before session 16)
 }
 
 
@@ -217,7 +218,7 @@ def loader_experiments(suffixes: str, *, step: str) -> dict:
 
 def loader_variant(step: str) -> dict:
     """``model_with_gpu_loader``'s keywords for a step
-    ``model_gpu_loader[_same_priority][_pinned][_nested][_half][_fused]``:
+    ``model_gpu_loader[_same_priority][_pinned][_nested][_half][_fused][_whole]``:
     the bare name runs the steps on a high-priority stream; every other name at the trainer's one priority, with
     the loader experiments its suffixes name (``_half``: batches in the model's AMP dtype)."""
     rest = step.removeprefix("model_gpu_loader")
@@ -227,7 +228,7 @@ def loader_variant(step: str) -> dict:
 
 
 def trainer_probe(step: str, *, profile: dict | None = None) -> list[str] | None:
-    """The trainer's entry for a step ``[profile_]trainer_gpu_decode[_pinned][_nested][_half][_fused]`` or
+    """The trainer's entry for a step ``[profile_]trainer_gpu_decode[_pinned][_nested][_half][_fused][_whole]`` or
     ``[profile_]trainer_cpu_decode``: ``None`` (the trainer as committed, ``-m dap_pretrain.train``) unless the step
     names loader experiments (``_half``: float16, the benchmark's AMP dtype) or ``profile`` is given; then
     ``trainer_probe.py`` with them."""
@@ -274,8 +275,6 @@ def profile_gpu_loader(root: Path, *, args, img_size: int, batches: int = 12, to
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from dap_pretrain.data.gpu_decode import split_encoded
-
     dev = torch.device(args.device)
     ds, order = _train_split(root, args=args, batches=batches + 3)
     loader = _gpu_loader(ds, order, args=args, img_size=img_size)
@@ -283,10 +282,10 @@ def profile_gpu_loader(root: Path, *, args, img_size: int, batches: int = 12, to
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def prepare(batch) -> None:  # the producer thread's work, run here so that every op lands in the profile
-        flat, ends, _targets, _indices, seeds, params = batch
-        loader.augment(split_encoded(flat, ends), params, seeds)
+        data, _targets, _indices, seeds, params = batch
+        loader.augment(data, params, seeds)
 
-    it = iter(loader.loader)
+    it = loader.encoded_batches()
     for _ in range(3 if len(loader) > 6 else 1):  # warm-up: nvjpeg's handle, cuDNN, the allocator
         prepare(next(it))
     sync()

@@ -56,7 +56,7 @@ def test_gpu_decode_ab_dry_run(tmp_path):
            "IMAGENET": str(REPO.parent / "shared/data/imagenet_sample"),
            "TESTS": "tests/test_mixing.py",  # the suite runs tests/data/test_gpu_decode.py itself (25 s)
            "STEPS": "model_only_torch_defaults model_only model_gpu_loader_same_priority model_gpu_loader_half_fused "
-                    "model_gpu_loader_pinned_nested_half trainer_cpu_decode profile_trainer_cpu_decode "
+                    "model_gpu_loader_pinned_nested_half_whole trainer_cpu_decode profile_trainer_cpu_decode "
                     "model_gpu_loader_same_priority profile_model_gpu_loader"}  # fmt: skip
     proc = subprocess.run(["bash", "benchmarks/gpu_decode_ab.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
@@ -65,7 +65,8 @@ def test_gpu_decode_ab_dry_run(tmp_path):
     assert "tests (tests/test_mixing.py): exit 0" in summary and " passed" in summary, summary
     steps = json.loads((out / "gpu_decode.json").read_text())["steps"]
     base = "model_gpu_loader_same_priority"
-    assert {base, f"{base} (2)", "model_gpu_loader_pinned_nested_half"} <= set(steps), steps  # both baselines kept
+    assert {base, f"{base} (2)", "model_gpu_loader_pinned_nested_half_whole"} <= set(steps), steps  # both baselines kept
+    assert steps["model_gpu_loader_pinned_nested_half_whole"]["chunk"] is False  # one worker per batch
     profile, trainer = steps.pop("profile_model_gpu_loader"), steps.pop("profile_trainer_cpu_decode")
     assert trainer["trainer"]["steps"] == 1 and trainer["trainer"]["wall_ms"] > 0, trainer  # the trainer's step
     assert all(res["img_per_s"] > 0 for res in steps.values()), steps

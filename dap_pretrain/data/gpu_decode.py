@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dap_pretrain.data.dataset import DataError
-from dap_pretrain.data.loader import Normalize, SeededSampler, private_generator
+from dap_pretrain.data.loader import Normalize, SeededSampler, chunk_size, exact_batches, private_generator
 from dap_pretrain.errors import brief
 
 _logger = logging.getLogger(__name__)
@@ -131,20 +131,19 @@ def draw_params(
     return (*box, float(flip), *order, *factors)
 
 
-def encoded_collate(
-    batch: list[tuple],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Collate :class:`EncodedFiles` items into ``(all bytes in one uint8 tensor, end offsets, targets, indices,
-    seeds, parameters)``: one shared-memory tensor of bytes per batch crosses from the worker, not one per file."""
-    ends = torch.tensor([b[0].numel() for b in batch], dtype=torch.int64).cumsum(0)
-    return (
-        torch.cat([b[0] for b in batch]) if batch else torch.empty(0, dtype=torch.uint8),
-        ends,
-        torch.as_tensor([b[1] for b in batch], dtype=torch.int64),
-        torch.as_tensor([b[2] for b in batch], dtype=torch.int64),
-        torch.as_tensor([b[3] for b in batch], dtype=torch.int64),
-        torch.stack([b[4] for b in batch]) if batch else torch.empty(0, len(PARAM_FIELDS), dtype=torch.float64),
-    )
+def encoded_collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Collate :class:`EncodedFiles` items into ``(all bytes in one uint8 tensor, meta, parameters)``.
+
+    ``meta`` is int64 ``(n, 4)``: each file's end offset in the bytes, its target, index and seed. Each tensor a
+    worker hands over is a shared-memory segment of its own, so three per chunk, not one per file or field (on
+    one H100, one tensor per file halved the pipeline's rate: RESULTS section 9, run 2).
+    """
+    if not batch:
+        empty = torch.empty(0, dtype=torch.int64)
+        return empty.to(torch.uint8), empty.view(0, 4), torch.empty(0, len(PARAM_FIELDS), dtype=torch.float64)
+    meta = torch.tensor([(b[0].numel(), b[1], b[2], b[3]) for b in batch], dtype=torch.int64)
+    meta[:, 0] = meta[:, 0].cumsum(0)
+    return torch.cat([b[0] for b in batch]), meta, torch.stack([b[4] for b in batch])
 
 
 def split_encoded(flat: torch.Tensor, ends: torch.Tensor) -> list[torch.Tensor]:
@@ -448,6 +447,10 @@ class GpuDecodeLoader:
         seed: the run's seed.
         scale, ratio, hflip, color_jitter: timm's ``transforms_imagenet_train`` defaults.
         drop_last: drop each epoch's last partial batch.
+        chunk: the workers read chunks of a batch (:func:`~dap_pretrain.data.loader.chunk_size`, 16 files for a
+            batch of 256 and 14 workers) that the loader joins into exactly the batches of ``batch_size`` the
+            sampler's order gives, so an epoch's first batch waits for one chunk per worker, read in parallel, not
+            for one worker to read a whole batch. ``False``: one worker per batch, as before.
         channels_last: return channels-last batches.
         prefetch: batches prepared ahead by the producer thread.
         pin_memory: the workers' byte batches are copied to pinned memory before decoding (CUDA only).
@@ -493,6 +496,7 @@ class GpuDecodeLoader:
         pad: str = "copies",
         dtype: torch.dtype = torch.float32,
         fuse: bool = False,
+        chunk: bool = True,
     ):
         self.files = EncodedFiles(samples, scale=scale, ratio=ratio, hflip=hflip, jitter=color_jitter)
         self.sampler = sampler
@@ -513,11 +517,11 @@ class GpuDecodeLoader:
         self._finish = torch.compile(finish_crops) if self.fuse else None
         self.loader = DataLoader(
             self.files,
-            batch_size=batch_size,
+            batch_size=chunk_size(batch_size, num_workers) if chunk else batch_size,
             sampler=SeededSampler(sampler, seed=seed),
             num_workers=num_workers,
             collate_fn=encoded_collate,
-            drop_last=drop_last,
+            drop_last=False,  # encoded_batches cuts the batches and drops the last partial one
             persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
             pin_memory=pin_memory and self.device.type == "cuda",
@@ -535,7 +539,24 @@ class GpuDecodeLoader:
         )
 
     def __len__(self) -> int:
-        return len(self.loader)
+        n = len(self.loader.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def encoded_batches(
+        self,
+    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The epoch's batches as the workers hand them over, before decoding: ``(each file's bytes, targets,
+        indices, seeds, parameters)``, the chunks joined into batches of exactly ``batch_size``."""
+        chunks = (
+            (split_encoded(flat, meta[:, 0]), meta[:, 1], meta[:, 2], meta[:, 3], params)
+            for flat, meta, params in self.loader
+        )
+        for group in exact_batches(chunks, self.batch_size, drop_last=self.drop_last):
+            if len(group) == 1:
+                yield group[0]
+            else:
+                fields = list(zip(*group, strict=True))
+                yield ([d for part in fields[0] for d in part], *(torch.cat(f) for f in fields[1:]))
 
     @property
     def dataset(self):
@@ -624,10 +645,9 @@ class GpuDecodeLoader:
         self.stats = {}
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         try:
-            for flat, ends, targets, indices, seeds, params in self.loader:
+            for data, targets, indices, seeds, params in self.encoded_batches():
                 if stop.is_set():
                     return
-                data = split_encoded(flat, ends)
                 paths = [self.files.samples[i][0] for i in indices.tolist()]
                 if stream is not None:
                     with torch.cuda.stream(stream):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,28 @@ def indexed_uint8_collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tenso
     targets = torch.as_tensor([b[1] for b in batch], dtype=torch.int64)
     indices = torch.as_tensor([b[2] for b in batch], dtype=torch.int64)
     return images, targets, indices
+
+
+def exact_batches(chunks: Iterable[tuple], batch_size: int, *, drop_last: bool) -> Iterator[list[tuple]]:
+    """Consecutive chunks, grouped (and split where needed) into lists of exactly ``batch_size`` samples.
+
+    Each chunk is a tuple of per-sample fields of one length (tensors or lists, sliced along their first
+    dimension); an empty chunk (only unreadable files) adds nothing. The groups cut the samples' order every
+    ``batch_size`` samples, as one DataLoader of ``batch_size`` would; the last, shorter group is dropped with
+    ``drop_last``.
+    """
+    group, n = [], 0
+    for chunk in chunks:
+        while len(chunk[0]):
+            take = min(batch_size - n, len(chunk[0]))
+            group.append(tuple(field[:take] for field in chunk))
+            chunk = tuple(field[take:] for field in chunk)
+            n += take
+            if n == batch_size:
+                yield group
+                group, n = [], 0
+    if group and not drop_last:
+        yield group
 
 
 class Normalize:
@@ -93,19 +115,7 @@ class IndexedPrefetchLoader:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def _groups(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-        """The loader's chunks, grouped (and split where needed) into lists of exactly ``batch_size`` samples."""
-        group, n = [], 0
-        for images, targets, indices in self.loader:
-            while indices.numel():  # an empty chunk (only unreadable files) adds nothing
-                take = min(self.batch_size - n, indices.numel())
-                group.append((images[:take], targets[:take], indices[:take]))
-                images, targets, indices = images[take:], targets[take:], indices[take:]
-                n += take
-                if n == self.batch_size:
-                    yield group
-                    group, n = [], 0
-        if group and not self.drop_last:
-            yield group
+        return exact_batches(self.loader, self.batch_size, drop_last=self.drop_last)
 
     def _to_device(self, chunks):
         def join(parts):

@@ -247,6 +247,41 @@ def test_index_alignment_and_no_file_dropped(tmp_path, device):
         assert loader.stats.get("cpu", 0) >= 1  # the PNG at least went through PIL
 
 
+def test_chunked_reading_gives_the_batches_of_one_worker_per_batch(tmp_path):
+    """Workers read chunks of a batch (4 files for a batch of 12 and 3 workers); the loader joins them into
+    exactly the batches, indices and pixels that one worker per batch (``chunk=False``) gives, the last partial
+    batch kept or dropped, and ``len`` counts them."""
+    samples = []
+    for i in range(26):
+        _solid_jpeg(tmp_path / f"{i:03d}.JPEG", 8 * i + 20)
+        samples.append((str(tmp_path / f"{i:03d}.JPEG"), i % 4))
+    order = list(range(26))
+    random.Random(5).shuffle(order)
+
+    def batches(chunk: bool, drop_last: bool) -> tuple[list, list[list[int]], torch.Tensor, int]:
+        loader = GpuDecodeLoader(
+            samples, sampler=order, batch_size=12, img_size=16, mean=(0, 0, 0), std=(1 / 255,) * 3,
+            device=torch.device("cpu"), num_workers=3, seed=1, chunk=chunk, drop_last=drop_last,
+        )  # fmt: skip
+        out = list(loader)
+        chunks = len(list(loader.loader))  # the workers' tasks of one epoch
+        return (
+            [len(b[2]) for b in out],
+            [b[2].tolist() for b in out],
+            torch.cat([b[0] for b in out]),
+            len(loader),
+            chunks,
+        )
+
+    for drop_last in (False, True):
+        sizes, indices, pixels, length, chunks = batches(True, drop_last)
+        assert sizes == ([12, 12] if drop_last else [12, 12, 2]) and length == len(sizes) and chunks == 7
+        assert sum(indices, []) == order[: sum(sizes)]
+        whole = batches(False, drop_last)
+        assert whole[4] == 3 and (sizes, indices, length) == (whole[0], whole[1], whole[3])
+        assert torch.equal(pixels, whole[2])
+
+
 def test_undecodable_file_is_named(tmp_path):
     bad = tmp_path / "broken.JPEG"
     bad.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
