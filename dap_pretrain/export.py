@@ -145,8 +145,11 @@ def _from_mmengine(ckpt: dict, *, use_ema: bool, path: Path) -> _Trained:
         source = {k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")}
     else:
         source = ckpt["state_dict"]
-    if ema:  # the EMAHook validated the EMA weights: their top-1 is ema_top1 (before session 15 the hook wrote it
-        # as top1, with ema_top1 empty), and the raw weights' was never measured
+    if ema and (ckpt["dap"].get("version") or 1) >= 2:  # top1 the raw weights', ema_top1 the EMA's; None: unmeasured
+        raw, averaged = (run.get("top1"), run.get("top5")), (run.get("ema_top1"), run.get("ema_top5"))
+        run["top1"], run["top5"] = averaged if use_ema else raw
+    elif ema:  # written before the hook's state version 2: the validated top-1 is ema_top1 (before session 15 the hook
+        # wrote it as top1, with ema_top1 empty); the raw weights' was never measured
         old = run.get("ema_top1") is None
         shown = (run.get("top1"), run.get("top5")) if old else (run.get("ema_top1"), run.get("ema_top5"))
         run["top1"], run["top5"] = shown if use_ema else (None, None)

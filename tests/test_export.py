@@ -287,3 +287,30 @@ def test_a_run_with_model_kwargs_exports_the_architecture_it_trained(tmp_path, c
         assert all(torch.equal(v, trained[k]) for k, v in net.state_dict().items())
     with pytest.raises(TransferInputError, match="trained with --model-kwargs"):
         resolve_backbone(backbone=release)
+
+
+@pytest.mark.parametrize(
+    ("version", "run", "ema_label", "raw_label"),
+    [
+        (2, {"top1": 65.0, "ema_top1": 71.0}, 71.0, 65.0),  # EMAHook(evaluate_on_origin=True): both measured
+        (2, {"top1": None, "ema_top1": 71.0}, 71.0, None),  # the EMA weights validated, the raw ones never
+        (2, {"top1": 70.0, "ema_top1": None}, None, 70.0),  # EMAHook(evaluate_on_ema=False): the raw ones only
+        (1, {"top1": None, "ema_top1": 71.0}, 71.0, None),  # session 15's hook: the EMA's figure as ema_top1
+        (1, {"top1": 71.0, "ema_top1": None}, 71.0, None),  # before it: the EMA's figure as top1
+    ],
+)
+def test_mm_exports_label_ema_and_raw_weights_with_their_own_top1(version, run, ema_label, raw_label):
+    """An mmengine checkpoint with EMA weights: each export carries the top-1 measured on the weights it releases,
+    None where those weights were never validated. Checkpoints of the hook's state version 1 read as they did."""
+    from dap_pretrain.export import _from_mmengine
+
+    weights = {"backbone.conv1.weight": torch.zeros(1)}
+    ckpt = {
+        "state_dict": weights,  # mmengine's EMAHook swaps on save: the EMA weights here, the raw ones below
+        "ema_state_dict": {"module.backbone.conv1.weight": torch.ones(1)},
+        "dap": {"version": version, "run": {"timm_model": "resnet18", "num_classes": 10, **run}},
+    }
+    for use_ema, label, kind in ((True, ema_label, "ema"), (False, raw_label, "raw")):
+        trained = _from_mmengine(ckpt, use_ema=use_ema, path=Path("epoch_1.pth"))
+        assert trained.weights_kind == kind and trained.run["top1"] == label
+        assert float(trained.weights["conv1.weight"]) == (1.0 if kind == "raw" else 0.0)

@@ -14,8 +14,11 @@ Who calls what, and when (mmengine calls the hook; the hook calls the engine):
 * ``before_train_epoch``: ``sampler.set_epoch(runner.epoch)``; ``after_train_epoch`` (priority NORMAL, so before
   the checkpoint and LR hooks): ``sampler.end_epoch()`` on every rank, accounting, ``summary.csv``, the log line.
 * ``before_save_checkpoint`` (rank 0): ``checkpoint['dap'] = state`` (see :meth:`DaPHook.state`).
-* ``after_val_epoch``: top-1/5 into the epoch's row; mmengine saves before it validates, so the epoch's own
-  checkpoint file is brought up to date too (rank 0, local files).
+* ``after_val_epoch``: top-1/5 into the epoch's row. ``after_val`` (every hook's ``after_val_epoch`` has run, so
+  mmpretrain's ``EMAHook(evaluate_on_origin=True)`` has validated the raw weights too): their top-1/5 into the row
+  as ``eval_top1_origin``/``eval_top5_origin`` (mmpretrain's ``val/accuracy/top1_origin``), ``summary.csv``, and,
+  since mmengine saves before it validates, the epoch's own checkpoint file brought up to date (rank 0, local
+  files).
 * ``after_train``: ``WORK_DIR/run.json`` with the timm trainer's keys.
 
 Exact resume with loader workers also needs a fixed ``randomness.seed``: with ``seed=None`` mmengine seeds the
@@ -50,7 +53,7 @@ from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resum
 from dap_pretrain.reporting import Accounting, subset_digest
 from dap_pretrain.schedule import plan
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: run's top1/top5 are the raw weights', ema_top1/ema_top5 the EMA's, each None if not validated
 _INF_STEPS = 10**8  # mmengine's schedulers end at int(1e9) "steps" when no end is given
 
 
@@ -139,9 +142,16 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _logged(runner, name: str) -> int:
+    """How many values the message hub holds for scalar ``name`` (0 if none)."""
+    buffer = runner.message_hub.log_scalars.get(name)
+    return 0 if buffer is None else len(buffer.data[0])
+
+
 def _csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    fields = list(dict.fromkeys(key for row in rows for key in row))  # rows[0]'s order; a resumed run may add some
+    writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -153,6 +163,20 @@ def ema_validates(hooks) -> bool:
     from mmengine.hooks import EMAHook
 
     return any(isinstance(h, EMAHook) and getattr(h, "evaluate_on_ema", True) for h in hooks)
+
+
+def origin_validates(hooks) -> bool:
+    """Whether an ``EMAHook`` that validates the EMA weights also validates the raw ones after them (mmpretrain's
+    ``evaluate_on_origin=True``), logging their metrics as ``val/<metric>_origin``."""
+    from mmengine.hooks import EMAHook
+
+    return any(
+        isinstance(h, EMAHook) and getattr(h, "evaluate_on_ema", True) and getattr(h, "evaluate_on_origin", False)
+        for h in hooks
+    )
+
+
+ORIGIN_KEYS = (("eval_top1_origin", "val/accuracy/top1_origin"), ("eval_top5_origin", "val/accuracy/top5_origin"))
 
 
 @HOOKS.register_module()
@@ -174,6 +198,8 @@ class DaPHook(Hook):
         self.num_classes: int | None = None
         self._model_name = self._dataset = ""
         self._ema_validates = False  # an EMAHook swaps the EMA weights in for every validation
+        self._origin_validates = False  # ... and validates the raw weights after them (mmpretrain's)
+        self._origin_seen: dict[str, int] = {}  # how often each ORIGIN_KEYS scalar was logged before this validation
         self._loaded: dict | None = None
         self._rngs: list = []
         self._t_start = self._t_epoch = self._t_val = 0.0
@@ -244,6 +270,7 @@ class DaPHook(Hook):
         self.num_classes = getattr(model.head, "num_classes", None)
         self._model_name = self.timm_model or f"mmpretrain:{type(model.backbone).__name__}"
         self._ema_validates = ema_validates(runner.hooks)
+        self._origin_validates = origin_validates(runner.hooks)
         self._dataset = str(getattr(dataset, "data_root", "") or dataset.data_prefix.get("img_path", ""))
         runner.logger.info(
             f"DaP: {n} training samples, {self.settings.to_dict()}; planned compute "
@@ -308,6 +335,8 @@ class DaPHook(Hook):
             img_per_s=report.seen / max(seconds, 1e-9),
             digest=self._digest,
         )
+        if self._origin_validates:
+            row.update(dict.fromkeys(key for key, _ in ORIGIN_KEYS))
         acct.history.append(row)
         self._rngs = _gather_rng(subset_digest(self.sampler.subset))
         runner.message_hub.update_scalar("dap/subset_size", report.size_before)
@@ -325,14 +354,28 @@ class DaPHook(Hook):
 
     def before_val_epoch(self, runner) -> None:
         self._t_val = time.perf_counter()
+        self._origin_seen = {name: _logged(runner, name) for _, name in ORIGIN_KEYS}
+
+    def _in_training(self, runner) -> bool:
+        return self.acct is not None and bool(self.acct.history) and self.acct.history[-1]["epoch"] == runner.epoch
 
     def after_val_epoch(self, runner, metrics: dict | None = None) -> None:
-        if self.acct is None or not self.acct.history or self.acct.history[-1]["epoch"] != runner.epoch:
+        if not self._in_training(runner):
             return  # a validation outside training
         row = self.acct.history[-1]
         metrics = metrics or {}
         for key, name in (("eval_top1", "accuracy/top1"), ("eval_top5", "accuracy/top5")):
             row[key] = float(metrics[name]) if name in metrics else None
+
+    def after_val(self, runner) -> None:
+        if not self._in_training(runner):
+            return
+        row = self.acct.history[-1]
+        if self._origin_validates:  # logged by the EMAHook's after_val_epoch, during this validation or not at all
+            hub = runner.message_hub
+            for key, name in ORIGIN_KEYS:
+                fresh = _logged(runner, name) > self._origin_seen.get(name, 0)
+                row[key] = float(hub.get_scalar(name).current()) if fresh else None
         row["epoch_time_s"] = round(row["epoch_time_s"] + time.perf_counter() - self._t_val, 3)
         self._write_summary(runner)
         if is_main_process():
@@ -349,6 +392,8 @@ class DaPHook(Hook):
             _write_atomic(Path(runner.work_dir) / "run.json", json.dumps(self.summary, indent=2) + "\n")
         s = self.summary
         top1 = f"top-1 (EMA) {s['ema_top1']}" if self._ema_validates else f"top-1 {s['top1']}"
+        if self._origin_validates:
+            top1 += f", raw weights {s['top1']}"
         runner.logger.info(
             f"compute spent: {s['compute_fraction_measured']:.2%} of full-data training ({s['samples_trained']:,} / "
             f"{s['samples_baseline']:,} samples; planned {s['compute_fraction_planned']:.2%}); {top1}; "
@@ -381,12 +426,14 @@ class DaPHook(Hook):
 
     def run_summary(self) -> dict:
         """What ``run.json`` holds: the timm trainer's keys; top-1/5 from the last validated epoch (percent), as
-        ``top1``/``top5``, or as ``ema_top1``/``ema_top5`` when an ``EMAHook`` validated the EMA weights (then the raw
-        weights were never evaluated and ``top1``/``top5`` are None, as the timm trainer's keys mean)."""
+        ``top1``/``top5``, or as ``ema_top1``/``ema_top5`` when an ``EMAHook`` validated the EMA weights. Then
+        ``top1``/``top5`` are the raw weights' figures if the hook validated them too (mmpretrain's
+        ``evaluate_on_origin=True``), else None (never measured), as the timm trainer's keys mean."""
         evaluated = [r for r in self.acct.history if r["eval_top1"] is not None]
         last = evaluated[-1] if evaluated else {}
-        top, none = (last.get("eval_top1"), last.get("eval_top5")), (None, None)
-        (top1, top5), (ema_top1, ema_top5) = (none, top) if self._ema_validates else (top, none)
+        top = (last.get("eval_top1"), last.get("eval_top5"))
+        origin = (last.get("eval_top1_origin"), last.get("eval_top5_origin"))
+        (top1, top5), (ema_top1, ema_top5) = (origin, top) if self._ema_validates else (top, (None, None))
         return self.acct.run_summary(
             model=self._model_name,
             epochs=self.settings.config.epochs,

@@ -137,11 +137,13 @@ def test_two_gloo_ranks_agree(cifar_tiny, tmp_path, free_port):
 
 
 def test_an_ema_hook_run_records_the_ema_top1_and_exports_say_whose(cifar_tiny, tmp_path):
-    """mmengine's EMAHook validates the EMA weights, so run.json's top-1 is ema_top1 (the raw weights' top1 was
-    never measured: None, as the timm trainer's keys mean); the export labels the weights it releases with their
-    own top-1: the EMA's by default, none with --no-ema. Before, run.json called the EMA's figure top1."""
+    """mmpretrain's EMAHook validates the EMA weights, then, with ``evaluate_on_origin=True``, the raw ones: run.json's
+    ema_top1 is the first figure and top1 the second (mmpretrain's ``val/accuracy/top1_origin``), each epoch's row
+    holds both, and the export labels the weights it releases with their own top-1: the EMA's by default, the raw
+    weights' with --no-ema. Before, the raw weights' figure was not read (top1 None). Without evaluate_on_origin the
+    raw weights are never validated and top1 is None (tests/mm/test_mm_units.py)."""
     config = tmp_path / "ema.py"
-    hooks = "[dict(type='DaPHook'), dict(type='EMAHook', momentum=0.01)]"
+    hooks = "[dict(type='DaPHook'), dict(type='EMAHook', momentum=0.01, evaluate_on_origin=True)]"
     config.write_text(f"_base_ = ['{REPO / CONFIG}']\ncustom_hooks = {hooks}\n")
     work = tmp_path / "ema"
     cmd = ["bash", str(SCRIPT), str(config), "--data-root", str(cifar_tiny), "--work-dir", str(work)]
@@ -152,10 +154,16 @@ def test_an_ema_hook_run_records_the_ema_top1_and_exports_say_whose(cifar_tiny, 
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = json.loads((work / "run.json").read_text())
-    validated = float(rows(work)[-1]["eval_top1"])
-    assert run["top1"] is None and run["top5"] is None and run["ema_top1"] == pytest.approx(validated)
-    assert f"top-1 (EMA) {run['ema_top1']}" in proc.stdout + proc.stderr
-    for flags, weights, top1 in (([], "ema", run["ema_top1"]), (["--no-ema"], "raw", None)):
+    last = rows(work)[-1]
+    assert run["ema_top1"] == pytest.approx(float(last["eval_top1"]))
+    assert run["top1"] == pytest.approx(float(last["eval_top1_origin"]))
+    assert run["top5"] == pytest.approx(float(last["eval_top5_origin"]))
+    assert all(row["eval_top1_origin"] != "" for row in rows(work))  # validated every epoch, read every epoch
+    logged = [json.loads(line) for line in open(next(work.glob("*/vis_data/scalars.json")))]
+    origin = [e["accuracy/top1_origin"] for e in logged if "accuracy/top1_origin" in e]
+    assert origin and run["top1"] == pytest.approx(origin[-1])  # mmpretrain's own figure
+    assert f"top-1 (EMA) {run['ema_top1']}, raw weights {run['top1']}" in proc.stdout + proc.stderr
+    for flags, weights, top1 in (([], "ema", run["ema_top1"]), (["--no-ema"], "raw", run["top1"])):
         out = tmp_path / f"export_{weights}"
         export = [str(REPO / ".venv/bin/python"), "-m", "dap_pretrain", "export", str(work / "epoch_2.pth")]
         done = subprocess.run([*export, "--out", str(out), *flags], cwd=REPO, capture_output=True, text=True, env=env)

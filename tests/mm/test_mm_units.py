@@ -517,13 +517,49 @@ def test_ema_hooks_that_validate_the_ema_weights():
     import mmengine.hooks
     import mmpretrain.engine.hooks
 
-    from dap_pretrain.mm.hook import ema_validates
+    from dap_pretrain.mm.hook import ema_validates, origin_validates
 
     assert ema_validates([mmengine.hooks.EMAHook(), mmengine.hooks.CheckpointHook()])
     assert ema_validates([mmpretrain.engine.hooks.EMAHook()])  # evaluate_on_ema=True by default
     assert ema_validates([mmpretrain.engine.hooks.EMAHook(evaluate_on_ema=True, evaluate_on_origin=True)])
     assert not ema_validates([mmpretrain.engine.hooks.EMAHook(evaluate_on_ema=False)])  # raw weights validated
     assert not ema_validates([mmengine.hooks.CheckpointHook()])
+    assert origin_validates([mmpretrain.engine.hooks.EMAHook(evaluate_on_origin=True)])
+    assert not origin_validates([mmpretrain.engine.hooks.EMAHook()])  # the EMA weights only
+    assert not origin_validates([mmpretrain.engine.hooks.EMAHook(evaluate_on_ema=False)])  # the raw ones only
+    assert not origin_validates([mmengine.hooks.EMAHook()])
+
+
+@pytest.mark.parametrize(
+    ("ema", "origin", "expected"),
+    [
+        (False, False, (71.0, 90.0, None, None)),  # no EMA: the validated figures are the raw weights'
+        (True, False, (None, None, 71.0, 90.0)),  # the EMA weights validated, the raw ones never
+        (True, True, (65.0, 88.0, 71.0, 90.0)),  # both, the raw weights' logged as ..._origin
+    ],
+)
+def test_run_summary_says_whose_top1(ema, origin, expected):
+    """run.json's top1/top5 are the raw weights' and ema_top1/ema_top5 the EMA's, from the last validated epoch;
+    a figure that was never measured is None."""
+    from types import SimpleNamespace
+
+    from dap_pretrain.mm.hook import DaPHook
+    from dap_pretrain.reporting import Accounting
+
+    hook = DaPHook()
+    hook.settings = SimpleNamespace(config=SimpleNamespace(epochs=3), to_dict=dict)
+    hook.acct = Accounting(num_samples=10, baseline_epochs=3, planned=25, measured=20)
+    extra = {"eval_top1_origin": None, "eval_top5_origin": None} if origin else {}
+    hook.acct.history = [
+        {"epoch": 1, "eval_top1": 50.0, "eval_top5": 80.0, **extra},
+        {"epoch": 2, "eval_top1": 71.0, "eval_top5": 90.0, **extra},
+        {"epoch": 3, "eval_top1": None, "eval_top5": None, **extra},  # not validated
+    ]
+    if origin:
+        hook.acct.history[1].update(eval_top1_origin=65.0, eval_top5_origin=88.0)
+    hook._ema_validates, hook._origin_validates = ema, origin
+    run = hook.run_summary()
+    assert (run["top1"], run["top5"], run["ema_top1"], run["ema_top5"]) == expected
 
 
 def test_config_fields_dap_cannot_honour_are_one_line_or_translated(tmp_path, monkeypatch):
