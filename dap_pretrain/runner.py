@@ -728,6 +728,7 @@ class TrainState:
                 "top1": acct.history[-1]["eval_top1"],
                 "top5": acct.history[-1]["eval_top5"],
                 "ema_top1": acct.history[-1].get("ema_top1"),
+                "ema_top5": acct.history[-1].get("ema_top5"),
                 "git_commit": git_commit(),
             },
         }

@@ -14,10 +14,12 @@ from pathlib import Path
 
 from timm.utils import ParseKwargs
 
+from dap_pretrain.checkpoint import LAST_CHECKPOINT
 from dap_pretrain.cli import add_dap_arguments, given_flags, make_parser, not_key_value, refuse_exclusive_flags
 from dap_pretrain.config import load_config, run_config
 from dap_pretrain.errors import UsageError, entry_point
 from dap_pretrain.mixing import MODES as MIX_MODES
+from dap_pretrain.run_folder import RUN_MARKERS
 
 _logger = logging.getLogger("dap_pretrain.train")
 
@@ -445,18 +447,44 @@ def main(argv=None) -> dict:
 
     summary = run(cfg)
     if args.compare and summary is not None:
-        full = argparse.Namespace(**{**vars(args), "compare": False, "dap_select": "none", "resume": ""})
-        full.output = str(Path(args.output) / "full_data")
-        base = run(run_config(full))
+        base = run(run_config(_baseline_args(args)))
         if base is not None:
-            print(f"\n{'run':<10} {'compute':>8} {'top-1':>7} {'wall s':>8}")
-            for name, s in (("DaP", summary), ("full data", base)):
-                print(f"{name:<10} {s['compute_fraction_measured']:>8.1%} {s['top1']:>7.2f} {s['wall_time_s']:>8.1f}")
-            print(
-                f"DaP top-1 {summary['top1'] - base['top1']:+.2f} points at {summary['compute_fraction_measured']:.1%}"
-                f" compute, {summary['wall_time_s'] / max(base['wall_time_s'], 1e-9):.1%} wall-clock"
-            )
+            print(compare_table(summary, base))
     return summary
+
+
+def _baseline_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``--compare``'s full-data run, in ``OUTPUT/full_data``: the same flags with ``--dap-select none``. With
+    ``--resume`` it continues the baseline from its own last checkpoint where one was saved; a baseline stopped
+    before its first checkpoint is started again (``--overwrite``, which keeps its files until the new first
+    checkpoint)."""
+    full = argparse.Namespace(**{**vars(args), "compare": False, "dap_select": "none", "resume": ""})
+    full.output = str(Path(args.output) / "full_data")
+    if args.resume:
+        last = Path(full.output) / LAST_CHECKPOINT
+        if last.is_file():
+            full.resume = str(last)
+        elif any((Path(full.output) / m).exists() for m in RUN_MARKERS):
+            full.overwrite = True
+    return full
+
+
+def compare_table(dap: dict, full: dict) -> str:
+    """``--compare``'s lines: compute, top-1 and wall time of both runs, then the difference (top-1 ``n/a``
+    where a run was not evaluated, ``--val-split ''``)."""
+
+    def top1(s: dict) -> str:
+        return "n/a" if s["top1"] is None else f"{s['top1']:.2f}"
+
+    lines = [f"\n{'run':<10} {'compute':>8} {'top-1':>7} {'wall s':>8}"]
+    for name, s in (("DaP", dap), ("full data", full)):
+        lines.append(f"{name:<10} {s['compute_fraction_measured']:>8.1%} {top1(s):>7} {s['wall_time_s']:>8.1f}")
+    delta = "n/a" if None in (dap["top1"], full["top1"]) else f"{dap['top1'] - full['top1']:+.2f} points"
+    lines.append(
+        f"DaP top-1 {delta} at {dap['compute_fraction_measured']:.1%} compute, "
+        f"{dap['wall_time_s'] / max(full['wall_time_s'], 1e-9):.1%} wall-clock"
+    )
+    return "\n".join(lines)
 
 
 cli = entry_point(lambda argv=None: (main(argv), 0)[1])

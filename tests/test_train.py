@@ -160,6 +160,7 @@ def test_export_round_trip(tmp_path, cifar_tiny):
     exp = export_backbone(out / "last.pth.tar", tmp_path / "export")
     meta = json.loads((exp / "meta.json").read_text())
     assert meta["model"] == "cifar_resnet20" and meta["weights"] == "ema"
+    assert (meta["top1"], meta["top5"]) == (s["ema_top1"], s["ema_top5"]) and meta["top5"] is not None  # the EMA's
     assert meta["compute_fraction_measured"] == pytest.approx(s["compute_fraction_measured"])
     assert meta["classifier_keys_removed"] == ["fc.bias", "fc.weight"]
     ckpt = torch.load(out / "last.pth.tar", weights_only=True)
@@ -411,6 +412,29 @@ def test_compare_trains_the_full_data_baseline_beside_the_run(tmp_path, cifar_ti
     assert full["epochs"] == s["epochs"] == 3
     printed = capsys.readouterr().out
     assert "full data" in printed and "DaP top-1" in printed
+    # --compare --resume continues both runs, the baseline from its own checkpoint (before: refused in full_data)
+    again = train_main([*CIFAR, "--data-dir", str(cifar_tiny), "--epochs", "3", "--compare", "--resume",
+                        str(out / "last.pth.tar")])  # fmt: skip
+    assert again["top1"] == s["top1"] and "DaP top-1" in capsys.readouterr().out
+    assert json.loads((out / "full_data" / "run.json").read_text())["top1"] == full["top1"]
+    # a baseline stopped before its first checkpoint is started again; its earlier files are replaced, not refused
+    (out / "full_data" / "last.pth.tar").unlink()
+    train_main([*CIFAR, "--data-dir", str(cifar_tiny), "--epochs", "3", "--compare", "--resume",
+                str(out / "last.pth.tar")])  # fmt: skip
+    assert (out / "full_data" / "last.pth.tar").is_file() and "DaP top-1" in capsys.readouterr().out
+
+
+def test_compare_table_without_evaluation():
+    """--compare with --val-split '': top-1 n/a in the table and the difference (before: a TypeError after both
+    runs had trained)."""
+    from dap_pretrain.train import compare_table
+
+    dap = {"compute_fraction_measured": 0.7, "top1": None, "wall_time_s": 7.0}
+    table = compare_table(dap, {"compute_fraction_measured": 1.0, "top1": None, "wall_time_s": 10.0})
+    assert "DaP top-1 n/a at 70.0% compute, 70.0% wall-clock" in table
+    assert table.splitlines()[2].split() == ["DaP", "70.0%", "n/a", "7.0"]
+    table = compare_table({**dap, "top1": 61.5}, {"compute_fraction_measured": 1.0, "top1": 60.0, "wall_time_s": 10.0})
+    assert "DaP top-1 +1.50 points at 70.0% compute" in table
 
 
 class _SlowStart:
