@@ -111,6 +111,46 @@ def _check_mixing(v: dict) -> None:
         raise UsageError("--cuda-graph replays an unmixed step; drop it or drop --mixup/--cutmix")
 
 
+# settings whose range the run would otherwise find out at its first step (a traceback) or never (silently wrong):
+# (name, lowest, highest, highest included); None: unbounded
+_RANGES = (
+    ("smoothing", 0.0, 1.0, False),
+    ("drop", 0.0, 1.0, False),
+    ("drop_path", 0.0, 1.0, False),
+    ("reprob", 0.0, 1.0, True),
+    ("hflip", 0.0, 1.0, True),
+    ("vflip", 0.0, 1.0, True),
+    ("model_ema_decay", 0.0, 1.0, True),
+    ("color_jitter", 0.0, None, False),
+    ("warmup_epochs", 0.0, None, False),
+    ("warmup_lr", 0.0, None, False),
+    ("min_lr", 0.0, None, False),
+    ("lr", 0.0, None, False),
+    ("weight_decay", 0.0, None, False),
+    ("momentum", 0.0, 1.0, False),
+)
+
+
+def _check_ranges(v: dict) -> None:
+    """One line for a setting out of its range (:data:`_RANGES`), and for a crop scale or ratio that is not
+    ``0 < MIN <= MAX`` (a scale at most 1: a fraction of the image's area)."""
+    for name, low, high, closed in _RANGES:
+        value = v.get(name)
+        if value is None or (low <= value and (high is None or value < high or (closed and value == high))):
+            continue
+        span = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}{']' if closed else ')'}"
+        raise UsageError(f"{cli_flags([name])}={value} is invalid: must be {span}")
+    for name, top in (("scale", 1.0), ("ratio", None)):
+        pair = v.get(name)
+        if pair is not None and not (len(pair) == 2 and 0 < pair[0] <= pair[1] and (top is None or pair[1] <= top)):
+            bound = f" <= {top:g}" if top is not None else ""
+            raise UsageError(
+                f"{cli_flags([name])} {' '.join(map(str, pair))} is invalid: two values 0 < MIN <= MAX{bound}"
+            )
+    if v.get("lr_base") is None and v.get("min_lr") is not None and v["lr"] is not None and v["min_lr"] > v["lr"]:
+        raise UsageError(f"--min-lr={v['min_lr']} is above --lr={v['lr']}: the LR would rise as it decays; lower it")
+
+
 def run_config(args: argparse.Namespace) -> RunConfig:
     """The trainer's parsed flags, resolved into a :class:`RunConfig` (``args`` is not changed).
 
@@ -144,6 +184,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     _check_mixing(v)
     if v["lr_base"] is not None:  # timm's --lr-base: the LR of a global batch of --lr-base-size (default 256)
         v["lr"], v["lr_base_size"] = v["lr_base"], v["lr_base_size"] or 256
+    _check_ranges(v)
     if v["lr_base_size"] is not None and v["lr_base_size"] < 1:
         raise UsageError(f"--lr-base-size={v['lr_base_size']} is invalid: must be a batch size >= 1")
     if v["sync_bn"]:  # statistics are already the global batch's in every step (timm clears --dist-bn too)

@@ -101,6 +101,7 @@ def claim_output(output: Path, *, resume: str, overwrite: bool):
     """
     try:
         created = [p for p in (output, *output.parents) if not p.exists()]
+        new_lock = not (output / ".lock").exists()
         output.mkdir(parents=True, exist_ok=True)
         fd = os.open(output / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
@@ -120,16 +121,20 @@ def claim_output(output: Path, *, resume: str, overwrite: bool):
         lock.close()
         raise
     lock.created = created  # folders this call made: removed again if the run stops before writing anything
+    lock.new_lock = new_lock  # and the lock file, if this call made it
     return lock
 
 
 def release_unused(lock, output: Path) -> None:
     """After a run that stopped before writing anything: remove the lock file and the folders it created, so a
-    refused command leaves no trace (a folder holding anything else is kept)."""
-    created = getattr(lock, "created", [])
-    if not created or [p.name for p in output.iterdir()] != [".lock"]:
+    refused command leaves no trace (a folder holding anything else is kept, and a lock file it held before)."""
+    if getattr(lock, "taken", False):  # take_over ran: the run may have written files, and the lock stays with them
         return
-    (output / ".lock").unlink(missing_ok=True)
+    if getattr(lock, "new_lock", False):
+        (output / ".lock").unlink(missing_ok=True)
+    created = getattr(lock, "created", [])
+    if not created or any(output.iterdir()):
+        return
     for folder in created:  # deepest first
         try:
             folder.rmdir()
@@ -141,6 +146,7 @@ def take_over(lock, output: Path, *, overwrite: bool) -> list[str]:
     """Once every check has passed: name this trainer in the lock file, remove the temp files of killed writes
     and, with ``--overwrite``, set the previous run's files aside (:func:`clear_run`; ``lock.replaced`` is then
     true). Returns what it removed or set aside."""
+    lock.taken = True
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -135,21 +135,45 @@ def _build_model(cfg, num_classes: int, device: torch.device):
 
 
 def _load_initial(model, path: str, *, model_name: str) -> None:
-    """timm's ``--initial-checkpoint``: ``path``'s weights into ``model`` (timm's ``load_checkpoint``: a state dict,
-    ``.safetensors``, or a checkpoint whose ``state_dict_ema``/``state_dict`` it picks); a missing file or weights
-    of another shape are one line."""
-    from timm.models import load_checkpoint
+    """timm's ``--initial-checkpoint``: ``path``'s weights into ``model`` (timm's ``load_state_dict``: a state dict,
+    ``.safetensors``, or a checkpoint whose ``state_dict_ema``/``state_dict`` it picks).
 
+    Every key must fit, as timm's ``load_checkpoint`` demands, except the classifier's: a file without one (an
+    export's ``backbone.pth``) or with another class count (``model.safetensors`` of a 1000-class run, for a
+    10-class one) leaves this run's classifier as initialised, and the log says so. A missing file, a folder, or
+    weights of another model are one line.
+    """
+    from timm.models import load_state_dict
+
+    from dap_pretrain.export import classifier_prefixes
+
+    if Path(path).is_dir():
+        raise UsageError(
+            f"--initial-checkpoint {path} is a folder; pass a weights file, e.g. {Path(path) / 'model.safetensors'}"
+        )
     if not Path(path).is_file():
         raise UsageError(f"--initial-checkpoint {path} does not exist; pass a weights file")
+    own = model.state_dict()
     try:
-        load_checkpoint(model, path)
-        _logger.info("initial weights from %s (--initial-checkpoint)", path)
+        state = load_state_dict(path)
+        head = classifier_prefixes(model_name)
+        fresh = sorted(k for k in own if k.startswith(head) and (k not in state or state[k].shape != own[k].shape))
+        missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
+        missing = sorted(set(missing) - set(fresh))
+        unexpected = [k for k in unexpected if not k.startswith(head)]
+        if missing or unexpected:
+            shown = ", ".join((missing + unexpected)[:4]) + (" ..." if len(missing) + len(unexpected) > 4 else "")
+            raise RuntimeError(f"missing {len(missing)} and unexpected {len(unexpected)} keys: {shown}")
     except (RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
         raise UsageError(
             f"--initial-checkpoint {path} does not fit model {model_name} ({one_line(e)[:300]}); pass weights of "
-            f"a {model_name} with this run's number of classes"
+            f"a {model_name}"
         ) from None
+    kept = ""
+    if fresh:
+        other = "another" if any(k in state for k in fresh) else "no"
+        kept = f"; classifier ({', '.join(fresh)}) as initialised: the file has {other} classifier for it"
+    _logger.info("initial weights from %s (--initial-checkpoint)%s", path, kept)
 
 
 def _check_sync_bn(cfg, *, device: torch.device, world: int) -> None:
@@ -249,6 +273,11 @@ def _build_data(cfg, model_cfg: dict) -> Data:
         val.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=False, **evaluation)
     classes = getattr(getattr(train, "reader", None), "class_to_idx", None) or getattr(train, "class_to_idx", None)
     num_classes = cfg.num_classes or (len(classes) if classes else 1000)
+    if classes and num_classes < len(classes):  # else the loss fails at the first step on a label past the head
+        raise UsageError(
+            f"--num-classes {num_classes} is fewer than the {len(classes)} classes of {cfg.data_dir}; pass "
+            f"--num-classes {len(classes)} or more, or leave it out to take the data's"
+        )
     return Data(
         IndexedDataset(train), IndexedDataset(val) if val is not None else None, num_classes, mean, std, img_size, cifar
     )

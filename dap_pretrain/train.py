@@ -423,6 +423,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             )
         notes.append(f"config's decay_epochs {args.decay_epochs} is not used under sched {args.sched}, as in timm")
         args.decay_epochs = None
+    if "--decay-milestones" in given and args.sched == "cosine":  # else ignored, and DaP's reuse epochs with them
+        raise UsageError(
+            "--decay-milestones sets --sched step's decays, but --sched is cosine; drop it, or pass --sched step "
+            "(DaP's reuse epochs under cosine: --dap-reuse)"
+        )
     # what the command line or the config sets (a config value at the flag's default sets nothing): a setting
     # either holds must not be silently ignored
     set_by_config = {"--" + dest.replace("_", "-") for dest, v in cfg.items() if v != defaults[dest]}

@@ -299,6 +299,16 @@ def test_unreadable_images_are_named_and_not_counted_as_trained(tmp_path, cifar_
         (["--model-kwargs", "notkv"], "--model-kwargs takes KEY=VALUE items, not notkv"),
         (["--opt-kwargs", "=1"], "--opt-kwargs takes KEY=VALUE items"),
         (["--lr", "0.2", "--lr-base", "0.1"], "--lr sets the LR and --lr-base sets it from the global batch size"),
+        (["--smoothing", "1.5"], "--smoothing=1.5 is invalid: must be in [0, 1)"),
+        (["--drop-path", "1.5"], "--drop-path=1.5 is invalid: must be in [0, 1)"),
+        (["--color-jitter", "-1"], "--color-jitter=-1.0 is invalid: must be >= 0"),
+        (["--model-ema-decay", "2"], "--model-ema-decay=2.0 is invalid: must be in [0, 1]"),
+        (["--warmup-epochs", "-2"], "--warmup-epochs=-2.0 is invalid: must be >= 0"),
+        (["--reprob", "2"], "--reprob=2.0 is invalid: must be in [0, 1]"),
+        (["--scale", "0.5", "0.2"], "--scale 0.5 0.2 is invalid: two values 0 < MIN <= MAX <= 1"),
+        (["--min-lr", "0.5"], "--min-lr=0.5 is above --lr=0.1"),
+        (["--num-classes", "2"], "--num-classes 2 is fewer than the 10 classes of"),
+        (["--sched", "cosine", "--decay-milestones", "1"], "--decay-milestones sets --sched step's decays"),
     ],
     ids=[
         "batch-0",
@@ -310,13 +320,24 @@ def test_unreadable_images_are_named_and_not_counted_as_trained(tmp_path, cifar_
         "model-kwargs",
         "opt-kwargs",
         "lr",
+        "smoothing",
+        "drop-path",
+        "color-jitter",
+        "ema-decay",
+        "warmup-epochs",
+        "reprob",
+        "scale",
+        "min-lr",
+        "num-classes",
+        "cosine-milestones",
     ],  # fmt: skip
 )
 def test_bad_flags_are_one_line_and_overwrite_keeps_the_old_run(
     tmp_path, cifar_tiny, capsys, monkeypatch, flags, words
 ):
-    """Each was a traceback (ZeroDivisionError, ValueError, RuntimeError from torch), or with --lr the given LR was
-    silently replaced by --lr-base's; -b 0 with --overwrite deleted the finished run in the folder before it failed."""
+    """Each was a traceback (ZeroDivisionError, ValueError, RuntimeError from torch, some at the first step), or was
+    taken silently (--lr beside --lr-base, --model-ema-decay 2, --warmup-epochs -2, --reprob 2, --min-lr above --lr);
+    -b 0 with --overwrite deleted the finished run in the folder before it failed."""
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     out = tmp_path / "run"
     out.mkdir()

@@ -182,14 +182,15 @@ def test_resume_into_another_run_is_refused_and_overwrite_clears_only_after_chec
 def test_checkpoint_that_does_not_fit_is_one_line(tmp_path, finished, cifar_tiny):
     ckpt = torch.load(finished / "last.pth.tar", weights_only=True)
     base = [*FLAGS, "--data-dir", str(cifar_tiny)]
-    res = _cli(*base, "--output", str(tmp_path / "a"), "--num-classes", "5", "--resume", str(finished / "last.pth.tar"))
-    _one_line_error(res, "10 classes", "has 5", "--num-classes 10")
+    last = str(finished / "last.pth.tar")
+    res = _cli(*base, "--output", str(tmp_path / "a"), "--num-classes", "12", "--resume", last)
+    _one_line_error(res, "10 classes", "has 12", "--num-classes 10")
     no_opt = tmp_path / "no_opt.pth.tar"
     torch.save({k: v for k, v in ckpt.items() if k != "optimizer"}, no_opt)
     _one_line_error(_cli(*base, "--output", str(tmp_path / "b"), "--resume", str(no_opt)), "no optimizer")
     no_count = tmp_path / "no_count.pth.tar"  # an older checkpoint without num_classes: the shape error, one line
     torch.save({k: v for k, v in ckpt.items() if k != "num_classes"}, no_count)
-    res = _cli(*base, "--output", str(tmp_path / "c"), "--num-classes", "5", "--resume", str(no_count))
+    res = _cli(*base, "--output", str(tmp_path / "c"), "--num-classes", "12", "--resume", str(no_count))
     _one_line_error(res, "does not fit", "--num-classes")
 
 

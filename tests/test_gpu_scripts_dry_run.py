@@ -65,7 +65,7 @@ def test_gpu_decode_ab_dry_run(tmp_path):
     assert "tests (tests/test_mixing.py): exit 0" in summary and " passed" in summary, summary
     steps = json.loads((out / "gpu_decode.json").read_text())["steps"]
     base = "model_gpu_loader_same_priority"
-    assert {base, f"{base} (2)", "model_gpu_loader_pinned_nested_half_whole"} <= set(steps), steps  # both baselines kept
+    assert {base, f"{base} (2)", "model_gpu_loader_pinned_nested_half_whole"} <= set(steps), steps  # both baselines
     assert steps["model_gpu_loader_pinned_nested_half_whole"]["chunk"] is False  # one worker per batch
     profile, trainer = steps.pop("profile_model_gpu_loader"), steps.pop("profile_trainer_cpu_decode")
     assert trainer["trainer"]["steps"] == 1 and trainer["trainer"]["wall_ms"] > 0, trainer  # the trainer's step

@@ -323,8 +323,9 @@ def test_sync_bn_converts_every_batchnorm_and_keeps_the_checkpoint_format():
 
 def test_initial_checkpoint_starts_from_those_weights_at_epoch_0(tmp_path, cifar_tiny, capsys):
     """timm's --initial-checkpoint: at --lr 0 a run started from run A's last.pth.tar ends with A's weights (BatchNorm
-    running statistics aside: they move in train mode); it counts its own epochs; a file that is missing or of
-    another model is one line, before the run folder is made."""
+    running statistics aside: they move in train mode); it counts its own epochs; an export's backbone.pth, or
+    weights with another class count, load all but the classifier, which stays as initialised (before: refused);
+    a file that is missing, a folder, or weights of another model are one line, before the run folder is made."""
     from dap_pretrain.train import main as train_main
 
     flags = ["--data-dir", str(cifar_tiny), "--dap-warmup", "0", "-b", "50", "--workers", "0", "--no-plot"]
@@ -335,7 +336,25 @@ def test_initial_checkpoint_starts_from_those_weights_at_epoch_0(tmp_path, cifar
     params = [k for k in a["state_dict"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert params and all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in params)
     assert b["epoch"] == 2 and not torch.equal(a["state_dict"]["conv1.weight"], _fresh_conv1())
+    # an export's backbone.pth (no classifier), or weights with another class count: all but the classifier load
+    from dap_pretrain.export import export_backbone
+
+    export = export_backbone(tmp_path / "a" / "last.pth.tar", tmp_path / "export")
+    other = tmp_path / "100_classes.pth"
+    torch.save({**a["state_dict"], "fc.weight": torch.zeros(100, 64), "fc.bias": torch.zeros(100)}, other)
+    for name, source, says in (("c", export / "backbone.pth", "no"), ("d", other, "another")):
+        capsys.readouterr()
+        train_main([*flags, "--epochs", "1", "--lr", "0", "--initial-checkpoint", str(source),
+                    "--output", str(tmp_path / name)])  # fmt: skip
+        assert (
+            f"classifier (fc.bias, fc.weight) as initialised: the file has {says} classifier"
+            in (tmp_path / name / "log.txt").read_text()
+        )
+        trained = torch.load(tmp_path / name / "last.pth.tar", weights_only=False)["state_dict"]
+        assert all(torch.equal(a["state_dict"][k], trained[k]) for k in params if not k.startswith("fc."))
+        assert not torch.equal(a["state_dict"]["fc.weight"], trained["fc.weight"])  # its own, fresh
     refusals = {"does not exist": [str(tmp_path / "none.pth")],
+                "is a folder; pass a weights file, e.g.": [str(export)],
                 "does not fit model": [str(tmp_path / "a" / "last.pth.tar"), "--model", "cifar_resnet56"]}  # fmt: skip
     for words, extra in refusals.items():
         with pytest.raises(SystemExit):
