@@ -355,6 +355,18 @@ def test_cuda_device_on_a_machine_without_one_is_one_line(tmp_path, cifar_tiny, 
     assert not (tmp_path / "r").exists()
 
 
+def test_a_train_split_that_is_not_there_is_refused_where_other_splits_are(tmp_path, cifar_tiny, capsys):
+    """--train-split nosuch beside train/ and val/: timm reads the whole root for training, so the run trained on
+    val's images and evaluated on them, without a word. Now one line naming the folders, before the run folder."""
+    root = _tree(cifar_tiny, tmp_path / "data", {"train": CLASSES, "val": CLASSES})
+    line = _cli_error(capsys, "--data-dir", str(root), "--train-split", "nosuch", "--epochs", "2", "--dap-warmup",
+                      "1", "--output", str(tmp_path / "run"))  # fmt: skip
+    assert "has no nosuch/ folder but has train/, val/" in line and "--train-split train" in line, line
+    assert not (tmp_path / "run").exists()
+    flat = _tree(cifar_tiny, tmp_path / "flat", {"train": CLASSES}) / "train"  # class folders only: as before
+    assert len(create_dataset(name="", root=flat, split="train", is_training=True)) == 3 * len(CLASSES)
+
+
 def test_evaluating_on_the_training_images_is_warned(tmp_path, cifar_tiny, caplog):
     """A --data-dir of class folders without train/ and val/ is read whole for both splits (as timm does): the run
     evaluated on the images it trained on, without a word."""

@@ -346,10 +346,13 @@ def embedded_data_dir(*, cache_dir: str | os.PathLike | None = None) -> Path:
     return _cache_entry(dest, lambda tmp: _build_split(source, tmp), "splitting the embedded CIFAR-10 sample")
 
 
+SPLIT_SYNONYMS = (("train", "training"), ("val", "valid", "validation", "eval", "evaluation"), ("test",))
+
+
 def _split_folder(root: Path, split: str) -> Path:
     """The folder timm's ImageFolder search reads for ``split`` (``root`` itself when there is no split folder)."""
     name = split.split("[")[0]
-    synonyms = (("train", "training"), ("val", "valid", "validation", "eval", "evaluation"))
+    synonyms = SPLIT_SYNONYMS[:2]
     for candidate in (name, *next((s for s in synonyms if name in s), ())):
         if candidate and (root / candidate).exists():
             return root / candidate
@@ -538,6 +541,12 @@ def create_dataset(
         root = resolve_data_dir(root, cache_dir=cache_dir)
         folder = _split_folder(root, split)
         where = str(folder) if folder != root else f"{root} (it has no {split}/ folder)"
+        splits = sorted(n for group in SPLIT_SYNONYMS for n in group if (root / n).is_dir()) if folder == root else []
+        if is_training and splits:  # a misspelt --train-split: timm would train on every split, val's included
+            raise DataError(
+                f"{root} has no {split}/ folder but has {', '.join(n + '/' for n in splits)}: training would read "
+                f"every split's images, the evaluation's included; pass --train-split {splits[0]} (or the right one)"
+            )
         if class_to_idx is not None and folder == root and not is_training:
             _logger.warning(
                 "%s has no %s/ folder, so evaluation reads every image under it, the training images included (as "
