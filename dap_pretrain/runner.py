@@ -176,6 +176,13 @@ def _load_initial(model, path: str, *, model_name: str) -> None:
     _logger.info("initial weights from %s (--initial-checkpoint)%s", path, kept)
 
 
+def _planned_text(cfg, fraction: float, *, lead: str = "planned ") -> str:
+    """The planned compute for the log: InfoBatch's depends on the losses, so without a target it is a bound."""
+    if cfg.dap_select == "infobatch" and cfg.infobatch_target_compute is None:
+        return f"{lead}at most {fraction:.2%} (InfoBatch prunes by the losses as it goes)"
+    return f"{lead}{fraction:.2%}"
+
+
 def _check_sync_bn(cfg, *, device: torch.device, world: int) -> None:
     """Refuse ``--sync-bn`` where torch cannot run it (several CPU processes), before any data is read."""
     if cfg.sync_bn and world > 1 and device.type != "cuda":
@@ -985,14 +992,15 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
     if hasattr(train_loader, "describe"):
         _logger.info(train_loader.describe())
     _logger.info(
-        "model %s (%.2fM params) on %s x%d; %d train / %s val samples; planned compute %.2f%%",
+        "model %s (%.2fM params) on %s x%d; %d train / %s val samples from %s; %s",
         cfg.model,
         sum(p.numel() for p in model.parameters()) / 1e6,
         device,
         world,
         len(data.train),
         len(data.val) if data.val is not None else "no",
-        100 * acct.planned / acct.baseline,
+        "the embedded CIFAR-10 sample (--data-dir embedded)" if cfg.data_dir == "embedded" else cfg.data_dir,
+        _planned_text(cfg, acct.planned / acct.baseline, lead="planned compute "),
     )
     run_start = time.perf_counter() - sum(r["epoch_time_s"] for r in acct.history)
     if ckpt is not None and rank == 0:
@@ -1098,7 +1106,7 @@ def _finish(cfg, output: Path, acct: Accounting, wall: float, dap: dict) -> dict
     top1 = f"{summary['top1']:.2f}" if summary["top1"] is not None else "n/a (no --val-split)"
     print(
         f"compute spent: {summary['compute_fraction_measured']:.2%} of full-data training "
-        f"({acct.measured:,} / {acct.baseline:,} samples; planned {summary['compute_fraction_planned']:.2%}); "
+        f"({acct.measured:,} / {acct.baseline:,} samples; {_planned_text(cfg, summary['compute_fraction_planned'])}); "
         f"top-1 {top1}; wall {wall:.1f}s -> {output}"
     )
     return summary

@@ -358,6 +358,21 @@ def test_in_memory_path_trains_like_the_jpeg_path(tmp_path, cifar_tiny):
     assert m["samples_trained"] == j["samples_trained"] == 6 * 400
 
 
+def test_planned_compute_is_a_bound_for_infobatch_without_a_target():
+    """InfoBatch prunes by the losses as it goes: without a target, 'planned 100.00%' beside a measured 79% read as
+    a miss; the log now calls it a bound."""
+    from types import SimpleNamespace
+
+    from dap_pretrain.runner import _planned_text
+
+    ib = SimpleNamespace(dap_select="infobatch", infobatch_target_compute=None)
+    assert _planned_text(ib, 1.0) == "planned at most 100.00% (InfoBatch prunes by the losses as it goes)"
+    assert _planned_text(SimpleNamespace(dap_select="infobatch", infobatch_target_compute=0.8), 0.8) == "planned 80.00%"
+    assert (
+        _planned_text(SimpleNamespace(dap_select="hard"), 0.7391, lead="planned compute ") == "planned compute 73.91%"
+    )
+
+
 def test_infobatch_run_reports_its_measured_compute(tmp_path, cifar_tiny):
     out, s = _train(
         tmp_path,
@@ -378,6 +393,7 @@ def test_infobatch_run_reports_its_measured_compute(tmp_path, cifar_tiny):
     assert s["compute_fraction_measured"] == pytest.approx(sum(int(r["samples_trained"]) for r in rows) / 2000)
     assert abs(s["compute_fraction_measured"] - 0.8) < 0.02
     assert [r["eval_top1"] for r in rows][:4] == ["", "", "", ""] and float(rows[-1]["eval_top1"]) >= 0
+    assert f"400 train / 100 val samples from {cifar_tiny}; planned compute 80.00%" in (out / "log.txt").read_text()
     assert s["dap"]["infobatch"]["target_compute"] == 0.8
 
 
