@@ -46,10 +46,27 @@ def _add_kwargs_flag(group, flag: str, target: str, example: str) -> None:
     )
 
 
+HELP = """Train a timm model with Drop-and-Pick: timm's train.py flags plus --dap-*.
+
+The defaults are the paper's ImageNet recipe (SGD at LR 0.1, step decay at 30/60/90 of 120 epochs, DaP's
+warm-up 10, interval 2, keep 0.9), not timm's; without --data-dir the run trains on the embedded CIFAR-10 sample.
+--config FILE.yaml sets the defaults (a run's args.yaml repeats it); the command line wins."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each flag's default after its help (timm writes most into its help), where
+    there is one to show: not for a switch, an unset (None or '') value, or a help that already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default in (None, "", False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(
-        prog="dap-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, timm_hints=True
-    )
+    p = make_parser(prog="dap-train", description=HELP, formatter_class=_HelpFormatter, timm_hints=True)
     p.add_argument("-c", "--config", default="", help="YAML file of argparse defaults (command line overrides)")
     d = p.add_argument_group("Data")
     d.add_argument(
@@ -59,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--dataset", default="", help="timm dataset name ('' = ImageFolder, 'torch/cifar10', ...)")
     d.add_argument("--dataset-download", action="store_true", help="let torchvision download a torch/* dataset")
-    d.add_argument("--train-split", default="train")
+    d.add_argument("--train-split", default="train", help="the training split's folder under --data-dir")
     d.add_argument("--val-split", default="val", help="'' skips evaluation")
     d.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     d.add_argument(
@@ -82,14 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="train split: workers read file bytes, the GPU decodes them in batches (nvjpeg) and applies timm's "
         "RandomResizedCrop + flip + colour jitter there (CUDA only; files nvjpeg refuses go through PIL)",
     )
-    d.add_argument("-j", "--workers", type=int, default=2)
+    d.add_argument("-j", "--workers", type=int, default=2, help="loader processes per training process")
     d.add_argument("--drop-last", action="store_true", help="drop each epoch's last partial batch")
     m = p.add_argument_group("Model")
     m.add_argument("--model", default="cifar_resnet20", help="any timm model name")
     m.add_argument("--num-classes", type=int, default=None, help="default: the dataset's class count")
-    m.add_argument("--channels-last", action="store_true")
+    m.add_argument("--channels-last", action="store_true", help="channels-last memory layout (timm's)")
     m.add_argument("--model-ema", action="store_true", help="keep an EMA of the weights (exported if present)")
-    m.add_argument("--model-ema-decay", type=float, default=0.9998)
+    m.add_argument("--model-ema-decay", type=float, default=0.9998, help="EMA weights' decay per update")
     m.add_argument(
         "--model-ema-warmup", action="store_true", help="timm's EMA warmup: the decay rises with the update count"
     )
@@ -141,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("Optimizer and schedule")
     o.add_argument("-b", "--batch-size", type=int, default=128, help="per process")
     o.add_argument("--opt", default="sgd", help="timm optimizer name")
-    o.add_argument("--lr", type=float, default=0.1)
+    o.add_argument("--lr", type=float, default=0.1, help="learning rate, as given (see --lr-base-size)")
     o.add_argument("--lr-base", type=float, default=None, help="sets --lr for a global batch of --lr-base-size (256)")
     o.add_argument(
         "--lr-base-size",
@@ -153,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--lr-base-scale", choices=("linear", "sqrt"), default=None, help="default: sqrt for Adam/LAMB-like, linear"
     )
-    o.add_argument("--momentum", type=float, default=0.9)
-    o.add_argument("--weight-decay", type=float, default=1e-4)
+    o.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    o.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (timm's: 2e-5)")
     o.add_argument("--opt-eps", type=float, default=None, metavar="EPS", help="optimizer epsilon (Adam-like)")
     o.add_argument("--opt-betas", type=float, nargs="+", default=None, metavar="BETA", help="optimizer betas")
     o.add_argument("--layer-decay", type=float, default=None, help="layer-wise LR decay (timm's param groups)")
@@ -182,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--decay-rate", "--dr", type=float, default=0.1, help="LR factor at each decay (timm's --dr too)")
     o.add_argument("--warmup-epochs", type=float, default=0.0, help="linear LR warm-up (not DaP's --dap-warmup)")
-    o.add_argument("--warmup-lr", type=float, default=1e-5)
-    o.add_argument("--min-lr", type=float, default=0.0)
+    o.add_argument("--warmup-lr", type=float, default=1e-5, help="LR at the start of --warmup-epochs")
+    o.add_argument("--min-lr", type=float, default=0.0, help="cosine schedule's floor")
     o.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
     x = p.add_argument_group(
         "Mixup/CutMix (timm's flags; with DaP each sample is ranked by its own label's share of the mixed losses)"
@@ -239,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r = p.add_argument_group("Run")
     r.add_argument("--amp", action="store_true", help="autocast: bfloat16 on CPU, --amp-dtype on GPU")
-    r.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default="float16")
+    r.add_argument("--amp-dtype", choices=("float16", "bfloat16"), default="float16", help="with --amp")
     r.add_argument(
         "--cuda-graph",
         action="store_true",
@@ -264,18 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate every N epochs and at the last",
     )
     r.add_argument("-vb", "--validation-batch-size", type=int, default=None, help="default: --batch-size")
-    r.add_argument("--device", default="auto")
-    r.add_argument("--seed", type=int, default=42)
+    r.add_argument("--device", default="auto", help="auto (CUDA if there is one), cpu, cuda, cuda:N, ...")
+    r.add_argument("--seed", type=int, default=42, help="run seed: initial weights, data order, augmentation")
     r.add_argument(
         "--output",
         default="runs/default",
         help="the run folder itself (timm's --output is a parent of experiment folders); refused if it holds "
-        "another run; with --resume, default: the checkpoint's folder",
+        "another run; default: runs/default, or with --resume the checkpoint's folder",
     )
     r.add_argument("--resume", default="", help="checkpoint to continue from (e.g. OUTPUT/last.pth.tar)")
     r.add_argument("--overwrite", action="store_true", help="replace a previous run in --output")
-    r.add_argument("--log-interval", type=int, default=50)
-    r.add_argument("--no-plot", action="store_true")
+    r.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
+    r.add_argument("--no-plot", action="store_true", help="skip dap_schedule.png")
     r.add_argument("--compare", action="store_true", help="also train a full-data baseline into OUTPUT/full_data")
     r.add_argument("--export", action="store_true", help="export OUTPUT/export (timm/mmdet/mmpose) at the end")
     return p
