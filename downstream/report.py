@@ -88,6 +88,7 @@ class Row:
     note: str = ""
     protocol: tuple = ()  # the run's values of _PROTOCOL's keys, in that order
     evaluation: str = ""  # what of the protocol differs from other rows of its table (set by make_tables)
+    pretrain: tuple = ()  # the backbone's pre-training data and class count (meta.json's dataset, num_classes)
     deltas: list[float | None] = dataclasses.field(default_factory=list)
     best: list[bool] = dataclasses.field(default_factory=list)
 
@@ -142,8 +143,9 @@ def _row(run: dict, work_dir: str) -> Row:
     model = meta.get("model", "?")
     note = str(run.get("note") or "")
     protocol = tuple((run.get("run") or {}).get(key) for key in _PROTOCOL)
+    pretrain = (meta.get("dataset"), meta.get("num_classes"))
     return Row(run["method"], _BACKBONE_NAMES.get(model, model), _compute_fraction(meta), work_dir, values, note,
-               protocol)  # fmt: skip
+               protocol, pretrain=pretrain)  # fmt: skip
 
 
 def _is_full(row: Row) -> bool:
@@ -152,6 +154,16 @@ def _is_full(row: Row) -> bool:
 
 def _add_note(row: Row, text: str) -> None:
     row.note = f"{row.note}; {text}" if row.note else text
+
+
+def _pretrained_apart(row: Row, base: Row) -> bool:
+    """Whether meta.json says the two backbones were pre-trained on other data or class counts (unknown: no)."""
+    return any(a is not None and b is not None and a != b for a, b in zip(row.pretrain, base.pretrain, strict=True))
+
+
+def _pretrain_str(row: Row) -> str:
+    dataset, classes = row.pretrain
+    return f"{dataset or '?'} ({classes if classes is not None else '?'} classes)"
 
 
 def _fill_group(rows: list[Row]) -> None:
@@ -170,6 +182,9 @@ def _fill_group(rows: list[Row]) -> None:
             _add_note(r, f"no deltas: no 100% run of this method, backbone and evaluation was given{why}")
         elif r is not base and _is_full(r):
             _add_note(r, f"a second 100% run; deltas are against the first given, {base.work_dir}")
+        if base is not None and r is not base and _pretrained_apart(r, base):
+            _add_note(r, f"pre-trained on {_pretrain_str(r)}, the 100% run on {_pretrain_str(base)}: the deltas "
+                         "mix pre-training data with compute")  # fmt: skip
     if len(rows) < 2:
         return
     for i in range(n):

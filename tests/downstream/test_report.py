@@ -142,3 +142,25 @@ def test_bad_work_dir_is_one_line_exit_2(tmp_path, capsys, content):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("report: error:") and str(tmp_path) in err
+
+
+def test_a_backbone_pre_trained_on_other_data_is_noted_beside_its_deltas(tmp_path, capsys):
+    """Only the fine-tuning protocol grouped runs: a DaP backbone from a 3-class CIFAR subset got a delta against a
+    100% backbone from 1,000 ImageNet classes with no word. The deltas stay (the data may be the same under another
+    path), with a note naming both; backbones that agree, or whose meta.json does not say, get none."""
+    n = len(TABLE_COLUMNS[9])
+    kw = {"method": "SimpleBaseline", "table": 9, "model": "resnet18", "values": [0.4] * n}
+    dirs = [_run(tmp_path, "full", compute=1.0, **kw), _run(tmp_path, "dap", compute=0.74, **kw),
+            _run(tmp_path, "same", compute=0.8, **kw), _run(tmp_path, "unknown", compute=0.9, **kw)]  # fmt: skip
+    pretrain = {"full": ("/data/imagenet", 1000), "dap": ("/tmp/c3", 3), "same": ("/data/imagenet", 1000)}
+    for d in dirs:
+        run = json.loads((d / "metrics.json").read_text())
+        if d.name in pretrain:
+            run["backbone"]["dataset"], run["backbone"]["num_classes"] = pretrain[d.name]
+        (d / "metrics.json").write_text(json.dumps(run))
+    rows = make_tables([(str(d), json.loads((d / "metrics.json").read_text())) for d in dirs])[9]
+    notes = {r.work_dir.rsplit("/", 1)[-1]: r.note for r in rows}
+    assert notes["dap"] == ("pre-trained on /tmp/c3 (3 classes), the 100% run on /data/imagenet (1000 classes): "
+                            "the deltas mix pre-training data with compute")  # fmt: skip
+    assert notes["full"] == notes["same"] == notes["unknown"] == ""
+    assert all(r.deltas[0] == pytest.approx(0.0) for r in rows[1:])  # the deltas are still given
