@@ -900,12 +900,14 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
         _logger.info(lr_note)
     late = [m for m in cfg.decay_milestones if m >= cfg.epochs] if cfg.sched == "step" else []
     if late:  # e.g. the embedded default's milestone 10 with --epochs 6: silently a constant LR
+        below = f"milestones below {cfg.epochs} to decay it, or " if cfg.epochs > 1 else ""
         _logger.warning(
-            "--decay-milestones %s: at or after the end of training (%d epochs), so the LR never decays there; "
-            "pass milestones below %d to decay it",
+            "--decay-milestones %s: at or after the end of training (%d epoch%s), so the LR never decays there; "
+            "pass %s--decay-milestones with no value for a constant LR",
             " ".join(map(str, late)),
             cfg.epochs,
-            cfg.epochs,
+            "s" if cfg.epochs > 1 else "",
+            below,
         )
     _check_sync_bn(cfg, device=device, world=world)
     model_cfg = timm.models.get_pretrained_cfg(cfg.model)

@@ -597,5 +597,5 @@ def test_a_decay_milestone_past_the_last_epoch_is_warned(tmp_path, cifar_tiny):
     warned = [ln for ln in (tmp_path / "run" / "log.txt").read_text().splitlines() if "--decay-milestones" in ln]
     assert len(warned) == 1 and warned[0].endswith(
         "--decay-milestones 5: at or after the end of training (2 epochs), so the LR never decays there; pass "
-        "milestones below 2 to decay it"
+        "milestones below 2 to decay it, or --decay-milestones with no value for a constant LR"
     ), warned
