@@ -68,8 +68,9 @@ def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002 
                 if exit:
                     sys.exit(2)
                 return 2
-            except KeyboardInterrupt:  # Ctrl-C: one line, not Python's traceback of wherever the run was
-                print_error(f"{prog + ': ' if prog else ''}interrupted; what was saved before it is kept")
+            except KeyboardInterrupt as e:  # Ctrl-C: one line, not Python's traceback of wherever the run was
+                said = one_line(e) or "interrupted; what was saved before it is kept"  # a run names its --resume
+                print_error(f"{prog + ': ' if prog else ''}{said}")
                 if exit:
                     sys.exit(130)
                 return 130

@@ -876,11 +876,14 @@ def run(cfg: RunConfig) -> dict | None:
         if message is not None:  # the other ranks stop with rank 0's line instead of hanging at a barrier
             raise UsageError(message)
         return _train(cfg, device=device, rank=rank, world=world, output=output, held=held, lock=lock)
-    except BaseException:
+    except BaseException as e:
         if lock is not None:
             if getattr(lock, "replaced", False):  # --overwrite, stopped before the new run's first checkpoint
                 restore_replaced(output)
             release_unused(lock, output)
+        last = output / LAST_CHECKPOINT
+        if isinstance(e, KeyboardInterrupt) and getattr(lock, "taken", False) and last.is_file():
+            raise KeyboardInterrupt(f"interrupted; continue the run with --resume {last}") from None  # Ctrl-C
         raise
     finally:
         held.close()

@@ -197,6 +197,31 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
     assert capsys.readouterr().err.startswith("report: interrupted")
 
 
+def test_ctrl_c_in_a_run_names_the_resume_command(tmp_path, cifar_tiny, capsys, monkeypatch):
+    """Ctrl-C in epoch 2 of a run: the one line says how to continue it (before: only that the saved files are
+    kept); the folder is the run's, and --resume continues it to the end."""
+    from dap_pretrain import runner
+    from dap_pretrain.train import cli as train_cli
+
+    real, calls = runner.train_one_epoch, []
+
+    def stopped_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_one_epoch", stopped_in_epoch_2)
+    out = tmp_path / "run"
+    flags = ["--data-dir", str(cifar_tiny), "--model", "test_resnet", "--img-size", "32", "-b", "100", "-j", "0",
+             "--epochs", "3", "--dap-warmup", "1", "--no-plot", "--device", "cpu", "--output", str(out)]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        train_cli(flags)
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and err == f"interrupted; continue the run with --resume {out / 'last.pth.tar'}\n"
+    assert train_cli([*flags, "--resume", str(out / "last.pth.tar")]) == 0 and (out / "run.json").is_file()
+
+
 def test_a_short_run_with_the_default_warmup_is_told_the_default(capsys):
     """`--epochs 2` alone said "dap-warmup=10 is invalid: must be an integer in [0, 1]", a value never typed."""
     with pytest.raises(SystemExit):
