@@ -12,6 +12,7 @@ import logging
 import math
 import pickle
 import random
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -987,7 +988,9 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
         )
         _logger.info("removed from %s before starting: %s%s", output, ", ".join(removed), aside)
     if ckpt is not None:
-        _logger.info("resumed %s at epoch %d", cfg.resume, ckpt["epoch"])
+        done = "; the run is finished: nothing left to train, its results are written again"
+        done = done if start_epoch >= cfg.epochs else ""
+        _logger.info("resumed %s at epoch %d%s", cfg.resume, ckpt["epoch"], done)
     resolved = args_yaml(cfg)
     if rank == 0:
         write_atomic(output / "args.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(resolved, sort_keys=False)))
@@ -1010,6 +1013,9 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
     run_start = time.perf_counter() - sum(r["epoch_time_s"] for r in acct.history)
     if ckpt is not None and rank == 0:
         state.best = _restore_best(ckpt, output, acct.history)
+        if Path(cfg.resume).resolve().parent != output.resolve():  # continued in another folder: it holds its
+            write_atomic(output / LAST_CHECKPOINT, lambda tmp: shutil.copyfile(cfg.resume, tmp))  # run, resumable
+            write_summary_csv(output, acct.history)  # and comparable, even with no epoch left to train
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)

@@ -251,3 +251,19 @@ def test_claim_output_refuses_a_file(tmp_path):
     f.write_text("x")
     with pytest.raises(UsageError, match="cannot use"):
         _claim_output(f / "run", resume="", overwrite=False)
+
+
+def test_a_finished_run_resumed_into_another_folder_leaves_a_whole_run_there(tmp_path, finished, cifar_tiny):
+    """--resume A/last.pth.tar --output B of a finished run wrote run.json and model_best into B but no
+    last.pth.tar and no summary.csv: B could be neither resumed nor compared, and --export failed. B now holds the
+    checkpoint it continued from and the history so far, and resumes as its own run."""
+    run = _copy(finished, tmp_path / "a")
+    moved = tmp_path / "b"
+    base = [*FLAGS, "--data-dir", str(cifar_tiny)]
+    train_main([*base, "--resume", str(run / "last.pth.tar"), "--output", str(moved), "--export"])
+    assert (moved / "summary.csv").read_text() == (run / "summary.csv").read_text()
+    assert (moved / "last.pth.tar").read_bytes() == (run / "last.pth.tar").read_bytes()
+    assert (moved / "export" / "meta.json").is_file()
+    again = train_main([*base, "--resume", str(moved / "last.pth.tar")])
+    assert again["top1"] == json.loads((run / "run.json").read_text())["top1"]
+    assert "the run is finished: nothing left to train" in (moved / "log.txt").read_text()
