@@ -266,6 +266,9 @@ def _cache_report(root, args: argparse.Namespace) -> int:
     now = time.time()
     for e in found:
         state = "in use" if e.in_use else f"last used {(now - e.last_used) / 86400:.1f} days ago"
+        group = cache.group_of(e.path.name)
+        if group != e.path.name:  # the embedded split: hard links into its extraction, whose size counts them
+            state += f"; its files are hard links into {group}, counted there"
         print(f"{cache.human_bytes(e.bytes):>10}  {e.path.name}  ({state})")
     total = cache.human_bytes(sum(e.bytes for e in found))
     print(

@@ -132,8 +132,9 @@ def test_one_cleaner_at_a_time(tmp_path):
     assert res.returncode == 2 and "another `cache --clean` is running" in res.stderr, res.stderr
 
 
-def test_the_embedded_extraction_and_its_split_go_together(tmp_path):
-    """The split hard-links the extraction's files: removing one alone would free nothing."""
+def test_the_embedded_extraction_and_its_split_go_together(tmp_path, capsys):
+    """The split hard-links the extraction's files: removing one alone would free nothing, and the listing, which
+    counts them with the extraction, says so beside the split's size."""
     root = tmp_path / "cache"
     key = "cifar10_test_jpg-3291257-75d84991587e9621"
     extraction, split = root / key, root / f"{key}-split800"
@@ -146,6 +147,11 @@ def test_the_embedded_extraction_and_its_split_go_together(tmp_path):
         _age(p, days)
     sizes = {e.path.name: e.bytes for e in cache.entries(root)}
     assert sizes[key] >= 5000 and sizes[split.name] < 5000  # the shared file is counted once
+    from dap_pretrain.cli import main
+
+    main(["cache", "--cache-dir", str(root)])  # the listing says why the split shows (almost) nothing
+    listed = [line for line in capsys.readouterr().out.splitlines() if split.name in line]
+    assert listed and listed[0].endswith(f"; its files are hard links into {key}, counted there)"), listed
     assert cache.clean(root, older_than_days=30) == ([], [])  # the split was used 2 days ago: both stay
     _age(split, 40)
     removed, _ = cache.clean(root, older_than_days=30)

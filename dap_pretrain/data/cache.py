@@ -191,7 +191,7 @@ def _in_use(entry: Path) -> bool:
     return False
 
 
-def _group(name: str) -> str:
+def group_of(name: str) -> str:
     """The embedded sample's split shares its extraction's files: both are one group, kept or removed together."""
     return re.sub(r"-split\d+$", "", name)
 
@@ -201,7 +201,7 @@ def entries(cache_root: Path, *, sizes: bool = True) -> list[Entry]:
     if not cache_root.is_dir():
         return []
     out, seen = [], set()
-    for p in sorted(cache_root.iterdir(), key=lambda p: (_group(p.name), p.name)):  # an extraction before its split
+    for p in sorted(cache_root.iterdir(), key=lambda p: (group_of(p.name), p.name)):  # an extraction before its split
         if not ENTRY_NAME.fullmatch(p.name) or p.is_symlink() or not p.is_dir():
             continue
         use = use_file(p)
@@ -238,12 +238,12 @@ def clean(cache_root: Path, *, older_than_days: float, now: float | None = None)
             raise CleanRefused(f"cannot lock {cache_root} ({e.strerror}); --clean needs file locks there") from None
         found = entries(cache_root)
         stale = {e.path.name for e in found if now - e.last_used >= older_than_days * 86400 and not e.in_use}
-        groups_kept = {_group(e.path.name) for e in found if e.path.name not in stale}
+        groups_kept = {group_of(e.path.name) for e in found if e.path.name not in stale}
         removed, busy = [], [e for e in found if e.in_use]
         for e in found:
             if e.path.name not in stale:
                 continue
-            if _group(e.path.name) in groups_kept:  # its split (or extraction) stays: removing it frees nothing
+            if group_of(e.path.name) in groups_kept:  # its split (or extraction) stays: removing it frees nothing
                 continue
             if _remove(e, cache_root, older_than_days=older_than_days, now=now):
                 removed.append(e)
