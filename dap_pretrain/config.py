@@ -132,23 +132,22 @@ _RANGES = (
 
 
 def _check_ranges(v: dict) -> None:
-    """One line for a setting out of its range (:data:`_RANGES`), and for a crop scale or ratio that is not
-    ``0 < MIN <= MAX`` (a scale at most 1: a fraction of the image's area)."""
+    """One line for a setting out of its range (:data:`_RANGES`), and for a crop scale that is not
+    ``0 <= MIN <= MAX`` or a ratio that is not ``0 < MIN <= MAX``. Only what would fail or be silently wrong:
+    what timm's train.py takes and uses (``--min-lr`` above ``--lr``, a scale above 1) is left to the user."""
     for name, low, high, closed in _RANGES:
         value = v.get(name)
         if value is None or (low <= value and (high is None or value < high or (closed and value == high))):
             continue
         span = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}{']' if closed else ')'}"
         raise UsageError(f"{cli_flags([name])}={value} is invalid: must be {span}")
-    for name, top in (("scale", 1.0), ("ratio", None)):
+    for name, strict in (("scale", False), ("ratio", True)):  # timm takes a scale of 0, or above 1 (centre crops)
         pair = v.get(name)
-        if pair is not None and not (len(pair) == 2 and 0 < pair[0] <= pair[1] and (top is None or pair[1] <= top)):
-            bound = f" <= {top:g}" if top is not None else ""
-            raise UsageError(
-                f"{cli_flags([name])} {' '.join(map(str, pair))} is invalid: two values 0 < MIN <= MAX{bound}"
-            )
-    if v.get("lr_base") is None and v.get("min_lr") is not None and v["lr"] is not None and v["min_lr"] > v["lr"]:
-        raise UsageError(f"--min-lr={v['min_lr']} is above --lr={v['lr']}: the LR would rise as it decays; lower it")
+        if pair is None:
+            continue
+        if not (len(pair) == 2 and (pair[0] > 0 if strict else pair[0] >= 0) and pair[0] <= pair[1]):
+            least = "0 < MIN" if strict else "0 <= MIN"
+            raise UsageError(f"{cli_flags([name])} {' '.join(map(str, pair))} is invalid: two values {least} <= MAX")
 
 
 def run_config(args: argparse.Namespace) -> RunConfig:

@@ -878,12 +878,13 @@ def run(cfg: RunConfig) -> dict | None:
             raise UsageError(message)
         return _train(cfg, device=device, rank=rank, world=world, output=output, held=held, lock=lock)
     except BaseException as e:
+        saved = lock is not None and getattr(lock, "taken", False) and not getattr(lock, "replaced", False)
         if lock is not None:
             if getattr(lock, "replaced", False):  # --overwrite, stopped before the new run's first checkpoint
                 restore_replaced(output)
             release_unused(lock, output)
         last = output / LAST_CHECKPOINT
-        if isinstance(e, KeyboardInterrupt) and getattr(lock, "taken", False) and last.is_file():
+        if isinstance(e, KeyboardInterrupt) and saved and last.is_file():  # this run's checkpoint, not one put back
             raise KeyboardInterrupt(f"interrupted; continue the run with --resume {last}") from None  # Ctrl-C
         raise
     finally:
@@ -1016,6 +1017,9 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
         if Path(cfg.resume).resolve().parent != output.resolve():  # continued in another folder: it holds its
             write_atomic(output / LAST_CHECKPOINT, lambda tmp: shutil.copyfile(cfg.resume, tmp))  # run, resumable
             write_summary_csv(output, acct.history)  # and comparable, even with no epoch left to train
+            if getattr(lock, "replaced", False):  # --overwrite: that copy is this run's first checkpoint
+                drop_replaced(output)
+                lock.replaced = False
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)

@@ -60,7 +60,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if default in (None, "", False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+        unset = default is None or default is False or default == "" or default is argparse.SUPPRESS  # 0 is shown
+        if unset or "default" in text or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
@@ -440,7 +441,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             )
         notes.append(f"config's decay_epochs {args.decay_epochs} is not used under sched {args.sched}, as in timm")
         args.decay_epochs = None
-    if "--decay-milestones" in given and args.sched == "cosine":  # else ignored, and DaP's reuse epochs with them
+    if "--decay-milestones" in given and args.decay_milestones and args.sched == "cosine":  # ignored, reuse too
         raise UsageError(
             "--decay-milestones sets --sched step's decays, but --sched is cosine; drop it, or pass --sched step "
             "(DaP's reuse epochs under cosine: --dap-reuse)"
@@ -469,7 +470,11 @@ def main(argv=None) -> dict:
 
     summary = run(cfg)
     if args.compare and summary is not None:
-        base = run(run_config(_baseline_args(args)))
+        try:
+            base = run(run_config(_baseline_args(args)))
+        except KeyboardInterrupt:  # its own --resume line would be refused: the pair continues through the DaP run
+            last = Path(args.output) / LAST_CHECKPOINT
+            raise KeyboardInterrupt(f"interrupted; continue both runs with --compare --resume {last}") from None
         if base is not None:
             print(compare_table(summary, base))
     return summary
@@ -477,15 +482,16 @@ def main(argv=None) -> dict:
 
 def _baseline_args(args: argparse.Namespace) -> argparse.Namespace:
     """``--compare``'s full-data run, in ``OUTPUT/full_data``: the same flags with ``--dap-select none``. With
-    ``--resume`` it continues the baseline from its own last checkpoint where one was saved; a baseline stopped
-    before its first checkpoint is started again (``--overwrite``, which keeps its files until the new first
-    checkpoint)."""
+    ``--resume`` it continues the baseline from its own last checkpoint where one was saved (in ``OUTPUT/full_data``,
+    else beside the resumed run, when that run continues in another folder); a baseline stopped before its first
+    checkpoint is started again (``--overwrite``, which keeps its files until the new first checkpoint)."""
     full = argparse.Namespace(**{**vars(args), "compare": False, "dap_select": "none", "resume": ""})
     full.output = str(Path(args.output) / "full_data")
     if args.resume:
-        last = Path(full.output) / LAST_CHECKPOINT
-        if last.is_file():
-            full.resume = str(last)
+        here = Path(full.output) / LAST_CHECKPOINT  # the resumed run's folder, or the one it continues in
+        there = Path(args.resume).parent / "full_data" / LAST_CHECKPOINT  # the baseline beside the resumed run
+        if here.is_file() or there.is_file():
+            full.resume = str(here if here.is_file() else there)
         elif any((Path(full.output) / m).exists() for m in RUN_MARKERS):
             full.overwrite = True
     return full

@@ -220,6 +220,43 @@ def test_ctrl_c_in_a_run_names_the_resume_command(tmp_path, cifar_tiny, capsys, 
     err = capsys.readouterr().err
     assert exc.value.code == 130 and err == f"interrupted; continue the run with --resume {out / 'last.pth.tar'}\n"
     assert train_cli([*flags, "--resume", str(out / "last.pth.tar")]) == 0 and (out / "run.json").is_file()
+    # --overwrite stopped before its first checkpoint: the old run is put back, and no --resume of it is offered
+    kept = (out / "last.pth.tar").read_bytes()
+    calls.clear()
+    calls.append(1)  # the next call is the second: in the new run's first epoch
+    with pytest.raises(SystemExit):
+        train_cli([*flags, "--overwrite"])
+    assert capsys.readouterr().err == "interrupted; what was saved before it is kept\n"
+    assert (out / "last.pth.tar").read_bytes() == kept and not (out / ".replaced").exists()
+
+
+def test_ctrl_c_in_the_compare_baseline_names_the_command_that_continues_both(
+    tmp_path, cifar_tiny, capsys, monkeypatch
+):
+    """Ctrl-C in --compare's baseline named the baseline's own --resume, which is refused (its --dap-select is
+    none); the line now names --compare --resume of the DaP run, and that command finishes both."""
+    from dap_pretrain import runner
+    from dap_pretrain.train import cli as train_cli
+
+    real, calls = runner.train_one_epoch, []
+
+    def stopped_in_the_baseline(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the DaP run's 2 epochs, then the baseline's second
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "train_one_epoch", stopped_in_the_baseline)
+    out = tmp_path / "run"
+    flags = ["--data-dir", str(cifar_tiny), "--model", "test_resnet", "--img-size", "32", "-b", "100", "-j", "0",
+             "--epochs", "2", "--dap-warmup", "1", "--no-plot", "--device", "cpu", "--output", str(out),
+             "--compare"]  # fmt: skip
+    with pytest.raises(SystemExit) as exc:
+        train_cli(flags)
+    last = out / "last.pth.tar"
+    assert exc.value.code == 130
+    assert capsys.readouterr().err == f"interrupted; continue both runs with --compare --resume {last}\n"
+    assert train_cli([*flags, "--resume", str(last)]) == 0 and "DaP top-1" in capsys.readouterr().out
 
 
 def test_a_short_run_with_the_default_warmup_is_told_the_default(capsys):

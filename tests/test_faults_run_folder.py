@@ -267,3 +267,10 @@ def test_a_finished_run_resumed_into_another_folder_leaves_a_whole_run_there(tmp
     again = train_main([*base, "--resume", str(moved / "last.pth.tar")])
     assert again["top1"] == json.loads((run / "run.json").read_text())["top1"]
     assert "the run is finished: nothing left to train" in (moved / "log.txt").read_text()
+    # into a folder holding another run, with --overwrite: the copy is the run's first checkpoint, so the replaced
+    # run's files go (before, .replaced/ stayed, and a later --overwrite stopped early put that stale run back)
+    other = _copy(finished, tmp_path / "other")
+    train_main([*base, "--resume", str(run / "last.pth.tar"), "--output", str(other), "--overwrite"])
+    assert (
+        not (other / ".replaced").exists() and (other / "summary.csv").read_text() == (run / "summary.csv").read_text()
+    )

@@ -518,3 +518,4 @@ def test_help_shows_each_flags_default_and_says_they_are_the_papers():
                           ("--dap-keep", "0.9"), ("--workers", "2")):  # fmt: skip
         assert entry(parser._option_string_actions[flag]).endswith(f"(default: {default})"), flag
     assert "(default: None)" not in text and "(default: False)" not in text and "(default: )" not in text
+    assert entry(parser._option_string_actions["--warmup-epochs"]).endswith("(default: 0.0)")  # 0 is a default

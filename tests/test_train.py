@@ -438,6 +438,11 @@ def test_compare_trains_the_full_data_baseline_beside_the_run(tmp_path, cifar_ti
     train_main([*CIFAR, "--data-dir", str(cifar_tiny), "--epochs", "3", "--compare", "--resume",
                 str(out / "last.pth.tar")])  # fmt: skip
     assert (out / "full_data" / "last.pth.tar").is_file() and "DaP top-1" in capsys.readouterr().out
+    # resumed into another folder, the finished baseline continues from its checkpoint beside the resumed run
+    moved = tmp_path / "moved"
+    train_main([*CIFAR, "--data-dir", str(cifar_tiny), "--epochs", "3", "--compare", "--resume",
+                str(out / "last.pth.tar"), "--output", str(moved)])  # fmt: skip
+    assert (moved / "full_data" / "summary.csv").read_text() == (out / "full_data" / "summary.csv").read_text()
 
 
 def test_compare_table_without_evaluation():

@@ -543,9 +543,10 @@ def create_dataset(
         where = str(folder) if folder != root else f"{root} (it has no {split}/ folder)"
         splits = sorted(n for group in SPLIT_SYNONYMS for n in group if (root / n).is_dir()) if folder == root else []
         if is_training and splits:  # a misspelt --train-split: timm would train on every split, val's included
+            likely = next((n for n in SPLIT_SYNONYMS[0] if n in splits), splits[0])
             raise DataError(
                 f"{root} has no {split}/ folder but has {', '.join(n + '/' for n in splits)}: training would read "
-                f"every split's images, the evaluation's included; pass --train-split {splits[0]} (or the right one)"
+                f"every split's images, the evaluation's included; pass --train-split {likely} (or the right one)"
             )
         if class_to_idx is not None and folder == root and not is_training:
             _logger.warning(

@@ -182,12 +182,13 @@ def describe_transform(transform) -> str:
 
 def chunk_size(batch_size: int, num_workers: int) -> int:
     """Samples per worker task: the largest divisor of ``batch_size`` not above ``batch_size / num_workers``
-    (rounded up), so a batch is spread over all workers; the whole batch where that would be under 4 samples."""
+    (rounded up), so a batch is spread over all workers, and at least 4 (each chunk costs a worker task and its
+    shared-memory tensors); the whole batch where no divisor from 4 up fits."""
     if num_workers <= 1:
         return batch_size
-    target = -(-batch_size // num_workers)
+    target = max(4, -(-batch_size // num_workers))  # more workers than batch / 4: chunks of 4, some workers idle
     chunk = max(d for d in range(1, target + 1) if batch_size % d == 0)
-    return chunk if chunk >= min(4, target) else batch_size
+    return chunk if chunk >= 4 else batch_size
 
 
 def cifar_transform(*, img_size: int = 32, is_training: bool) -> T.Compose:

@@ -17,8 +17,8 @@ Who calls what, and when (mmengine calls the hook; the hook calls the engine):
 * ``after_val_epoch``: top-1/5 into the epoch's row. ``after_val`` (every hook's ``after_val_epoch`` has run, so
   mmpretrain's ``EMAHook(evaluate_on_origin=True)`` has validated the raw weights too): their top-1/5 into the row
   as ``eval_top1_origin``/``eval_top5_origin`` (mmpretrain's ``val/accuracy/top1_origin``), ``summary.csv``, and,
-  since mmengine saves before it validates, the epoch's own checkpoint file brought up to date (rank 0, local
-  files).
+  since mmengine saves before it validates, the checkpoint files saved at this epoch brought up to date: its own
+  and a ``save_best`` one (rank 0, local files).
 * ``after_train``: ``WORK_DIR/run.json`` with the timm trainer's keys.
 
 Exact resume with loader workers also needs a fixed ``randomness.seed``: with ``seed=None`` mmengine seeds the
@@ -366,20 +366,30 @@ class DaPHook(Hook):
         metrics = metrics or {}
         for key, name in (("eval_top1", "accuracy/top1"), ("eval_top5", "accuracy/top5")):
             row[key] = float(metrics[name]) if name in metrics else None
+        self._read_origin(runner, row)  # here if the EMAHook's after_val_epoch ran before this one
+        now = time.perf_counter()  # in the row before CheckpointHook (VERY_LOW) saves a best checkpoint
+        row["epoch_time_s"] = round(row["epoch_time_s"] + now - self._t_val, 3)
+        self._t_val = now
 
     def after_val(self, runner) -> None:
         if not self._in_training(runner):
             return
         row = self.acct.history[-1]
-        if self._origin_validates:  # logged by the EMAHook's after_val_epoch, during this validation or not at all
-            hub = runner.message_hub
-            for key, name in ORIGIN_KEYS:
-                fresh = _logged(runner, name) > self._origin_seen.get(name, 0)
-                row[key] = float(hub.get_scalar(name).current()) if fresh else None
+        self._read_origin(runner, row)  # every after_val_epoch has run: the raw weights' validation too
         row["epoch_time_s"] = round(row["epoch_time_s"] + time.perf_counter() - self._t_val, 3)
         self._write_summary(runner)
         if is_main_process():
-            self._update_saved_checkpoint(runner)
+            self._update_saved_checkpoints(runner)
+
+    def _read_origin(self, runner, row: dict) -> None:
+        """The raw weights' top-1/5 that mmpretrain's ``EMAHook(evaluate_on_origin=True)`` logs in its
+        ``after_val_epoch``, if it has logged them during this validation (else None)."""
+        if not self._origin_validates:
+            return
+        hub = runner.message_hub
+        for key, name in ORIGIN_KEYS:
+            fresh = _logged(runner, name) > self._origin_seen.get(name, 0)
+            row[key] = float(hub.get_scalar(name).current()) if fresh else None
 
     def after_train(self, runner) -> None:
         model = unwrap(runner.model)
@@ -450,15 +460,19 @@ class DaPHook(Hook):
         if is_main_process():
             _write_atomic(Path(runner.work_dir) / "summary.csv", _csv_text(self.acct.history))
 
-    def _update_saved_checkpoint(self, runner) -> None:
-        """Put the just-validated epoch's top-1/5 into that epoch's checkpoint (mmengine saved it before validating)."""
-        path = runner.message_hub.get_info("last_ckpt")
-        if not path or not os.path.isfile(path):  # no checkpoint yet, or a remote file backend
-            return
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # this run's own file, in its work dir
-        if "dap" not in ckpt or ckpt.get("meta", {}).get("epoch") != self.acct.history[-1]["epoch"]:
-            return  # saved at another epoch (CheckpointHook interval > 1)
-        ckpt["dap"] = self.state()
-        tmp = f"{path}.dap.tmp"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
+    def _update_saved_checkpoints(self, runner) -> None:
+        """Put the just-validated epoch's figures into the checkpoints saved at that epoch: the epoch's own
+        (mmengine saved it before validating) and a best one (``save_best``, saved before the raw weights' figures
+        of ``evaluate_on_origin`` were read)."""
+        hub = runner.message_hub
+        keys = ["last_ckpt"] + [k for k in hub.runtime_info if k.startswith("best_ckpt")]
+        for path in dict.fromkeys(hub.get_info(k) for k in keys):
+            if not path or not os.path.isfile(path):  # no checkpoint yet, or a remote file backend
+                continue
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)  # this run's own file, in its work dir
+            if "dap" not in ckpt or ckpt.get("meta", {}).get("epoch") != self.acct.history[-1]["epoch"]:
+                continue  # saved at another epoch (CheckpointHook interval > 1, an earlier best)
+            ckpt["dap"] = self.state()
+            tmp = f"{path}.dap.tmp"
+            torch.save(ckpt, tmp)
+            os.replace(tmp, path)

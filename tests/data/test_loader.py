@@ -85,6 +85,7 @@ def test_chunked_workers_cut_the_same_batches_as_one_dataloader():
 
     assert chunk_size(256, 14) == 16 and chunk_size(128, 2) == 64 and chunk_size(100, 14) == 5
     assert chunk_size(127, 14) == 127 and chunk_size(64, 0) == 64  # prime: no useful divisor; no workers
+    assert chunk_size(8, 14) == 4 and chunk_size(6, 4) == 6 and chunk_size(2, 2) == 2  # never chunks under 4
     ds = IndexedDataset(SelfIndexingImages(203))
     for drop_last in (False, True):
         sampler = DaPSampler(203, config=DaPConfig(epochs=2, warmup=1, interval=1, keep=0.7), seed=5)

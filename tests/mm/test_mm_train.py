@@ -149,12 +149,16 @@ def test_an_ema_hook_run_records_the_ema_top1_and_exports_say_whose(cifar_tiny, 
     cmd = ["bash", str(SCRIPT), str(config), "--data-root", str(cifar_tiny), "--work-dir", str(work)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [*cmd, "--cfg-options", *DONE_WHEN, "train_cfg.max_epochs=2", *FAST], cwd=REPO, capture_output=True,
-        text=True, timeout=600, env=env,
+        [*cmd, "--cfg-options", *DONE_WHEN, "train_cfg.max_epochs=2", *FAST,
+         "default_hooks.checkpoint.save_best=accuracy/top1"], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = json.loads((work / "run.json").read_text())
     last = rows(work)[-1]
+    (best,) = work.glob("best_accuracy_top1_epoch_*.pth")  # saved before the raw weights' validation, then updated
+    dap = torch.load(best, map_location="cpu", weights_only=False)["dap"]
+    assert dap["history"][-1]["eval_top1_origin"] is not None and dap["run"]["top1"] is not None
     assert run["ema_top1"] == pytest.approx(float(last["eval_top1"]))
     assert run["top1"] == pytest.approx(float(last["eval_top1_origin"]))
     assert run["top5"] == pytest.approx(float(last["eval_top5_origin"]))
