@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import functional as TF
@@ -26,6 +26,9 @@ from dap_pretrain.data.gpu_decode import (
     rrc_params,
 )
 
+REPO = Path(__file__).resolve().parents[2]
+# tests/conftest.py's SHARED_DATA; imported, `conftest` resolved to tests/mm/conftest.py when both dirs were run
+SHARED_DATA = next((p for p in (REPO.parent / "shared" / "data", REPO / "shared" / "data") if p.is_dir()), Path())
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on a GPU machine the same tests run on it
 
