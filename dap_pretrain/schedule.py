@@ -19,8 +19,9 @@ WARMUP = "warm-up"
 
 
 def _check(ok: bool, name: str, allowed: str, value) -> None:
+    """``name`` is the setting's command-line flag without its dashes (``dap-keep``): the error names the flag."""
     if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: must be {allowed}")
+        raise ValueError(f"--{name}={value!r} is invalid: must be {allowed}")
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def solve_keep(
     A target below what p -> 0 can reach (warm-up and reuse epochs always train on all data)
     returns the smallest reachable p with its compute; the caller reports the shortfall.
     """
-    _check(isinstance(target, (int, float)) and 0.0 < target <= 1.0, "target-compute", "in (0, 1]", target)
+    _check(isinstance(target, (int, float)) and 0.0 < target <= 1.0, "dap-target-compute", "in (0, 1]", target)
 
     def compute(p: float) -> float:
         cfg = DaPConfig(epochs=epochs, warmup=warmup, interval=interval, keep=p, active=active, reuse=reuse)
