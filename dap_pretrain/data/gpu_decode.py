@@ -131,24 +131,36 @@ def draw_params(
     return (*box, float(flip), *order, *factors)
 
 
-def encoded_collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Collate :class:`EncodedFiles` items into ``(all bytes in one uint8 tensor, meta, parameters)``.
+def encoded_collate(batch: list[tuple]) -> torch.Tensor:
+    """Collate :class:`EncodedFiles` items into one uint8 tensor; :func:`unpack_encoded` reads it back.
 
-    ``meta`` is int64 ``(n, 4)``: each file's end offset in the bytes, its target, index and seed. Each tensor a
-    worker hands over is a shared-memory segment of its own, so three per chunk, not one per file or field (on
-    one H100, one tensor per file halved the pipeline's rate: RESULTS section 9, run 2).
+    Each tensor a worker hands over is a shared-memory segment of its own (on one H100, one tensor per file halved
+    the pipeline's rate: RESULTS section 9, run 2), so a chunk travels as one: the item count (int64), then per
+    item an int64 row (end offset of its bytes, target, index, seed), then its float64 :data:`PARAM_FIELDS` row,
+    then all files' bytes. Every part starts at a multiple of 8 bytes, so it is read back as a view.
     """
-    if not batch:
-        empty = torch.empty(0, dtype=torch.int64)
-        return empty.to(torch.uint8), empty.view(0, 4), torch.empty(0, len(PARAM_FIELDS), dtype=torch.float64)
-    meta = torch.tensor([(b[0].numel(), b[1], b[2], b[3]) for b in batch], dtype=torch.int64)
+    n = len(batch)
+    meta = torch.tensor([(b[0].numel(), b[1], b[2], b[3]) for b in batch], dtype=torch.int64).view(n, 4)
     meta[:, 0] = meta[:, 0].cumsum(0)
-    return torch.cat([b[0] for b in batch]), meta, torch.stack([b[4] for b in batch])
+    params = torch.stack([b[4] for b in batch]) if batch else torch.empty(0, len(PARAM_FIELDS), dtype=torch.float64)
+    head = [torch.tensor([n], dtype=torch.int64).view(torch.uint8), meta.view(-1).view(torch.uint8)]
+    return torch.cat([*head, params.reshape(-1).view(torch.uint8), *(b[0] for b in batch)])
+
+
+def unpack_encoded(packed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """:func:`encoded_collate`'s tensor as ``(each file's bytes, meta (n, 4) int64, parameters (n, 11) float64)``,
+    all views of it, no copy."""
+    n = int(packed[:8].view(torch.int64))
+    meta_end = 8 + 32 * n
+    params_end = meta_end + 8 * len(PARAM_FIELDS) * n
+    meta = packed[8:meta_end].view(torch.int64).view(n, 4)
+    params = packed[meta_end:params_end].view(torch.float64).view(n, len(PARAM_FIELDS))
+    return split_encoded(packed[params_end:], meta[:, 0]), meta, params
 
 
 def split_encoded(flat: torch.Tensor, ends: torch.Tensor) -> list[torch.Tensor]:
     """The per-file byte tensors of :func:`encoded_collate`'s ``flat``: contiguous views, no copy."""
-    starts = [0, *ends[:-1].tolist()]
+    starts = [0, *ends[:-1].tolist()] if len(ends) else []
     return [flat[a:b] for a, b in zip(starts, ends.tolist(), strict=True)]
 
 
@@ -548,8 +560,8 @@ class GpuDecodeLoader:
         """The epoch's batches as the workers hand them over, before decoding: ``(each file's bytes, targets,
         indices, seeds, parameters)``, the chunks joined into batches of exactly ``batch_size``."""
         chunks = (
-            (split_encoded(flat, meta[:, 0]), meta[:, 1], meta[:, 2], meta[:, 3], params)
-            for flat, meta, params in self.loader
+            (data, meta[:, 1], meta[:, 2], meta[:, 3], params)
+            for data, meta, params in map(unpack_encoded, self.loader)
         )
         for group in exact_batches(chunks, self.batch_size, drop_last=self.drop_last):
             if len(group) == 1:

@@ -16,14 +16,17 @@ from torchvision.transforms import functional as TF
 
 from dap_pretrain.data.dataset import DataError
 from dap_pretrain.data.gpu_decode import (
+    PARAM_FIELDS,
     GpuDecodeLoader,
     color_jitter,
     crop_regions,
     decode_batch,
+    encoded_collate,
     header_size,
     pad_batch,
     resized_crops,
     rrc_params,
+    unpack_encoded,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -283,6 +286,20 @@ def test_chunked_reading_gives_the_batches_of_one_worker_per_batch(tmp_path):
         whole = batches(False, drop_last)
         assert whole[4] == 3 and (sizes, indices, length) == (whole[0], whole[1], whole[3])
         assert torch.equal(pixels, whole[2])
+
+
+def test_a_chunk_travels_as_one_tensor_and_reads_back_as_views():
+    """A worker's chunk is one shared-memory tensor (each tensor handed over costs a segment of its own); its
+    bytes, targets, indices, seeds (int64, beyond float precision too) and parameters read back unchanged."""
+    items = [(torch.arange(k + 3, dtype=torch.uint8) * (k + 1), k % 3, 100 + k, 2**62 + k,
+              torch.arange(len(PARAM_FIELDS), dtype=torch.float64) / (k + 1)) for k in range(5)]  # fmt: skip
+    packed = encoded_collate(items)
+    assert packed.dtype == torch.uint8 and packed.dim() == 1
+    data, meta, params = unpack_encoded(packed)
+    for k, (raw, target, index, seed, row) in enumerate(items):
+        assert torch.equal(data[k], raw) and data[k].untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+        assert meta[k, 1:].tolist() == [target, index, seed] and torch.equal(params[k], row)
+    assert [len(x) for x in unpack_encoded(encoded_collate([]))] == [0, 0, 0]
 
 
 def test_undecodable_file_is_named(tmp_path):
