@@ -72,8 +72,9 @@ def resolve_dap(dap: dict | None, *, epochs: int, milestones: tuple[int, ...] = 
     kwargs = {k: dap[k] for k in ("warmup", "interval", "keep", "active") if k in dap}
     try:
         config = DaPConfig(epochs=epochs, reuse=tuple(reuse), **kwargs)
-    except (ValueError, TypeError) as e:  # DaPConfig's one-line messages name the flag as dap-KEY
-        raise DaPMMError(str(e).replace("dap-", "dap.")) from None
+    except (ValueError, TypeError) as e:  # DaPConfig's one-line messages name the trainer's flag: --dap-KEY
+        named = str(e).replace("--dap-", "dap.").replace("--epochs=", "train_cfg.max_epochs=")
+        raise DaPMMError(named) from None
     return DaPSettings(config=config, select=select, seed=seed)
 
 

@@ -39,6 +39,9 @@ def check_work_dir(work_dir: Path, *, resume: bool, overwrite: bool) -> None:
     (``--resume`` is offered only when the run saved a checkpoint)."""
     if work_dir.exists() and not work_dir.is_dir():
         raise DaPMMError(f"--work-dir {work_dir} is a file; pass a folder")
+    blocking = next((p for p in work_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:  # else mkdir's NotADirectoryError traceback, after --check had said "inputs ok"
+        raise DaPMMError(f"--work-dir {work_dir} is under {blocking}, which is a file; pass a folder elsewhere")
     if (work_dir / REPLACED).is_dir() and not resume and not overwrite:
         raise DaPMMError(killed_overwrite(work_dir, "work dir"))
     held = [m for m in RUN_MARKERS if (work_dir / m).exists()]

@@ -81,11 +81,12 @@ def test_dap_block_resolves_like_the_timm_trainer():
     assert s.to_dict()["select"] == "hard" and s.to_dict()["reuse"] == [30, 60, 90]
     assert resolve_dap({**block, "reuse": []}, epochs=120, milestones=(30,)).config.reuse == ()
     for bad, match in (
-        ({**block, "keep": 1.5}, r"dap\.keep=1\.5"),
+        ({**block, "keep": 1.5}, r"^dap\.keep=1\.5 is invalid"),  # the config key, not a flag (--dap.keep was shown)
         ({**block, "reuse": [130]}, r"dap\.reuse"),
         ({**block, "select": "easy"}, r"dap\.select"),
         ({**block, "kep": 0.5}, "unknown dap keys"),
         (None, "no `dap = dict"),
+        ({**block, "warmup": 200}, r"^dap\.warmup=200 is invalid"),
     ):
         with pytest.raises(DaPMMError, match=match):
             resolve_dap(bad, epochs=120)
@@ -156,6 +157,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     check_work_dir(work, resume=True, overwrite=False)
     with pytest.raises(DaPMMError, match="is a file; pass a folder"):  # was a FileExistsError traceback at the lock
         check_work_dir(work / "run.json", resume=False, overwrite=False)
+    with pytest.raises(DaPMMError, match=r"is under .*run.json, which is a file"):  # was NotADirectoryError
+        check_work_dir(work / "run.json" / "sub", resume=False, overwrite=False)
     (work / ".replaced").mkdir()  # an --overwrite killed before its first checkpoint: the old run is kept there
     with pytest.raises(DaPMMError, match=r"killed before its first checkpoint; the run it was replacing is kept in "):
         check_work_dir(work, resume=False, overwrite=False)
