@@ -222,24 +222,28 @@ def run_transfer(*, task: str, person_dets: str | Path | None = None, **kwargs) 
     from mmengine.dist import get_world_size, is_main_process
     from mmengine.runner import Runner
 
-    from dap_pretrain.mm.work_dir import ClearPreviousRun, work_dir_lock
+    from dap_pretrain.mm.work_dir import ClearPreviousRun, FirstIteration, WorkDirSnapshot, work_dir_lock
     from downstream.compat import trusted_checkpoints
 
     trusted = [cfg.work_dir] + [p for p in (cfg.get("load_from"), cfg.get("resume")) if isinstance(p, str)]
     # one run per work dir: a second (another GPU's job with the same --work-dir) is one line, before it writes
     rank0 = os.environ.get("RANK", "0") == "0"
+    before = WorkDirSnapshot.take(Path(cfg.work_dir)) if rank0 else None
     with work_dir_lock(Path(cfg.work_dir), enabled=rank0), trusted_checkpoints(trusted):
-        runner = Runner.from_cfg(cfg)
-        clear = None
-        if kwargs.get("overwrite") and rank0 and cfg.get("resume") is not True:
-            # the previous run's checkpoints and metrics.json wait in .replaced/ until this run's first checkpoint
-            clear = ClearPreviousRun(work_dir=Path(cfg.work_dir), keep=(runner.timestamp,), also=(METRICS_FILE,))
-            runner.register_hook(clear, priority="LOWEST")
+        clear, first = None, FirstIteration()
         try:
+            runner = Runner.from_cfg(cfg)
+            runner.register_hook(first)
+            if kwargs.get("overwrite") and rank0 and cfg.get("resume") is not True:
+                # the previous run's checkpoints and metrics.json wait in .replaced/ until this run's first checkpoint
+                clear = ClearPreviousRun(work_dir=Path(cfg.work_dir), keep=(runner.timestamp,), also=(METRICS_FILE,))
+                runner.register_hook(clear, priority="LOWEST")
             runner.train()
         except BaseException:
             if clear is not None:
                 clear.undo()  # stopped before its first checkpoint: the previous run comes back
+            if before is not None and not first.reached:  # a config key mmdet refuses, with its traceback
+                before.restore()  # wrote only a config dump and a log folder: the work dir as it was
             raise
         sec_per_iter = _train_sec_per_iter(runner)
         data_sec_per_iter = _train_sec_per_iter(runner, "train/data_time")

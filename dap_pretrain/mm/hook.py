@@ -201,6 +201,7 @@ class DaPHook(Hook):
         self._origin_validates = False  # ... and validates the raw weights after them (mmpretrain's)
         self._origin_seen: dict[str, int] = {}  # how often each ORIGIN_KEYS scalar was logged before this validation
         self._loaded: dict | None = None
+        self._loaded_classes = None  # the resumed checkpoint's dataset classes (mmengine's meta.dataset_meta)
         self._rngs: list = []
         self._t_start = self._t_epoch = self._t_val = 0.0
         self._iter0 = 0
@@ -210,6 +211,7 @@ class DaPHook(Hook):
     # -- setup ------------------------------------------------------------------------------------
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self._loaded = checkpoint.get("dap")
+        self._loaded_classes = ((checkpoint.get("meta") or {}).get("dataset_meta") or {}).get("classes")
 
     def before_train(self, runner) -> None:
         self._setup(runner)
@@ -220,7 +222,20 @@ class DaPHook(Hook):
                     f"the resumed checkpoint (epoch {runner.epoch}) has no DaP state (checkpoint['dap']); resume "
                     "from a checkpoint this DaP run wrote, or start a new run"
                 )
+            saved, now = self._loaded_classes, runner.train_dataloader.dataset.metainfo.get("classes")
+            if saved is not None and now is not None and tuple(saved) != tuple(now):  # mmengine only warns
+                shown = ", ".join(list(saved)[:3]) + (" ..." if len(saved) > 3 else "")
+                raise DaPMMError(
+                    f"the resumed checkpoint trained on other classes ({shown}) than this run's data root has; "
+                    "its DaP subset and losses belong to those images: resume with the same dataset (--data-root), "
+                    "or start a new run"
+                )
             self._restore(runner, state)
+            if runner.epoch >= self.settings.config.epochs:
+                runner.logger.info(
+                    f"DaP: the resumed run is finished ({runner.epoch} of {self.settings.config.epochs} epochs); "
+                    "nothing left to train, its results are written again"
+                )
         elif state is not None:
             runner.logger.info("the load_from checkpoint's DaP state is ignored: a new run starts DaP afresh")
         model = unwrap(runner.model)
@@ -474,5 +489,9 @@ class DaPHook(Hook):
                 continue  # saved at another epoch (CheckpointHook interval > 1, an earlier best)
             ckpt["dap"] = self.state()
             tmp = f"{path}.dap.tmp"
-            torch.save(ckpt, tmp)
-            os.replace(tmp, path)
+            try:
+                torch.save(ckpt, tmp)
+                os.replace(tmp, path)
+            finally:  # Ctrl-C or a full disk mid-write: no partial copy left beside the checkpoint
+                if os.path.exists(tmp):
+                    os.unlink(tmp)

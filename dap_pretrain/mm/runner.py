@@ -17,6 +17,7 @@ from dap_pretrain.mm.work_dir import (
     REPLACED,
     RUN_MARKERS,
     ClearPreviousRun,
+    FirstIteration,
     WorkDirSnapshot,
     check_work_dir,
     last_checkpoint_in,
@@ -438,9 +439,12 @@ def pretrain_mm(
     before = WorkDirSnapshot.take(work) if rank0 else None
     with work_dir_lock(work, enabled=rank0):
         check_work_dir(work, resume=resuming, overwrite=overwrite)
-        clear = None
+        for stale in work.glob("*.dap.tmp") if rank0 else ():  # a checkpoint update killed mid-write (kill -9)
+            stale.unlink()
+        clear, first = None, FirstIteration()
         try:
             runner = Runner.from_cfg(cfg)
+            runner.register_hook(first)
             if overwrite and not resuming and rank0:  # once DaPHook has accepted the built run
                 clear = ClearPreviousRun(work_dir=work, keep=(runner.timestamp,))
                 runner.register_hook(clear, priority="LOWEST")
@@ -449,7 +453,13 @@ def pretrain_mm(
         except BaseException as e:
             if clear is not None:
                 clear.undo()  # stopped before its first checkpoint: the previous run comes back
-            if isinstance(e, DaPMMError) and before is not None:
-                before.restore()  # a refusal that saved no checkpoint leaves the work dir as it was
+            if before is not None and (isinstance(e, DaPMMError) or not first.reached):
+                before.restore()  # a refusal, or a failure before training, that saved no checkpoint: as it was
+            unfit = "size mismatch" in str(e) or "parameter group that doesn't match" in str(e)
+            if resuming and not first.reached and not isinstance(e, DaPMMError) and unfit:  # mmengine's resume
+                raise DaPMMError(
+                    f"--resume: the checkpoint's weights do not fit this config's model ({brief(e)}); resume with the "
+                    "config the run was started with"
+                ) from None
             raise
     return next(h for h in runner.hooks if isinstance(h, DaPHook)).summary

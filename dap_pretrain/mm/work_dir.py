@@ -103,6 +103,20 @@ def previous_run_files(work_dir: Path, *, keep: tuple[str, ...] = (), also: tupl
     return out
 
 
+class FirstIteration(Hook):
+    """Marks that training reached its first iteration. A run that fails before it (a config key the loops,
+    loaders or optimizer refuse, with mmengine's traceback) wrote only its config dump and a log folder, and
+    :meth:`WorkDirSnapshot.restore` takes those back, as for a refusal."""
+
+    priority = "LOWEST"
+
+    def __init__(self):
+        self.reached = False
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        self.reached = True
+
+
 class ClearPreviousRun(Hook):
     """``--overwrite``: in ``before_train``, sets :func:`previous_run_files` aside in ``WORK_DIR/.replaced/``
     (:func:`dap_pretrain.run_folder.set_aside`, as the timm trainer's ``--overwrite``); after the first epoch whose

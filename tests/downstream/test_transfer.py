@@ -147,6 +147,7 @@ def test_overwrite_keeps_the_previous_run_until_the_first_checkpoint(runs, expor
         return {p.name: p.read_bytes() for p in work.iterdir() if p.is_file() and p.suffix not in (".lock", ".py")}
 
     before = files()
+    everything = {str(p.relative_to(work)): p.read_bytes() if p.is_file() else None for p in work.rglob("*")}
     argv = ["simplebaseline", str(exports["full"]), "--data-root", str(coco_root), "--work-dir", str(work)]
     argv += ["--overwrite", "--cfg-options", *FAST["simplebaseline"]]
 
@@ -159,6 +160,8 @@ def test_overwrite_keeps_the_previous_run_until_the_first_checkpoint(runs, expor
         transfer_main(argv)
     assert files() == before
     assert not (work / ".replaced").exists()
+    # it failed before its first iteration: the config dump and log folder it wrote are taken back too
+    assert {str(p.relative_to(work)): p.read_bytes() if p.is_file() else None for p in work.rglob("*")} == everything
     monkeypatch.undo()
     # a process of its own, as a user runs it (mmengine's visualizer outlives a runner within one process)
     proc = transfer("simplebaseline", exports["full"], work, *argv[6:], data_root=coco_root)

@@ -230,8 +230,9 @@ def finished_copy(done_when: Path, work: Path) -> Path:
 
 
 def test_refused_runs_leave_the_work_dir_as_it_was(done_when, cifar_tiny, tmp_path):
-    """Refusals from the config (another max_epochs on --resume, an iteration-counting scheduler) and from the built
-    run (another dataset on --resume) leave a finished work dir byte for byte, and create no new one."""
+    """Refusals from the config (another max_epochs on --resume, an iteration-counting scheduler), from the built
+    run (another dataset on --resume, by size or by class names; another model), and failures before training
+    (a key mmengine refuses) leave a finished work dir byte for byte, and create no new one."""
     work = finished_copy(done_when, tmp_path / "finished")
     before = tree(work)
     proc = pretrain_mm(work, cifar_tiny, "--resume", "--cfg-options", *DONE_WHEN, *FAST, "train_cfg.max_epochs=6")
@@ -255,6 +256,24 @@ def test_refused_runs_leave_the_work_dir_as_it_was(done_when, cifar_tiny, tmp_pa
     )
     one_error_line(proc)
     assert not (tmp_path / "new").exists()
+    # a key mmengine's loop refuses (its traceback, as under mmpretrain's train.py) with --overwrite: before, the
+    # finished run's config dump was replaced by the failed one's, and a log folder and a lock file were left
+    proc = pretrain_mm(work, cifar_tiny, "--overwrite", "--cfg-options", *DONE_WHEN, *FAST, "train_cfg.max_epoch=1")
+    assert proc.returncode == 1 and "max_epoch" in proc.stderr and tree(work) == before
+    # the same number of images under other class names: mmengine only warned, and DaP went on with the old subset
+    other = tmp_path / "other"
+    for split in ("train", "val"):
+        for k, cls in enumerate(sorted((cifar_tiny / split).iterdir())):
+            shutil.copytree(cls, other / split / f"other{k}", symlinks=True)
+    proc = pretrain_mm(work, other, "--resume", "--cfg-options", *DONE_WHEN, *FAST)
+    assert "trained on other classes" in one_error_line(proc) and tree(work) == before
+    # another model's config: mmengine's size-mismatch lines, then a traceback; now one line at the end
+    cmd = ["bash", str(SCRIPT), "configs/mmpretrain/resnet50_dap75_in1k.py", "--data-root", str(cifar_tiny),
+           "--work-dir", str(work), "--resume", "--cfg-options", *DONE_WHEN, *FAST]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "do not fit this config's model" in proc.stderr.strip().splitlines()[-1] and tree(work) == before
 
 
 def test_missing_config_data_path_is_one_line_and_writes_nothing(tmp_path):
