@@ -157,6 +157,30 @@ def _csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def eval_data_config(cfg) -> dict:
+    """The run's evaluation preprocessing as timm's pretrained cfg names it, for the export's ``config.json``:
+    ``img_size`` (the val pipeline's ``CenterCrop``), ``crop_pct`` (that over ``ResizeEdge``'s short side) and
+    ``interpolation`` (``ResizeEdge``'s; mmpretrain's default is bilinear). Without a validation pipeline of that
+    shape, ``img_size`` from the train pipeline's ``RandomResizedCrop``; ``{}`` where neither says (the export then
+    takes mmpretrain's ImageNet values)."""
+
+    def steps(name: str) -> list:
+        return (((cfg.get(name) or {}).get("dataset") or {}).get("pipeline")) or []
+
+    resize = next((t for t in steps("val_dataloader") if t.get("type") == "ResizeEdge"), None)
+    crop = next((t for t in steps("val_dataloader") if t.get("type") == "CenterCrop"), None)
+    if resize and crop and resize.get("edge", "short") == "short":
+        size, short = crop.get("crop_size"), resize.get("scale")
+        if isinstance(size, int) and isinstance(short, int) and short >= size > 0:
+            return {
+                "img_size": size,
+                "crop_pct": size / short,
+                "interpolation": resize.get("interpolation", "bilinear"),
+            }
+    train = next((t for t in steps("train_dataloader") if t.get("type") == "RandomResizedCrop"), None)
+    return {"img_size": train["scale"]} if train and isinstance(train.get("scale"), int) else {}
+
+
 def ema_validates(hooks) -> bool:
     """Whether validation sees EMA weights: an ``EMAHook`` swaps them in, mmengine's always and mmpretrain's unless
     ``evaluate_on_ema=False`` (then it validates the raw weights)."""
@@ -202,6 +226,7 @@ class DaPHook(Hook):
         self._origin_seen: dict[str, int] = {}  # how often each ORIGIN_KEYS scalar was logged before this validation
         self._loaded: dict | None = None
         self._loaded_classes = None  # the resumed checkpoint's dataset classes (mmengine's meta.dataset_meta)
+        self._eval_cfg: dict = {}  # eval_data_config(runner.cfg)
         self._rngs: list = []
         self._t_start = self._t_epoch = self._t_val = 0.0
         self._iter0 = 0
@@ -251,6 +276,7 @@ class DaPHook(Hook):
         self._t_start = time.perf_counter() - sum(r["epoch_time_s"] for r in self.acct.history)
 
     def _setup(self, runner) -> None:
+        self._eval_cfg = eval_data_config(runner.cfg)
         loop = runner.train_loop
         if not isinstance(loop, EpochBasedTrainLoop):
             raise DaPMMError(
@@ -446,7 +472,12 @@ class DaPHook(Hook):
             "accounting": {"planned": acct.planned, "measured": acct.measured, "lost": acct.lost},
             "history": [dict(r) for r in acct.history],
             "rng": self._rngs,
-            "run": {**self.run_summary(), "timm_model": self.timm_model, "num_classes": self.num_classes},
+            "run": {
+                **self.run_summary(),
+                "timm_model": self.timm_model,
+                "num_classes": self.num_classes,
+                **self._eval_cfg,  # the export's timm config: the size and crop this run evaluated at
+            },
         }
 
     def run_summary(self) -> dict:

@@ -174,6 +174,8 @@ def test_an_ema_hook_run_records_the_ema_top1_and_exports_say_whose(cifar_tiny, 
         assert done.returncode == 0, done.stderr[-2000:]
         meta = json.loads((out / "meta.json").read_text())
         assert meta["weights"] == weights and meta["top1"] == top1, meta
+        timm_cfg = json.loads((out / "config.json").read_text())["pretrained_cfg"]  # evaluated at 32 px, not 224
+        assert timm_cfg["input_size"] == [3, 32, 32] and timm_cfg["crop_pct"] == pytest.approx(32 / 36), timm_cfg
 
 
 def test_mixup_and_cutmix_run_with_hard_selection(cifar_tiny, tmp_path):

@@ -612,3 +612,23 @@ def test_resume_with_nothing_to_resume_starts_a_new_run(tmp_path, capsys):
     (tmp_path / "work" / "run.json").write_text("{}")
     with pytest.raises(DaPMMError, match=r"holds a run \(run.json\) but no last_checkpoint"):
         _prepared(tmp_path, resume="auto")
+
+
+def test_the_exported_eval_config_is_the_runs():
+    """An mm export's config.json said 224 px and crop 0.875 for every run (the hook recorded nothing); the hook now
+    records the val pipeline's CenterCrop and ResizeEdge, else the train crop's size."""
+    from mmengine.config import Config
+
+    from dap_pretrain.mm.hook import eval_data_config
+
+    cfg = Config.fromfile(str(Path(__file__).resolve().parents[2] / "configs/mmpretrain/resnet18_dap75_in1k.py"))
+    assert eval_data_config(cfg) == {"img_size": 224, "crop_pct": 224 / 256, "interpolation": "bilinear"}
+    cfg.merge_from_dict(
+        {"val_dataloader.dataset.pipeline.1.scale": 36, "val_dataloader.dataset.pipeline.2.crop_size": 32}
+    )
+    assert eval_data_config(cfg) == {"img_size": 32, "crop_pct": 32 / 36, "interpolation": "bilinear"}
+    cfg.val_dataloader = None  # --no-validate: the train crop's size
+    cfg.merge_from_dict({"train_dataloader.dataset.pipeline.1.scale": 64})
+    assert eval_data_config(cfg) == {"img_size": 64}
+    cfg.train_dataloader.dataset.pipeline = []
+    assert eval_data_config(cfg) == {}
