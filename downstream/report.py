@@ -71,8 +71,10 @@ _BACKBONE_NAMES = {
     "densenet169": "DenseNet-169",
     "mobilenetv1_100": "MobileNet-V1-1.0",
 }
-# metrics.json "run" keys that make two runs' numbers comparable, and how the Evaluation column names them
-_PROTOCOL = {"data_root": "data", "train_iters": "iters", "person_boxes": "person boxes"}
+# metrics.json "run" keys that make two runs' numbers comparable, and how the Evaluation column names them;
+# test_options: the --cfg-options that change the evaluation (_TEST_KEYS), from the run's cfg_options
+_PROTOCOL = {"data_root": "data", "train_iters": "iters", "person_boxes": "person boxes", "test_options": "test"}
+_TEST_KEYS = ("test_dataloader", "test_evaluator", "test_cfg", "model.test_cfg", "tta_model", "tta_pipeline")
 _FULL_COMPUTE = 0.995  # compute fractions at or above this count as the 100% baseline
 
 
@@ -142,10 +144,19 @@ def _row(run: dict, work_dir: str) -> Row:
         values.append(100 * v if _is_number(v) and v >= 0 else None)  # COCO writes -1 for "no such instances"
     model = meta.get("model", "?")
     note = str(run.get("note") or "")
-    protocol = tuple((run.get("run") or {}).get(key) for key in _PROTOCOL)
+    info = dict(run.get("run") or {})
+    info["test_options"] = _test_options(info)
+    protocol = tuple(info.get(key) for key in _PROTOCOL)
     pretrain = (meta.get("dataset"), meta.get("num_classes"))
     return Row(run["method"], _BACKBONE_NAMES.get(model, model), _compute_fraction(meta), work_dir, values, note,
                protocol, pretrain=pretrain)  # fmt: skip
+
+
+def _test_options(info: dict) -> str:
+    """The run's ``--cfg-options`` that change its evaluation (test subset, scale, score threshold, ...), as one
+    string; ``stock`` for none."""
+    options = info.get("cfg_options") if isinstance(info.get("cfg_options"), dict) else {}
+    return "; ".join(f"{k}={v}" for k, v in sorted(options.items()) if k.startswith(_TEST_KEYS)) or "stock"
 
 
 def _is_full(row: Row) -> bool:
@@ -263,7 +274,8 @@ def format_markdown(table: int, rows: list[Row]) -> str:
 
 def format_csv(table: int, rows: list[Row]) -> str:
     """The table as CSV: a value and a delta column per metric, a ``best`` column naming the metrics won, ``note``,
-    and the evaluation protocol's keys (``data_root``, ``train_iters``, ``person_boxes``) as the last columns."""
+    and the evaluation protocol's keys (``data_root``, ``train_iters``, ``person_boxes``, ``test_options``) as the
+    last columns."""
     labels = [lab for lab, _, _ in TABLE_COLUMNS[table]]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

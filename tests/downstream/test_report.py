@@ -63,9 +63,9 @@ def test_csv_has_value_delta_and_best_columns(tmp_path, capsys):
     assert main([str(full), str(dap), "--format", "csv"]) == 0
     header, first, second = capsys.readouterr().out.strip().splitlines()
     assert header.split(",")[:6] == ["table", "method", "backbone", "compute", "AP_kp", "AP_kp_delta"]
-    assert header.endswith(",best,note,data_root,train_iters,person_boxes")
+    assert header.endswith(",best,note,data_root,train_iters,person_boxes,test_options")
     assert first.split(",")[3:6] == ["100%", "60.0", ""] and first.endswith(
-        ",AP_kp;AP50_kp;AP75_kp;APM_kp;APL_kp;AR_kp;AR50_kp;AR75_kp;ARM_kp;ARL_kp,,/data/coco,100,gt"
+        ",AP_kp;AP50_kp;AP75_kp;APM_kp;APL_kp;AR_kp;AR50_kp;AR75_kp;ARM_kp;ARL_kp,,/data/coco,100,gt,stock"
     )
     assert second.split(",")[2:6] == ["ResNet-101", "75%", "55.0", "-5.0"]
 
@@ -82,8 +82,8 @@ def test_an_empty_evaluation_shows_its_zeros_and_note(tmp_path, capsys):
     assert md[2] == "| FPN | ResNet-50 | 100% | " + " | ".join(["**10.0**"] * 6 + ["-"] * 6) + " |  |"
     assert md[3] == "| FPN | ResNet-50 | 75% | " + " | ".join(["0.0 (-10.0)"] * 6 + ["-"] * 6) + f" | {note} |"
     rows = [line for line in out.splitlines() if line.startswith("8,FPN")]
-    assert rows[0].endswith(",AP_bb;AP50_bb;AP75_bb;APS_bb;APM_bb;APL_bb,,/data/coco,100,")
-    assert rows[1].startswith("8,FPN,ResNet-50,75%,0.0,-10.0,") and rows[1].endswith(f",,{note},/data/coco,100,")
+    assert rows[0].endswith(",AP_bb;AP50_bb;AP75_bb;APS_bb;APM_bb;APL_bb,,/data/coco,100,,stock")
+    assert rows[1].startswith("8,FPN,ResNet-50,75%,0.0,-10.0,") and rows[1].endswith(f",,{note},/data/coco,100,,stock")
 
 
 def test_runs_evaluated_differently_are_never_compared(tmp_path, capsys):
@@ -164,3 +164,22 @@ def test_a_backbone_pre_trained_on_other_data_is_noted_beside_its_deltas(tmp_pat
                             "the deltas mix pre-training data with compute")  # fmt: skip
     assert notes["full"] == notes["same"] == notes["unknown"] == ""
     assert all(r.deltas[0] == pytest.approx(0.0) for r in rows[1:])  # the deltas are still given
+
+
+def test_runs_tested_with_other_options_are_never_compared(tmp_path, capsys):
+    """Two runs tested on other subsets and score thresholds (their --cfg-options) shared a group and got +0.0
+    deltas; such runs are now their own groups, and the Evaluation column names their test options. Options that
+    change only training, or none, keep runs together."""
+    n = len(TABLE_COLUMNS[8])
+    det = dict(method="FPN", table=8, model="resnet18")
+    fast = {"test_dataloader.dataset.indices": "10", "model.test_cfg.rcnn.score_thr": "0.0"}
+    full = _run(tmp_path, "full", **det, compute=1.0, values=[0.3] * n, cfg_options=fast)
+    other = _run(tmp_path, "other", **det, compute=0.83, values=[0.3] * n,
+                 cfg_options={**fast, "test_dataloader.dataset.indices": "2"})  # fmt: skip
+    same = _run(tmp_path, "same", **det, compute=0.74, values=[0.2] * n,
+                cfg_options={**fast, "train_cfg.max_iters": "100"})  # fmt: skip
+    rows = make_tables([(str(d), json.loads((d / "metrics.json").read_text())) for d in (full, other, same)])[8]
+    by = {r.work_dir.rsplit("/", 1)[-1]: r for r in rows}
+    assert by["same"].deltas[0] == pytest.approx(-10.0) and by["other"].deltas[0] is None
+    assert "test model.test_cfg.rcnn.score_thr=0.0; test_dataloader.dataset.indices=2" in by["other"].evaluation
+    assert "no deltas" in by["other"].note
