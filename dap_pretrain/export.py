@@ -134,6 +134,11 @@ def _from_mmengine(ckpt: dict, *, use_ema: bool, path: Path) -> _Trained:
     """mmpretrain ``ImageClassifier`` keys -> timm: ``backbone.X`` -> ``X``, ``head.fc.X`` -> timm's classifier."""
     run = dict((ckpt.get("dap") or {}).get("run") or {})
     arch = run.get("timm_model")
+    if not arch and str(run.get("model", "")).startswith("mmpretrain:"):  # the hook found no timm equivalent
+        raise CheckpointError(
+            f"{path} holds a {run['model'].removeprefix('mmpretrain:')} backbone, which has no timm equivalent; export "
+            "takes mmpretrain's pytorch-style ResNet with GlobalAveragePooling and a linear head (timm's resnet*)"
+        )
     if not arch:
         raise CheckpointError(
             f"{path} is an mmengine checkpoint without checkpoint['dap']['run']['timm_model']; "

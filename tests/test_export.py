@@ -181,6 +181,9 @@ def test_export_refuses_bad_mm_checkpoints(tmp_path):
     _mm_checkpoint(tmp_path / "plain.pth", run={})
     with pytest.raises(CheckpointError, match="timm_model"):
         export_backbone(tmp_path / "plain.pth", tmp_path / "out")
+    _mm_checkpoint(tmp_path / "v1d.pth", run={"model": "mmpretrain:ResNetV1d", "timm_model": None})  # was: "not
+    with pytest.raises(CheckpointError, match="ResNetV1d backbone, which has no timm equivalent"):  # by pretrain_mm"
+        export_backbone(tmp_path / "v1d.pth", tmp_path / "out")
     (tmp_path / "summary.csv").write_text("epoch,train_loss\n1,2.3\n")  # a run's other file, passed by mistake
     with pytest.raises(CheckpointError, match=r"unreadable \(not a torch checkpoint: torch.save writes a zip") as e:
         export_backbone(tmp_path / "summary.csv", tmp_path / "out")

@@ -310,6 +310,12 @@ class DaPHook(Hook):
         self.timm_model = timm_architecture(model)
         self.num_classes = getattr(model.head, "num_classes", None)
         self._model_name = self.timm_model or f"mmpretrain:{type(model.backbone).__name__}"
+        if self.timm_model is None:
+            runner.logger.warning(
+                f"DaP: {self._model_name} has no timm equivalent, so this run trains but its checkpoints cannot be "
+                "exported (python -m dap_pretrain export) nor transferred to COCO: those take mmpretrain's "
+                "pytorch-style ResNet with GlobalAveragePooling and a linear head (timm's resnet18/34/50/101/152)"
+            )
         self._ema_validates = ema_validates(runner.hooks)
         self._origin_validates = origin_validates(runner.hooks)
         self._dataset = str(getattr(dataset, "data_root", "") or dataset.data_prefix.get("img_path", ""))
