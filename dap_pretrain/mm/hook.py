@@ -148,6 +148,14 @@ def _logged(runner, name: str) -> int:
     return 0 if buffer is None else len(buffer.data[0])
 
 
+def _recorded_wall(work_dir: Path, state: dict) -> float | None:
+    """A finished run's wall time: its run.json's, else what its last checkpoint recorded."""
+    try:
+        return float(json.loads((work_dir / "run.json").read_text())["wall_time_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return (state.get("run") or {}).get("wall_time_s")
+
+
 def _csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
     fields = list(dict.fromkeys(key for row in rows for key in row))  # rows[0]'s order; a resumed run may add some
@@ -227,6 +235,7 @@ class DaPHook(Hook):
         self._loaded: dict | None = None
         self._loaded_classes = None  # the resumed checkpoint's dataset classes (mmengine's meta.dataset_meta)
         self._eval_cfg: dict = {}  # eval_data_config(runner.cfg)
+        self._wall_done: float | None = None  # a finished run resumed: the wall time it recorded
         self._rngs: list = []
         self._t_start = self._t_epoch = self._t_val = 0.0
         self._iter0 = 0
@@ -261,6 +270,7 @@ class DaPHook(Hook):
                     f"DaP: the resumed run is finished ({runner.epoch} of {self.settings.config.epochs} epochs); "
                     "nothing left to train, its results are written again"
                 )
+                self._wall_done = _recorded_wall(Path(runner.work_dir), state)  # its own, not this start's
         elif state is not None:
             runner.logger.info("the load_from checkpoint's DaP state is ignored: a new run starts DaP afresh")
         model = unwrap(runner.model)
@@ -504,7 +514,7 @@ class DaPHook(Hook):
             top5=top5,
             ema_top1=ema_top1,
             ema_top5=ema_top5,
-            wall_s=time.perf_counter() - self._t_start,
+            wall_s=self._wall_done if self._wall_done is not None else time.perf_counter() - self._t_start,
             dap=self.settings.to_dict(),
         )
 
