@@ -213,41 +213,41 @@ def _assert_one_line_error(res, *words):
         assert w in lines[0], lines[0]
 
 
-def test_bad_input_one_line_exit_2(tmp_path, cifar_tiny):
+def test_bad_input_one_line_exit_2(tmp_path, cifar_tiny, capsys):
+    """Two as a user runs them (a process: exit code 2 and a one-line stderr, nothing else printed on the way), the
+    rest in this process through the same entry point (each subprocess spent about 8 s importing torch and timm)."""
+    from dap_pretrain.train import cli
+
     base = [*CIFAR, "--epochs", "2"]
-    empty = tmp_path / "empty"
-    (empty / "train").mkdir(parents=True)
     _assert_one_line_error(
         _cli(*base, "--data-dir", str(tmp_path / "nope"), "--output", str(tmp_path / "o1")), "does not exist"
     )
-    _assert_one_line_error(_cli(*base, "--data-dir", str(empty), "--output", str(tmp_path / "o2")), "no images")
-    _assert_one_line_error(
-        _cli(*base, "--data-dir", str(cifar_tiny), "--model", "resnet_9000", "--output", str(tmp_path / "o3")),
-        "unknown model",
-    )
-    _assert_one_line_error(
-        _cli(*base, "--data-dir", str(cifar_tiny), "--dap-keep", "1.5", "--output", str(tmp_path / "o4")), "dap-keep"
-    )
-    _assert_one_line_error(
-        _cli(*base, "--data-dir", str(cifar_tiny), "--dap-reuse", "9", "--output", str(tmp_path / "o5")), "dap-reuse"
-    )
-    _assert_one_line_error(
-        _cli(*base, "--data-dir", str(cifar_tiny), "--mixup-mode", "elem", "--output", str(tmp_path / "o6")),
-        "--mixup-mode set how batches are mixed",
-    )
-    # corrupt and foreign checkpoints
     corrupt = tmp_path / "corrupt.pth.tar"
     corrupt.write_bytes(b"not a checkpoint")
     _assert_one_line_error(
         _cli(*base, "--data-dir", str(cifar_tiny), "--resume", str(corrupt), "--output", str(tmp_path / "o7")),
         "unreadable",
     )
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
     foreign = tmp_path / "foreign.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, foreign)
-    _assert_one_line_error(
-        _cli(*base, "--data-dir", str(cifar_tiny), "--resume", str(foreign), "--output", str(tmp_path / "o8")),
-        "not written by dap-train",
-    )
+    data = ["--data-dir", str(cifar_tiny)]
+    for k, (flags, words) in enumerate(
+        [
+            (["--data-dir", str(empty)], "no images"),
+            ([*data, "--model", "resnet_9000"], "unknown model"),
+            ([*data, "--dap-keep", "1.5"], "dap-keep"),
+            ([*data, "--dap-reuse", "9"], "dap-reuse"),
+            ([*data, "--mixup-mode", "elem"], "--mixup-mode set how batches are mixed"),
+            ([*data, "--resume", str(foreign)], "not written by dap-train"),  # a foreign checkpoint
+        ]
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli([*base, *flags, "--output", str(tmp_path / f"in{k}")])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert exc.value.code == 2 and len(lines) == 1 and words in lines[0], err[-2000:]
 
 
 def test_output_holding_a_run_is_refused_and_kept(tmp_path, cifar_tiny):
