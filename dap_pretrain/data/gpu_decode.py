@@ -351,11 +351,13 @@ def crop_regions(images: list[torch.Tensor], boxes: torch.Tensor) -> tuple[list[
     row or column beyond the box on each side. Where the box meets the image's edge the border is not there, and
     :func:`pad_batch` repeats the edge instead, as for a whole image.
     """
-    cuts, local = [], boxes.clone()
-    for k, (im, (top, left, h, w)) in enumerate(zip(images, boxes.tolist(), strict=True)):
-        r0, c0 = max(top - 1, 0), max(left - 1, 0)
-        cuts.append(im[:, r0 : top + h + 1, c0 : left + w + 1])  # slicing stops at the image's edge
-        local[k, 0], local[k, 1] = top - r0, left - c0
+    corner = (boxes[:, :2] - 1).clamp(min=0)  # each cut's top-left corner in its image
+    cuts = [
+        im[:, r0 : top + h + 1, c0 : left + w + 1]  # slicing stops at the image's edge
+        for im, (r0, c0), (top, left, h, w) in zip(images, corner.tolist(), boxes.tolist(), strict=True)
+    ]
+    local = boxes.clone()
+    local[:, :2] -= corner  # one op per batch, not two tensor writes per image
     return cuts, local
 
 
