@@ -9,6 +9,7 @@ import argparse
 import difflib
 import json
 import math
+import os
 import sys
 import time
 
@@ -185,6 +186,17 @@ def add_cfg_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cfg-options", nargs="+", action=CfgOptions, default=None, metavar="KEY=VALUE", help="mmengine overrides"
     )
+
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets per process
+
+
+def check_launcher(parser: argparse.ArgumentParser, launcher: str, *, fix: str) -> None:
+    """``--launcher pytorch`` outside torchrun is ``parser.error``'s one line naming the unset variables and ``fix``
+    (mmengine's ``init_dist`` and ``init_process_group`` would fail on a missing ``LOCAL_RANK`` with a traceback)."""
+    missing = [name for name in TORCHRUN_ENV if name not in os.environ]
+    if launcher == "pytorch" and missing:
+        parser.error(f"--launcher pytorch needs torchrun's environment ({', '.join(missing)} unset); {fix}")
 
 
 def _plan_main(args: argparse.Namespace) -> int:

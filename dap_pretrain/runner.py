@@ -322,6 +322,7 @@ def _build_sampler(cfg, num_samples: int, world: int, rank: int) -> tuple[DaPSam
         "select": cfg.dap_select,
         "epochs_scale": cfg.epochs_scale,
         "fixed_subset": cfg.fixed_subset,
+        "seed": cfg.seed,  # the sampler's: its order, subsets and random choices
     }
     if cfg.dap_select == "infobatch":
         dap["infobatch"] = {
@@ -587,14 +588,22 @@ def _sampler_settings(state: dict) -> dict:
     return settings
 
 
-def _check_same_data(ckpt: dict, ckpt_path, *, cfg, sampler) -> None:
-    """Refuse a checkpoint made on a dataset of another size (its sampler state indexes that dataset)."""
+def _check_same_data(ckpt: dict, ckpt_path, *, cfg, sampler, files: str | None) -> None:
+    """Refuse a checkpoint made on a dataset of another size, or on other files (``files``: this run's
+    :meth:`~dap_pretrain.data.dataset.IndexedDataset.file_digest`; checkpoints without one are checked by size
+    only): its sampler state indexes that dataset, so its kept subset would name other images."""
     had = ckpt.get("args") or {}
     saved = int(ckpt["sampler"]["num_samples"])
-    if saved == sampler.num_samples:
-        return
     where = f"--data-dir {had['data_dir']}" if had.get("data_dir") else "its data"
     split = f" --train-split {had['train_split']}" if had.get("train_split") not in (None, cfg.train_split) else ""
+    if saved == sampler.num_samples:
+        if ckpt.get("files_digest") and files and ckpt["files_digest"] != files:
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} was trained on other files than this run's --data-dir {cfg.data_dir} "
+                f"(both {saved} samples, but other file names or labels); resume with {where}{split}, or start a new "
+                f"run from its weights with --initial-checkpoint {ckpt_path}"
+            )
+        return
     raise CheckpointError(
         f"checkpoint {ckpt_path} was trained on {saved} samples ({where}), this run's --data-dir {cfg.data_dir} has "
         f"{sampler.num_samples}; resume with {where}{split}, or start a new run from its weights with "
@@ -675,13 +684,16 @@ def _log_changed_flags(ckpt: dict, cfg) -> list[str]:
     return names
 
 
-def _check_resumable(ckpt: dict, ckpt_path, *, cfg, num_classes: int, sampler, optimizer) -> None:
+def _check_resumable(
+    ckpt: dict, ckpt_path, *, cfg, num_classes: int, sampler, optimizer, files: str | None = None
+) -> None:
     """Refuse a checkpoint this run cannot continue, in one line naming what differs and the fix; log the other
     flags that differ. Called before the run folder is changed.
 
     Refused: another model or ``--model-kwargs`` (they can change what a layer computes without changing a weight's
     shape, and export builds the model from the checkpoint's), missing training state, another number of classes or
-    of samples, other sampler settings (DaP's, ``--dap-select``, InfoBatch's, ``--seed``: the sampler state,
+    of samples, other training files (``files``: see :func:`_check_same_data`), other sampler settings (DaP's,
+    ``--dap-select``, InfoBatch's, ``--seed``: the sampler state,
     schedule and accounting were made with them, and a resumed sampler keeps its seed while the loaders would take
     the new one), another ``--opt`` or other optimizer parameter groups. Anything else
     (``--lr``, ...) is allowed, as timm allows it, and logged as ``resumed with flags that differ from the
@@ -706,7 +718,7 @@ def _check_resumable(ckpt: dict, ckpt_path, *, cfg, num_classes: int, sampler, o
             f"checkpoint {ckpt_path} has no {', '.join(missing)} state, so training cannot continue from it; "
             "pass a last.pth.tar written by dap-train (to start from its weights, export it instead)"
         )
-    _check_same_data(ckpt, ckpt_path, cfg=cfg, sampler=sampler)
+    _check_same_data(ckpt, ckpt_path, cfg=cfg, sampler=sampler, files=files)
     if ckpt.get("num_classes") is not None and ckpt["num_classes"] != num_classes:
         raise CheckpointError(
             f"checkpoint {ckpt_path} has {ckpt['num_classes']} classes, this run has {num_classes}; resume on the "
@@ -736,12 +748,14 @@ class TrainState:
     best: float = -1.0
     updates: int = 0  # optimizer updates so far: the EMA's step count (timm's num_updates)
 
-    def state_dict(self, *, cfg, epoch: int, rngs: list, num_classes: int, dap: dict) -> dict:
-        """The checkpoint after ``epoch`` epochs (``rngs``: every rank's RNG states, see :func:`_gather_rng`)."""
+    def state_dict(self, *, cfg, epoch: int, rngs: list, num_classes: int, dap: dict, files: str | None = None) -> dict:
+        """The checkpoint after ``epoch`` epochs (``rngs``: every rank's RNG states, see :func:`_gather_rng`;
+        ``files``: the training set's file digest, which ``--resume`` compares)."""
         acct = self.acct
         return {
             "arch": cfg.model,
             "num_classes": num_classes,
+            "files_digest": files,
             "epoch": epoch,
             "state_dict": self.model.state_dict(),
             "state_dict_ema": self.ema.module.state_dict() if self.ema is not None else None,
@@ -969,7 +983,15 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
     start_epoch, ckpt = 0, None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
-        _check_resumable(ckpt, cfg.resume, cfg=cfg, num_classes=data.num_classes, sampler=sampler, optimizer=optimizer)
+        _check_resumable(
+            ckpt,
+            cfg.resume,
+            cfg=cfg,
+            num_classes=data.num_classes,
+            sampler=sampler,
+            optimizer=optimizer,
+            files=data.train.file_digest(),
+        )
         start_epoch = state.load_state_dict(ckpt, source=cfg.resume, model_name=cfg.model, rank=rank, world=world)
     train_model = model
     if world > 1:
@@ -1072,7 +1094,14 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
         if rank == 0:
             log_epoch(row, cfg.epochs, report)
             write_summary_csv(output, acct.history)
-            ckpt_state = state.state_dict(cfg=cfg, epoch=epoch + 1, rngs=rngs, num_classes=data.num_classes, dap=dap)
+            ckpt_state = state.state_dict(
+                cfg=cfg,
+                epoch=epoch + 1,
+                rngs=rngs,
+                num_classes=data.num_classes,
+                dap=dap,
+                files=data.train.file_digest(),
+            )
             save_checkpoint(ckpt_state, output / LAST_CHECKPOINT)
             if getattr(lock, "replaced", False):  # --overwrite: the previous run's files are no longer needed
                 drop_replaced(output)

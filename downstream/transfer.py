@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dap_pretrain.cli import add_cfg_options, make_parser
+from dap_pretrain.cli import add_cfg_options, check_launcher, make_parser
 from dap_pretrain.compat import quiet_mm_imports
 from dap_pretrain.errors import entry_point
 from downstream import TransferInputError
@@ -315,7 +315,9 @@ def parse_args(argv: list[str] | None = None):
         help="check every input (backbone, COCO files, person boxes, work dir) and exit: trains and writes nothing "
         "(tools/transfer_coco.sh --gpus N runs it once before starting N processes)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_launcher(p, args.launcher, fix="start it with tools/transfer_coco.sh --gpus N, or drop --launcher")
+    return args
 
 
 @entry_point(prog="transfer_coco", exit=False)

@@ -140,6 +140,47 @@ def test_resume_with_more_epochs_exits_2_and_leaves_the_run_folder_as_it_was(tmp
     res = _cli(*flags, "--epochs", "3", "--resume", str(out / "last.pth.tar"))
     _one_line_error(res, "--epochs 3, the checkpoint's 2", "--initial-checkpoint")
     assert _files(out) == before
+    # Other images of the same count and classes: one image of two classes each moved to the other.
+    other = _tree_copy(cifar_tiny, tmp_path / "other")
+    a, b = sorted((other / "train").iterdir())[:2]
+    fa, fb = sorted(a.iterdir())[0], sorted(b.iterdir())[0]
+    fa.rename(b / f"moved_{fa.name}")  # the count per class stays; file names may repeat across classes
+    fb.rename(a / f"moved_{fb.name}")
+    moved = [str(other) if f == str(cifar_tiny) else f for f in flags]
+    res = _cli(*moved, "--resume", str(out / "last.pth.tar"))
+    _one_line_error(res, "other files than this run's --data-dir", "both 400 samples", f"--data-dir {cifar_tiny}")
+    assert _files(out) == before
+
+
+def _tree_copy(src: Path, dst: Path) -> Path:
+    for f in sorted(src.rglob("*")):
+        if f.is_file():
+            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            (dst / f.relative_to(src)).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_the_file_digest_names_the_images_and_labels_not_where_the_tree_lies(tmp_path, cifar_tiny):
+    """A moved copy of the tree digests the same; a renamed file or class folder digests otherwise (the digest is of
+    names and labels, not of the images' bytes)."""
+    from dap_pretrain.data.dataset import IndexedDataset, create_dataset
+
+    def digest(root: Path) -> str | None:
+        return IndexedDataset(create_dataset(name="", root=str(root), split="train", is_training=True)).file_digest()
+
+    first = digest(cifar_tiny)
+    assert first and len(first) == 16
+    moved = _tree_copy(cifar_tiny, tmp_path / "moved")
+    assert digest(moved) == first
+    one = sorted((moved / "train").iterdir())[0]
+    f = sorted(one.iterdir())[0]
+    f.rename(f.with_name("renamed_" + f.name))
+    assert digest(moved) != first
+    f.with_name("renamed_" + f.name).rename(f)
+    assert digest(moved) == first  # back as it was
+    first_class = sorted((moved / "train").iterdir())[0]
+    first_class.rename(first_class.with_name("zz_" + first_class.name))  # last by name: every label shifts
+    assert digest(moved) != first
 
 
 def test_a_folder_without_a_checkpoint_is_not_offered_resume(tmp_path):

@@ -394,7 +394,7 @@ def test_infobatch_run_reports_its_measured_compute(tmp_path, cifar_tiny):
     assert abs(s["compute_fraction_measured"] - 0.8) < 0.02
     assert [r["eval_top1"] for r in rows][:4] == ["", "", "", ""] and float(rows[-1]["eval_top1"]) >= 0
     assert f"400 train / 100 val samples from {cifar_tiny}; planned compute 80.00%" in (out / "log.txt").read_text()
-    assert s["dap"]["infobatch"]["target_compute"] == 0.8
+    assert s["dap"]["infobatch"]["target_compute"] == 0.8 and s["dap"]["seed"] == 42  # timm's default --seed
 
 
 def test_cuda_graph_is_refused_on_cpu(tmp_path, cifar_tiny):

@@ -46,6 +46,7 @@ from mmengine.registry import HOOKS
 from mmengine.runner import EpochBasedTrainLoop
 
 from dap_pretrain.checkpoint import rng_state, set_rng_state
+from dap_pretrain.data.dataset import files_digest
 from dap_pretrain.data.sampler import NonFiniteLossError
 from dap_pretrain.mm.head import RANKED_SELECT, DaPLossMixin, TracedBatchAugments, head_refusal
 from dap_pretrain.mm.sampler import DaPMMSampler
@@ -211,6 +212,11 @@ def origin_validates(hooks) -> bool:
 ORIGIN_KEYS = (("eval_top1_origin", "val/accuracy/top1_origin"), ("eval_top5_origin", "val/accuracy/top5_origin"))
 
 
+def _percent(value: float | None) -> str:
+    """A top-1 for the log: two decimals (mmpretrain's float32 accuracy prints as 41.666664...), or why none."""
+    return "not measured" if value is None else f"{value:.2f}%"
+
+
 @HOOKS.register_module()
 class DaPHook(Hook):
     """Drop-and-Pick for an mmengine epoch-based run (see the module docstring for the call contract).
@@ -234,6 +240,8 @@ class DaPHook(Hook):
         self._origin_seen: dict[str, int] = {}  # how often each ORIGIN_KEYS scalar was logged before this validation
         self._loaded: dict | None = None
         self._loaded_classes = None  # the resumed checkpoint's dataset classes (mmengine's meta.dataset_meta)
+        self._train_dataset = None
+        self._files: tuple[str | None] | None = None  # (files_digest of the train dataset,) once computed
         self._eval_cfg: dict = {}  # eval_data_config(runner.cfg)
         self._wall_done: float | None = None  # a finished run resumed: the wall time it recorded
         self._rngs: list = []
@@ -263,6 +271,14 @@ class DaPHook(Hook):
                     f"the resumed checkpoint trained on other classes ({shown}) than this run's data root has; "
                     "its DaP subset and losses belong to those images: resume with the same dataset (--data-root), "
                     "or start a new run"
+                )
+            saved_files = (state.get("run") or {}).get("files_digest")
+            if saved_files and self.files_digest() and saved_files != self.files_digest():
+                raise DaPMMError(
+                    f"the resumed checkpoint trained on other images than this run's data root has (both "
+                    f"{self.sampler.num_samples} samples of the same classes, but other file names or labels); its DaP "
+                    "subset and losses belong to those images: resume with the same dataset (--data-root), or start "
+                    "a new run"
                 )
             self._restore(runner, state)
             if runner.epoch >= self.settings.config.epochs:
@@ -329,6 +345,7 @@ class DaPHook(Hook):
         self._ema_validates = ema_validates(runner.hooks)
         self._origin_validates = origin_validates(runner.hooks)
         self._dataset = str(getattr(dataset, "data_root", "") or dataset.data_prefix.get("img_path", ""))
+        self._train_dataset, self._files = dataset, None
         runner.logger.info(
             f"DaP: {n} training samples, {self.settings.to_dict()}; planned compute "
             f"{planned / self.acct.baseline:.2%} of {config.epochs} full-data epochs"
@@ -458,9 +475,9 @@ class DaPHook(Hook):
         if is_main_process():
             _write_atomic(Path(runner.work_dir) / "run.json", json.dumps(self.summary, indent=2) + "\n")
         s = self.summary
-        top1 = f"top-1 (EMA) {s['ema_top1']}" if self._ema_validates else f"top-1 {s['top1']}"
+        top1 = f"top-1 (EMA) {_percent(s['ema_top1'])}" if self._ema_validates else f"top-1 {_percent(s['top1'])}"
         if self._origin_validates:
-            top1 += f", raw weights {s['top1']}"
+            top1 += f", raw weights {_percent(s['top1'])}"
         runner.logger.info(
             f"compute spent: {s['compute_fraction_measured']:.2%} of full-data training ({s['samples_trained']:,} / "
             f"{s['samples_baseline']:,} samples; planned {s['compute_fraction_planned']:.2%}); {top1}; "
@@ -492,9 +509,23 @@ class DaPHook(Hook):
                 **self.run_summary(),
                 "timm_model": self.timm_model,
                 "num_classes": self.num_classes,
+                "files_digest": self.files_digest(),
                 **self._eval_cfg,  # the export's timm config: the size and crop this run evaluated at
             },
         }
+
+    def files_digest(self) -> str | None:
+        """:func:`~dap_pretrain.data.dataset.files_digest` of the train dataset's ``(img_path, gt_label)`` pairs,
+        paths relative to its data root (a resume on other images of the same classes and count is refused); None
+        where its samples have no ``img_path``. Computed once per run, when a checkpoint or a resume first needs it
+        (mmengine's serialized data list: about 4 s per million samples on 2 CPU cores)."""
+        if self._files is None and self._train_dataset is not None:
+            data = self._train_dataset
+            infos = [data.get_data_info(i) for i in range(len(data))]
+            named = bool(infos) and all(info.get("img_path") for info in infos)
+            pairs = ((i["img_path"], i.get("gt_label", -1)) for i in infos)
+            self._files = (files_digest(pairs, root=self._dataset) if named else None,)
+        return self._files[0] if self._files else None
 
     def run_summary(self) -> dict:
         """What ``run.json`` holds: the timm trainer's keys; top-1/5 from the last validated epoch (percent), as
@@ -515,7 +546,7 @@ class DaPHook(Hook):
             ema_top1=ema_top1,
             ema_top5=ema_top5,
             wall_s=self._wall_done if self._wall_done is not None else time.perf_counter() - self._t_start,
-            dap=self.settings.to_dict(),
+            dap=self.settings.to_dict(seed=getattr(self.sampler, "seed", None)),
         )
 
     def _write_summary(self, runner) -> None:

@@ -36,9 +36,16 @@ class DaPSettings:
     select: str = "hard"
     seed: int | None = None
 
-    def to_dict(self) -> dict:
-        """The ``dap`` entry of ``run.json``, in the timm trainer's layout."""
-        return {**self.config.to_dict(), "select": self.select, "epochs_scale": None, "fixed_subset": None}
+    def to_dict(self, *, seed: int | None = None) -> dict:
+        """The ``dap`` entry of ``run.json``, in the timm trainer's layout; ``seed``: the sampler's (``self.seed``, or
+        the runner's where that is None)."""
+        return {
+            **self.config.to_dict(),
+            "select": self.select,
+            "epochs_scale": None,
+            "fixed_subset": None,
+            "seed": self.seed if seed is None else seed,
+        }
 
 
 def resolve_dap(dap: dict | None, *, epochs: int, milestones: tuple[int, ...] = ()) -> DaPSettings:
@@ -88,10 +95,13 @@ def resume_mismatch(sampler_state: dict, settings: DaPSettings) -> str | None:
     Args:
         sampler_state: ``checkpoint['dap']['sampler']`` (``DaPSampler.state_dict()``).
         settings: this run's resolved ``dap`` block; its ``epochs`` is ``train_cfg.max_epochs``, so a changed
-            ``max_epochs`` is named as that key, not as the dap block.
+            ``max_epochs`` is named as that key, not as the dap block. A ``dap.seed`` set to another value than the
+            checkpoint's sampler seed is a mismatch too (its subsets and order were drawn with that seed).
     """
-    saved = dict(sampler_state.get("config") or {}, select=sampler_state.get("select"))
+    saved = dict(sampler_state.get("config") or {}, select=sampler_state.get("select"), seed=sampler_state.get("seed"))
     ours = dict(settings.config.to_dict(), select=settings.select)
+    if settings.seed is not None:  # else the checkpoint's seed goes on, as mmengine's resume keeps randomness.seed
+        ours["seed"] = settings.seed
     keys = [k for k in ours if saved.get(k) != ours[k]]
     if not keys:
         return None

@@ -18,7 +18,7 @@ import argparse
 import os
 import sys
 
-from dap_pretrain.cli import add_cfg_options, make_parser
+from dap_pretrain.cli import add_cfg_options, check_launcher, make_parser
 from dap_pretrain.compat import quiet_mm_imports
 from dap_pretrain.errors import entry_point
 
@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.local_rank is not None:  # torch.distributed.launch passes it; mmpretrain sets LOCAL_RANK from it too
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    check_launcher(
+        p, args.launcher, fix="start it with tools/pretrain_mm.sh (NPROC_PER_NODE=N: N processes), or drop --launcher"
+    )
     return args
 
 

@@ -82,6 +82,7 @@ def test_done_when_run_spends_the_planned_compute(done_when):
     assert run["samples_trained"] == p.samples_trained and run["samples_untrained"] == 0
     assert run["model"] == "resnet18" and run["num_samples"] == 400 and run["epochs"] == 4
     assert run["dap"]["keep"] == 0.5 and run["dap"]["reuse"] == [] and 0 <= run["top1"] <= 100
+    assert isinstance(run["dap"]["seed"], int)  # the sampler's: the runner's randomness.seed here
     r = rows(done_when)
     assert list(r[0]) == timm_summary_columns()
     assert [int(x["subset_size"]) for x in r] == p.subset_sizes == [400, 400, 200, 100]
@@ -98,6 +99,7 @@ def test_checkpoint_carries_the_dap_state_and_run(done_when):
     assert dap["epoch"] == 4 and dap["sampler"]["subset"].numel() == 50 and len(dap["rng"]) == 1
     run = json.loads((done_when / "run.json").read_text())
     assert dap["run"]["timm_model"] == "resnet18" and dap["run"]["num_classes"] == 10
+    assert len(dap["run"]["files_digest"]) == 16  # what a --resume compares (test_refused_runs_...)
     for key in ("compute_fraction_measured", "samples_trained", "top1", "top5", "dap"):
         assert dap["run"][key] == run[key], key  # the last epoch's validation reached its checkpoint too
     assert [h["subset_digest"] for h in dap["history"]] == [x["subset_digest"] for x in rows(done_when)]
@@ -171,7 +173,7 @@ def test_an_ema_hook_run_records_the_ema_top1_and_exports_say_whose(cifar_tiny, 
     logged = [json.loads(line) for line in open(next(work.glob("*/vis_data/scalars.json")))]
     origin = [e["accuracy/top1_origin"] for e in logged if "accuracy/top1_origin" in e]
     assert origin and run["top1"] == pytest.approx(origin[-1])  # mmpretrain's own figure
-    assert f"top-1 (EMA) {run['ema_top1']}, raw weights {run['top1']}" in proc.stdout + proc.stderr
+    assert f"top-1 (EMA) {run['ema_top1']:.2f}%, raw weights {run['top1']:.2f}%" in proc.stdout + proc.stderr
     for flags, weights, top1 in (([], "ema", run["ema_top1"]), (["--no-ema"], "raw", run["top1"])):
         out = tmp_path / f"export_{weights}"
         export = [str(REPO / ".venv/bin/python"), "-m", "dap_pretrain", "export", str(work / "epoch_2.pth")]
@@ -239,7 +241,8 @@ def finished_copy(done_when: Path, work: Path) -> Path:
 def test_refused_runs_leave_the_work_dir_as_it_was(done_when, cifar_tiny, tmp_path):
     """Refusals from the config (another max_epochs on --resume, an iteration-counting scheduler), from the built
     run (another dataset on --resume, by size or by class names; another model), and failures before training
-    (a key mmengine refuses) leave a finished work dir byte for byte, and create no new one."""
+    (a key mmengine refuses) leave a finished work dir byte for byte, and create no new one. So does a resume on
+    other images of the same classes and count (the checkpoint's file digest)."""
     work = finished_copy(done_when, tmp_path / "finished")
     before = tree(work)
     proc = pretrain_mm(work, cifar_tiny, "--resume", "--cfg-options", *DONE_WHEN, *FAST, "train_cfg.max_epochs=6")
@@ -274,6 +277,15 @@ def test_refused_runs_leave_the_work_dir_as_it_was(done_when, cifar_tiny, tmp_pa
             shutil.copytree(cls, other / split / f"other{k}", symlinks=True)
     proc = pretrain_mm(work, other, "--resume", "--cfg-options", *DONE_WHEN, *FAST)
     assert "trained on other classes" in one_error_line(proc) and tree(work) == before
+    # the same classes and count, one image of two classes moved to the other (before, DaP went on with them)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(cifar_tiny, swapped, symlinks=True)
+    a, b = sorted((swapped / "train").iterdir())[:2]
+    fa, fb = sorted(a.iterdir())[0], sorted(b.iterdir())[0]
+    fa.rename(b / f"moved_{fa.name}")  # the count per class stays; file names may repeat across classes
+    fb.rename(a / f"moved_{fb.name}")
+    proc = pretrain_mm(work, swapped, "--resume", "--cfg-options", *DONE_WHEN, *FAST)
+    assert "trained on other images than this run's data root" in one_error_line(proc) and tree(work) == before
     # another model's config: mmengine's size-mismatch lines, then a traceback; now one line at the end
     cmd = ["bash", str(SCRIPT), "configs/mmpretrain/resnet50_dap75_in1k.py", "--data-root", str(cifar_tiny),
            "--work-dir", str(work), "--resume", "--cfg-options", *DONE_WHEN, *FAST]  # fmt: skip

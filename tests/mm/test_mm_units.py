@@ -373,6 +373,12 @@ def test_resume_mismatch_names_the_key_that_differs():
     assert "train_cfg.max_epochs=4, this run has train_cfg.max_epochs=6" in msg and "dap block" not in msg
     msg = resume_mismatch(saved, resolve_dap({**block, "keep": 0.7}, epochs=4))
     assert "dap.keep=0.5, this run has dap.keep=0.7" in msg
+    # dap.seed: was ignored silently (the checkpoint's went on); left unset, the checkpoint's goes on as before
+    saved["seed"] = 3
+    assert resume_mismatch(saved, resolve_dap(block, epochs=4)) is None
+    assert resume_mismatch(saved, resolve_dap({**block, "seed": 3}, epochs=4)) is None
+    msg = resume_mismatch(saved, resolve_dap({**block, "seed": 4}, epochs=4))
+    assert "dap.seed=3, this run has dap.seed=4" in msg
 
 
 def test_overwrite_deletes_only_the_previous_runs_files(tmp_path):
@@ -431,6 +437,26 @@ def test_bad_cfg_options_are_one_line(item, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and item in err
     assert err.startswith("pretrain_mm: error: --cfg-options")
+
+
+@pytest.mark.parametrize("module", ["dap_pretrain.mm.train", "downstream.transfer"])
+def test_launcher_pytorch_outside_torchrun_is_one_line(module, monkeypatch, capsys):
+    """Was mmengine's KeyError traceback (LOCAL_RANK) from init_dist; under torchrun's variables it parses."""
+    import importlib
+
+    parse_args = importlib.import_module(module).parse_args
+    argv = ["c.py"] if module.endswith("train") else ["faster_rcnn", "bb"]
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as e:
+        parse_args([*argv, "--launcher", "pytorch"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "--launcher pytorch needs torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK" in err
+    assert ("tools/pretrain_mm.sh" if module.endswith("train") else "tools/transfer_coco.sh --gpus N") in err
+    for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    assert parse_args([*argv, "--launcher", "pytorch"]).launcher == "pytorch"
 
 
 def test_resume_of_a_file_that_is_no_mmengine_checkpoint_is_one_line(tmp_path):
