@@ -202,8 +202,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         raise UsageError(f"--grad-accum-steps={v['grad_accum_steps']} is invalid: must be an integer >= 1")
     if v["eval_interval"] < 1:
         raise UsageError(f"--eval-interval={v['eval_interval']} is invalid: must be an integer >= 1")
-    if v["dap_select"] == "none":
-        v["dap_warmup"] = min(v["dap_warmup"], v["epochs"] - 1)  # DaP parameters unused: keep them valid
+    if v["dap_select"] in ("none", "infobatch"):  # DaP's parameters unused (InfoBatch prunes from epoch 1): valid
+        v["dap_warmup"] = min(v["dap_warmup"], v["epochs"] - 1)
     cfg = RunConfig(**v)
     dap_config_from_args(cfg, num_samples=1, default_reuse=default_reuse(cfg))  # bad DaP flags fail before data
     return cfg

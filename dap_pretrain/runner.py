@@ -842,10 +842,12 @@ def _best_metric(row: dict) -> float | None:
     return ema if ema is not None else row.get("eval_top1")
 
 
-def _restore_best(ckpt: dict, output: Path, history: list) -> float:
-    """The best top-1 so far (:func:`_best_metric`). A missing model_best.pth.tar (killed during its first write) is
-    rewritten when the resumed checkpoint is that best epoch (last and best are saved from one state); else the next
-    evaluation writes a new one."""
+def _restore_best(ckpt: dict, output: Path, history: list, *, source: Path | None = None) -> float:
+    """The best top-1 so far (:func:`_best_metric`), with OUTPUT/model_best.pth.tar holding its weights where they
+    exist. A run continued in another folder takes ``source`` (the resumed checkpoint's folder's
+    model_best.pth.tar) if that is the best epoch of this history. A missing one (killed during its first write, or
+    a run continued elsewhere) is written from the resumed checkpoint when that is the best epoch (last and best are
+    saved from one state); else the next evaluation that beats it writes a new one."""
     evaluated = [r for r in history if _best_metric(r) is not None]
     if not evaluated:
         return -1.0
@@ -853,16 +855,31 @@ def _restore_best(ckpt: dict, output: Path, history: list) -> float:
     path = output / "model_best.pth.tar"
     if path.is_file():
         return _best_metric(top)
+    if source is not None and source.is_file() and _checkpoint_epoch(source) == top["epoch"]:
+        write_atomic(path, lambda tmp: shutil.copyfile(source, tmp))
+        _logger.info("copied %s (the best epoch, %d) into %s", source, top["epoch"], output)
+        return _best_metric(top)
     if top["epoch"] == ckpt["epoch"]:
         save_checkpoint({k: v for k, v in ckpt.items() if k != "version"}, path)
-        _logger.warning("%s was missing; rewritten from the resumed checkpoint (its best epoch %d)", path, top["epoch"])
+        what = "written" if source is not None else "was missing; rewritten"
+        _logger.warning("%s %s from the resumed checkpoint (its best epoch %d)", path, what, top["epoch"])
         return _best_metric(top)
     _logger.warning(
-        "%s is missing and the weights of its best epoch %d are gone; the next evaluation writes a new one",
+        "%s is missing and the weights of its best epoch %d are gone%s; the next evaluation that beats it writes a "
+        "new one",
         path,
         top["epoch"],
+        f" (not in {source.parent} either)" if source is not None else "",
     )
     return -1.0
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    """A checkpoint file's ``epoch``, read without loading its tensors (mmap); None if it cannot be read."""
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["epoch"])
+    except Exception:  # noqa: BLE001  (a damaged file is not copied; the caller falls back)
+        return None
 
 
 def _last_eval(history: list) -> dict:
@@ -1035,8 +1052,10 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
     )
     run_start = time.perf_counter() - sum(r["epoch_time_s"] for r in acct.history)
     if ckpt is not None and rank == 0:
-        state.best = _restore_best(ckpt, output, acct.history)
-        if Path(cfg.resume).resolve().parent != output.resolve():  # continued in another folder: it holds its
+        elsewhere = Path(cfg.resume).resolve().parent != output.resolve()
+        source = Path(cfg.resume).parent / "model_best.pth.tar" if elsewhere else None
+        state.best = _restore_best(ckpt, output, acct.history, source=source)
+        if elsewhere:  # continued in another folder: it holds its
             write_atomic(output / LAST_CHECKPOINT, lambda tmp: shutil.copyfile(cfg.resume, tmp))  # run, resumable
             write_summary_csv(output, acct.history)  # and comparable, even with no epoch left to train
             if getattr(lock, "replaced", False):  # --overwrite: that copy is this run's first checkpoint

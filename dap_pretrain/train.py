@@ -468,14 +468,14 @@ def main(argv=None) -> dict:
     cfg = run_config(args)  # resolved once, read-only from here on
     from dap_pretrain.runner import run
 
-    summary = run(cfg)
-    if args.compare and summary is not None:
+    summary = run(cfg)  # None on every rank but 0 under torchrun, which trains the baseline all the same
+    if args.compare:
         try:
             base = run(run_config(_baseline_args(args)))
         except KeyboardInterrupt:  # its own --resume line would be refused: the pair continues through the DaP run
             last = Path(args.output) / LAST_CHECKPOINT
             raise KeyboardInterrupt(f"interrupted; continue both runs with --compare --resume {last}") from None
-        if base is not None:
+        if summary is not None and base is not None:
             print(compare_table(summary, base))
     return summary
 

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from dap_pretrain.cli import main
+from dap_pretrain.errors import UsageError
 
 
 def _run(*args):
@@ -265,3 +266,14 @@ def test_a_short_run_with_the_default_warmup_is_told_the_default(capsys):
         main(["plan", "--epochs", "5"])
     err = capsys.readouterr().err.strip()
     assert "--dap-warmup 10 is not below --epochs 5" in err and "(default 10)" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("select", ["none", "infobatch"])
+def test_policies_without_dap_warmup_take_a_short_run(select):
+    """InfoBatch prunes from epoch 1 and uses no --dap-* flag: `--epochs 4` was refused for --dap-warmup 10."""
+    from dap_pretrain.train import parse_args, run_config
+
+    cfg = run_config(parse_args(["--dap-select", select, "--epochs", "4"]))
+    assert cfg.dap_warmup == 3
+    with pytest.raises(UsageError, match="--dap-warmup 10 is not below --epochs 4"):
+        run_config(parse_args(["--dap-select", "random", "--epochs", "4"]))

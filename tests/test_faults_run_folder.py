@@ -263,6 +263,9 @@ def test_a_finished_run_resumed_into_another_folder_leaves_a_whole_run_there(tmp
     train_main([*base, "--resume", str(run / "last.pth.tar"), "--output", str(moved), "--export"])
     assert (moved / "summary.csv").read_text() == (run / "summary.csv").read_text()
     assert (moved / "last.pth.tar").read_bytes() == (run / "last.pth.tar").read_bytes()
+    # the best checkpoint too (before: not copied, and the log said its weights were gone when not the last epoch's)
+    assert (moved / "model_best.pth.tar").read_bytes() == (run / "model_best.pth.tar").read_bytes()
+    assert f"copied {run / 'model_best.pth.tar'} (the best epoch, 1)" in (moved / "log.txt").read_text()
     assert (moved / "export" / "meta.json").is_file()
     again = train_main([*base, "--resume", str(moved / "last.pth.tar")])
     assert again["top1"] == json.loads((run / "run.json").read_text())["top1"]
