@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.models import model_parameters
 from timm.utils import dispatch_clip_grad
@@ -27,13 +28,14 @@ _logger = logging.getLogger(__name__)
 
 @dataclass
 class EpochStats:
-    loss: float
+    loss: float  # the mean training loss of the epoch's samples over every rank (as timm logs it, reduced)
     samples: int  # samples this rank passed through the model (DDP padding included)
     steps: int
     seconds: float
     lr: float  # at the start of the epoch (progress == epoch): comparable across runs of any subset size
     first_batch_s: float = 0.0  # of ``seconds``, the wait for the loader's first batch (the epoch's fixed start)
     updates: int = 0  # optimizer updates of the run so far, this epoch's included (the EMA's step count)
+    samples_all: int = 0  # samples every rank passed through the model: the job's throughput is this / seconds
 
 
 def _progress(iterable, *, total: int, desc: str, enabled: bool):
@@ -160,6 +162,7 @@ def train_one_epoch(
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no per-step sync
     seen, start = 0, time.perf_counter()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     lr = lr_start = lr_scheduler.step(float(epoch))
     loss_weights = getattr(sampler, "loss_weights", None)
@@ -220,16 +223,18 @@ def train_one_epoch(
                     f"training loss became {batch_loss} at epoch {epoch + 1} step {step}; "
                     "lower --lr or enable --clip-grad"
                 )
-            rate = (seen + indices.numel()) / max(time.perf_counter() - start, 1e-9)
+            rate = world * (seen + indices.numel()) / max(time.perf_counter() - start, 1e-9)  # the job's, as timm
             _logger.log(
                 step_level, "epoch %d step %d/%d loss %.4f lr %.3g %.0f img/s", epoch + 1, step, steps, batch_loss, lr,
                 rate,
             )  # fmt: skip
         loss_sum += losses.detach().sum()
         seen += indices.numel()
+    loss_all, seen_all = all_reduce_sum([float(loss_sum), float(seen)], device)  # one sync at the epoch's end
     return EpochStats(
-        loss=float(loss_sum) / max(1, seen),
+        loss=loss_all / max(1.0, seen_all),
         samples=seen,
+        samples_all=int(seen_all),
         steps=steps,
         seconds=time.perf_counter() - start,
         lr=lr_start,

@@ -10,6 +10,7 @@ those into :class:`UsageError` where the values came from the user.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import sys
 from contextlib import contextmanager
@@ -70,7 +71,8 @@ def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002 
                 return 2
             except KeyboardInterrupt as e:  # Ctrl-C: one line, not Python's traceback of wherever the run was
                 said = one_line(e) or "interrupted; what was saved before it is kept"  # a run names its --resume
-                print_error(f"{prog + ': ' if prog else ''}{said}")
+                if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets it; rank 0 says it once
+                    print_error(f"{prog + ': ' if prog else ''}{said}")
                 if exit:
                     sys.exit(130)
                 return 130

@@ -91,9 +91,21 @@ class Accounting:
         return row
 
     def run_summary(
-        self, *, model: str, epochs: int, dataset, top1, top5, ema_top1, ema_top5, wall_s: float, dap: dict
+        self,
+        *,
+        model: str,
+        epochs: int,
+        dataset,
+        top1,
+        top5,
+        ema_top1,
+        ema_top5,
+        wall_s: float,
+        dap: dict,
+        processes: int = 1,
     ) -> dict:
-        """``run.json``: the same keys from both front ends (``dap-train`` and the mmengine ``DaPHook``)."""
+        """``run.json``: the same keys from both front ends (``dap-train`` and the mmengine ``DaPHook``);
+        ``processes``: the run's (last start's) world size, which with the per-process batch sets the global one."""
         return {
             "model": model,
             "epochs": epochs,
@@ -110,6 +122,7 @@ class Accounting:
             "ema_top1": ema_top1,
             "ema_top5": ema_top5,
             "wall_time_s": round(wall_s, 2),
+            "processes": processes,
             "dap": dap,
             "git_commit": git_commit(),
             "torch": torch.__version__,

@@ -116,12 +116,13 @@ def claim_output(output: Path, *, resume: str, overwrite: bool):
                 f"output folder {output} is in use by another trainer ({other}); "
                 "wait for it to finish or pass another --output"
             ) from None
+        lock.created = created  # folders this call made: removed again if the run stops before writing anything
+        lock.new_lock = new_lock  # and the lock file, if this call made it
         check_output_dir(output, resume=resume, overwrite=overwrite)
     except BaseException:
+        release_unused(lock, output)  # what this call made (nothing when the folder is another trainer's)
         lock.close()
         raise
-    lock.created = created  # folders this call made: removed again if the run stops before writing anything
-    lock.new_lock = new_lock  # and the lock file, if this call made it
     return lock
 
 

@@ -462,10 +462,19 @@ def _gpu_decode_loader(cfg, data: Data, sampler, *, device) -> GpuDecodeLoader:
     )
 
 
+def _subset_fix(cfg) -> str:
+    """What to change when the smallest subset is below a ``--drop-last`` batch (:func:`check_batch_size`)."""
+    if cfg.dap_select != "infobatch":
+        return "raise --dap-keep"
+    if cfg.infobatch_target_compute is not None:
+        return "drop --infobatch-target-compute (its calibrated ratio may reach 0.95)"
+    return "lower --infobatch-ratio"
+
+
 def _smallest_subset(cfg, sampler) -> int | None:
-    """The fewest samples any epoch will train (None for InfoBatch, whose sizes depend on the losses)."""
+    """The fewest samples any epoch will train (InfoBatch's: the fewest it can keep, whatever the losses)."""
     if cfg.dap_select == "infobatch":
-        return None
+        return sampler.fewest_samples()
     if cfg.dap_select == "none" or sampler.config is None:
         return sampler.subset.numel()
     return min(plan(sampler.config, sampler.num_samples).subset_sizes)
@@ -819,7 +828,8 @@ class TrainState:
             set_rng_state(rngs[rank])
         else:
             _logger.warning(
-                "checkpoint has RNG states for %d processes, this run has %d: augmentation will differ",
+                "checkpoint was written by %d processes, this run has %d: the global batch changes with them "
+                "(-b is per process; --lr-base rescales the LR) and augmentation will differ",
                 len(rngs),
                 world,
             )
@@ -887,10 +897,18 @@ def _last_eval(history: list) -> dict:
     return next((r for r in reversed(history) if r["eval_top1"] is not None), {})
 
 
-def run(cfg: RunConfig) -> dict | None:
+def run(cfg: RunConfig, *, check_processes: int | None = None) -> dict | None:
     """Train per ``cfg`` (:func:`dap_pretrain.config.run_config`); rank 0 returns the run summary (also written
-    to OUTPUT/run.json)."""
+    to OUTPUT/run.json).
+
+    ``check_processes=N``: only check, in this one process, every input of a run that will have N processes (as
+    its rank 0: the output folder, data, model, sampler and batch size for N, ``--resume``); raises the first
+    refusal, returns None, and leaves nothing behind (no folder or lock file it made). ``tools/pretrain.sh`` runs
+    it before torchrun, so bad input is one line and exit 2 rather than one per process and torchrun's report.
+    """
     device, rank, world = init_distributed(cfg.device)
+    if check_processes is not None:
+        world = check_processes  # the sampler and batch-size checks for the run's N processes
     cuda_speed_flags(device)
     output = Path(cfg.output)
     held = HeldLogs(rank)
@@ -907,7 +925,12 @@ def run(cfg: RunConfig) -> dict | None:
             raise refused
         if message is not None:  # the other ranks stop with rank 0's line instead of hanging at a barrier
             raise UsageError(message)
-        return _train(cfg, device=device, rank=rank, world=world, output=output, held=held, lock=lock)
+        result = _train(
+            cfg, device=device, rank=rank, world=world, output=output, held=held, lock=lock, check=check_processes
+        )
+        if check_processes is not None and lock is not None:
+            release_unused(lock, output)
+        return result
     except BaseException as e:
         saved = lock is not None and getattr(lock, "taken", False) and not getattr(lock, "replaced", False)
         if lock is not None:
@@ -916,7 +939,7 @@ def run(cfg: RunConfig) -> dict | None:
             release_unused(lock, output)
         last = output / LAST_CHECKPOINT
         if isinstance(e, KeyboardInterrupt) and saved and last.is_file():  # this run's checkpoint, not one put back
-            raise KeyboardInterrupt(f"interrupted; continue the run with --resume {last}") from None  # Ctrl-C
+            raise KeyboardInterrupt(f"interrupted; continue the run: the same command with --resume {last}") from None
         raise
     finally:
         held.close()
@@ -924,8 +947,11 @@ def run(cfg: RunConfig) -> dict | None:
             lock.close()
 
 
-def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, lock) -> dict | None:
-    """:func:`run` once OUTPUT is owned: build, check and resume everything, only then touch the folder; train."""
+def _train(
+    cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, lock, check: int | None = None
+) -> dict | None:
+    """:func:`run` once OUTPUT is owned: build, check and resume everything, only then touch the folder; train.
+    ``check``: return None once everything is checked (see :func:`run`)."""
     import timm
     from timm.utils import ModelEmaV3
 
@@ -959,6 +985,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             drop_last=cfg.drop_last,
             num_replicas=world,
             smallest_subset=_smallest_subset(cfg, sampler),
+            subset_fix=_subset_fix(cfg),
         )
         if note:
             _logger.info(note)
@@ -1010,6 +1037,8 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             files=data.train.file_digest(),
         )
         start_epoch = state.load_state_dict(ckpt, source=cfg.resume, model_name=cfg.model, rank=rank, world=world)
+    if check is not None:  # every input is checked; what follows wraps and compiles the model, then writes
+        return None
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -1102,7 +1131,7 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
             ev=ev,
             lr=stats.lr,
             seconds=time.perf_counter() - t0,
-            img_per_s=stats.samples / max(stats.seconds, 1e-9),
+            img_per_s=stats.samples_all / max(stats.seconds, 1e-9),  # the job's, every rank's samples
             digest=digest,
             first_batch_s=stats.first_batch_s,
         )
@@ -1133,12 +1162,12 @@ def _train(cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, 
     if rank != 0:
         barrier()
         return None
-    summary = _finish(cfg, output, acct, wall, dap)
+    summary = _finish(cfg, output, acct, wall, dap, world=world)
     barrier()
     return summary
 
 
-def _finish(cfg, output: Path, acct: Accounting, wall: float, dap: dict) -> dict:
+def _finish(cfg, output: Path, acct: Accounting, wall: float, dap: dict, *, world: int = 1) -> dict:
     last = _last_eval(acct.history)
     summary = acct.run_summary(
         model=cfg.model,
@@ -1150,6 +1179,7 @@ def _finish(cfg, output: Path, acct: Accounting, wall: float, dap: dict) -> dict
         ema_top5=last.get("ema_top5"),
         wall_s=wall,
         dap=dap,
+        processes=world,
     )
     write_atomic(output / "run.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     if acct.lost:

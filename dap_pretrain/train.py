@@ -296,6 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-plot", action="store_true", help="skip dap_schedule.png")
     r.add_argument("--compare", action="store_true", help="also train a full-data baseline into OUTPUT/full_data")
     r.add_argument("--export", action="store_true", help="export OUTPUT/export (timm/mmdet/mmpose) at the end")
+    r.add_argument(
+        "--check",
+        type=int,
+        nargs="?",
+        const=1,
+        default=None,
+        metavar="PROCESSES",
+        help="check every input (flags, data, model, output folder, --resume) for a run of PROCESSES processes "
+        "(default 1) and exit: trains and writes nothing (tools/pretrain.sh runs it once before torchrun starts its "
+        "processes, so bad input is one line, not one per process)",
+    )
     return p
 
 
@@ -465,9 +476,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Train one run and, with ``--compare``, its full-data baseline. Returns the run summary."""
     args = parse_args(argv)
+    check = vars(args).pop("check", None)  # how this command runs, not a setting of the run
+    if check is not None and check < 1:
+        raise UsageError(f"--check {check} is invalid: pass the number of processes the run will have (1 or more)")
     cfg = run_config(args)  # resolved once, read-only from here on
     from dap_pretrain.runner import run
 
+    if check is not None:
+        run(cfg, check_processes=check)
+        print(f"dap-train: inputs ok for {check} process{'es' if check > 1 else ''} -> {cfg.output}")
+        return {}
     summary = run(cfg)  # None on every rank but 0 under torchrun, which trains the baseline all the same
     if args.compare:
         try:

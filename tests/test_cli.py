@@ -219,7 +219,10 @@ def test_ctrl_c_in_a_run_names_the_resume_command(tmp_path, cifar_tiny, capsys, 
     with pytest.raises(SystemExit) as exc:
         train_cli(flags)
     err = capsys.readouterr().err
-    assert exc.value.code == 130 and err == f"interrupted; continue the run with --resume {out / 'last.pth.tar'}\n"
+    assert (
+        exc.value.code == 130
+        and err == f"interrupted; continue the run: the same command with --resume {out / 'last.pth.tar'}\n"
+    )
     assert train_cli([*flags, "--resume", str(out / "last.pth.tar")]) == 0 and (out / "run.json").is_file()
     # --overwrite stopped before its first checkpoint: the old run is put back, and no --resume of it is offered
     kept = (out / "last.pth.tar").read_bytes()

@@ -162,6 +162,44 @@ def test_batch_larger_than_data_with_drop_last_is_refused():
     check_batch_size(num_samples=200, batch_size=64, drop_last=True, smallest_subset=64)
 
 
+def test_check_passes_and_leaves_nothing_behind(tmp_path, capsys, cifar_tiny):
+    """--check N (tools/pretrain.sh's before torchrun): every input checked in one process, nothing written, not
+    even the run folder or its lock file; an existing run's folder is left byte for byte."""
+    out = tmp_path / "a" / "run"
+    flags = ["--data-dir", str(cifar_tiny), "--model", "cifar_resnet20", "--epochs", "2", "--dap-warmup", "1"]
+    flags += ["--output", str(out)]
+    assert train_cli([*flags, "--check", "2"]) == 0
+    assert f"dap-train: inputs ok for 2 processes -> {out}" in capsys.readouterr().out
+    assert not (tmp_path / "a").exists()
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "run.json").write_text("{}")
+    line = _cli_error(capsys, *flags[:-1], str(held), "--check", "2")
+    assert "output folder" in line and sorted(p.name for p in held.iterdir()) == ["run.json"]
+    assert "--check 0 is invalid" in _cli_error(capsys, *flags, "--check", "0")
+
+
+def test_infobatch_with_drop_last_is_checked_against_the_fewest_it_can_keep(tmp_path, capsys, cifar_tiny):
+    """Was skipped for InfoBatch: 2 processes, 1,000 samples, -b 400 --drop-last trained nothing from epoch 2 on,
+    silently (its pruned set, 765, is 382 per process). The check runs for 2 processes in one (--check 2)."""
+    from dap_pretrain.data.infobatch import MAX_RATIO, InfoBatchSampler
+    from dap_pretrain.runner import _build_sampler, _smallest_subset
+    from dap_pretrain.train import parse_args, run_config
+
+    assert InfoBatchSampler(1000, epochs=4, ratio=0.5).fewest_samples() == 1000 - 499
+    calibrated = InfoBatchSampler(1000, epochs=4, target_compute=0.8)
+    assert calibrated.fewest_samples() == 1000 - int(MAX_RATIO * 999)
+    cfg = run_config(parse_args(["--dap-select", "infobatch", "--epochs", "4", "--drop-last", "-b", "400"]))
+    sampler, *_ = _build_sampler(cfg, 1000, 2, 0)
+    assert _smallest_subset(cfg, sampler) == 501
+    # cifar_tiny: 400 samples, at least 201 kept, 100 per process; 200 per process before any pruning
+    line = _cli_error(capsys, "--data-dir", str(cifar_tiny), "--dap-select", "infobatch", "--epochs", "4",
+                      "--decay-milestones", "--drop-last", "-b", "150", "--output", str(tmp_path / "run"),
+                      "--check", "2")  # fmt: skip
+    assert "smallest epoch's subset (100 samples per process)" in line and "lower --infobatch-ratio" in line, line
+    assert not (tmp_path / "run").exists()
+
+
 def _png(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)

@@ -114,6 +114,9 @@ def test_two_process_ddp_matches_single_process(tmp_path, cifar_tiny, free_port)
         )
         d, s = _digests(ddp), _digests(single)
         assert [r[:3] for r in d] == [r[:3] for r in s]  # subset sizes and samples trained per epoch
+        with (ddp / "summary.csv").open() as f:  # img/s is the job's (both ranks'), not rank 0's half
+            rows = list(csv.DictReader(f))
+        assert all(float(r["img_per_s"]) * float(r["epoch_time_s"]) >= int(r["samples_trained"]) for r in rows), rows
         if select == "random":  # subsets do not depend on losses: identical sequence
             assert d == s
         a, b = (json.loads((x / "run.json").read_text()) for x in (ddp, single))
@@ -121,17 +124,25 @@ def test_two_process_ddp_matches_single_process(tmp_path, cifar_tiny, free_port)
             a["samples_trained"] == b["samples_trained"]
             and a["compute_fraction_measured"] == b["compute_fraction_measured"]
         )
-        assert a["compute_fraction_measured"] < 1.0
+        assert a["compute_fraction_measured"] < 1.0 and (a["processes"], b["processes"]) == (2, 1)
 
 
 def test_ddp_refusal_on_rank0_stops_every_rank_in_one_line(tmp_path, cifar_tiny, free_port):
-    """Rank 0 refuses an output folder holding another run; rank 1 stops with the same line (it used to wait at
-    the next barrier until the process-group timeout)."""
+    """tools/pretrain.sh checks every input in one process before torchrun starts: one line, exit 2 (before, one
+    line per rank, torchrun's ChildFailedError report and exit 1). Under torchrun started directly, rank 0 refuses
+    an output folder holding another run and rank 1 stops with the same line (it used to wait at the next barrier
+    until the process-group timeout)."""
     held = tmp_path / "held"
     held.mkdir()
     (held / "run.json").write_text("{}")
-    t0 = time.time()
     proc = _two_processes(*ARGS, "--data-dir", str(cifar_tiny), "--output", str(held), port=free_port(), timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: output folder") and (held / "run.json").read_text() == "{}"
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "dap_pretrain.train", *ARGS, "--data-dir", str(cifar_tiny), "--output", str(held)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and time.time() - t0 < 120
     refusals = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: output folder")]
     assert len(refusals) == 2, proc.stderr  # one line from each rank
@@ -192,11 +203,12 @@ def test_ddp_ranks_evaluate_the_model_rank0_saves(tmp_path, cifar_tiny, free_por
 
 
 def test_sync_bn_on_cpu_processes_is_refused_in_one_line(tmp_path, cifar_tiny, free_port):
-    """torch's SyncBatchNorm runs on GPUs only: under CPU DDP --sync-bn is refused before any data is read."""
+    """torch's SyncBatchNorm runs on GPUs only: under CPU DDP --sync-bn is refused before any data is read, by
+    tools/pretrain.sh's one-process check for 2 processes."""
     out = tmp_path / "run"
     proc = _two_processes(*ARGS, "--data-dir", str(cifar_tiny), "--output", str(out), "--sync-bn", port=free_port())
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert proc.returncode != 0 and len(lines) == 2, proc.stderr
+    assert proc.returncode == 2 and len(lines) == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "--sync-bn needs GPUs" in lines[0] and "drop it" in lines[0]
     assert not (out / "run.json").exists() and not (out / "last.pth.tar").exists()
 

@@ -20,6 +20,7 @@ own_run=0 prev=""
 for a in "$@"; do
   case "$a" in
     -c|--config|--config=*) own_run=1 ;;
+    -h|--help) exec "$py" -m dap_pretrain.train --help ;;  # once, not from every process
     --data-dir=embedded) ;;
     --data-dir=*) own_run=1 ;;
   esac
@@ -30,6 +31,12 @@ done
 nproc=${NPROC_PER_NODE:-1}
 nnodes=${NNODES:-1}
 if [ "$nproc" -gt 1 ] || [ "$nnodes" -gt 1 ]; then
+  # Every input is checked once, in one process, before torchrun starts them (on the first node: the others' run
+  # folder is node 0's): a bad one is then one line and exit 2, not one line per process, torchrun's
+  # ChildFailedError report and exit 1.
+  if [ "${NODE_RANK:-0}" = 0 ]; then
+    "$py" -m dap_pretrain.train "${args[@]}" --check $((nproc * nnodes)) > /dev/null || exit $?
+  fi
   exec "$py" -m torch.distributed.run --nproc_per_node "$nproc" --nnodes "$nnodes" --node_rank "${NODE_RANK:-0}" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" -m dap_pretrain.train "${args[@]}"
 fi

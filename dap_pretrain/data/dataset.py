@@ -498,7 +498,13 @@ def _warn_missing_classes(dataset: Any, folder: Path, split: str, class_to_idx: 
 
 
 def check_batch_size(
-    *, num_samples: int, batch_size: int, drop_last: bool, num_replicas: int = 1, smallest_subset: int | None = None
+    *,
+    num_samples: int,
+    batch_size: int,
+    drop_last: bool,
+    num_replicas: int = 1,
+    smallest_subset: int | None = None,
+    subset_fix: str = "raise --dap-keep",
 ) -> None:
     """Refuses a batch size that ``--drop-last`` would leave with nothing to train, before training starts.
 
@@ -509,7 +515,9 @@ def check_batch_size(
         batch_size: per process.
         drop_last: whether each epoch's last partial batch is dropped (nothing to check otherwise).
         num_replicas: processes sharing each epoch's samples.
-        smallest_subset: the fewest samples any epoch trains (DaP's smallest subset); default ``num_samples``.
+        smallest_subset: the fewest samples any epoch trains (DaP's smallest subset, InfoBatch's worst case);
+            default ``num_samples``.
+        subset_fix: the error's advice for a subset too small (the policy's flag).
 
     Raises:
         DataError: some epoch would train no sample at all.
@@ -528,7 +536,7 @@ def check_batch_size(
         raise DataError(
             f"--batch-size {batch_size} is larger than the smallest epoch's subset ({small} samples per process), and "
             f"--drop-last drops every batch of it, so that epoch would train nothing; pass -b {max(small, 1)} or "
-            "less, drop --drop-last, or raise --dap-keep"
+            f"less, drop --drop-last, or {subset_fix}"
         )
 
 

@@ -547,6 +547,7 @@ class DaPHook(Hook):
             ema_top5=ema_top5,
             wall_s=self._wall_done if self._wall_done is not None else time.perf_counter() - self._t_start,
             dap=self.settings.to_dict(seed=getattr(self.sampler, "seed", None)),
+            processes=get_dist_info()[1],
         )
 
     def _write_summary(self, runner) -> None:
