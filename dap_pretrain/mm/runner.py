@@ -385,9 +385,14 @@ def pretrain_mm(
     cfg_options: dict | None = None,
     launcher: str = "none",
     overwrite: bool = False,
+    check: bool = False,
     **mmpretrain_flags,
 ) -> dict:
     """Train one DaP run with mmengine's Runner; returns what ``WORK_DIR/run.json`` holds (rank 0 writes it).
+
+    ``check=True``: only the checks made before the runner is built (config, ``dap`` block, data root, ``--resume``
+    against the checkpoint, work dir), in this process; returns ``{}`` and writes nothing. ``tools/pretrain_mm.sh``
+    runs it before torchrun, so such bad input is one line and exit 2, not one per process and torchrun's report.
 
     Keyword args are :func:`prepare_config`'s (``mmpretrain_flags``: its ``amp``, ``validate``, ``auto_scale_lr``,
     ``pin_memory``, ``persistent_workers``), plus ``overwrite``: replace a finished run in the work dir; its
@@ -412,6 +417,11 @@ def pretrain_mm(
     )
     resuming = bool(cfg.get("resume"))  # --resume with nothing to resume yet starts a new run (prepare_config)
     settings = check_config(cfg)
+    check_resume(cfg, settings)
+    work = Path(cfg.work_dir)
+    check_work_dir(work, resume=resuming, overwrite=overwrite)
+    if check:
+        return {}
     train_loader = cfg.get("train_dataloader") or {}
     if (train_loader.get("num_workers") or 0) > 0 and _rank0():
         why = [
@@ -423,9 +433,6 @@ def pretrain_mm(
                 f"pretrain_mm: {' and '.join(w for w in why if w)}, so a --resume will not repeat the augmentation, "
                 "losses and subsets exactly; for that, set randomness.seed and pass --no-persistent-workers"
             )
-    check_resume(cfg, settings)
-    work = Path(cfg.work_dir)
-    check_work_dir(work, resume=resuming, overwrite=overwrite)
     if launcher == "pytorch" and not _cuda():
         from dap_pretrain.distributed import init_distributed
 

@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help="pytorch under torchrun (slurm and mpi: start torchrun from the job, NPROC_PER_NODE/NNODES)",
     )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check the config, dap block, data root, --resume and work dir, then exit: trains and writes nothing "
+        "(tools/pretrain_mm.sh runs it once before torchrun starts its processes)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     add_cfg_options(p)
     args = p.parse_args(argv)
@@ -87,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         auto_scale_lr=args.auto_scale_lr,
         pin_memory=not args.no_pin_memory,
         persistent_workers=not args.no_persistent_workers,
+        check=args.check,
     )
+    if args.check:
+        print(f"pretrain_mm: inputs ok for {args.config}")
     return 0
 
 

@@ -295,13 +295,19 @@ def test_refused_runs_leave_the_work_dir_as_it_was(done_when, cifar_tiny, tmp_pa
     assert "do not fit this config's model" in proc.stderr.strip().splitlines()[-1] and tree(work) == before
 
 
-def test_missing_config_data_path_is_one_line_and_writes_nothing(tmp_path):
+def test_missing_config_data_path_is_one_line_and_writes_nothing(tmp_path, cifar_tiny):
+    """Also with NPROC_PER_NODE=2: the script's one-process --check refuses it before torchrun (before, one line per
+    process, torchrun's ChildFailedError report and exit 1); --check on good input writes nothing."""
     cmd = ["bash", str(SCRIPT), str(REPO / CONFIG), "--work-dir", str(tmp_path / "w")]
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert "data/imagenet does not exist" in one_error_line(proc) and "--data-root" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1  # mmengine's pkg_resources warnings added 4 lines before it
+    for nproc in ("1", "2"):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "NPROC_PER_NODE": nproc, "MASTER_PORT": "29587"}
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert "data/imagenet does not exist" in one_error_line(proc) and "--data-root" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1  # mmengine's pkg_resources warnings added 4 lines before
+        assert list(tmp_path.iterdir()) == []
+    proc = subprocess.run([*cmd, "--data-root", str(cifar_tiny), "--check"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0 and "pretrain_mm: inputs ok" in proc.stdout, proc.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
 
 
