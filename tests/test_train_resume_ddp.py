@@ -227,3 +227,15 @@ def test_two_process_infobatch_ranks_agree_on_every_subset(tmp_path, cifar_tiny,
     assert sizes[0] == 400 and min(sizes) < 400, sizes
     run = json.loads((out / "run.json").read_text())
     assert run["compute_fraction_measured"] == sum(int(r["samples_trained"]) for r in rows) / (5 * 400) < 1.0
+
+
+def test_compare_under_ddp_trains_the_baseline_on_every_rank(tmp_path, cifar_tiny, free_port):
+    """--compare under torchrun: rank 1 skipped the baseline (its run() returns None), and rank 0 died in the
+    baseline's first collective (gloo; on NCCL a hang): no full_data/, no table, exit 1."""
+    out = tmp_path / "cmp"
+    args = [*ARGS, "--epochs", "2", "--decay-milestones", "-b", "32", "--val-split", "", "--compare"]
+    proc = _two_processes(*args, "--data-dir", str(cifar_tiny), "--output", str(out), port=free_port(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("DaP top-1 n/a at ") == 1, proc.stdout[-2000:]  # the table, printed by rank 0 only
+    full = json.loads((out / "full_data" / "run.json").read_text())
+    assert full["compute_fraction_measured"] == 1.0 and full["processes"] == 2
