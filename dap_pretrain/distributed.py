@@ -12,15 +12,16 @@ import torch.distributed as dist
 from dap_pretrain.errors import UsageError
 
 
-def init_distributed(device: str | None = None) -> tuple[torch.device, int, int]:
-    """Initialise DDP when torchrun launched us; returns (device, rank, world_size).
+def init_distributed(device: str | None = None, *, single: bool = False) -> tuple[torch.device, int, int]:
+    """Initialise DDP when torchrun launched us; returns (device, rank, world_size). ``single``: one process
+    whatever the environment says (``--check``: a job scheduler may have set ``WORLD_SIZE`` for the whole job).
 
     Backend: nccl when the device is CUDA, gloo otherwise. Without torchrun: rank 0 of 1. On CUDA each process of
     several takes the GPU of its ``LOCAL_RANK`` (an index given is overridden, with a warning, as in timm); a single
     process takes the one named (``--device cuda:1``), as timm's train.py does, and ``cuda`` is ``cuda:0``.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = 1 if single else int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = 0 if single else int(os.environ.get("LOCAL_RANK", "0"))
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = _available_device(device)

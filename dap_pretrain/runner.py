@@ -865,7 +865,7 @@ def _restore_best(ckpt: dict, output: Path, history: list, *, source: Path | Non
     path = output / "model_best.pth.tar"
     if path.is_file():
         return _best_metric(top)
-    if source is not None and source.is_file() and _checkpoint_epoch(source) == top["epoch"]:
+    if source is not None and source.is_file() and _same_run_at(source, ckpt, top["epoch"]):
         write_atomic(path, lambda tmp: shutil.copyfile(source, tmp))
         _logger.info("copied %s (the best epoch, %d) into %s", source, top["epoch"], output)
         return _best_metric(top)
@@ -884,12 +884,19 @@ def _restore_best(ckpt: dict, output: Path, history: list, *, source: Path | Non
     return -1.0
 
 
-def _checkpoint_epoch(path: Path) -> int | None:
-    """A checkpoint file's ``epoch``, read without loading its tensors (mmap); None if it cannot be read."""
+def _same_run_at(path: Path, ckpt: dict, epoch: int) -> bool:
+    """Whether the checkpoint file ``path`` is ``ckpt``'s run after ``epoch`` epochs: the same model, files and
+    history up to there (read with mmap, without loading its tensors); False if it cannot be read."""
     try:
-        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["epoch"])
+        other = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception:  # noqa: BLE001  (a damaged file is not copied; the caller falls back)
-        return None
+        return False
+    return (
+        other.get("epoch") == epoch
+        and other.get("arch") == ckpt.get("arch")
+        and other.get("files_digest") == ckpt.get("files_digest")
+        and other.get("history") == list(ckpt.get("history") or [])[:epoch]
+    )
 
 
 def _last_eval(history: list) -> dict:
@@ -906,9 +913,14 @@ def run(cfg: RunConfig, *, check_processes: int | None = None) -> dict | None:
     refusal, returns None, and leaves nothing behind (no folder or lock file it made). ``tools/pretrain.sh`` runs
     it before torchrun, so bad input is one line and exit 2 rather than one per process and torchrun's report.
     """
-    device, rank, world = init_distributed(cfg.device)
+    device, rank, world = init_distributed(cfg.device, single=check_processes is not None)
     if check_processes is not None:
         world = check_processes  # the sampler and batch-size checks for the run's N processes
+        if device.type == "cuda" and world > torch.cuda.device_count():
+            raise UsageError(
+                f"{world} processes, one per GPU, but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "start at most that many processes per node"
+            )
     cuda_speed_flags(device)
     output = Path(cfg.output)
     held = HeldLogs(rank)

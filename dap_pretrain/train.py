@@ -484,6 +484,8 @@ def main(argv=None) -> dict:
 
     if check is not None:
         run(cfg, check_processes=check)
+        if args.compare:  # its baseline's folder and settings too, which the real run reaches only after the first
+            run(run_config(_baseline_args(args)), check_processes=check)
         print(f"dap-train: inputs ok for {check} process{'es' if check > 1 else ''} -> {cfg.output}")
         return {}
     summary = run(cfg)  # None on every rank but 0 under torchrun, which trains the baseline all the same

@@ -316,7 +316,8 @@ def parse_args(argv: list[str] | None = None):
         "(tools/transfer_coco.sh --gpus N runs it once before starting N processes)",
     )
     args = p.parse_args(argv)
-    check_launcher(p, args.launcher, fix="start it with tools/transfer_coco.sh --gpus N, or drop --launcher")
+    if not args.check:  # the check runs as one plain process, whatever launcher the run will have
+        check_launcher(p, args.launcher, fix="start it with tools/transfer_coco.sh --gpus N, or drop --launcher")
     return args
 
 

@@ -162,9 +162,12 @@ def test_batch_larger_than_data_with_drop_last_is_refused():
     check_batch_size(num_samples=200, batch_size=64, drop_last=True, smallest_subset=64)
 
 
-def test_check_passes_and_leaves_nothing_behind(tmp_path, capsys, cifar_tiny):
+def test_check_passes_and_leaves_nothing_behind(tmp_path, capsys, cifar_tiny, monkeypatch):
     """--check N (tools/pretrain.sh's before torchrun): every input checked in one process, nothing written, not
-    even the run folder or its lock file; an existing run's folder is left byte for byte."""
+    even the run folder or its lock file; an existing run's folder is left byte for byte. A job scheduler's
+    WORLD_SIZE/RANK in the environment does not make it join (and wait for) a process group."""
+    for name, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="9").items():
+        monkeypatch.setenv(name, value)
     out = tmp_path / "a" / "run"
     flags = ["--data-dir", str(cifar_tiny), "--model", "cifar_resnet20", "--epochs", "2", "--dap-warmup", "1"]
     flags += ["--output", str(out)]
@@ -177,6 +180,11 @@ def test_check_passes_and_leaves_nothing_behind(tmp_path, capsys, cifar_tiny):
     line = _cli_error(capsys, *flags[:-1], str(held), "--check", "2")
     assert "output folder" in line and sorted(p.name for p in held.iterdir()) == ["run.json"]
     assert "--check 0 is invalid" in _cli_error(capsys, *flags, "--check", "0")
+    # --compare: the baseline's folder too, which the real run reaches only after the whole DaP run
+    (out / "full_data").mkdir(parents=True)
+    (out / "full_data" / "run.json").write_text("{}")
+    line = _cli_error(capsys, *flags, "--compare", "--check", "2")
+    assert f"output folder {out / 'full_data'} holds an earlier run" in line, line
 
 
 def test_infobatch_with_drop_last_is_checked_against_the_fewest_it_can_keep(tmp_path, capsys, cifar_tiny):
@@ -186,13 +194,13 @@ def test_infobatch_with_drop_last_is_checked_against_the_fewest_it_can_keep(tmp_
     from dap_pretrain.runner import _build_sampler, _smallest_subset
     from dap_pretrain.train import parse_args, run_config
 
-    assert InfoBatchSampler(1000, epochs=4, ratio=0.5).fewest_samples() == 1000 - 499
+    assert InfoBatchSampler(1000, epochs=4, ratio=0.5).fewest_samples() == 500
     calibrated = InfoBatchSampler(1000, epochs=4, target_compute=0.8)
-    assert calibrated.fewest_samples() == 1000 - int(MAX_RATIO * 999)
+    assert calibrated.fewest_samples() == 1000 - int(MAX_RATIO * 1000)
     cfg = run_config(parse_args(["--dap-select", "infobatch", "--epochs", "4", "--drop-last", "-b", "400"]))
     sampler, *_ = _build_sampler(cfg, 1000, 2, 0)
-    assert _smallest_subset(cfg, sampler) == 501
-    # cifar_tiny: 400 samples, at least 201 kept, 100 per process; 200 per process before any pruning
+    assert _smallest_subset(cfg, sampler) == 500
+    # cifar_tiny: 400 samples, at least 200 kept, 100 per process; 200 per process before any pruning
     line = _cli_error(capsys, "--data-dir", str(cifar_tiny), "--dap-select", "infobatch", "--epochs", "4",
                       "--decay-milestones", "--drop-last", "-b", "150", "--output", str(tmp_path / "run"),
                       "--check", "2")  # fmt: skip

@@ -31,10 +31,11 @@ done
 nproc=${NPROC_PER_NODE:-1}
 nnodes=${NNODES:-1}
 if [ "$nproc" -gt 1 ] || [ "$nnodes" -gt 1 ]; then
-  # Every input is checked once, in one process, before torchrun starts them (on the first node: the others' run
-  # folder is node 0's): a bad one is then one line and exit 2, not one line per process, torchrun's
-  # ChildFailedError report and exit 1.
-  if [ "${NODE_RANK:-0}" = 0 ]; then
+  # On one node, every input is checked once, in one process, before torchrun starts them: a bad one is then one
+  # line and exit 2, not one line per process, torchrun's ChildFailedError report and exit 1. Not with several
+  # nodes: node 0 refusing alone would leave the others in torchrun's rendezvous until its timeout, where now every
+  # process stops with rank 0's line.
+  if [ "$nnodes" = 1 ]; then
     "$py" -m dap_pretrain.train "${args[@]}" --check $((nproc * nnodes)) > /dev/null || exit $?
   fi
   exec "$py" -m torch.distributed.run --nproc_per_node "$nproc" --nnodes "$nnodes" --node_rank "${NODE_RANK:-0}" \

@@ -15,9 +15,10 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 nproc=${NPROC_PER_NODE:-1}
 nnodes=${NNODES:-1}
 if [ "$nproc" -gt 1 ] || [ "$nnodes" -gt 1 ]; then
-  # the checks made before the runner is built, once in one process on the first node: such bad input is one
-  # line and exit 2, not one line per process, torchrun's ChildFailedError report and exit 1
-  if [ "${NODE_RANK:-0}" = 0 ]; then
+  # on one node, the checks made before the runner is built, once in one process: such bad input is one line and
+  # exit 2, not one line per process, torchrun's ChildFailedError report and exit 1 (not with several nodes:
+  # node 0 refusing alone would leave the others in torchrun's rendezvous until its timeout)
+  if [ "$nnodes" = 1 ]; then
     "$py" -m dap_pretrain.mm.train "$@" --check > /dev/null || exit $?
   fi
   exec "$py" -m torch.distributed.run --nproc_per_node "$nproc" --nnodes "$nnodes" --node_rank "${NODE_RANK:-0}" \

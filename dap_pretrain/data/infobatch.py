@@ -181,10 +181,10 @@ class InfoBatchSampler(DaPSampler):
 
     def fewest_samples(self) -> int:
         """The fewest samples a pruning epoch can keep, whatever the losses: at most ``r`` (``MAX_RATIO`` with
-        ``target_compute``) of the samples strictly below the mean score, of which there are at most N - 1, are
-        left out. What a ``--drop-last`` batch size is checked against before training."""
+        ``target_compute``) of the samples below the mean score are left out (all N of them at worst: equal scores
+        can round below their own mean). What a ``--drop-last`` batch size is checked against before training."""
         r = MAX_RATIO if self.target_compute is not None else self.ratio
-        return self.num_samples - math.floor(r * (self.num_samples - 1))
+        return self.num_samples - math.floor(r * self.num_samples)
 
     def _next_ratio(self, num_candidates: int) -> float:
         """InfoBatch's constant ``ratio``, or with ``target_compute`` the r that spreads the remaining budget.

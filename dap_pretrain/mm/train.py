@@ -67,9 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.local_rank is not None:  # torch.distributed.launch passes it; mmpretrain sets LOCAL_RANK from it too
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    check_launcher(
-        p, args.launcher, fix="start it with tools/pretrain_mm.sh (NPROC_PER_NODE=N: N processes), or drop --launcher"
-    )
+    if not args.check:  # the check runs as one plain process, whatever launcher the run will have
+        check_launcher(
+            p,
+            args.launcher,
+            fix="start it with tools/pretrain_mm.sh (NPROC_PER_NODE=N: N processes), or drop --launcher",
+        )
     return args
 
 

@@ -457,6 +457,9 @@ def test_launcher_pytorch_outside_torchrun_is_one_line(module, monkeypatch, caps
     for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
         monkeypatch.setenv(name, value)
     assert parse_args([*argv, "--launcher", "pytorch"]).launcher == "pytorch"
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name)
+    assert parse_args([*argv, "--launcher", "pytorch", "--check"]).check  # the scripts' one-process check
 
 
 def test_resume_of_a_file_that_is_no_mmengine_checkpoint_is_one_line(tmp_path):
