@@ -98,7 +98,32 @@ def claim_output(output: Path, *, resume: str, overwrite: bool):
     Returns the open lock file; closing it releases the folder. A folder owned by another live trainer, or one
     holding another run, raises :class:`UsageError` with nothing in it changed. :func:`take_over` writes the
     owner's name into the lock file once every check of the run has passed.
+
+    A start that stops before writing anything removes the lock file it made (:func:`release_unused`). So a lock
+    taken on a file that was unlinked between this call's open and its flock is not kept: the claim starts again
+    on the file now at that path, else two starts could each hold a lock on a different file.
     """
+    for _ in range(_CLAIM_TRIES - 1):
+        lock = _claim_once(output, resume=resume, overwrite=overwrite)
+        if _still_linked(lock, output / ".lock"):
+            return lock
+        lock.close()  # a removed file's lock guards nothing; nothing was written under it
+    return _claim_once(output, resume=resume, overwrite=overwrite)
+
+
+_CLAIM_TRIES = 3
+
+
+def _still_linked(lock, path: Path) -> bool:
+    """Whether the open lock file is still the file at ``path`` (not unlinked, nor replaced)."""
+    try:
+        return os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _claim_once(output: Path, *, resume: str, overwrite: bool):
+    """One try of :func:`claim_output`."""
     try:
         created = [p for p in (output, *output.parents) if not p.exists()]
         new_lock = not (output / ".lock").exists()

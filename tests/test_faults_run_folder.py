@@ -277,3 +277,28 @@ def test_a_finished_run_resumed_into_another_folder_leaves_a_whole_run_there(tmp
     assert (
         not (other / ".replaced").exists() and (other / "summary.csv").read_text() == (run / "summary.csv").read_text()
     )
+
+
+def test_a_lock_file_removed_before_it_was_locked_is_claimed_again(tmp_path, monkeypatch):
+    """A start that stops removes the lock file it made. If that happens between another start's open and its
+    flock, the second held a lock on an unlinked file (and a third start could lock the new one): it now claims
+    again, and holds the file at OUTPUT/.lock."""
+    import fcntl
+
+    from dap_pretrain import run_folder
+
+    out = tmp_path / "run"
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_the_other_start_left(f, op):
+        calls.append(op)
+        if len(calls) == 1:
+            (out / ".lock").unlink()  # what release_unused of the other start does
+        return real_flock(f, op)
+
+    monkeypatch.setattr(run_folder.fcntl, "flock", flock_after_the_other_start_left)
+    lock = _claim_output(out, resume="", overwrite=False)
+    try:
+        assert len(calls) == 2 and os.fstat(lock.fileno()).st_ino == os.stat(out / ".lock").st_ino
+    finally:
+        lock.close()
