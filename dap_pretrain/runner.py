@@ -938,7 +938,14 @@ def run(cfg: RunConfig, *, check_processes: int | None = None) -> dict | None:
         if message is not None:  # the other ranks stop with rank 0's line instead of hanging at a barrier
             raise UsageError(message)
         result = _train(
-            cfg, device=device, rank=rank, world=world, output=output, held=held, lock=lock, check=check_processes
+            cfg,
+            device=device,
+            rank=rank,
+            world=world,
+            output=output,
+            held=held,
+            lock=lock,
+            check=check_processes is not None,
         )
         if check_processes is not None and lock is not None:
             release_unused(lock, output)
@@ -960,7 +967,7 @@ def run(cfg: RunConfig, *, check_processes: int | None = None) -> dict | None:
 
 
 def _train(
-    cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, lock, check: int | None = None
+    cfg, *, device, rank: int, world: int, output: Path, held: HeldLogs, lock, check: bool = False
 ) -> dict | None:
     """:func:`run` once OUTPUT is owned: build, check and resume everything, only then touch the folder; train.
     ``check``: return None once everything is checked (see :func:`run`)."""
@@ -1049,7 +1056,7 @@ def _train(
             files=data.train.file_digest(),
         )
         start_epoch = state.load_state_dict(ckpt, source=cfg.resume, model_name=cfg.model, rank=rank, world=world)
-    if check is not None:  # every input is checked; what follows wraps and compiles the model, then writes
+    if check:  # every input is checked; what follows wraps and compiles the model, then writes
         return None
     train_model = model
     if world > 1:

@@ -520,10 +520,10 @@ class DaPHook(Hook):
         where its samples have no ``img_path``. Computed once per run, when a checkpoint or a resume first needs it
         (mmengine's serialized data list: about 4 s per million samples on 2 CPU cores)."""
         if self._files is None and self._train_dataset is not None:
-            data = self._train_dataset
-            infos = [data.get_data_info(i) for i in range(len(data))]
-            named = bool(infos) and all(info.get("img_path") for info in infos)
-            pairs = ((i["img_path"], i.get("gt_label", -1)) for i in infos)
+            data = self._train_dataset  # one loader filled its data list: all samples have img_path, or none
+            named = len(data) > 0 and bool(data.get_data_info(0).get("img_path"))
+            infos = (data.get_data_info(i) for i in range(len(data)))  # streamed: no list of a million dicts
+            pairs = ((info["img_path"], info.get("gt_label", -1)) for info in infos)
             self._files = (files_digest(pairs, root=self._dataset) if named else None,)
         return self._files[0] if self._files else None
 
