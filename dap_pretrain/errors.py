@@ -50,6 +50,19 @@ def print_error(line: str) -> None:
     sys.stderr.flush()
 
 
+def close_process_group() -> None:
+    """Destroy the default process group, if a run under torchrun made one (torch's own advice for every exit).
+
+    Left to the interpreter's exit, gloo's worker threads are torn down during finalisation and the process can
+    abort (``terminate called without an active exception``, SIGABRT) after a run that succeeded: torchrun then
+    reports the job failed. Called where every rank stops together (a finished run, a refusal all ranks share),
+    never after Ctrl-C or a traceback, where a collective may still be in flight. torch is not imported for it.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002  (exit: like sys.exit)
     """Wrap an entry point: a :class:`DapError` becomes ``[prog: ]error: <line>`` on stderr and exit code 2.
 
@@ -63,8 +76,9 @@ def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002 
         @functools.wraps(fn)
         def wrapper(argv=None):
             try:
-                return fn(argv)
+                result = fn(argv)
             except DapError as e:
+                close_process_group()
                 print_error(f"{prog + ': ' if prog else ''}error: {one_line(e) or type(e).__name__}")
                 if exit:
                     sys.exit(2)
@@ -76,6 +90,8 @@ def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002 
                 if exit:
                     sys.exit(130)
                 return 130
+            close_process_group()
+            return result
 
         return wrapper
 

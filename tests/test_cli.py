@@ -128,6 +128,37 @@ def test_entry_point_maps_expected_failures_only():
         boom(ValueError("from torch"))()
 
 
+def test_entry_point_destroys_the_process_group_where_ranks_stop_together(tmp_path):
+    """A DDP run that finished left gloo's process group to the interpreter's exit, which can abort the process
+    (SIGABRT, "terminate called without an active exception") after a good run: CI saw torchrun report a finished
+    2-process run as failed. A return or a DapError destroys it; Ctrl-C leaves it (a collective may be in flight)."""
+    import torch.distributed as dist
+
+    from dap_pretrain.errors import UsageError, entry_point
+
+    def in_group(then):
+        def fn(argv=None):
+            store = dist.FileStore(str(tmp_path / f"store{len(list(tmp_path.iterdir()))}"), 1)
+            dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+            return then()
+
+        return fn
+
+    def refuse():
+        raise UsageError("bad flag; pass another")
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    try:
+        assert entry_point(in_group(lambda: 0), exit=False)() == 0 and not dist.is_initialized()
+        assert entry_point(in_group(refuse), exit=False)() == 2 and not dist.is_initialized()
+        assert entry_point(in_group(interrupt), exit=False)() == 130 and dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_error_line_reaches_stderr_in_one_write(monkeypatch):
     """Two DDP ranks refusing together must not interleave into ``error: ...error: ...``: each line, newline
     included, goes out in one write (``print`` makes two)."""
