@@ -105,7 +105,7 @@ def claim_output(output: Path, *, resume: str, overwrite: bool):
     """
     for _ in range(_CLAIM_TRIES - 1):
         lock = _claim_once(output, resume=resume, overwrite=overwrite)
-        if _still_linked(lock, output / ".lock"):
+        if lock_still_linked(lock, output / ".lock"):
             return lock
         lock.close()  # a removed file's lock guards nothing; nothing was written under it
     return _claim_once(output, resume=resume, overwrite=overwrite)
@@ -114,8 +114,9 @@ def claim_output(output: Path, *, resume: str, overwrite: bool):
 _CLAIM_TRIES = 3
 
 
-def _still_linked(lock, path: Path) -> bool:
-    """Whether the open lock file is still the file at ``path`` (not unlinked, nor replaced)."""
+def lock_still_linked(lock, path: Path) -> bool:
+    """Whether the open lock file is still the file at ``path`` (not unlinked, nor replaced): a lock on a file
+    another start removed between this one's open and its flock guards nothing."""
     try:
         return os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
     except FileNotFoundError:

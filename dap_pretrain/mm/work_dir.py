@@ -25,7 +25,14 @@ from pathlib import Path
 from mmengine.hooks import Hook
 
 from dap_pretrain.mm.settings import DaPMMError
-from dap_pretrain.run_folder import REPLACED, drop_replaced, killed_overwrite, restore_replaced, set_aside
+from dap_pretrain.run_folder import (
+    REPLACED,
+    drop_replaced,
+    killed_overwrite,
+    lock_still_linked,
+    restore_replaced,
+    set_aside,
+)
 
 RUN_MARKERS = ("run.json", "summary.csv", "last_checkpoint")
 LOCK = ".dap.lock"
@@ -71,19 +78,33 @@ def last_checkpoint_in(work_dir: Path, *, fix: str) -> Path | None:
 
 @contextlib.contextmanager
 def work_dir_lock(work_dir: Path, *, enabled: bool):
-    """An advisory lock on WORK_DIR/.dap.lock (rank 0); the OS drops it when the process dies."""
+    """An advisory lock on WORK_DIR/.dap.lock (rank 0); the OS drops it when the process dies.
+
+    A refused start's :meth:`WorkDirSnapshot.restore` removes the lock file it made. Should that happen between
+    this start's open and its flock, the lock is on a removed file and a third start could take the new one: the
+    lock is taken again on the file now at that path (as the trainer's ``claim_output``).
+    """
     if not enabled:
         yield
         return
     work_dir.mkdir(parents=True, exist_ok=True)
-    with open(work_dir / LOCK, "w") as f:
+    for attempt in range(_LOCK_TRIES):
+        f = open(work_dir / LOCK, "w")  # noqa: SIM115  (held open for the with-block's body, closed below)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            f.close()
             raise DaPMMError(
                 f"work dir {work_dir} is in use by another run; wait for it or pass another --work-dir"
             ) from None
+        if lock_still_linked(f, work_dir / LOCK) or attempt == _LOCK_TRIES - 1:
+            break
+        f.close()
+    with f:
         yield
+
+
+_LOCK_TRIES = 3
 
 
 def previous_run_files(work_dir: Path, *, keep: tuple[str, ...] = (), also: tuple[str, ...] = ()) -> list[Path]:

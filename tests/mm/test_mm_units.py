@@ -137,6 +137,33 @@ def test_timm_architecture_names_the_timm_model_that_loads_the_weights():
     assert timm_architecture(MODELS.build({**cfg, "backbone": {**cfg["backbone"], "type": "ResNetV1c"}})) is None
 
 
+def test_a_work_dir_lock_file_removed_before_it_was_locked_is_locked_again(tmp_path, monkeypatch):
+    """A refused start's restore removes the .dap.lock it made. If that happens between another start's open and
+    its flock, the second held a lock on a removed file while a third could lock the new one: it locks again."""
+    import fcntl
+    import os
+
+    from dap_pretrain.mm import work_dir as wd
+
+    work = tmp_path / "w"
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_the_other_start_left(f, op):
+        calls.append(op)
+        if len(calls) == 1:
+            (work / ".dap.lock").unlink()  # what WorkDirSnapshot.restore of the refused start does
+        return real_flock(f, op)
+
+    monkeypatch.setattr(wd.fcntl, "flock", flock_after_the_other_start_left)
+    with wd.work_dir_lock(work, enabled=True):
+        held = [
+            int(fd)
+            for fd in os.listdir("/proc/self/fd")
+            if os.path.realpath(f"/proc/self/fd/{fd}").endswith(".dap.lock")
+        ]
+        assert len(calls) == 2 and [os.fstat(fd).st_ino for fd in held] == [os.stat(work / ".dap.lock").st_ino]
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path):
     from dap_pretrain.mm import DaPMMError
     from dap_pretrain.mm.runner import set_data_root
