@@ -793,8 +793,9 @@ class TrainState:
             },
         }
 
-    def load_state_dict(self, ckpt: dict, *, source, model_name: str, rank: int, world: int) -> int:
+    def load_state_dict(self, ckpt: dict, *, source, model_name: str, rank: int, world: int, epochs: int) -> int:
         """Restore from a checkpoint already checked by :func:`_check_resumable`; returns the epochs it had done.
+        ``epochs``: the run's; a finished run (nothing left to train) is not warned that its augmentation changes.
 
         A sampler state that does not fit, should one pass :func:`_check_resumable`, raises
         :class:`CheckpointError`.
@@ -826,7 +827,7 @@ class TrainState:
         rngs = ckpt.get("rng") or []
         if len(rngs) == world:
             set_rng_state(rngs[rank])
-        else:
+        elif int(ckpt["epoch"]) < epochs:  # a finished run only writes its results again: nothing is drawn
             _logger.warning(
                 "checkpoint was written by %d processes, this run has %d: the global batch changes with them "
                 "(-b is per process; --lr-base rescales the LR) and augmentation will differ",
@@ -1055,7 +1056,9 @@ def _train(
             optimizer=optimizer,
             files=data.train.file_digest(),
         )
-        start_epoch = state.load_state_dict(ckpt, source=cfg.resume, model_name=cfg.model, rank=rank, world=world)
+        start_epoch = state.load_state_dict(
+            ckpt, source=cfg.resume, model_name=cfg.model, rank=rank, world=world, epochs=cfg.epochs
+        )
     if check:  # every input is checked; what follows wraps and compiles the model, then writes
         return None
     train_model = model

@@ -370,7 +370,7 @@ class DaPHook(Hook):
         rank, world = get_dist_info()
         if len(state["rng"]) == world:
             set_rng_state(state["rng"][rank])
-        else:
+        elif runner.epoch < self.settings.config.epochs:  # a finished run only writes its results again
             runner.logger.warning(
                 f"checkpoint has RNG states for {len(state['rng'])} processes, this run has {world}: "
                 "augmentation will differ from an uninterrupted run"
