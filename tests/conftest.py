@@ -103,6 +103,27 @@ def free_port():
     return _free_port
 
 
+@pytest.fixture
+def ctrl_c_in_epoch(monkeypatch):
+    """``ctrl_c_in_epoch(n)``: the trainer's n-th epoch from now (counted across the runs this test starts) is
+    stopped as Ctrl-C stops it, a ``KeyboardInterrupt`` as it begins; later epochs train."""
+    from dap_pretrain import runner
+
+    real, state = runner.train_one_epoch, {"calls": 0, "at": None}
+
+    def epoch(*args, **kwargs):
+        state["calls"] += 1
+        if state["calls"] == state["at"]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    def arm(n: int) -> None:
+        state.update(calls=0, at=n)
+
+    monkeypatch.setattr(runner, "train_one_epoch", epoch)
+    return arm
+
+
 @pytest.fixture(scope="session")
 def require():
     """``require('mmdet', ...)``: the one optional-dependency guard every test uses (see :func:`_require`)."""

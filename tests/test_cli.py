@@ -229,21 +229,12 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
     assert capsys.readouterr().err.startswith("report: interrupted")
 
 
-def test_ctrl_c_in_a_run_names_the_resume_command(tmp_path, cifar_tiny, capsys, monkeypatch):
+def test_ctrl_c_in_a_run_names_the_resume_command(tmp_path, cifar_tiny, capsys, ctrl_c_in_epoch):
     """Ctrl-C in epoch 2 of a run: the one line says how to continue it (before: only that the saved files are
     kept); the folder is the run's, and --resume continues it to the end."""
-    from dap_pretrain import runner
     from dap_pretrain.train import cli as train_cli
 
-    real, calls = runner.train_one_epoch, []
-
-    def stopped_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_one_epoch", stopped_in_epoch_2)
+    ctrl_c_in_epoch(2)
     out = tmp_path / "run"
     flags = ["--data-dir", str(cifar_tiny), "--model", "test_resnet", "--img-size", "32", "-b", "100", "-j", "0",
              "--epochs", "3", "--dap-warmup", "1", "--no-plot", "--device", "cpu", "--output", str(out)]  # fmt: skip
@@ -257,8 +248,7 @@ def test_ctrl_c_in_a_run_names_the_resume_command(tmp_path, cifar_tiny, capsys, 
     assert train_cli([*flags, "--resume", str(out / "last.pth.tar")]) == 0 and (out / "run.json").is_file()
     # --overwrite stopped before its first checkpoint: the old run is put back, and no --resume of it is offered
     kept = (out / "last.pth.tar").read_bytes()
-    calls.clear()
-    calls.append(1)  # the next call is the second: in the new run's first epoch
+    ctrl_c_in_epoch(1)  # the new run's first epoch
     with pytest.raises(SystemExit):
         train_cli([*flags, "--overwrite"])
     assert capsys.readouterr().err == "interrupted; what was saved before it is kept\n"
@@ -266,22 +256,13 @@ def test_ctrl_c_in_a_run_names_the_resume_command(tmp_path, cifar_tiny, capsys, 
 
 
 def test_ctrl_c_in_the_compare_baseline_names_the_command_that_continues_both(
-    tmp_path, cifar_tiny, capsys, monkeypatch
+    tmp_path, cifar_tiny, capsys, ctrl_c_in_epoch
 ):
     """Ctrl-C in --compare's baseline named the baseline's own --resume, which is refused (its --dap-select is
     none); the line now names --compare --resume of the DaP run, and that command finishes both."""
-    from dap_pretrain import runner
     from dap_pretrain.train import cli as train_cli
 
-    real, calls = runner.train_one_epoch, []
-
-    def stopped_in_the_baseline(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:  # the DaP run's 2 epochs, then the baseline's second
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_one_epoch", stopped_in_the_baseline)
+    ctrl_c_in_epoch(4)  # the DaP run's 2 epochs, then the baseline's second
     out = tmp_path / "run"
     flags = ["--data-dir", str(cifar_tiny), "--model", "test_resnet", "--img-size", "32", "-b", "100", "-j", "0",
              "--epochs", "2", "--dap-warmup", "1", "--no-plot", "--device", "cpu", "--output", str(out),

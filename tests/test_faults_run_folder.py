@@ -246,20 +246,10 @@ def test_a_log_file_that_cannot_be_written_is_one_line_and_the_run_logs_on(tmp_p
     assert all(f"record {k}" in out for k in range(3)), out  # stdout keeps every record
 
 
-def test_resuming_at_another_process_count_warns_only_when_epochs_are_left(tmp_path, cifar_tiny, monkeypatch):
+def test_resuming_at_another_process_count_warns_only_when_epochs_are_left(tmp_path, cifar_tiny, ctrl_c_in_epoch):
     """A checkpoint of 2 processes resumed by 1: the global batch and the augmentation change, said once. A finished
     run only writes its results again, and was warned all the same."""
-    from dap_pretrain import runner
-
-    real, calls = runner.train_one_epoch, []
-
-    def stopped_in_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner, "train_one_epoch", stopped_in_epoch_2)
+    ctrl_c_in_epoch(2)
     out = tmp_path / "run"
     flags = ["--data-dir", str(cifar_tiny), "--model", "test_resnet", "--img-size", "32", "-b", "100", "-j", "0",
              "--epochs", "2", "--dap-warmup", "1", "--no-plot", "--device", "cpu", "--output", str(out)]  # fmt: skip
