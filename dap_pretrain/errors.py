@@ -63,8 +63,17 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def on_every_rank(error: DapError) -> DapError:
+    """Mark ``error`` as one every process of a torchrun job raises alike (rank 0's refusal that the others share,
+    a check of the config): :func:`entry_point` prints it once per node, from local rank 0, not once per process.
+    Unmarked errors, which may come from one process alone, are printed by each process that raises them."""
+    error.every_rank = True
+    return error
+
+
 def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002  (exit: like sys.exit)
-    """Wrap an entry point: a :class:`DapError` becomes ``[prog: ]error: <line>`` on stderr and exit code 2.
+    """Wrap an entry point: a :class:`DapError` becomes ``[prog: ]error: <line>`` on stderr and exit code 2
+    (under torchrun, one marked :func:`on_every_rank` is printed once per node).
 
     ``exit=True`` raises ``SystemExit(2)``; ``exit=False`` returns 2, for mains run as ``sys.exit(main())``.
     Ctrl-C (``KeyboardInterrupt``) is one line too, with the shell's code for it, 130.
@@ -79,7 +88,8 @@ def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002 
                 result = fn(argv)
             except DapError as e:
                 close_process_group()
-                print_error(f"{prog + ': ' if prog else ''}error: {one_line(e) or type(e).__name__}")
+                if not getattr(e, "every_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":
+                    print_error(f"{prog + ': ' if prog else ''}error: {one_line(e) or type(e).__name__}")
                 if exit:
                     sys.exit(2)
                 return 2

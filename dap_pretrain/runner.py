@@ -64,7 +64,7 @@ from dap_pretrain.data.memory import decoded_bytes, in_memory_loaders
 from dap_pretrain.data.sampler import DaPSampler
 from dap_pretrain.distributed import barrier, cuda_speed_flags, init_distributed, pick_threads, rank0_outcome
 from dap_pretrain.engine import evaluate, train_one_epoch
-from dap_pretrain.errors import UsageError, one_line, user_input
+from dap_pretrain.errors import UsageError, on_every_rank, one_line, user_input
 from dap_pretrain.logs import HeldLogs, main_process_logging
 from dap_pretrain.lr import EpochProgressLR
 from dap_pretrain.mixing import Mixer
@@ -937,7 +937,7 @@ def run(cfg: RunConfig, *, check_processes: int | None = None) -> dict | None:
         if refused is not None:
             raise refused
         if message is not None:  # the other ranks stop with rank 0's line instead of hanging at a barrier
-            raise UsageError(message)
+            raise on_every_rank(UsageError(message))
         result = _train(
             cfg,
             device=device,

@@ -159,6 +159,23 @@ def test_entry_point_destroys_the_process_group_where_ranks_stop_together(tmp_pa
             dist.destroy_process_group()
 
 
+def test_a_refusal_every_rank_shares_is_printed_once_per_node(monkeypatch, capsys):
+    """Under torchrun a refusal that every process raises alike was one line per process (8 on an 8-GPU node): one
+    marked on_every_rank is printed by local rank 0 only; an unmarked one, which may be one process's own, by each."""
+    from dap_pretrain.errors import UsageError, entry_point, on_every_rank
+
+    def refuse(marked):
+        def fn(argv=None):
+            raise on_every_rank(UsageError("shared; fix it")) if marked else UsageError("own; fix it")
+
+        return entry_point(fn, exit=False)
+
+    for local_rank, marked, printed in (("0", True, 1), ("1", True, 0), ("1", False, 1), ("0", False, 1)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert refuse(marked)() == 2
+        assert len(capsys.readouterr().err.splitlines()) == printed, (local_rank, marked)
+
+
 def test_error_line_reaches_stderr_in_one_write(monkeypatch):
     """Two DDP ranks refusing together must not interleave into ``error: ...error: ...``: each line, newline
     included, goes out in one write (``print`` makes two)."""

@@ -48,6 +48,7 @@ from mmengine.runner import EpochBasedTrainLoop
 from dap_pretrain.checkpoint import rng_state, set_rng_state
 from dap_pretrain.data.dataset import files_digest
 from dap_pretrain.data.sampler import NonFiniteLossError
+from dap_pretrain.errors import on_every_rank
 from dap_pretrain.mm.head import RANKED_SELECT, DaPLossMixin, TracedBatchAugments, head_refusal
 from dap_pretrain.mm.sampler import DaPMMSampler
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
@@ -256,6 +257,15 @@ class DaPHook(Hook):
         self._loaded_classes = ((checkpoint.get("meta") or {}).get("dataset_meta") or {}).get("classes")
 
     def before_train(self, runner) -> None:
+        """Check the built run and restore a resumed one. Its refusals come from the config and the checkpoint,
+        which every rank reads alike: under torchrun each is printed once per node (:func:`on_every_rank`)."""
+        try:
+            self._before_train(runner)
+        except DaPMMError as e:
+            on_every_rank(e)
+            raise
+
+    def _before_train(self, runner) -> None:
         self._setup(runner)
         state, self._loaded = self._loaded, None
         if runner.epoch > 0:

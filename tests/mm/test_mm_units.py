@@ -621,6 +621,30 @@ def test_run_summary_says_whose_top1(ema, origin, expected):
     assert (run["top1"], run["top5"], run["ema_top1"], run["ema_top5"]) == expected
 
 
+def test_refusals_every_rank_makes_alike_are_marked_so(tmp_path):
+    """DaPHook.before_train and pretrain_mm's checks before the runner is built refuse from the config, data root,
+    checkpoint and work dir, which every rank reads alike: marked, they are printed once per node under torchrun
+    (they were once per process)."""
+    from types import SimpleNamespace
+
+    from mmengine.runner import IterBasedTrainLoop
+
+    from dap_pretrain.mm.hook import DaPHook
+    from dap_pretrain.mm.settings import DaPMMError
+
+    runner = SimpleNamespace(cfg={}, train_loop=IterBasedTrainLoop.__new__(IterBasedTrainLoop))
+    with pytest.raises(DaPMMError, match="epoch-based train loop") as e:
+        DaPHook().before_train(runner)
+    assert e.value.every_rank
+    # and those before the runner is built (2 processes started by torchrun itself, not tools/pretrain_mm.sh)
+    from dap_pretrain.mm.runner import pretrain_mm
+
+    config = Path(__file__).resolve().parents[2] / "configs/mmpretrain/resnet18_dap75_in1k.py"
+    with pytest.raises(DaPMMError, match="model.head.type is 'LinearClsHead'") as e:
+        pretrain_mm(config=config, work_dir=tmp_path / "w", cfg_options={"model.head.type": "LinearClsHead"})
+    assert e.value.every_rank and not (tmp_path / "w").exists()
+
+
 def test_config_fields_dap_cannot_honour_are_one_line_or_translated(tmp_path, monkeypatch):
     from dap_pretrain.mm.runner import check_config
     from dap_pretrain.mm.settings import DaPMMError
