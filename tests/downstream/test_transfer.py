@@ -402,6 +402,17 @@ def test_gpus_n_checks_inputs_once_before_torchrun(tmp_path):
     assert proc.stderr.strip().splitlines() == ["transfer_coco: error: bad backbone"]
 
 
+def test_input_refusals_are_marked_as_every_ranks(tmp_path):
+    """Under torchrun started directly every process checks the inputs and refuses alike: marked, the line is
+    printed once per node (it was once per process)."""
+    from downstream import TransferInputError
+    from downstream.transfer import run_transfer
+
+    with pytest.raises(TransferInputError, match="unknown TASK 'detr'") as e:
+        run_transfer(task="detr", backbone=tmp_path, data_root=COCO_MINI, work_dir=tmp_path / "work")
+    assert e.value.every_rank and not (tmp_path / "work").exists()
+
+
 def test_unknown_task_through_the_shell(tmp_path):
     proc = transfer("detr", tmp_path, tmp_path / "work", data_root=COCO_MINI)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
