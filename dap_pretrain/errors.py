@@ -13,6 +13,7 @@ import functools
 import os
 import re
 import sys
+import time
 from contextlib import contextmanager
 
 
@@ -60,7 +61,10 @@ def close_process_group() -> None:
     """
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001  (the process is ending; its result is already said)
+            pass
 
 
 def on_every_rank(error: DapError) -> DapError:
@@ -69,6 +73,21 @@ def on_every_rank(error: DapError) -> DapError:
     Unmarked errors, which may come from one process alone, are printed by each process that raises them."""
     error.every_rank = True
     return error
+
+
+PEER_WAIT_S = 20.0  # how long a process that leaves a shared refusal to local rank 0 waits for torchrun to stop it
+
+
+def _print_refusal(line: str, error: DapError) -> None:
+    """Print ``line`` now, unless ``error`` is marked :func:`on_every_rank` and this is a torchrun process other
+    than its node's local rank 0. That one waits instead: local rank 0 prints the line and exits, and torchrun then
+    stops the others. Exiting first would let torchrun stop local rank 0 before it printed (the processes are not
+    in step when they check their inputs), so that nothing is said; after ``PEER_WAIT_S`` it prints the line too.
+    """
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if getattr(error, "every_rank", False) and under_torchrun and os.environ.get("LOCAL_RANK", "0") != "0":
+        time.sleep(PEER_WAIT_S)
+    print_error(line)
 
 
 def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002  (exit: like sys.exit)
@@ -87,9 +106,8 @@ def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002 
             try:
                 result = fn(argv)
             except DapError as e:
+                _print_refusal(f"{prog + ': ' if prog else ''}error: {one_line(e) or type(e).__name__}", e)
                 close_process_group()
-                if not getattr(e, "every_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":
-                    print_error(f"{prog + ': ' if prog else ''}error: {one_line(e) or type(e).__name__}")
                 if exit:
                     sys.exit(2)
                 return 2

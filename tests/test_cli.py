@@ -160,9 +160,24 @@ def test_entry_point_destroys_the_process_group_where_ranks_stop_together(tmp_pa
 
 
 def test_a_refusal_every_rank_shares_is_printed_once_per_node(monkeypatch, capsys):
-    """Under torchrun a refusal that every process raises alike was one line per process (8 on an 8-GPU node): one
-    marked on_every_rank is printed by local rank 0 only; an unmarked one, which may be one process's own, by each."""
+    """Under torchrun a refusal that every process raises alike was one line per process (8 on an 8-GPU node). One
+    marked on_every_rank is printed by local rank 0; the node's other processes wait for torchrun to stop them
+    (exiting first could get local rank 0 stopped before it printed) and print it only if still running after the
+    wait. Unmarked refusals, which may be one process's own, and marked ones outside torchrun print at once."""
+    from dap_pretrain import errors
     from dap_pretrain.errors import UsageError, entry_point, on_every_rank
+
+    class StoppedByTorchrun(BaseException):
+        pass
+
+    waited = []
+
+    def sleep(seconds):
+        waited.append(seconds)
+        if stop:
+            raise StoppedByTorchrun
+
+    monkeypatch.setattr(errors.time, "sleep", sleep)
 
     def refuse(marked):
         def fn(argv=None):
@@ -170,10 +185,26 @@ def test_a_refusal_every_rank_shares_is_printed_once_per_node(monkeypatch, capsy
 
         return entry_point(fn, exit=False)
 
-    for local_rank, marked, printed in (("0", True, 1), ("1", True, 0), ("1", False, 1), ("0", False, 1)):
+    for torchrun, local_rank, marked, stop, waits, printed in (
+        (True, "0", True, True, 0, 1),
+        (True, "1", True, True, 1, 0),  # stopped while it waits: local rank 0 said it
+        (True, "1", True, False, 1, 1),  # not stopped: it says it itself
+        (True, "1", False, True, 0, 1),
+        (False, "1", True, True, 0, 1),
+    ):
         monkeypatch.setenv("LOCAL_RANK", local_rank)
-        assert refuse(marked)() == 2
-        assert len(capsys.readouterr().err.splitlines()) == printed, (local_rank, marked)
+        if torchrun:
+            monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+        else:
+            monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+        waited.clear()
+        if stop and waits:
+            with pytest.raises(StoppedByTorchrun):
+                refuse(marked)()
+        else:
+            assert refuse(marked)() == 2
+        case = (torchrun, local_rank, marked, stop)
+        assert len(capsys.readouterr().err.splitlines()) == printed and waited == [errors.PEER_WAIT_S] * waits, case
 
 
 def test_error_line_reaches_stderr_in_one_write(monkeypatch):

@@ -97,6 +97,9 @@ def work_dir_lock(work_dir: Path, *, enabled: bool):
             raise DaPMMError(
                 f"work dir {work_dir} is in use by another run; wait for it or pass another --work-dir"
             ) from None
+        except BaseException:
+            f.close()
+            raise
         if lock_still_linked(f, work_dir / LOCK) or attempt == _LOCK_TRIES - 1:
             break
         f.close()
