@@ -56,8 +56,9 @@ def close_process_group() -> None:
 
     Left to the interpreter's exit, gloo's worker threads are torn down during finalisation and the process can
     abort (``terminate called without an active exception``, SIGABRT) after a run that succeeded: torchrun then
-    reports the job failed. Called where every rank stops together (a finished run, a refusal all ranks share),
-    never after Ctrl-C or a traceback, where a collective may still be in flight. torch is not imported for it.
+    reports the job failed. :func:`entry_point` calls it after its main returns or refuses in one line, where this
+    process has no collective in flight; never after Ctrl-C or a traceback, which may stop one mid-way. torch is not
+    imported for it.
     """
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
