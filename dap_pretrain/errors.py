@@ -76,6 +76,17 @@ def on_every_rank(error: DapError) -> DapError:
     return error
 
 
+@contextmanager
+def refused_on_every_rank():
+    """Inside: every :class:`DapError` is marked :func:`on_every_rank` (checks of inputs every process reads
+    alike: the config, data root, checkpoint, work dir)."""
+    try:
+        yield
+    except DapError as e:
+        on_every_rank(e)
+        raise
+
+
 PEER_WAIT_S = 20.0  # how long a process that leaves a shared refusal to local rank 0 waits for torchrun to stop it
 
 

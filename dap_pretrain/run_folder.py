@@ -103,24 +103,22 @@ def claim_output(output: Path, *, resume: str, overwrite: bool):
     taken on a file that was unlinked between this call's open and its flock is not kept: the claim starts again
     on the file now at that path, else two starts could each hold a lock on a different file.
     """
-    for _ in range(_CLAIM_TRIES - 1):
-        lock = _claim_once(output, resume=resume, overwrite=overwrite)
-        if lock_still_linked(lock, output / ".lock"):
-            return lock
-        lock.close()  # a removed file's lock guards nothing; nothing was written under it
-    return _claim_once(output, resume=resume, overwrite=overwrite)
+    return locked_while_linked(lambda: _claim_once(output, resume=resume, overwrite=overwrite), output / ".lock")
 
 
-_CLAIM_TRIES = 3
-
-
-def lock_still_linked(lock, path: Path) -> bool:
-    """Whether the open lock file is still the file at ``path`` (not unlinked, nor replaced): a lock on a file
-    another start removed between this one's open and its flock guards nothing."""
-    try:
-        return os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino
-    except FileNotFoundError:
-        return False
+def locked_while_linked(take, path: Path, *, tries: int = 3):
+    """``take()`` (opens and flocks the lock file at ``path``, returns it open) until the file it locked is still
+    the one at ``path``: a start that stops removes the lock file it made, and a lock taken on it between this
+    start's open and its flock guards nothing (a third start could lock the new file). The last try is kept."""
+    for _ in range(tries - 1):
+        lock = take()
+        try:
+            if os.fstat(lock.fileno()).st_ino == os.stat(path).st_ino:
+                return lock
+        except FileNotFoundError:
+            pass
+        lock.close()  # nothing was written under it
+    return take()
 
 
 def _claim_once(output: Path, *, resume: str, overwrite: bool):

@@ -23,7 +23,7 @@ import numpy as np
 
 from dap_pretrain.cli import add_cfg_options, check_launcher, make_parser
 from dap_pretrain.compat import quiet_mm_imports
-from dap_pretrain.errors import DapError, entry_point, on_every_rank
+from dap_pretrain.errors import entry_point, refused_on_every_rank
 from downstream import TransferInputError
 from downstream.backbone import BackboneSpec, check_backbone, resolve_backbone
 from downstream.checks import check_coco_inputs, check_person_dets
@@ -218,11 +218,8 @@ def run_transfer(*, task: str, person_dets: str | Path | None = None, **kwargs) 
     Returns:
         The dict written to ``metrics.json`` (on every rank; rank 0 writes it).
     """
-    try:
+    with refused_on_every_rank():  # inputs every process reads alike: under torchrun, said once per node
         cfg, spec = prepare_transfer(task=task, person_dets=person_dets, **kwargs)
-    except DapError as e:  # from inputs every process reads alike: under torchrun, said once per node
-        on_every_rank(e)
-        raise
     from mmengine.dist import get_world_size, is_main_process
     from mmengine.runner import Runner
 

@@ -36,7 +36,7 @@ if [ "$nproc" -gt 1 ] || [ "$nnodes" -gt 1 ]; then
   # nodes: node 0 refusing alone would leave the others in torchrun's rendezvous until its timeout, where now every
   # process stops with rank 0's line.
   if [ "$nnodes" = 1 ]; then
-    "$py" -m dap_pretrain.train "${args[@]}" --check $((nproc * nnodes)) > /dev/null || exit $?
+    "$py" -m dap_pretrain.train "${args[@]}" --check "$nproc" > /dev/null || exit $?
   fi
   exec "$py" -m torch.distributed.run --nproc_per_node "$nproc" --nnodes "$nnodes" --node_rank "${NODE_RANK:-0}" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" -m dap_pretrain.train "${args[@]}"

@@ -48,7 +48,7 @@ from mmengine.runner import EpochBasedTrainLoop
 from dap_pretrain.checkpoint import rng_state, set_rng_state
 from dap_pretrain.data.dataset import files_digest
 from dap_pretrain.data.sampler import NonFiniteLossError
-from dap_pretrain.errors import on_every_rank
+from dap_pretrain.errors import refused_on_every_rank
 from dap_pretrain.mm.head import RANKED_SELECT, DaPLossMixin, TracedBatchAugments, head_refusal
 from dap_pretrain.mm.sampler import DaPMMSampler
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
@@ -258,14 +258,11 @@ class DaPHook(Hook):
 
     def before_train(self, runner) -> None:
         """Check the built run and restore a resumed one. Its refusals come from the config and the checkpoint,
-        which every rank reads alike: under torchrun each is printed once per node (:func:`on_every_rank`)."""
-        try:
-            self._before_train(runner)
-        except DaPMMError as e:
-            on_every_rank(e)
-            raise
+        which every rank reads alike: under torchrun each is printed once per node."""
+        with refused_on_every_rank():
+            self._check_and_restore(runner)
 
-    def _before_train(self, runner) -> None:
+    def _check_and_restore(self, runner) -> None:
         self._setup(runner)
         state, self._loaded = self._loaded, None
         if runner.epoch > 0:

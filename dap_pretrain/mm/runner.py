@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dap_pretrain.errors import DapError, brief, on_every_rank, print_error
+from dap_pretrain.errors import brief, print_error, refused_on_every_rank
 from dap_pretrain.mm.head import head_refusal
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
 from dap_pretrain.mm.work_dir import (
@@ -406,7 +406,7 @@ def pretrain_mm(
     Raises:
         DaPMMError: bad config, data root, work dir or resume; or what the hook refuses once the run is built.
     """
-    try:  # from the config, data root, checkpoint and work dir, which every process reads alike
+    with refused_on_every_rank():  # from the config, data root, checkpoint and work dir
         cfg = prepare_config(
             config=config,
             data_root=data_root,
@@ -421,9 +421,6 @@ def pretrain_mm(
         check_resume(cfg, settings)
         work = Path(cfg.work_dir)
         check_work_dir(work, resume=resuming, overwrite=overwrite)
-    except DapError as e:  # under torchrun: said once per node, not once per process
-        on_every_rank(e)
-        raise
     if check:
         return {}
     train_loader = cfg.get("train_dataloader") or {}

@@ -29,7 +29,7 @@ from dap_pretrain.run_folder import (
     REPLACED,
     drop_replaced,
     killed_overwrite,
-    lock_still_linked,
+    locked_while_linked,
     restore_replaced,
     set_aside,
 )
@@ -88,8 +88,9 @@ def work_dir_lock(work_dir: Path, *, enabled: bool):
         yield
         return
     work_dir.mkdir(parents=True, exist_ok=True)
-    for attempt in range(_LOCK_TRIES):
-        f = open(work_dir / LOCK, "w")  # noqa: SIM115  (held open for the with-block's body, closed below)
+
+    def take():
+        f = open(work_dir / LOCK, "w")  # noqa: SIM115  (returned open: the with-block below closes it)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -100,14 +101,10 @@ def work_dir_lock(work_dir: Path, *, enabled: bool):
         except BaseException:
             f.close()
             raise
-        if lock_still_linked(f, work_dir / LOCK) or attempt == _LOCK_TRIES - 1:
-            break
-        f.close()
-    with f:
+        return f
+
+    with locked_while_linked(take, work_dir / LOCK):
         yield
-
-
-_LOCK_TRIES = 3
 
 
 def previous_run_files(work_dir: Path, *, keep: tuple[str, ...] = (), also: tuple[str, ...] = ()) -> list[Path]:
