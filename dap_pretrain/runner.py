@@ -250,6 +250,12 @@ def _compiled(module, *, backend: str, mode: str | None):
 
 
 def _build_data(cfg, model_cfg: dict) -> Data:
+    prefix, slash, _ = cfg.dataset.partition("/")
+    if cfg.data_dir == "embedded" and slash and prefix.lower() in ("torch", "hfds"):
+        raise UsageError(  # else torchvision or Hugging Face would download into the embedded sample's extraction
+            f"--dataset {cfg.dataset} reads --data-dir as its download or cache folder, and this run's is the "
+            "embedded sample; pass --data-dir DIR"
+        )
     root = str(embedded_data_dir()) if cfg.data_dir == "embedded" else cfg.data_dir
     extra = {"download": True} if cfg.dataset_download else {}
     train = create_dataset(name=cfg.dataset, root=root, split=cfg.train_split, is_training=True, **extra)
@@ -1090,6 +1096,9 @@ def _train(
         _logger.info(mixer.describe())
     if hasattr(train_loader, "describe"):
         _logger.info(train_loader.describe())
+    where = f"{cfg.dataset} in {cfg.data_dir}" if cfg.dataset else cfg.data_dir
+    if cfg.data_dir == "embedded":
+        where = "the embedded CIFAR-10 sample (--data-dir embedded)"
     _logger.info(
         "model %s (%.2fM params) on %s x%d; %d train / %s val samples from %s; %s",
         cfg.model,
@@ -1098,7 +1107,7 @@ def _train(
         world,
         len(data.train),
         len(data.val) if data.val is not None else "no",
-        "the embedded CIFAR-10 sample (--data-dir embedded)" if cfg.data_dir == "embedded" else cfg.data_dir,
+        where,
         _planned_text(cfg, acct.planned / acct.baseline, lead="planned compute "),
     )
     run_start = time.perf_counter() - sum(r["epoch_time_s"] for r in acct.history)

@@ -75,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="embedded",
         help="ImageFolder tree (with split subfolders), a .tar/.tar.gz of one, or 'embedded'",
     )
-    d.add_argument("--dataset", default="", help="timm dataset name ('' = ImageFolder, 'torch/cifar10', ...)")
+    d.add_argument(
+        "--dataset",
+        default="",
+        help="timm dataset name: '' (or a name without a prefix) = ImageFolder, 'torch/cifar10', 'hfds/NAME' "
+        "(needs the datasets package); streaming ones (wds/, tfds/, hfids/) are refused",
+    )
     d.add_argument("--dataset-download", action="store_true", help="let torchvision download a torch/* dataset")
     d.add_argument("--train-split", default="train", help="the training split's folder under --data-dir")
     d.add_argument("--val-split", default="val", help="'' skips evaluation")

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import timm.data
 import torch
 from PIL import Image
 
@@ -449,3 +451,53 @@ def test_evaluating_on_the_training_images_is_warned(tmp_path, cifar_tiny, caplo
         full = create_dataset(name="", root=cifar_tiny, split="train", is_training=True)
         create_dataset(name="", root=cifar_tiny, split="val", is_training=False, class_to_idx=dataset_classes(full))
     assert not any("no val/ folder" in r.getMessage() for r in caplog.records)
+
+
+# -- --dataset names as timm reads them -------------------------------------------------------------------------------
+
+
+def test_unprefixed_dataset_names_are_folders_with_the_folder_checks(tmp_path, cifar_tiny, capsys):
+    """timm reads '--dataset imagenet' (any name without a known prefix) as a folder; it skipped our class checks, so
+    an empty class folder shifted labels again. Now the same checks as '' (and archives are extracted too)."""
+    root = _tree(cifar_tiny, tmp_path / "data", {"train": ("airplane", "-automobile", "bird"), "val": CLASSES})
+    out = tmp_path / "run"
+    line = _cli_error(capsys, "--dataset", "imagenet", "--data-dir", str(root), "--output", str(out))
+    assert str(root / "train" / "automobile") in line and not out.exists()
+    good = _tree(cifar_tiny, tmp_path / "good", {"train": CLASSES, "val": CLASSES})
+    for name in ("imagenet", "Folder/x"):
+        train = create_dataset(name=name, root=good, split="train", is_training=True)
+        assert train.reader.class_to_idx == {c: i for i, c in enumerate(CLASSES)}
+        given = {"bird": 0, "airplane": 1, "automobile": 2}  # not val's own alphabetical numbering
+        val = create_dataset(name=name, root=good, split="val", is_training=False, class_to_idx=given)
+        assert {(Path(p).parent.name, t) for p, t in val.reader.samples} == set(given.items())
+
+
+@pytest.mark.parametrize("name", ["wds/imagenet", "TFDS/imagenet2012", "hfids/timm/imagenet-1k"])
+def test_streaming_datasets_are_refused_before_their_packages_load(tmp_path, capsys, monkeypatch, name):
+    """timm's wds/, tfds/, hfids/ datasets are iterable: no sample index, so DaP can neither rank nor drop. They
+    were a traceback (webdataset/tensorflow/datasets missing) and, installed, would fail at the first batch."""
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("timm's create_dataset was called")
+
+    monkeypatch.setattr(timm.data, "create_dataset", not_called)
+    out = tmp_path / "run"
+    line = _cli_error(capsys, "--dataset", name, "--data-dir", str(tmp_path), "--output", str(out))
+    assert f"--dataset {name}:" in line and "as a stream" in line and "ImageFolder tree" in line, line
+    assert not out.exists()
+
+
+def test_torch_and_hfds_names_that_cannot_load_are_one_line(tmp_path, capsys, monkeypatch):
+    line = _cli_error(capsys, "--dataset", "torch/cifar11", "--data-dir", str(tmp_path / "tv"), "--check")
+    assert "no torchvision dataset cifar11" in line and "torch/cifar10," in line, line  # was an AssertionError
+    with pytest.raises(DataError) as excinfo:  # torchvision cannot download ImageNet: no --dataset-download hint
+        create_dataset(name="torch/imagenet", root=tmp_path, split="train", is_training=True)
+    assert "ILSVRC2012" in _one_line(excinfo) and "--dataset-download" not in _one_line(excinfo)
+    with pytest.raises(DataError) as excinfo:
+        create_dataset(name="torch/folder", root=tmp_path / "nosuch", split="train", is_training=True)
+    assert "nosuch" in _one_line(excinfo)  # was a FileNotFoundError traceback
+    line = _cli_error(capsys, "--dataset", "torch/cifar10", "--dataset-download", "--check")  # --data-dir embedded
+    assert "reads --data-dir as its download or cache folder" in line, line  # not into the embedded extraction
+    monkeypatch.setitem(sys.modules, "datasets", None)  # Hugging Face's package absent, wherever it is installed
+    line = _cli_error(capsys, "--dataset", "hfds/timm/mini-imagenet", "--data-dir", str(tmp_path), "--check")
+    assert "needs Hugging Face's datasets package" in line and "-m pip install datasets" in line, line

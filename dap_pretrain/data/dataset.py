@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import logging
 import numbers
 import os
 import random
 import shutil
+import sys
 import tarfile
 import tempfile
 import zlib
@@ -59,6 +61,12 @@ EMBEDDED_ARCHIVE = Path(__file__).resolve().parent / "embedded" / "cifar10_test_
 EMBEDDED_TRAIN_PER_CLASS = 800  # of CIFAR-10's 1,000 test images per class; the other 200 validate
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's 16/32-bit integer modes
 _DATA_DIR_HINT = "pass --data-dir pointing at an ImageFolder tree or a .tar/.tar.gz of one"
+STREAMING_PREFIXES = ("hfids", "tfds", "wds")  # timm's IterableImageDataset readers: no index per sample
+TORCH_DATASETS = (  # the names timm's create_dataset maps to torchvision (after 'torch/')
+    "cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist", "inaturalist", "inat", "places365", "qmnist",
+    "imagenet", "image_folder", "folder",
+)  # fmt: skip
+TORCH_NO_DOWNLOAD = ("imagenet", "image_folder", "folder")  # torchvision cannot fetch these
 
 
 class DataError(DapError, ValueError):
@@ -567,9 +575,18 @@ def create_dataset(
       that class unmeasured, so it is a warning naming the classes, not a refusal of the whole run. A val class
       with images that the train split lacks is a :class:`DataError` (timm would silently drop those images).
 
+    Dataset names (``name``), as timm reads them, with its prefix case-insensitive:
+
+    * no prefix ('', 'imagefolder', 'imagenet', ...) or a prefix timm does not know: an ImageFolder tree or an
+      archive of one, with the class checks below (timm reads every such name as a folder);
+    * 'torch/NAME': a torchvision dataset (:data:`TORCH_DATASETS`); another name is a :class:`DataError`;
+    * 'hfds/NAME': a Hugging Face dataset, random access (needs the ``datasets`` package, not installed by
+      ``tools/install.sh``); ``root`` is its cache folder;
+    * 'hfids/', 'tfds/', 'wds/': refused. timm reads them as streams (``IterableImageDataset``), with no sample
+      index for DaP to keep or drop, so a :class:`DataError` says so before their packages are imported.
+
     Args:
-        name: '' or 'imagefolder' for an ImageFolder tree (or an archive of one); timm names such as
-            'torch/cifar10' pass through unchanged.
+        name: the dataset name, see above.
         root: the dataset folder or archive (for 'torch/...' names, torchvision's download folder).
         split: split folder to read below ``root`` ('train', 'val', ...); as in timm, ``root`` itself is read
             when there is no such folder.
@@ -584,9 +601,16 @@ def create_dataset(
 
     Raises:
         DataError: missing folder, corrupt archive, no images, an empty class folder, a val class the train
-            split lacks, a one-class training split, or an undecodable first image.
+            split lacks, a one-class training split, an undecodable first image; a streaming or unknown torch/
+            name, a missing package, or a dataset its library cannot load.
     """
-    if name.lower() in ("", "imagefolder"):
+    prefix = name.partition("/")[0].lower() if "/" in name else ""
+    if prefix in STREAMING_PREFIXES:
+        raise DataError(
+            f"--dataset {name}: timm reads {prefix}/ datasets as a stream, which has no sample index for DaP to keep "
+            "or drop; use an ImageFolder tree (or a .tar of one), or a hfds/ or torch/ dataset"
+        )
+    if prefix not in ("torch", "hfds"):  # timm reads every other name as a folder (or a .tar)
         root = resolve_data_dir(root, cache_dir=cache_dir)
         folder = _split_folder(root, split)
         where = str(folder) if folder != root else f"{root} (it has no {split}/ folder)"
@@ -621,19 +645,36 @@ def create_dataset(
                 f"the {split} split under {where} has {len(classes)} class ({', '.join(classes)}); a classifier "
                 "needs >= 2 (with one, every loss is 0 and DaP has nothing to rank): add <class>/ folders"
             )
-    elif name.lower().startswith("torch/"):
+    elif prefix == "torch":
+        torch_name = name.split("/", 2)[-1].lower()  # timm's reading: torch/foo and torch/x/foo are both foo
+        if torch_name not in TORCH_DATASETS:
+            raise DataError(
+                f"--dataset {name}: timm knows no torchvision dataset {torch_name}; use one of "
+                + ", ".join(f"torch/{n}" for n in TORCH_DATASETS)
+            )
+        fetch = "point --data-dir at the folder that holds it"
+        if torch_name not in TORCH_NO_DOWNLOAD:
+            fetch = "pass --dataset-download to fetch it there, or " + fetch
         try:
             dataset = timm.data.create_dataset(
                 name, root=str(Path(root).expanduser()), split=split, is_training=is_training, **kwargs
             )
-        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted. You can use ..."
+            raise DataError(f"cannot load {name} from {root} ({_one_line(e)}); {fetch}") from None
+    else:  # hfds/: load_dataset's errors (no such dataset, split or key) are the user's input
+        if importlib.util.find_spec("datasets") is None:  # before timm, which prints its own line, then raises
             raise DataError(
-                f"cannot load {name} from {root} ({_one_line(e)}); pass --dataset-download to fetch "
-                "it there, or point --data-dir at the folder that holds it"
+                f"--dataset {name} needs Hugging Face's datasets package, which this environment lacks; "
+                f"{sys.executable} -m pip install datasets"
+            )
+        try:
+            dataset = timm.data.create_dataset(name, root=root, split=split, is_training=is_training, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise DataError(
+                f"cannot load {name} split {split} into {root} ({type(e).__name__}: {_one_line(e)}); check the "
+                "name, and --train-split/--val-split against its splits"
             ) from None
-    else:
-        dataset = timm.data.create_dataset(name, root=root, split=split, is_training=is_training, **kwargs)
-    if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0:
+    if len(dataset) == 0:
         raise DataError(
             f"dataset {name or 'imagefolder'} at {root} split {split} is empty; "
             "point --data-dir at a folder with images"
