@@ -7,10 +7,10 @@ accounting and the checkpoints. Epoch numbers in logs, ``summary.csv`` and ``run
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
-import pickle
 import random
 import shutil
 import threading
@@ -64,7 +64,7 @@ from dap_pretrain.data.memory import decoded_bytes, in_memory_loaders
 from dap_pretrain.data.sampler import DaPSampler
 from dap_pretrain.distributed import barrier, cuda_speed_flags, init_distributed, pick_threads, rank0_outcome
 from dap_pretrain.engine import evaluate, train_one_epoch
-from dap_pretrain.errors import UsageError, on_every_rank, one_line, user_input
+from dap_pretrain.errors import UsageError, brief, on_every_rank, one_line, user_input
 from dap_pretrain.logs import HeldLogs, main_process_logging
 from dap_pretrain.lr import EpochProgressLR
 from dap_pretrain.mixing import Mixer
@@ -157,6 +157,15 @@ def _load_initial(model, path: str, *, model_name: str) -> None:
     own = model.state_dict()
     try:
         state = load_state_dict(path)
+    except Exception as e:  # truncated, a Git LFS pointer, an HTML page, unreadable: not the model's fault
+        why = brief(e)
+        if "weights_only" in str(e):  # torch's text here advises unsafe loading; not repeated
+            why = "a safe load refuses it: it pickles Python objects, or is no torch file (e.g. a saved web page)"
+        raise UsageError(
+            f"--initial-checkpoint {path} is not a readable weights file ({why}); download it again (a Git LFS "
+            "pointer or a web page is not weights), or save the weights alone: torch.save(state_dict) or .safetensors"
+        ) from None
+    try:
         head = classifier_prefixes(model_name)
         fresh = sorted(k for k in own if k.startswith(head) and (k not in state or state[k].shape != own[k].shape))
         missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
@@ -165,7 +174,7 @@ def _load_initial(model, path: str, *, model_name: str) -> None:
         if missing or unexpected:
             shown = ", ".join((missing + unexpected)[:4]) + (" ..." if len(missing) + len(unexpected) > 4 else "")
             raise RuntimeError(f"missing {len(missing)} and unexpected {len(unexpected)} keys: {shown}")
-    except (RuntimeError, KeyError, ValueError, pickle.UnpicklingError) as e:
+    except (RuntimeError, KeyError, ValueError) as e:
         raise UsageError(
             f"--initial-checkpoint {path} does not fit model {model_name} ({one_line(e)[:300]}); pass weights of "
             f"a {model_name}"
@@ -529,6 +538,29 @@ def _mixer(cfg, *, rank: int) -> Mixer | None:
         rank=rank,
         off_epoch=cfg.mixup_off_epoch,
     )
+
+
+def _check_input_size(model, cfg, *, img_size: int, device: torch.device) -> None:
+    """One forward of a zero image at the run's input size, in eval mode (no statistics, no random draws), so a
+    model that cannot take it is one line before anything is written: timm's ViTs are built for their pretrained
+    size unless given ``img_size``, and deep networks fail on inputs smaller than their total stride. timm's
+    train.py meets both at the first training step, with a traceback."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size, device=device))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        given = cfg.model_kwargs.get("img_size")
+        if given is not None and given != img_size:
+            fix = f"pass --img-size {given} to match --model-kwargs img_size={given}"
+        elif "img_size" in inspect.signature(type(model).__init__).parameters:
+            fix = f"pass --model-kwargs img_size={img_size} (the model's own input size is fixed when built)"
+        else:
+            fix = "pass a larger --img-size"
+        raise UsageError(f"model {cfg.model} cannot take {img_size} px inputs ({brief(e, 200)}); {fix}") from None
+    finally:
+        model.train(was_training)
 
 
 def _seeded_model(cfg, num_classes: int, device: torch.device, rank: int):
@@ -1000,7 +1032,9 @@ def _train(
     _check_sync_bn(cfg, device=device, world=world)
     model_cfg = timm.models.get_pretrained_cfg(cfg.model)
     data = _build_data(cfg, model_cfg.to_dict() if model_cfg else {})
-    model, bn_note = _batchnorm_across_processes(_seeded_model(cfg, data.num_classes, device, rank), cfg, world=world)
+    model = _seeded_model(cfg, data.num_classes, device, rank)
+    _check_input_size(model, cfg, img_size=data.img_size, device=device)
+    model, bn_note = _batchnorm_across_processes(model, cfg, world=world)
     if bn_note:
         _logger.info(bn_note)
     with user_input():  # the flags' values are checked by the components they configure
@@ -1065,7 +1099,9 @@ def _train(
         start_epoch = state.load_state_dict(
             ckpt, source=cfg.resume, model_name=cfg.model, rank=rank, world=world, epochs=cfg.epochs
         )
-    if check:  # every input is checked; what follows wraps and compiles the model, then writes
+    if check:  # every input is checked (torch.compile's options by wrapping, which compiles nothing yet)
+        if cfg.torchcompile:
+            _compiled(model, backend=cfg.torchcompile, mode=cfg.torchcompile_mode)
         return None
     train_model = model
     if world > 1:

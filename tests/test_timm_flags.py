@@ -353,9 +353,14 @@ def test_initial_checkpoint_starts_from_those_weights_at_epoch_0(tmp_path, cifar
         trained = torch.load(tmp_path / name / "last.pth.tar", weights_only=False)["state_dict"]
         assert all(torch.equal(a["state_dict"][k], trained[k]) for k in params if not k.startswith("fc."))
         assert not torch.equal(a["state_dict"]["fc.weight"], trained["fc.weight"])  # its own, fresh
+    truncated, pointer = tmp_path / "truncated.pth", tmp_path / "pointer.safetensors"
+    truncated.write_bytes((tmp_path / "a" / "last.pth.tar").read_bytes()[:50_000])  # a download cut short
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 46830571\n")  # LFS, not pulled
     refusals = {"does not exist": [str(tmp_path / "none.pth")],
                 "is a folder; pass a weights file, e.g.": [str(export)],
-                "does not fit model": [str(tmp_path / "a" / "last.pth.tar"), "--model", "cifar_resnet56"]}  # fmt: skip
+                "does not fit model": [str(tmp_path / "a" / "last.pth.tar"), "--model", "cifar_resnet56"],
+                "truncated.pth is not a readable weights file (": [str(truncated)],
+                "pointer.safetensors is not a readable weights file (Error while": [str(pointer)]}  # fmt: skip
     for words, extra in refusals.items():
         with pytest.raises(SystemExit):
             cli([*flags, "--epochs", "1", "--output", str(tmp_path / "refused"), "--initial-checkpoint", *extra])
@@ -519,3 +524,31 @@ def test_help_shows_each_flags_default_and_says_they_are_the_papers():
         assert entry(parser._option_string_actions[flag]).endswith(f"(default: {default})"), flag
     assert "(default: None)" not in text and "(default: False)" not in text and "(default: )" not in text
     assert entry(parser._option_string_actions["--warmup-epochs"]).endswith("(default: 0.0)")  # 0 is a default
+
+
+def test_a_model_that_cannot_take_the_input_size_is_one_line_before_the_run_folder(tmp_path, cifar_tiny, capsys):
+    """A ViT is built for 224 px unless given img_size: with --img-size 32 (CIFAR) timm's train.py and this trainer
+    passed every check and failed at the first step with a traceback. Now one forward of a zero image at the run's
+    size, before anything is written, names the fix; --check runs it too, and torch.compile's options as well."""
+    flags = ["--data-dir", str(cifar_tiny), "--epochs", "1", "--dap-warmup", "0", "-b", "4", "--workers", "0"]
+    out = tmp_path / "run"
+    cases = {
+        ("--model", "vit_tiny_patch16_224", "--img-size", "32"): "pass --model-kwargs img_size=32",
+        ("--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32"): "pass --img-size 32 to match",
+        ("--model", "resnet18", "--img-size", "8", "--check"): None,  # 8 px: resnet's stride leaves 1 px, fine
+        ("--model", "inception_v3", "--img-size", "32", "--check"): "pass a larger --img-size",
+        ("--torchcompile", "--torchcompile-mode", "fastest", "--check"): "--torchcompile-mode fastest",
+    }
+    for extra, words in cases.items():
+        capsys.readouterr()
+        if words is None:
+            cli([*flags, "--output", str(out), *extra])
+            continue
+        with pytest.raises(SystemExit) as exc:
+            cli([*flags, "--output", str(out), *extra])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1 and words in err, err
+        assert not out.exists()
+    cli([*flags, "--output", str(out), "--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32",
+         "--img-size", "32", "--no-plot"])  # fmt: skip
+    assert (out / "last.pth.tar").is_file()
