@@ -20,8 +20,15 @@ def init_distributed(device: str | None = None, *, single: bool = False) -> tupl
     several takes the GPU of its ``LOCAL_RANK`` (an index given is overridden, with a warning, as in timm); a single
     process takes the one named (``--device cuda:1``), as timm's train.py does, and ``cuda`` is ``cuda:0``.
     """
-    world = 1 if single else int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = 0 if single else int(os.environ.get("LOCAL_RANK", "0"))
+    world = 1 if single else _env_int("WORLD_SIZE", 1)
+    local_rank = 0 if single else _env_int("LOCAL_RANK", 0)
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if world > 1 and missing and not dist.is_initialized():  # a job scheduler's WORLD_SIZE, not torchrun's
+        raise UsageError(
+            f"WORLD_SIZE={world} is set, but not the rest of torchrun's environment ({', '.join(missing)} unset); "
+            f"unset WORLD_SIZE to train in one process, or start {world} with NPROC_PER_NODE={world} "
+            "tools/pretrain.sh (or torchrun)"
+        )
     if device is None or device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = _available_device(device)
@@ -46,6 +53,15 @@ def init_distributed(device: str | None = None, *, single: bool = False) -> tupl
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return dev, rank, world
+
+
+def _env_int(name: str, default: int, environ=None) -> int:
+    """An integer environment variable, or a :class:`UsageError` naming it (``int()``'s traceback before)."""
+    value = (os.environ if environ is None else environ).get(name, "")
+    try:
+        return int(value) if value.strip() else default
+    except ValueError:
+        raise UsageError(f"{name}={value} is not a whole number; set it to one, or unset it") from None
 
 
 def _available_device(name: str) -> torch.device:
@@ -126,11 +142,17 @@ def pick_threads(*, workers: int, device_type: str, environ: dict | None = None)
     against about 450 with two).
     """
     env = os.environ if environ is None else environ
-    if env.get("OMP_NUM_THREADS"):
-        n = max(1, int(env["OMP_NUM_THREADS"]))
+    omp = env.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # OpenMP's nested form, '4,2': 4 at the top level
+    if omp:
+        try:
+            n = max(1, int(omp))
+        except ValueError:
+            raise UsageError(
+                f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} is not a thread count; set a whole number, or unset it"
+            ) from None
         return n, f"intra-op threads {n} (OMP_NUM_THREADS)"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = max(1, int(env.get("LOCAL_WORLD_SIZE", 1)))
+    local = max(1, _env_int("LOCAL_WORLD_SIZE", 1, env))
     share = max(1, cores // local)
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if busy >= 1:  # worth a look at now: a finished job still weighs on the average for minutes

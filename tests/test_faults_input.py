@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,9 +21,11 @@ from PIL import Image
 
 from dap_pretrain.data.dataset import DataError, check_batch_size, create_dataset, dataset_classes
 from dap_pretrain.data.sampler import DaPSampler, LossRecorder, NonFiniteLossError
+from dap_pretrain.errors import UsageError
 from dap_pretrain.train import cli as train_cli
 
 CLASSES = ("airplane", "automobile", "bird")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _tree(src: Path, root: Path, layout: dict[str, tuple[str, ...]], per_class: int = 3) -> Path:
@@ -302,6 +305,34 @@ def test_pick_threads_leaves_room_for_workers_and_other_processes(monkeypatch):
         5,
         "intra-op threads 5 (OMP_NUM_THREADS)",
     )
+    assert pick_threads(workers=2, device_type="cpu", environ={"OMP_NUM_THREADS": "4,2"})[0] == 4  # nested form
+    for env in ({"OMP_NUM_THREADS": "abc"}, {"LOCAL_WORLD_SIZE": "x"}):  # were int()'s tracebacks
+        with pytest.raises(UsageError, match="^(OMP_NUM_THREADS=abc|LOCAL_WORLD_SIZE=x) is not a"):
+            pick_threads(workers=2, device_type="cpu", environ=env)
+
+
+def test_launch_environment_that_is_not_a_run_is_one_line(tmp_path, capsys, monkeypatch, cifar_tiny):
+    """A scheduler's WORLD_SIZE without torchrun failed in init_process_group with a traceback, after --check
+    passed; NPROC_PER_NODE=auto (torchrun's word) made tools/pretrain.sh print bash's 'integer expression expected'
+    and train one process, exit 0. Both are one line and exit 2 now, with nothing written."""
+    out = tmp_path / "run"
+    flags = ["--data-dir", str(cifar_tiny), "--epochs", "1", "--dap-warmup", "0", "--output", str(out)]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    line = _cli_error(capsys, *flags)
+    assert "WORLD_SIZE=2 is set, but not the rest of torchrun's environment (RANK, MASTER_ADDR" in line, line
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert "WORLD_SIZE=two is not a whole number" in _cli_error(capsys, *flags)
+    assert not out.exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    for script in ("pretrain.sh", "pretrain_mm.sh"):
+        for name, value in (("NPROC_PER_NODE", "auto"), ("NNODES", "0"), ("NODE_RANK", "-1")):
+            env, words = {name: value}, f"{name}={value} is invalid; set it to"
+            res = subprocess.run(["bash", str(REPO / "tools" / script), *flags], capture_output=True, text=True,
+                                 env={**os.environ, **env}, timeout=60)  # fmt: skip
+            assert res.returncode == 2 and res.stderr == f"{script}: error: {res.stderr.split(': error: ')[1]}", res
+            assert words in res.stderr and res.stderr.count("\n") == 1 and not out.exists()
 
 
 def test_unreadable_images_are_named_and_not_counted_as_trained(tmp_path, cifar_tiny, capsys):

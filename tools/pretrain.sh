@@ -28,8 +28,7 @@ for a in "$@"; do
   prev=$a
 done
 [ "$own_run" = 1 ] || args=(--config "$root/configs/pretrain/embedded_cifar10.yaml" "${args[@]}")
-nproc=${NPROC_PER_NODE:-1}
-nnodes=${NNODES:-1}
+source "$root/tools/launch_counts.sh"  # nproc, nnodes: whole numbers, or one line and exit 2
 if [ "$nproc" -gt 1 ] || [ "$nnodes" -gt 1 ]; then
   # On one node, every input is checked once, in one process, before torchrun starts them: a bad one is then one
   # line and exit 2, not one line per process, torchrun's ChildFailedError report and exit 1. Not with several

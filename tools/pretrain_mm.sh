@@ -12,8 +12,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 py=${DAP_PYTHON:-"$root/.venv/bin/python"}  # DAP_PYTHON: another interpreter (used as given)
 [ -n "${DAP_PYTHON:-}" ] || [ -x "$py" ] || py=python3  # no .venv: the python on PATH
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-nproc=${NPROC_PER_NODE:-1}
-nnodes=${NNODES:-1}
+source "$root/tools/launch_counts.sh"  # nproc, nnodes: whole numbers, or one line and exit 2
 if [ "$nproc" -gt 1 ] || [ "$nnodes" -gt 1 ]; then
   # on one node, the checks made before the runner is built, once in one process: such bad input is one line and
   # exit 2, not one line per process, torchrun's ChildFailedError report and exit 1 (not with several nodes:
