@@ -128,7 +128,12 @@ _RANGES = (
     ("lr", 0.0, None, False),
     ("weight_decay", 0.0, None, False),
     ("momentum", 0.0, 1.0, False),
+    ("decay_rate", 0.0, None, False),  # below 0 the LR turns negative at the first decay: training climbs
+    ("clip_grad", 0.0, None, False),  # below 0 every clipped gradient points the other way
+    ("recount", 0.0, None, False),
 )
+_POSITIVE = ("crop_pct", "img_size", "std")  # 0 fails in torchvision's resize or divides by 0; None is the model's
+SEED_LIMIT = 2**62  # the loaders add epoch and rank offsets to the seed; numpy and torch take 64-bit seeds
 
 
 def _check_ranges(v: dict) -> None:
@@ -141,6 +146,13 @@ def _check_ranges(v: dict) -> None:
             continue
         span = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}{']' if closed else ')'}"
         raise UsageError(f"{cli_flags([name])}={value} is invalid: must be {span}")
+    for name in _POSITIVE:
+        value = v.get(name)
+        if value is not None and min(value if isinstance(value, (list, tuple)) else [value]) <= 0:
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            raise UsageError(f"{cli_flags([name])} {shown} is invalid: must be > 0 (or left out for the model's)")
+    if v.get("seed") is not None and not -SEED_LIMIT < v["seed"] < SEED_LIMIT:
+        raise UsageError(f"--seed {v['seed']} is invalid: must be between -2**62 and 2**62")
     for name, strict in (("scale", False), ("ratio", True)):  # timm takes a scale of 0, or above 1 (centre crops)
         pair = v.get(name)
         if pair is None:
@@ -164,6 +176,12 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         if v["decay_epochs"] < 1:
             raise UsageError(f"--decay-epochs={v['decay_epochs']} is invalid: must be an integer >= 1")
         v["decay_milestones"] = list(range(v["decay_epochs"], v["epochs"], v["decay_epochs"]))
+    milestones = list(v["decay_milestones"] or [])
+    if milestones != sorted(set(milestones)):  # else blamed on --dap-reuse, which defaults to them
+        raise UsageError(
+            f"--decay-milestones {' '.join(map(str, milestones))} is invalid: epochs in ascending order without "
+            f"repeats, e.g. {' '.join(map(str, sorted(set(milestones))))}"
+        )
     if v["dap_select"] == "infobatch" and (v["epochs_scale"] is not None or v["fixed_subset"] is not None):
         raise UsageError("--dap-select infobatch cannot be combined with --epochs-scale/--fixed-subset; drop one")
     v["unscaled"] = None

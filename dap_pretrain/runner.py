@@ -235,14 +235,28 @@ def _equal_batchnorm(models, cfg, *, world: int) -> None:
 
 def _build_optimizer(cfg, model):
     """timm's ``create_optimizer_v2`` with :func:`optimizer_kwargs`; an option the optimizer lacks is one line."""
-    from timm.optim import create_optimizer_v2
+    import difflib
 
+    from timm.optim import create_optimizer_v2, list_optimizers
+
+    if cfg.opt_betas is not None and len(cfg.opt_betas) not in (2, 3):
+        raise UsageError(
+            f"--opt-betas takes 2 values (3 for adan), not {len(cfg.opt_betas)}: e.g. --opt-betas 0.9 0.999"
+        )
     try:
         return create_optimizer_v2(model, **optimizer_kwargs(cfg))
     except TypeError as e:
         if "unexpected keyword argument" not in str(e):
             raise
         raise UsageError(f"--opt {cfg.opt} does not take one of the options given ({e}); drop it") from None
+    except (ValueError, AssertionError, ImportError, IndexError) as e:  # timm's registry, a CUDA-only or bnb one
+        if "not found in registry" in str(e):
+            close = difflib.get_close_matches(cfg.opt.lower(), list_optimizers(), n=3) or ["sgd", "adamw"]
+            raise UsageError(f"--opt {cfg.opt} is not a timm optimizer; e.g. --opt {', '.join(close)}") from None
+        raise UsageError(
+            f"--opt {cfg.opt} refused this run's settings ({_cause(e)}); check --opt-eps/--opt-betas/--opt-kwargs, "
+            "or choose another --opt (timm's fused/apex ones need CUDA, bnb ones bitsandbytes)"
+        ) from None
 
 
 def _compiled(module, *, backend: str, mode: str | None):
@@ -256,6 +270,12 @@ def _compiled(module, *, backend: str, mode: str | None):
         return torch.compile(module, backend=backend, mode=mode)
     except RuntimeError as e:
         raise UsageError(f"--torchcompile-mode {mode}: {e}; drop it or pass a valid mode") from None
+
+
+def _cause(e: BaseException) -> str:
+    """A library's exception inside one of our lines: its type, and its text where it has one."""
+    text = brief(e)
+    return text if text == type(e).__name__ else f"{type(e).__name__}: {text}"
 
 
 def _build_data(cfg, model_cfg: dict) -> Data:
@@ -291,9 +311,18 @@ def _build_data(cfg, model_cfg: dict) -> Data:
         )
     mean = tuple(cfg.mean or model_cfg.get("mean", IMAGENET_DEFAULT_MEAN))
     std = tuple(cfg.std or model_cfg.get("std", IMAGENET_DEFAULT_STD))
-    train.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=True, mean=mean, std=std, **aug)
-    if val is not None:
-        val.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=False, **evaluation)
+    try:
+        kwargs = dict(img_size=img_size, aug=cfg.aug, mean=mean, std=std)
+        train.transform = trainer_transform(is_training=True, **kwargs, **aug)
+        if val is not None:
+            val.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=False, **evaluation)
+    except (AssertionError, KeyError, ValueError) as e:  # timm asserts on an unknown policy, a KeyError on a mode
+        given = [f for f in (*AUGMENT_FLAGS, *EVAL_FLAGS) if getattr(cfg, f) is not None]
+        shown = " ".join(f"{cli_flags([f])} {getattr(cfg, f)}" for f in given)
+        raise UsageError(
+            f"timm's transform cannot take {shown} ({_cause(e)}); e.g. --aa "
+            "rand-m9-mstd0.5-inc1 (or augmix-m5-w3, v0), interpolation bilinear, bicubic or random (training only)"
+        ) from None
     classes = getattr(getattr(train, "reader", None), "class_to_idx", None) or getattr(train, "class_to_idx", None)
     num_classes = cfg.num_classes or (len(classes) if classes else 1000)
     if classes and num_classes < len(classes):  # else the loss fails at the first step on a label past the head

@@ -532,3 +532,40 @@ def test_torch_and_hfds_names_that_cannot_load_are_one_line(tmp_path, capsys, mo
     monkeypatch.setitem(sys.modules, "datasets", None)  # Hugging Face's package absent, wherever it is installed
     line = _cli_error(capsys, "--dataset", "hfds/timm/mini-imagenet", "--data-dir", str(tmp_path), "--check")
     assert "needs Hugging Face's datasets package" in line and "-m pip install datasets" in line, line
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--std", "0", "0", "0"], "--std 0.0 0.0 0.0 is invalid: must be > 0"),  # ZeroDivisionError
+        (["--aug", "imagenet", "--crop-pct", "-1"], "--crop-pct -1.0 is invalid"),  # failed at the first evaluation
+        (["--img-size", "-5"], "--img-size -5 is invalid"),
+        (["--seed", str(2**63)], "is invalid: must be between -2**62 and 2**62"),  # overflowed in the loader
+        (["--decay-rate", "-1"], "--decay-rate=-1.0 is invalid: must be >= 0"),  # trained on at a negative LR
+        (["--clip-grad", "-1"], "--clip-grad=-1.0 is invalid"),  # trained with the gradients turned round
+        (["--decay-milestones", "2", "1"], "--decay-milestones 2 1 is invalid: epochs in ascending order"),  # not R
+        (["--aug", "imagenet", "--aa", "rand_m9"], "timm's transform cannot take --aa rand_m9 (AssertionError)"),
+        (["--aug", "imagenet", "--train-interpolation", "cubic"], "cannot take --train-interpolation cubic (KeyError"),
+        (["--opt", "adamx"], "--opt adamx is not a timm optimizer; e.g. --opt adamax"),
+        (["--opt", "fusedadam"], "(AssertionError: CUDA required for APEX optimizers)"),
+        (["--opt", "adamw", "--opt-betas", "0.9"], "--opt-betas takes 2 values (3 for adan), not 1"),  # IndexError
+    ],
+)
+def test_values_that_failed_later_or_silently_are_one_line_in_check(tmp_path, cifar_tiny, capsys, flags, words):
+    """Each was a traceback (in --check or at the first step) or, for the decay rate and clip, a run that trained
+    on silently wrong; now one line and exit 2 from --check, which the run itself repeats."""
+    base = ["--data-dir", str(cifar_tiny), "--epochs", "3", "--dap-warmup", "1", "--output", str(tmp_path / "r")]
+    line = _cli_error(capsys, *base, *flags, "--check")
+    assert words in line, line
+
+
+def test_a_failed_torchvision_download_does_not_ask_for_the_flag_given(tmp_path, monkeypatch):
+    def offline(name, **kwargs):
+        raise RuntimeError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(timm.data, "create_dataset", offline)
+    for extra, words in (({"download": True}, "the download failed: check this machine's network access"),
+                         ({}, "pass --dataset-download to fetch it there")):  # fmt: skip
+        with pytest.raises(DataError) as excinfo:
+            create_dataset(name="torch/cifar10", root=tmp_path, split="train", is_training=True, **extra)
+        assert words in _one_line(excinfo)

@@ -653,7 +653,9 @@ def create_dataset(
                 + ", ".join(f"torch/{n}" for n in TORCH_DATASETS)
             )
         fetch = "point --data-dir at the folder that holds it"
-        if torch_name not in TORCH_NO_DOWNLOAD:
+        if kwargs.get("download"):
+            fetch = "the download failed: check this machine's network access, or fetch it elsewhere and " + fetch
+        elif torch_name not in TORCH_NO_DOWNLOAD:
             fetch = "pass --dataset-download to fetch it there, or " + fetch
         try:
             dataset = timm.data.create_dataset(
