@@ -325,7 +325,11 @@ def load_config(path: Path, _seen: tuple = (), origin: dict | None = None) -> di
             raise UsageError(f"config {_seen[-1]} has _base_: {path.name}, but {path} does not exist; fix that line")
         raise UsageError(f"config file {path} does not exist; pass a YAML file such as configs/pretrain/*.yaml")
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise UsageError(f"config {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise UsageError(f"cannot read config {path} ({e.strerror}); check its permissions") from None
     except yaml.YAMLError as e:
         raise UsageError(f"config {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
     if not isinstance(cfg, dict):

@@ -334,8 +334,17 @@ def _config_value(action: argparse.Action, key: str, value, path: Path):
     would be silently taken for the default behaviour. YAML reads ``on``/``off`` as booleans: for a flag whose
     choices are ``on``/``off`` they are mapped back."""
     bad = f"config {path}: {key}: {value!r} is invalid"
+    if isinstance(action, _Kwargs):  # a mapping; also null (none), or the command line's KEY=VALUE items
+        if value is None or isinstance(value, dict):
+            return value or {}
+        items = value.split() if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items) or not_key_value(items):
+            raise UsageError(f"{bad}: write a mapping (e.g. `{key}: {{name: value}}`) or KEY=VALUE items")
+        parsed = argparse.Namespace()
+        action(None, parsed, items)
+        return getattr(parsed, action.dest)
     if type(action) not in (argparse._StoreAction, argparse._StoreTrueAction, argparse._StoreFalseAction):
-        return value  # the trainer's own actions (KEY=VALUE dicts) take the YAML value as it is
+        return value
     if action.nargs == 0:  # store_true / store_false
         if not isinstance(value, bool):
             raise UsageError(f"{bad}: write true or false")

@@ -138,17 +138,31 @@ def test_val_class_missing_from_train_is_one_line_error(tmp_path, cifar_tiny):
         ("_base_: [base.yaml, 5]\n", ("_base_:", "expected a file name")),
         ("just a string\n", ("holds a str at the top level",)),
         ("_base_: nothere.yaml\n", ("has _base_: nothere.yaml, but", "nothere.yaml does not exist; fix that line")),
+        ("# lr f\xfcr ImageNet\nepochs: 2\n", ("is not UTF-8 text", "save it as UTF-8")),  # Latin-1: a traceback
+        ("opt_kwargs: 5\n", ("opt_kwargs: 5 is invalid: write a mapping",)),  # a TypeError traceback
     ],
 )
 def test_malformed_yaml_config_is_one_line_usage_error(tmp_path, capsys, text, words):
     (tmp_path / "base.yaml").write_text("lr: 0.2\n")
     config = tmp_path / "bad.yaml"
-    config.write_text(text)
+    config.write_bytes(text.encode("latin-1"))
     line = _cli_error(capsys, "--config", str(config), "--output", str(tmp_path / "run"))
     assert str(config) in line
     for w in words:
         assert w in line, line
     assert not (tmp_path / "run").exists()
+
+
+def test_kwargs_in_a_config_take_the_command_lines_forms_too(tmp_path):
+    """`opt_kwargs: "nesterov=False"` (the command line's form) and `model_kwargs: null` were TypeError tracebacks."""
+    from dap_pretrain.train import parse_args
+
+    for text, opt in (('opt_kwargs: "nesterov=False eps=1e-3"', {"nesterov": False, "eps": 1e-3}),
+                      ("opt_kwargs: [nesterov=False]", {"nesterov": False}), ("opt_kwargs: null", {}),
+                      ("opt_kwargs: {nesterov: true}", {"nesterov": True})):  # fmt: skip
+        (tmp_path / "c.yaml").write_text(text + "\nmodel_kwargs: null\n")
+        args = parse_args(["--config", str(tmp_path / "c.yaml")])
+        assert args.opt_kwargs == opt and args.model_kwargs == {}, text
 
 
 # -- (7) batch size vs data, 16-bit PNG, one class, NaN loss ---------------------------------------------------------
