@@ -583,3 +583,25 @@ def test_a_failed_torchvision_download_does_not_ask_for_the_flag_given(tmp_path,
         with pytest.raises(DataError) as excinfo:
             create_dataset(name="torch/cifar10", root=tmp_path, split="train", is_training=True, **extra)
         assert words in _one_line(excinfo)
+
+
+def test_images_not_one_folder_below_the_split_are_refused(tmp_path, cifar_tiny, capsys):
+    """timm labels an image by the folder that holds it: Tiny-ImageNet's train/<class>/images/ made every class one
+    class 'images' (with --val-split '' silently, exit 0), a class's sub/ folder a class of its own, and images in
+    train/ itself a class named ''. Each is one line naming the folder and the fix, before the run folder."""
+    root = _tree(cifar_tiny, tmp_path / "tiny", {"train": CLASSES})
+    for cls in CLASSES[:2]:  # Tiny-ImageNet's layout for two of the three classes
+        (root / "train" / cls / "images").mkdir()
+        for f in (root / "train" / cls).glob("*.jpg"):
+            f.rename(root / "train" / cls / "images" / f.name)
+    out = tmp_path / "run"
+    line = _cli_error(capsys, "--data-dir", str(root), "--val-split", "", "--output", str(out))
+    assert f"images in {root / 'train' / 'airplane' / 'images'} would be labelled 'images'" in line, line
+    assert f"move them up into {root / 'train' / 'airplane'}/" in line and not out.exists()
+    flat = tmp_path / "flat" / "train"
+    flat.mkdir(parents=True)
+    for f in sorted((cifar_tiny / "train" / "bird").iterdir())[:3]:
+        os.link(f, flat / f.name)
+    with pytest.raises(DataError) as excinfo:
+        create_dataset(name="", root=flat.parent, split="train", is_training=True)
+    assert "holds images itself" in _one_line(excinfo) and f"{flat}/<class>/" in _one_line(excinfo)

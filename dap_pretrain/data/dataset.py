@@ -408,6 +408,31 @@ def _split_folder(root: Path, split: str) -> Path:
     return root
 
 
+def _check_class_depth(dataset: Any, folder: Path) -> None:
+    """Refuses images that are not exactly one folder below ``folder``: timm labels an image by the name of the
+    folder that holds it, so Tiny-ImageNet's ``train/<wnid>/images/*.JPEG`` made one class named ``images`` of
+    every class (silently, with ``--val-split ''``), a ``cat/sub/`` folder a class ``sub``, and images lying in
+    ``folder`` itself a class with an empty name. About 1 s per million files."""
+    top = os.path.normpath(str(folder))
+    samples = getattr(getattr(dataset, "reader", None), "samples", None) or []
+    for path, _ in samples:
+        holder = os.path.dirname(str(path))
+        if os.path.dirname(holder) == top:
+            continue
+        if os.path.normpath(holder) == top:
+            raise DataError(
+                f"{folder} holds images itself ({os.path.basename(str(path))}, ...), which timm would put in a class "
+                f"with no name; move each class's images into a folder of their own: {folder}/<class>/"
+            )
+        rel = os.path.relpath(holder, top)
+        raise DataError(
+            f"images in {holder} would be labelled '{os.path.basename(holder)}' (timm names each class after the "
+            f"folder that holds its images, not after {rel.split(os.sep)[0]}/); move them up into "
+            f"{os.path.join(top, rel.split(os.sep)[0])}/ (Tiny-ImageNet's train/<class>/images/ too) so each class is "
+            f"one folder of images under {folder}"
+        )
+
+
 def _check_first_image(dataset: Any, folder: Path) -> None:
     """Decodes sample 0 directly: timm's ImageDataset would skip an unreadable file with only a warning.
 
@@ -634,6 +659,8 @@ def create_dataset(
             dataset = timm.data.create_dataset("", root=str(root), split=split, is_training=is_training, **kwargs)
         except RuntimeError:  # timm's folder reader: "Found 0 images in subfolders of ..."
             raise DataError(f"no images found under {where}; expected <class>/<image> folders there") from None
+        if is_training:  # evaluation reads with the train split's map: images of other folders are not read
+            _check_class_depth(dataset, folder)
         _check_first_image(dataset, folder)
         if class_to_idx is None:
             _check_class_folders(folder, split, dataset_classes(dataset) or {}, given=False)
