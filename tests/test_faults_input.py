@@ -605,3 +605,27 @@ def test_images_not_one_folder_below_the_split_are_refused(tmp_path, cifar_tiny,
     with pytest.raises(DataError) as excinfo:
         create_dataset(name="", root=flat.parent, split="train", is_training=True)
     assert "holds images itself" in _one_line(excinfo) and f"{flat}/<class>/" in _one_line(excinfo)
+
+
+def test_folders_timm_reads_no_images_from_say_why(tmp_path, cifar_tiny, monkeypatch):
+    """A class of WebP images was 'has no images ... remove the folder' (timm reads .png/.jpg/.jpeg only), and an
+    unreadable folder the same or a PermissionError traceback: each now names the real cause."""
+    root = _tree(cifar_tiny, tmp_path / "data", {"train": CLASSES})
+    for f in (root / "train" / "bird").iterdir():  # real images, re-encoded as WebP
+        Image.open(f).save(f.with_suffix(".webp"))
+        f.unlink()
+    with pytest.raises(DataError) as excinfo:
+        create_dataset(name="", root=root, split="train", is_training=True)
+    assert f"{root / 'train' / 'bird'} holds 3 .webp files, but timm reads only .jpeg, .jpg, .png" in _one_line(excinfo)
+    for f in (root / "train" / "bird").iterdir():
+        f.unlink()  # now truly empty: the message it had
+    with pytest.raises(DataError, match="has no images, so every later class would get a shifted label"):
+        create_dataset(name="", root=root, split="train", is_training=True)
+    real_access = os.access
+    for denied in (root / "train" / "bird", root):  # as root, chmod 000 denies nothing: os.access stands in
+        monkeypatch.setattr(os, "access", lambda p, mode, d=denied: Path(p) != d and real_access(p, mode))
+        with pytest.raises(DataError) as excinfo:
+            create_dataset(name="", root=root, split="train", is_training=True)
+        assert (
+            _one_line(excinfo) == f"{denied} cannot be read (permission denied); ask for read access, or copy the data"
+        )

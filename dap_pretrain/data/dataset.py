@@ -483,6 +483,27 @@ def _image_labels(folder: Path) -> set[str]:
     return labels
 
 
+def _unread_reason(folder: Path) -> str | None:
+    """Why timm finds no images in ``folder`` when it is not simply empty: it cannot be read, or its files have
+    extensions timm's reader does not take (WebP, TIFF, ...). Only called on the way to an error."""
+    if not os.access(folder, os.R_OK | os.X_OK):
+        return f"{folder} cannot be read (permission denied); ask for read access, or copy the data"
+    read = set(timm.data.get_img_extensions(as_set=True))
+    others: dict[str, int] = {}
+    for _, _, files in os.walk(folder, followlinks=True):
+        for f in files:
+            ext = os.path.splitext(f)[1].lower()
+            if ext and ext not in read and not f.startswith("."):
+                others[ext] = others.get(ext, 0) + 1
+    if not others:
+        return None
+    held = ", ".join(f"{n} {ext}" for ext, n in sorted(others.items(), key=lambda kv: -kv[1])[:3])
+    return (
+        f"{folder} holds {held} files, but timm reads only {', '.join(sorted(read))}; convert them (to .jpg or "
+        ".png) or remove them"
+    )
+
+
 def _check_class_folders(folder: Path, split: str, classes: dict[str, int], *, given: bool) -> None:
     """Refuses class folders that would shift labels; see :func:`create_dataset` for the rules.
 
@@ -500,6 +521,9 @@ def _check_class_folders(folder: Path, split: str, classes: dict[str, int], *, g
             continue
         labels = _image_labels(sub)
         if not labels:
+            reason = _unread_reason(sub)
+            if reason:
+                raise DataError(reason)
             if not given:
                 raise DataError(
                     f"class folder {sub} has no images, so every later class would get a shifted label; "
@@ -637,6 +661,8 @@ def create_dataset(
         )
     if prefix not in ("torch", "hfds"):  # timm reads every other name as a folder (or a .tar)
         root = resolve_data_dir(root, cache_dir=cache_dir)
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise DataError(f"{root} cannot be read (permission denied); ask for read access, or copy the data")
         folder = _split_folder(root, split)
         where = str(folder) if folder != root else f"{root} (it has no {split}/ folder)"
         splits = sorted(n for group in SPLIT_SYNONYMS for n in group if (root / n).is_dir()) if folder == root else []
@@ -658,7 +684,14 @@ def create_dataset(
         try:
             dataset = timm.data.create_dataset("", root=str(root), split=split, is_training=is_training, **kwargs)
         except RuntimeError:  # timm's folder reader: "Found 0 images in subfolders of ..."
-            raise DataError(f"no images found under {where}; expected <class>/<image> folders there") from None
+            reason = _unread_reason(folder)
+            raise DataError(
+                reason or f"no images found under {where}; expected <class>/<image> folders there"
+            ) from None
+        except PermissionError as e:  # a folder below it that this user may not list
+            raise DataError(
+                f"{e.filename} cannot be read (permission denied); ask for read access, or copy the data"
+            ) from None
         if is_training:  # evaluation reads with the train split's map: images of other folders are not read
             _check_class_depth(dataset, folder)
         _check_first_image(dataset, folder)
