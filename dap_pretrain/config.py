@@ -323,7 +323,8 @@ def load_config(path: Path, _seen: tuple = (), origin: dict | None = None) -> di
     if not path.is_file():
         if _seen:  # named by a _base_ line
             raise UsageError(f"config {_seen[-1]} has _base_: {path.name}, but {path} does not exist; fix that line")
-        raise UsageError(f"config file {path} does not exist; pass a YAML file such as configs/pretrain/*.yaml")
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UsageError(f"config file {path} {what}; pass a YAML file such as configs/pretrain/*.yaml")
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:

@@ -27,6 +27,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from dap_pretrain.checkpoint import (
     LAST_CHECKPOINT,
     CheckpointError,
+    checkpoint_in_folder,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -148,10 +149,9 @@ def _load_initial(model, path: str, *, model_name: str) -> None:
 
     from dap_pretrain.export import classifier_prefixes
 
-    if Path(path).is_dir():
-        raise UsageError(
-            f"--initial-checkpoint {path} is a folder; pass a weights file, e.g. {Path(path) / 'model.safetensors'}"
-        )
+    if Path(path).is_dir():  # a run folder: its last checkpoint; else an export's or release's weights file
+        example = checkpoint_in_folder(Path(path)) or Path(path) / "model.safetensors"
+        raise UsageError(f"--initial-checkpoint {path} is a folder; pass a weights file, e.g. {example}")
     if not Path(path).is_file():
         raise UsageError(f"--initial-checkpoint {path} does not exist; pass a weights file")
     own = model.state_dict()
@@ -300,6 +300,12 @@ def _build_data(cfg, model_cfg: dict) -> Data:
         if cfg.val_split
         else None
     )
+    if cfg.val_split and cfg.val_split.split("[")[0] == cfg.train_split.split("[")[0]:
+        _logger.warning(
+            "--val-split %s is the training split: top-1 then measures the images it trains on, not held-out ones; "
+            "pass another split, or --val-split '' to skip evaluation",
+            cfg.val_split,
+        )
     img_size = cfg.img_size or model_cfg.get("input_size", (3, 224, 224))[-1]
     cifar = uses_cifar_aug(img_size=img_size, aug=cfg.aug)
     aug, evaluation = given_kwargs(cfg, AUGMENT_FLAGS), given_kwargs(cfg, EVAL_FLAGS)
@@ -1280,7 +1286,8 @@ def _finish(cfg, output: Path, acct: Accounting, wall: float, dap: dict, *, worl
     write_atomic(output / "run.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     if acct.lost:
         _logger.info(
-            "%d samples went untrained (--drop-last, or a final batch of 1 under BatchNorm); "
+            "%d samples went untrained (unreadable files, warned above, or --drop-last, or a final batch of 1 under "
+            "BatchNorm); "
             "measured compute is below planned by that",
             acct.lost,
         )

@@ -496,6 +496,25 @@ def test_evaluating_on_the_training_images_is_warned(tmp_path, cifar_tiny, caplo
         full = create_dataset(name="", root=cifar_tiny, split="train", is_training=True)
         create_dataset(name="", root=cifar_tiny, split="val", is_training=False, class_to_idx=dataset_classes(full))
     assert not any("no val/ folder" in r.getMessage() for r in caplog.records)
+    out = tmp_path / "run"  # the same split named twice: trained and evaluated on one folder, without a word
+    train_cli(["--data-dir", str(cifar_tiny), "--val-split", "train", "--epochs", "1", "--dap-warmup", "0",
+               "--output", str(out), "--no-plot"])  # fmt: skip
+    assert (
+        "--val-split train is the training split: top-1 then measures the images it trains on"
+        in (out / "log.txt").read_text()
+    )
+
+
+def test_a_path_that_is_not_what_the_flag_wants_says_what_it_is(tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert "is a symlink that leads nowhere (dangling, or a loop)" in _cli_error(capsys, "--data-dir", str(loop))
+    assert f"config file {tmp_path} is a folder" in _cli_error(capsys, "--config", str(tmp_path))  # 'does not exist'
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pth.tar").write_bytes(b"")  # a run folder: its checkpoint is named, not model.safetensors
+    line = _cli_error(capsys, "--initial-checkpoint", str(run), "--output", str(tmp_path / "new"), "--check")
+    assert f"is a folder; pass a weights file, e.g. {run / 'last.pth.tar'}" in line, line
 
 
 # -- --dataset names as timm reads them -------------------------------------------------------------------------------

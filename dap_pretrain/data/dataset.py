@@ -351,7 +351,8 @@ def resolve_data_dir(data_dir: str | os.PathLike, *, cache_dir: str | os.PathLik
     if path.is_dir():
         return path
     if not path.exists():
-        raise DataError(f"data folder {path} does not exist; {_DATA_DIR_HINT}")
+        what = "is a symlink that leads nowhere (dangling, or a loop)" if path.is_symlink() else "does not exist"
+        raise DataError(f"data folder {path} {what}; {_DATA_DIR_HINT}")
     if not path.name.endswith(ARCHIVE_SUFFIXES):
         raise DataError(f"{path} is a file but not a .tar/.tar.gz/.tgz archive; {_DATA_DIR_HINT}")
     dest = _cache_entry(cache.root(cache_dir) / _cache_key(path), lambda tmp: _extract(path, tmp), f"extracting {path}")
