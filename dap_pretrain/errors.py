@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -23,6 +25,40 @@ class DapError(Exception):
 
 class UsageError(DapError, ValueError):
     """Bad input found by an entry point; printed as one line, exit code 2."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's time limit, ``kill``) in one process outside torchrun: the run stops as Ctrl-C
+    stops it (its locks released, an ``--overwrite``'s previous run put back, the line naming ``--resume``), with
+    the shell's code for SIGTERM, 143. Python's default was to die at once, without a word."""
+
+
+def stopped(e: KeyboardInterrupt, text: str) -> KeyboardInterrupt:
+    """The same kind of stop as ``e`` (Ctrl-C or SIGTERM), saying ``<how>; <text>``."""
+    return type(e)(f"{'terminated (SIGTERM)' if isinstance(e, Terminated) else 'interrupted'}; {text}")
+
+
+@contextmanager
+def _sigterm_stops():
+    """Inside: SIGTERM raises :class:`Terminated`, in the main thread of a process not started by torchrun
+    (torchrun stops its processes with SIGTERM when one fails; they keep its default). The handler before is put
+    back after."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        # A scheduler signals the loader workers too; torch's SIGCHLD handler would then add a traceback of their
+        # deaths to the one line. The run is stopping: it no longer needs to hear of them.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        raise Terminated
+
+    before = signal.signal(signal.SIGTERM, stop), signal.getsignal(signal.SIGCHLD)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGCHLD, before[1])
 
 
 def one_line(text: object) -> str:
@@ -107,7 +143,8 @@ def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002 
     (under torchrun, one marked :func:`on_every_rank` is printed once per node).
 
     ``exit=True`` raises ``SystemExit(2)``; ``exit=False`` returns 2, for mains run as ``sys.exit(main())``.
-    Ctrl-C (``KeyboardInterrupt``) is one line too, with the shell's code for it, 130.
+    Ctrl-C (``KeyboardInterrupt``) is one line too, with the shell's code for it, 130; so is SIGTERM outside
+    torchrun (:class:`Terminated`), with 143.
     Any other exception passes through with its traceback. Use as ``@entry_point`` or
     ``@entry_point(prog="report", exit=False)``.
     """
@@ -116,7 +153,8 @@ def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002 
         @functools.wraps(fn)
         def wrapper(argv=None):
             try:
-                result = fn(argv)
+                with _sigterm_stops():
+                    result = fn(argv)
             except DapError as e:
                 _print_refusal(f"{prog + ': ' if prog else ''}error: {one_line(e) or type(e).__name__}", e)
                 close_process_group()
@@ -124,12 +162,13 @@ def entry_point(main=None, *, prog: str = "", exit: bool = True):  # noqa: A002 
                     sys.exit(2)
                 return 2
             except KeyboardInterrupt as e:  # Ctrl-C: one line, not Python's traceback of wherever the run was
-                said = one_line(e) or "interrupted; what was saved before it is kept"  # a run names its --resume
+                said = one_line(e) or one_line(stopped(e, "what was saved before it is kept"))  # a run: its --resume
                 if os.environ.get("RANK", "0") == "0":  # under torchrun every process gets it; rank 0 says it once
                     print_error(f"{prog + ': ' if prog else ''}{said}")
+                code = 143 if isinstance(e, Terminated) else 130
                 if exit:
-                    sys.exit(130)
-                return 130
+                    sys.exit(code)
+                return code
             close_process_group()
             return result
 

@@ -65,7 +65,7 @@ from dap_pretrain.data.memory import decoded_bytes, in_memory_loaders
 from dap_pretrain.data.sampler import DaPSampler
 from dap_pretrain.distributed import barrier, cuda_speed_flags, init_distributed, pick_threads, rank0_outcome
 from dap_pretrain.engine import evaluate, train_one_epoch
-from dap_pretrain.errors import UsageError, brief, on_every_rank, one_line, user_input
+from dap_pretrain.errors import UsageError, brief, on_every_rank, one_line, stopped, user_input
 from dap_pretrain.logs import HeldLogs, main_process_logging
 from dap_pretrain.lr import EpochProgressLR
 from dap_pretrain.mixing import Mixer
@@ -1032,7 +1032,7 @@ def run(cfg: RunConfig, *, check_processes: int | None = None) -> dict | None:
             release_unused(lock, output)
         last = output / LAST_CHECKPOINT
         if isinstance(e, KeyboardInterrupt) and saved and last.is_file():  # this run's checkpoint, not one put back
-            raise KeyboardInterrupt(f"interrupted; continue the run: the same command with --resume {last}") from None
+            raise stopped(e, f"continue the run: the same command with --resume {last}") from None
         raise
     finally:
         held.close()

@@ -17,7 +17,7 @@ from timm.utils import ParseKwargs
 from dap_pretrain.checkpoint import LAST_CHECKPOINT
 from dap_pretrain.cli import add_dap_arguments, given_flags, make_parser, not_key_value, refuse_exclusive_flags
 from dap_pretrain.config import load_config, run_config
-from dap_pretrain.errors import UsageError, entry_point
+from dap_pretrain.errors import UsageError, entry_point, stopped
 from dap_pretrain.mixing import MODES as MIX_MODES
 from dap_pretrain.run_folder import RUN_MARKERS
 
@@ -506,9 +506,9 @@ def main(argv=None) -> dict:
     if args.compare:
         try:
             base = run(run_config(_baseline_args(args)))
-        except KeyboardInterrupt:  # its own --resume line would be refused: the pair continues through the DaP run
+        except KeyboardInterrupt as e:  # its own --resume line would be refused: the pair continues through the DaP run
             last = Path(args.output) / LAST_CHECKPOINT
-            raise KeyboardInterrupt(f"interrupted; continue both runs with --compare --resume {last}") from None
+            raise stopped(e, f"continue both runs with --compare --resume {last}") from None
         if summary is not None and base is not None:
             print(compare_table(summary, base))
     return summary

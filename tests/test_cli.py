@@ -1,8 +1,11 @@
 """``python -m dap_pretrain plan``: output, JSON, target compute, and one-line errors."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -301,6 +304,29 @@ def test_ctrl_c_in_a_run_names_the_resume_command(tmp_path, cifar_tiny, capsys, 
         train_cli([*flags, "--overwrite"])
     assert capsys.readouterr().err == "interrupted; what was saved before it is kept\n"
     assert (out / "last.pth.tar").read_bytes() == kept and not (out / ".replaced").exists()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_with_exit_143(tmp_path, cifar_tiny):
+    """A job scheduler's time limit (SIGTERM) killed the trainer at once: no line, exit 143, nothing cleaned up.
+    Now it stops as Ctrl-C does: one line naming --resume, with the shell's code for SIGTERM (the resume itself is
+    Ctrl-C's test's)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dap_pretrain.train", "--data-dir", str(cifar_tiny), "--model", "test_resnet",
+           "--img-size", "32", "-b", "50", "-j", "0", "--epochs", "12", "--dap-warmup", "1", "--no-plot",
+           "--device", "cpu", "--output", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pth.tar").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err
+    assert (
+        err.splitlines()[-1]
+        == f"terminated (SIGTERM); continue the run: the same command with --resume {out / 'last.pth.tar'}"
+    )
 
 
 def test_ctrl_c_in_the_compare_baseline_names_the_command_that_continues_both(
