@@ -47,18 +47,21 @@ def _sigterm_stops():
         yield
         return
 
+    chld = []  # torch's SIGCHLD handler, set aside once SIGTERM came (torch installs it once per process)
+
     def stop(signum, frame):
         # A scheduler signals the loader workers too; torch's SIGCHLD handler would then add a traceback of their
         # deaths to the one line. The run is stopping: it no longer needs to hear of them.
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        chld.append(signal.signal(signal.SIGCHLD, signal.SIG_DFL))
         raise Terminated
 
-    before = signal.signal(signal.SIGTERM, stop), signal.getsignal(signal.SIGCHLD)
+    before = signal.signal(signal.SIGTERM, stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, before[0])
-        signal.signal(signal.SIGCHLD, before[1])
+        signal.signal(signal.SIGTERM, before)
+        if chld:
+            signal.signal(signal.SIGCHLD, chld[0])
 
 
 def one_line(text: object) -> str:

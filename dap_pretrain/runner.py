@@ -56,6 +56,7 @@ from dap_pretrain.data.dataset import (
     check_batch_size,
     create_dataset,
     dataset_classes,
+    dataset_prefix,
     embedded_data_dir,
 )
 from dap_pretrain.data.gpu_decode import GpuDecodeLoader, dataset_samples
@@ -279,8 +280,7 @@ def _cause(e: BaseException) -> str:
 
 
 def _build_data(cfg, model_cfg: dict) -> Data:
-    prefix, slash, _ = cfg.dataset.partition("/")
-    if cfg.data_dir == "embedded" and slash and prefix.lower() in ("torch", "hfds"):
+    if cfg.data_dir == "embedded" and dataset_prefix(cfg.dataset) in ("torch", "hfds"):
         raise UsageError(  # else torchvision or Hugging Face would download into the embedded sample's extraction
             f"--dataset {cfg.dataset} reads --data-dir as its download or cache folder, and this run's is the "
             "embedded sample; pass --data-dir DIR"
@@ -300,7 +300,7 @@ def _build_data(cfg, model_cfg: dict) -> Data:
         if cfg.val_split
         else None
     )
-    if cfg.val_split and cfg.val_split.split("[")[0] == cfg.train_split.split("[")[0]:
+    if cfg.val_split and cfg.val_split == cfg.train_split:
         _logger.warning(
             "--val-split %s is the training split: top-1 then measures the images it trains on, not held-out ones; "
             "pass another split, or --val-split '' to skip evaluation",
@@ -324,10 +324,12 @@ def _build_data(cfg, model_cfg: dict) -> Data:
             val.transform = trainer_transform(img_size=img_size, aug=cfg.aug, is_training=False, **evaluation)
     except (AssertionError, KeyError, ValueError) as e:  # timm asserts on an unknown policy, a KeyError on a mode
         given = [f for f in (*AUGMENT_FLAGS, *EVAL_FLAGS) if getattr(cfg, f) is not None]
-        shown = " ".join(f"{cli_flags([f])} {getattr(cfg, f)}" for f in given)
+        values = {f: getattr(cfg, f) for f in given}
+        shown = " ".join(f"{cli_flags([f])} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                         for f, v in values.items())  # fmt: skip
         raise UsageError(
-            f"timm's transform cannot take {shown} ({_cause(e)}); e.g. --aa "
-            "rand-m9-mstd0.5-inc1 (or augmix-m5-w3, v0), interpolation bilinear, bicubic or random (training only)"
+            f"timm's transform cannot take {shown} ({_cause(e)}); e.g. --aa rand-m9-mstd0.5-inc1 (or augmix-m5-w3, "
+            "v0), an interpolation bilinear or bicubic (random: --train-interpolation only)"
         ) from None
     classes = getattr(getattr(train, "reader", None), "class_to_idx", None) or getattr(train, "class_to_idx", None)
     num_classes = cfg.num_classes or (len(classes) if classes else 1000)
@@ -587,13 +589,16 @@ def _check_input_size(model, cfg, *, img_size: int, device: torch.device) -> Non
             model(torch.zeros(1, 3, img_size, img_size, device=device))
     except (RuntimeError, AssertionError, ValueError) as e:
         given = cfg.model_kwargs.get("img_size")
+        sized = "channels" not in str(e) and any(w in str(e) for w in ("size", "Input height", "Input width"))
         if given is not None and given != img_size:
             fix = f"pass --img-size {given} to match --model-kwargs img_size={given}"
-        elif "img_size" in inspect.signature(type(model).__init__).parameters:
+        elif sized and "img_size" in inspect.signature(type(model).__init__).parameters:
             fix = f"pass --model-kwargs img_size={img_size} (the model's own input size is fixed when built)"
-        else:
+        elif sized:
             fix = "pass a larger --img-size"
-        raise UsageError(f"model {cfg.model} cannot take {img_size} px inputs ({brief(e, 200)}); {fix}") from None
+        else:
+            fix = "check --model-kwargs (3-channel images are fed) and --img-size"
+        raise UsageError(f"model {cfg.model} fails on one {img_size} px RGB image ({brief(e, 200)}); {fix}") from None
     finally:
         model.train(was_training)
 

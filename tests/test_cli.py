@@ -306,6 +306,20 @@ def test_ctrl_c_in_a_run_names_the_resume_command(tmp_path, cifar_tiny, capsys, 
     assert (out / "last.pth.tar").read_bytes() == kept and not (out / ".replaced").exists()
 
 
+def test_an_entry_point_leaves_the_signal_handlers_as_it_found_them():
+    """torch sets its SIGCHLD handler (which reports loader workers that die) once per process: an entry point
+    that returns, or refuses, must leave it and SIGTERM's handler in place for the next run in the process."""
+    marker = signal.signal(signal.SIGCHLD, lambda *a: None)
+    try:
+        before = signal.getsignal(signal.SIGCHLD), signal.getsignal(signal.SIGTERM)
+        from dap_pretrain.errors import entry_point
+
+        assert entry_point(lambda argv: 0, exit=False)() == 0
+        assert (signal.getsignal(signal.SIGCHLD), signal.getsignal(signal.SIGTERM)) == before
+    finally:
+        signal.signal(signal.SIGCHLD, marker)
+
+
 def test_sigterm_stops_a_run_as_ctrl_c_does_with_exit_143(tmp_path, cifar_tiny):
     """A job scheduler's time limit (SIGTERM) killed the trainer at once: no line, exit 143, nothing cleaned up.
     Now it stops as Ctrl-C does: one line naming --resume, with the shell's code for SIGTERM (the resume itself is

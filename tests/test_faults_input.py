@@ -341,12 +341,16 @@ def test_launch_environment_that_is_not_a_run_is_one_line(tmp_path, capsys, monk
     assert not out.exists()
     monkeypatch.delenv("WORLD_SIZE")
     for script in ("pretrain.sh", "pretrain_mm.sh"):
-        for name, value in (("NPROC_PER_NODE", "auto"), ("NNODES", "0"), ("NODE_RANK", "-1")):
-            env, words = {name: value}, f"{name}={value} is invalid; set it to"
+        for name, value in (("NPROC_PER_NODE", "auto"), ("NNODES", "0"), ("NODE_RANK", "-1"), ("NODE_RANK", "1")):
+            env, words = {name: value}, f"{name}={value} is invalid; set it to"  # rank 1 of NNODES=1: no such node
             res = subprocess.run(["bash", str(REPO / "tools" / script), *flags], capture_output=True, text=True,
                                  env={**os.environ, **env}, timeout=60)  # fmt: skip
             assert res.returncode == 2 and res.stderr == f"{script}: error: {res.stderr.split(': error: ')[1]}", res
             assert words in res.stderr and res.stderr.count("\n") == 1 and not out.exists()
+    env = {**os.environ, "NPROC_PER_NODE": "01", "NODE_RANK": "0"}
+    res = subprocess.run(["bash", str(REPO / "tools" / "pretrain.sh"), *flags, "--check"], capture_output=True,
+                         text=True, env=env, timeout=120)  # fmt: skip
+    assert res.returncode == 0 and "inputs ok for 1 process" in res.stdout, res.stderr  # torchrun reads 01 as 1
 
 
 def test_unreadable_images_are_named_and_not_counted_as_trained(tmp_path, cifar_tiny, capsys):
@@ -616,6 +620,8 @@ def test_images_not_one_folder_below_the_split_are_refused(tmp_path, cifar_tiny,
     out = tmp_path / "run"
     line = _cli_error(capsys, "--data-dir", str(root), "--val-split", "", "--output", str(out))
     assert f"images in {root / 'train' / 'airplane' / 'images'} would be labelled 'images'" in line, line
+    _tree(cifar_tiny, tmp_path / "good", {"train": CLASSES})  # reached through '..': still one folder below
+    assert len(create_dataset(name="", root=tmp_path / "tiny" / ".." / "good", split="train", is_training=True)) == 9
     assert f"move them up into {root / 'train' / 'airplane'}/" in line and not out.exists()
     flat = tmp_path / "flat" / "train"
     flat.mkdir(parents=True)
@@ -637,7 +643,8 @@ def test_folders_timm_reads_no_images_from_say_why(tmp_path, cifar_tiny, monkeyp
         create_dataset(name="", root=root, split="train", is_training=True)
     assert f"{root / 'train' / 'bird'} holds 3 .webp files, but timm reads only .jpeg, .jpg, .png" in _one_line(excinfo)
     for f in (root / "train" / "bird").iterdir():
-        f.unlink()  # now truly empty: the message it had
+        f.unlink()
+    (root / "train" / "bird" / "README.txt").write_text("not an image format: the message it had")
     with pytest.raises(DataError, match="has no images, so every later class would get a shifted label"):
         create_dataset(name="", root=root, split="train", is_training=True)
     real_access = os.access

@@ -537,6 +537,7 @@ def test_a_model_that_cannot_take_the_input_size_is_one_line_before_the_run_fold
         ("--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32"): "pass --img-size 32 to match",
         ("--model", "resnet18", "--img-size", "8", "--check"): None,  # 8 px: resnet's stride leaves 1 px, fine
         ("--model", "inception_v3", "--img-size", "32", "--check"): "pass a larger --img-size",
+        ("--model", "resnet18", "--model-kwargs", "in_chans=1", "--check"): "check --model-kwargs (3-channel images",
         ("--torchcompile", "--torchcompile-mode", "fastest", "--check"): "--torchcompile-mode fastest",
     }
     for extra, words in cases.items():

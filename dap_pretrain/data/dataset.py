@@ -47,6 +47,7 @@ __all__ = [
     "check_batch_size",
     "create_dataset",
     "dataset_classes",
+    "dataset_prefix",
     "embedded_data_dir",
     "files_digest",
     "resolve_data_dir",
@@ -414,18 +415,19 @@ def _check_class_depth(dataset: Any, folder: Path) -> None:
     folder that holds it, so Tiny-ImageNet's ``train/<wnid>/images/*.JPEG`` made one class named ``images`` of
     every class (silently, with ``--val-split ''``), a ``cat/sub/`` folder a class ``sub``, and images lying in
     ``folder`` itself a class with an empty name. About 1 s per million files."""
-    top = os.path.normpath(str(folder))
-    samples = getattr(getattr(dataset, "reader", None), "samples", None) or []
-    for path, _ in samples:
+    reader = getattr(dataset, "reader", None)
+    given = str(getattr(reader, "root", folder))  # the samples' paths start with timm's root as given ('..' and all)
+    top = os.path.normpath(given)
+    for path, _ in getattr(reader, "samples", None) or []:
         holder = os.path.dirname(str(path))
-        if os.path.dirname(holder) == top:
+        if os.path.dirname(holder) == given or os.path.normpath(os.path.dirname(holder)) == top:
             continue
         if os.path.normpath(holder) == top:
             raise DataError(
                 f"{folder} holds images itself ({os.path.basename(str(path))}, ...), which timm would put in a class "
                 f"with no name; move each class's images into a folder of their own: {folder}/<class>/"
             )
-        rel = os.path.relpath(holder, top)
+        rel = os.path.relpath(os.path.normpath(holder), top)
         raise DataError(
             f"images in {holder} would be labelled '{os.path.basename(holder)}' (timm names each class after the "
             f"folder that holds its images, not after {rel.split(os.sep)[0]}/); move them up into "
@@ -484,17 +486,23 @@ def _image_labels(folder: Path) -> set[str]:
     return labels
 
 
+def _unreadable(path: object) -> str:
+    return f"{path} cannot be read (permission denied); ask for read access, or copy the data"
+
+
 def _unread_reason(folder: Path) -> str | None:
     """Why timm finds no images in ``folder`` when it is not simply empty: it cannot be read, or its files have
     extensions timm's reader does not take (WebP, TIFF, ...). Only called on the way to an error."""
     if not os.access(folder, os.R_OK | os.X_OK):
-        return f"{folder} cannot be read (permission denied); ask for read access, or copy the data"
+        return _unreadable(folder)
     read = set(timm.data.get_img_extensions(as_set=True))
+    Image.init()
+    images = set(Image.registered_extensions()) - read  # PIL's image formats that timm does not read; not .txt
     others: dict[str, int] = {}
     for _, _, files in os.walk(folder, followlinks=True):
         for f in files:
             ext = os.path.splitext(f)[1].lower()
-            if ext and ext not in read and not f.startswith("."):
+            if ext in images and not f.startswith("."):
                 others[ext] = others.get(ext, 0) + 1
     if not others:
         return None
@@ -522,7 +530,7 @@ def _check_class_folders(folder: Path, split: str, classes: dict[str, int], *, g
             continue
         labels = _image_labels(sub)
         if not labels:
-            reason = _unread_reason(sub)
+            reason = None if given else _unread_reason(sub)  # val: such a class goes unmeasured, warned below
             if reason:
                 raise DataError(reason)
             if not given:
@@ -598,6 +606,12 @@ def check_batch_size(
         )
 
 
+def dataset_prefix(name: str) -> str:
+    """timm's reader prefix of a ``--dataset`` name, lower case ('torch', 'hfds', ...), or '' for none."""
+    prefix, slash, _ = name.partition("/")
+    return prefix.lower() if slash else ""
+
+
 def create_dataset(
     *,
     name: str,
@@ -654,7 +668,7 @@ def create_dataset(
             split lacks, a one-class training split, an undecodable first image; a streaming or unknown torch/
             name, a missing package, or a dataset its library cannot load.
     """
-    prefix = name.partition("/")[0].lower() if "/" in name else ""
+    prefix = dataset_prefix(name)
     if prefix in STREAMING_PREFIXES:
         raise DataError(
             f"--dataset {name}: timm reads {prefix}/ datasets as a stream, which has no sample index for DaP to keep "
@@ -663,7 +677,7 @@ def create_dataset(
     if prefix not in ("torch", "hfds"):  # timm reads every other name as a folder (or a .tar)
         root = resolve_data_dir(root, cache_dir=cache_dir)
         if not os.access(root, os.R_OK | os.X_OK):
-            raise DataError(f"{root} cannot be read (permission denied); ask for read access, or copy the data")
+            raise DataError(_unreadable(root))
         folder = _split_folder(root, split)
         where = str(folder) if folder != root else f"{root} (it has no {split}/ folder)"
         splits = sorted(n for group in SPLIT_SYNONYMS for n in group if (root / n).is_dir()) if folder == root else []
@@ -690,9 +704,7 @@ def create_dataset(
                 reason or f"no images found under {where}; expected <class>/<image> folders there"
             ) from None
         except PermissionError as e:  # a folder below it that this user may not list
-            raise DataError(
-                f"{e.filename} cannot be read (permission denied); ask for read access, or copy the data"
-            ) from None
+            raise DataError(_unreadable(e.filename)) from None
         if is_training:  # evaluation reads with the train split's map: images of other folders are not read
             _check_class_depth(dataset, folder)
         _check_first_image(dataset, folder)
@@ -725,7 +737,8 @@ def create_dataset(
         except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted. You can use ..."
             raise DataError(f"cannot load {name} from {root} ({_one_line(e)}); {fetch}") from None
     else:  # hfds/: load_dataset's errors (no such dataset, split or key) are the user's input
-        if importlib.util.find_spec("datasets") is None:  # before timm, which prints its own line, then raises
+        spec = importlib.util.find_spec("datasets")
+        if spec is None or spec.origin is None:  # absent, or a datasets/ folder here; before timm prints its line
             raise DataError(
                 f"--dataset {name} needs Hugging Face's datasets package, which this environment lacks; "
                 f"{sys.executable} -m pip install datasets"
