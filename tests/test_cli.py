@@ -309,15 +309,22 @@ def test_ctrl_c_in_a_run_names_the_resume_command(tmp_path, cifar_tiny, capsys, 
 def test_an_entry_point_leaves_the_signal_handlers_as_it_found_them():
     """torch sets its SIGCHLD handler (which reports loader workers that die) once per process: an entry point
     that returns, or refuses, must leave it and SIGTERM's handler in place for the next run in the process."""
-    marker = signal.signal(signal.SIGCHLD, lambda *a: None)
-    try:
-        before = signal.getsignal(signal.SIGCHLD), signal.getsignal(signal.SIGTERM)
-        from dap_pretrain.errors import entry_point
+    from dap_pretrain.errors import entry_point
 
-        assert entry_point(lambda argv: 0, exit=False)() == 0
-        assert (signal.getsignal(signal.SIGCHLD), signal.getsignal(signal.SIGTERM)) == before
+    def torch_sets_its_handler(*args):  # a DataLoader's first workers do, in the run
+        return None
+
+    def run(argv):
+        signal.signal(signal.SIGCHLD, torch_sets_its_handler)
+        return 0
+
+    before = signal.getsignal(signal.SIGCHLD), signal.getsignal(signal.SIGTERM)
+    try:
+        assert entry_point(run, exit=False)() == 0
+        assert signal.getsignal(signal.SIGCHLD) is torch_sets_its_handler  # was reset to what it was before
+        assert signal.getsignal(signal.SIGTERM) == before[1]
     finally:
-        signal.signal(signal.SIGCHLD, marker)
+        signal.signal(signal.SIGCHLD, before[0])
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does_with_exit_143(tmp_path, cifar_tiny):
