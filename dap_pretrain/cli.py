@@ -14,7 +14,7 @@ import sys
 import time
 
 from dap_pretrain.config import PAPER_SETTINGS, dap_config_from_args, default_reuse, paper_setting
-from dap_pretrain.errors import UsageError, entry_point, print_error, user_input
+from dap_pretrain.errors import TORCHRUN_ENV, UsageError, entry_point, print_error, user_input
 from dap_pretrain.schedule import IMAGENET_NUM_SAMPLES, plan
 
 
@@ -186,9 +186,6 @@ def add_cfg_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cfg-options", nargs="+", action=CfgOptions, default=None, metavar="KEY=VALUE", help="mmengine overrides"
     )
-
-
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets per process
 
 
 def check_launcher(parser: argparse.ArgumentParser, launcher: str, *, fix: str) -> None:

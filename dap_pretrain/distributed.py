@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from dap_pretrain.errors import UsageError
+from dap_pretrain.errors import TORCHRUN_ENV, UsageError
 
 
 def init_distributed(device: str | None = None, *, single: bool = False) -> tuple[torch.device, int, int]:
@@ -22,7 +22,7 @@ def init_distributed(device: str | None = None, *, single: bool = False) -> tupl
     """
     world = 1 if single else _env_int("WORLD_SIZE", 1)
     local_rank = 0 if single else _env_int("LOCAL_RANK", 0)
-    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    missing = [name for name in TORCHRUN_ENV if name not in os.environ and name != "LOCAL_RANK"]
     if world > 1 and missing and not dist.is_initialized():  # a job scheduler's WORLD_SIZE, not torchrun's
         raise UsageError(
             f"WORLD_SIZE={world} is set, but not the rest of torchrun's environment ({', '.join(missing)} unset); "

@@ -18,6 +18,8 @@ import threading
 import time
 from contextlib import contextmanager
 
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets per process
+
 
 class DapError(Exception):
     """An expected failure; its message is one line naming the problem and the fix (exit code 2)."""
