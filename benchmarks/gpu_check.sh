@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if ! "$PY" -c "import torch, timm, yaml" 2>/dev/null; then
+# one interpreter start (about 4 s on cpu-2) both checks the imports and reads the versions printed below
+probe="import torch, timm, yaml; print(f'torch {torch.__version__}, timm {timm.__version__}, cuda {torch.version.cuda}')"
+if ! versions=$("$PY" -c "$probe" 2>/dev/null); then
     echo "error: $PY cannot import torch, timm and yaml; set PYTHON to an interpreter that has them" >&2
     exit 2
 fi
@@ -18,5 +20,5 @@ if [ "$dry" = 0 ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
         || { echo "error: nvidia-smi failed: no NVIDIA GPU here (use --dry-run on a CPU)" >&2; exit 2; }
 fi
-"$PY" -c "import torch, timm; print(f'torch {torch.__version__}, timm {timm.__version__}, cuda {torch.version.cuda}')"
+echo "$versions"
 exec "$PY" benchmarks/gpu_check.py "$@"

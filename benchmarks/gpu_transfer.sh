@@ -107,7 +107,7 @@ if [ -n "$backbone" ]; then
 else
   r50=$work/r50
   pre=(--fixed-subset 0.05 --img-size 64 -b 64)
-  [ "$dry" = 1 ] && pre=(--fixed-subset 0.01 --img-size 32 -b 16)
+  [ "$dry" = 1 ] && pre=(--fixed-subset 0.002 --img-size 32 -b 16)
   step pretrain 120 "$PY" -m dap_pretrain.train --model resnet50 --data-dir embedded --epochs 1 --val-split '' \
     --no-plot --output "$work/pretrain" --overwrite "${pre[@]}"
   [ "$rc" = 0 ] && step export 60 "$PY" -m dap_pretrain export "$work/pretrain/last.pth.tar" --out "$r50"
@@ -123,10 +123,10 @@ common=("train_cfg._delete_=True" train_cfg.type=IterBasedTrainLoop "train_cfg.m
 det=(model.test_cfg.rcnn.score_thr=0.0)
 pose=()
 if [ "$dry" = 1 ]; then  # CPU: small inputs and batches, fewer RoIs and test images
-  det+=("train_dataloader.dataset.pipeline.2.scale=(320,192)" "test_dataloader.dataset.pipeline.1.scale=(320,192)"
+  det+=("train_dataloader.dataset.pipeline.2.scale=(200,120)" "test_dataloader.dataset.pipeline.1.scale=(200,120)"
         test_dataloader.dataset.indices=4 model.test_cfg.rcnn.max_per_img=20 model.train_cfg.rcnn.sampler.num=128
         model.train_cfg.rpn_proposal.max_per_img=300 model.test_cfg.rpn.max_per_img=100)
-  pose+=(train_dataloader.batch_size=8 test_dataloader.dataset.indices=16 model.test_cfg.flip_test=False)
+  pose+=(train_dataloader.batch_size=4 test_dataloader.dataset.indices=16 model.test_cfg.flip_test=False)
 fi
 metrics=()
 transfer() {  # transfer NAME TASK [--gpus N]

@@ -12,7 +12,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if ! "$PY" -c "import torch, timm, yaml" 2>/dev/null; then
+# one interpreter start (about 4 s on cpu-2) both checks the imports and reads the versions printed below
+probe="import torch, timm, yaml; print(f'torch {torch.__version__}, timm {timm.__version__}, cuda {torch.version.cuda}')"
+if ! versions=$("$PY" -c "$probe" 2>/dev/null); then
     echo "error: $PY cannot import torch, timm and yaml; set PYTHON to an interpreter that has them" >&2
     exit 2
 fi
@@ -41,6 +43,6 @@ fi
 if [ "$dry" = 0 ] && [ -z "${DAP_GIT_COMMIT:-}" ]; then
     echo "warning: DAP_GIT_COMMIT is unset: the CSV's commit column comes from this copy's .git, which may be stale" >&2
 fi
-"$PY" -c "import torch, timm; print(f'torch {torch.__version__}, timm {timm.__version__}, cuda {torch.version.cuda}')"
+echo "$versions"
 limit=$(( ${budget%.*} + 60 ))
 exec timeout -k 15 "$limit" "$PY" benchmarks/paper_tables.py "$@" "${extra[@]}"

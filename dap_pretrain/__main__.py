@@ -1,4 +1,4 @@
-"""``python -m dap_pretrain plan|export``."""
+"""``python -m dap_pretrain plan|export|cache``."""
 
 from dap_pretrain.cli import main
 

@@ -88,6 +88,40 @@ def test_bad_input_through_the_real_entry_point():
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
 
 
+def test_the_command_line_imports_no_torch_for_a_plan_and_the_package_still_registers_the_networks():
+    """``python -m dap_pretrain plan`` took 4-5 s on cpu-2, nearly all of it importing torch and timm for the
+    package's own imports; a plan needs neither. ``import dap_pretrain`` still registers the CIFAR networks."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "dap_pretrain", "plan", "--epochs", "20"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0 and "compute fraction:" in out.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time")}
+    assert "dap_pretrain.cli" in imported and not imported & {"torch", "timm"}, sorted(imported)[:20]
+    code = "import dap_pretrain, timm; print(timm.is_model('cifar_resnet110'), callable(dap_pretrain.load_backbone))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "True"], out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "orig_argv, cli",
+    [
+        ("python -m dap_pretrain plan", True),
+        ("python -X importtime -W ignore -u -m dap_pretrain cache", True),
+        ("python -mdap_pretrain plan", True),
+        ("python -m dap_pretrain.train --model x", False),  # another module of the package: imports eagerly
+        ("python script.py -m dap_pretrain", False),  # a script's own arguments
+        ("python -c pass -m dap_pretrain", False),
+    ],
+)
+def test_only_python_m_dap_pretrain_skips_the_eager_imports(monkeypatch, orig_argv, cli):
+    import dap_pretrain
+
+    monkeypatch.setattr(sys, "argv", ["-m"])  # as Python sets it while it finds the module of -m
+    monkeypatch.setattr(sys, "orig_argv", orig_argv.split())
+    assert dap_pretrain._running_the_cli() is cli
+    monkeypatch.setattr(sys, "argv", ["/path/to/dap_pretrain/__main__.py"])  # once found: the package is imported
+    assert dap_pretrain._running_the_cli() is False
+
+
 ENTRY_POINTS = {"__main__.py", "cli.py", "train.py", "multirun.py", "mm/train.py"}
 
 

@@ -54,7 +54,9 @@ def test_gpu_decode_ab_dry_run(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "DRY_RUN": "1", "WORK_DIR": str(tmp_path / "w"),
            "IMAGENET": str(REPO.parent / "shared/data/imagenet_sample"),
-           "TESTS": "tests/test_mixing.py",  # the suite runs tests/data/test_gpu_decode.py itself (25 s)
+           # the script's test step, with a file that imports no torch (1 s): the suite runs the GPU job's two
+           # test files itself (tests/data/test_gpu_decode.py, tests/test_mixing.py)
+           "TESTS": "tests/test_suite_order.py",
            "STEPS": "model_only_torch_defaults model_only model_gpu_loader_same_priority model_gpu_loader_half_fused "
                     "model_gpu_loader_pinned_nested_half_whole trainer_cpu_decode profile_trainer_cpu_decode "
                     "model_gpu_loader_same_priority profile_model_gpu_loader"}  # fmt: skip
@@ -62,7 +64,7 @@ def test_gpu_decode_ab_dry_run(tmp_path):
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
-    assert "tests (tests/test_mixing.py): exit 0" in summary and " passed" in summary, summary
+    assert "tests (tests/test_suite_order.py): exit 0" in summary and " passed" in summary, summary
     steps = json.loads((out / "gpu_decode.json").read_text())["steps"]
     base = "model_gpu_loader_same_priority"
     assert {base, f"{base} (2)", "model_gpu_loader_pinned_nested_half_whole"} <= set(steps), steps  # both baselines
