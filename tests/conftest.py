@@ -36,22 +36,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Test files by their seconds on cpu-2 under `-n 2 --dist loadfile` (junit times, 2026-11-27, commit c5799e8), the
-# files above 60 s. xdist's loadfile hands each worker one file at a time; with its reordering off
-# (pytest_configure below) it keeps the order given here, so these go first, longest first, and the many short
-# files fill in at the end and the two workers finish together (by test count, xdist's default order, the 250 s of
-# the GPU scripts' rehearsals started last and one worker idled for about 4 minutes). A file missing here only
-# runs later.
+# Test files by their seconds on cpu-2 under `-n 2 --dist loadfile` (--durations sums, 2026-11-28, commit 3e9d4e2:
+# the suite in 714 s), the files above 40 s. xdist's loadfile hands each worker one file at a time; with its
+# reordering off (pytest_configure below) it keeps the order given here, so these go first, longest first, and the
+# many short files fill in at the end and the two workers finish together (by test count, xdist's default order,
+# the GPU scripts' rehearsals started last and one worker idled for about 4 minutes). A file missing here only runs
+# later.
 LONGEST_FIRST = (
-    "tests/downstream/test_transfer.py",  # 297 s
-    "tests/test_train_resume_ddp.py",  # 184 s
-    "tests/test_gpu_scripts_dry_run.py",  # 251 s; 150-260 s since, with lighter rehearsals and a noisy machine
-    "tests/test_train.py",  # 138 s
-    "tests/test_paper_tables.py",  # 124 s
-    "tests/mm/test_mm_train.py",  # 113 s
-    "tests/test_cache.py",  # 68 s
+    "tests/downstream/test_transfer.py",  # 247 s
+    "tests/test_train_resume_ddp.py",  # 219 s
+    "tests/mm/test_mm_train.py",  # 204 s
+    "tests/test_train.py",  # 129 s
+    "tests/test_gpu_scripts_dry_run.py",  # 109 s
+    "tests/test_paper_tables.py",  # 104 s
     "tests/test_faults_run_folder.py",  # 66 s
-    "tests/test_multirun.py",  # 61 s
+    "tests/test_multirun.py",  # 54 s
+    "tests/test_benchmarks.py",  # 46 s
 )
 
 
