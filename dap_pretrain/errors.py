@@ -188,3 +188,9 @@ def brief(error: BaseException, limit: int = 120) -> str:
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(error)).strip()
     first = text.splitlines()[0].strip() if text else type(error).__name__
     return first if len(first) <= limit else first[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def cause(error: BaseException, limit: int = 120) -> str:
+    """A library's exception inside one of our lines: its type, and its :func:`brief` text where it has one."""
+    text = brief(error, limit)
+    return text if text == type(error).__name__ else f"{type(error).__name__}: {text}"

@@ -66,7 +66,7 @@ from dap_pretrain.data.memory import decoded_bytes, in_memory_loaders
 from dap_pretrain.data.sampler import DaPSampler
 from dap_pretrain.distributed import barrier, cuda_speed_flags, init_distributed, pick_threads, rank0_outcome
 from dap_pretrain.engine import evaluate, train_one_epoch
-from dap_pretrain.errors import UsageError, brief, on_every_rank, one_line, stopped, user_input
+from dap_pretrain.errors import UsageError, brief, cause, on_every_rank, one_line, stopped, user_input
 from dap_pretrain.logs import HeldLogs, main_process_logging
 from dap_pretrain.lr import EpochProgressLR
 from dap_pretrain.mixing import Mixer
@@ -255,7 +255,7 @@ def _build_optimizer(cfg, model):
             close = difflib.get_close_matches(cfg.opt.lower(), list_optimizers(), n=3) or ["sgd", "adamw"]
             raise UsageError(f"--opt {cfg.opt} is not a timm optimizer; e.g. --opt {', '.join(close)}") from None
         raise UsageError(
-            f"--opt {cfg.opt} refused this run's settings ({_cause(e)}); check --opt-eps/--opt-betas/--opt-kwargs, "
+            f"--opt {cfg.opt} refused this run's settings ({cause(e)}); check --opt-eps/--opt-betas/--opt-kwargs, "
             "or choose another --opt (timm's fused/apex ones need CUDA, bnb ones bitsandbytes)"
         ) from None
 
@@ -271,12 +271,6 @@ def _compiled(module, *, backend: str, mode: str | None):
         return torch.compile(module, backend=backend, mode=mode)
     except RuntimeError as e:
         raise UsageError(f"--torchcompile-mode {mode}: {e}; drop it or pass a valid mode") from None
-
-
-def _cause(e: BaseException) -> str:
-    """A library's exception inside one of our lines: its type, and its text where it has one."""
-    text = brief(e)
-    return text if text == type(e).__name__ else f"{type(e).__name__}: {text}"
 
 
 def _build_data(cfg, model_cfg: dict) -> Data:
@@ -328,7 +322,7 @@ def _build_data(cfg, model_cfg: dict) -> Data:
         shown = " ".join(f"{cli_flags([f])} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
                          for f, v in values.items())  # fmt: skip
         raise UsageError(
-            f"timm's transform cannot take {shown} ({_cause(e)}); e.g. --aa rand-m9-mstd0.5-inc1 (or augmix-m5-w3, "
+            f"timm's transform cannot take {shown} ({cause(e)}); e.g. --aa rand-m9-mstd0.5-inc1 (or augmix-m5-w3, "
             "v0), an interpolation bilinear or bicubic (random: --train-interpolation only)"
         ) from None
     classes = getattr(getattr(train, "reader", None), "class_to_idx", None) or getattr(train, "class_to_idx", None)

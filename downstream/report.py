@@ -111,6 +111,10 @@ def load_run(work_dir: str | Path) -> dict:
         run = json.loads(path.read_text())
     except FileNotFoundError:
         raise TransferInputError(f"{path} not found; pass work dirs of finished tools/transfer_coco.sh runs") from None
+    except OSError as e:  # a folder named metrics.json, an unreadable file
+        raise TransferInputError(
+            f"{path} cannot be read ({e.strerror}); pass the metrics.json of a transfer run"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TransferInputError(f"{path} is not valid JSON ({e}); rerun the transfer with --overwrite") from None
     if not isinstance(run, dict) or run.get("table") not in TABLE_COLUMNS or "method" not in run:

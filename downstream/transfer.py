@@ -12,7 +12,9 @@ have written is recorded as 0.0 and ``note`` says why, in one line that is also 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import math
 import os
@@ -23,7 +25,7 @@ import numpy as np
 
 from dap_pretrain.cli import add_cfg_options, check_launcher, make_parser
 from dap_pretrain.compat import quiet_mm_imports
-from dap_pretrain.errors import entry_point, refused_on_every_rank
+from dap_pretrain.errors import cause, entry_point, refused_on_every_rank
 from downstream import TransferInputError
 from downstream.backbone import BackboneSpec, check_backbone, resolve_backbone
 from downstream.checks import check_coco_inputs, check_person_dets
@@ -139,6 +141,67 @@ def _resume_in_moved_work_dir(cfg) -> None:
         cfg.load_from = os.fspath(own)
 
 
+def _check_work_dir(work_dir: Path, *, cfg_options: dict, overwrite: bool) -> None:
+    """Refuses, before anything is written, a work dir this run could not use or would overwrite unasked: an empty
+    name, a file or a path through one, a pre-training run's folder (``run.json``: ``dap_pretrain.train`` or
+    ``tools/pretrain_mm.sh``, whose checkpoints a transfer would replace), a finished transfer without
+    ``--overwrite``, an unfinished one (a ``last_checkpoint``) without ``resume=True`` or ``--overwrite``, and a
+    ``work_dir`` or a missing ``load_from`` among ``--cfg-options``."""
+    if "work_dir" in cfg_options:
+        raise TransferInputError(
+            f"--cfg-options work_dir={cfg_options['work_dir']} bypasses --work-dir (its lock and its --overwrite "
+            "check); pass --work-dir instead"
+        )
+    if not str(work_dir) or str(work_dir) == ".":
+        raise TransferInputError("--work-dir is empty; pass a folder for the run's checkpoints and metrics.json")
+    for folder in (work_dir, *work_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == work_dir else f"is inside {folder}, a file"
+                raise TransferInputError(f"--work-dir {work_dir} {where}; pass a folder")
+            break
+    if (work_dir / "run.json").is_file():
+        raise TransferInputError(
+            f"--work-dir {work_dir} holds a pre-training run (run.json), whose checkpoints a transfer would replace; "
+            "pass another --work-dir"
+        )
+    metrics_file = work_dir / METRICS_FILE
+    if metrics_file.exists() and not overwrite:
+        raise TransferInputError(f"{metrics_file} exists; pass another --work-dir or --overwrite to replace it")
+    resume = cfg_options.get("resume") is True
+    if (work_dir / "last_checkpoint").is_file() and not (metrics_file.exists() or resume or overwrite):
+        raise TransferInputError(
+            f"--work-dir {work_dir} holds an unfinished run (last_checkpoint); pass --cfg-options resume=True to "
+            "continue it, or --overwrite to start again"
+        )
+    load_from = cfg_options.get("load_from")  # without resume=True: the backbone check below refuses it
+    if resume and isinstance(load_from, str) and load_from and not Path(load_from).is_file():
+        raise TransferInputError(
+            f"--cfg-options load_from={load_from} is not a file; pass a checkpoint of this run (WORK_DIR/epoch_N.pth)"
+        )
+
+
+def _check_test_evaluator(cfg) -> None:
+    """Builds the config's test evaluator now, as ``runner.test()`` would after training: a setting it refuses
+    (``test_evaluator.metric=...``) is one line before the run, not a traceback after it (and, with
+    ``--overwrite``, after the previous run's files were replaced)."""
+    from mmengine.evaluator import Evaluator
+    from mmengine.registry import EVALUATOR, init_default_scope
+
+    init_default_scope(cfg.get("default_scope", "mmdet"))
+    spec = copy.deepcopy(cfg.get("test_evaluator"))
+    try:  # mmengine's Runner.build_evaluator: a dict with metrics= is an Evaluator's config, else the metrics'
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations into memory..."
+            if isinstance(spec, dict) and "metrics" in spec:
+                EVALUATOR.build({"type": "Evaluator", **spec})
+            elif spec is not None:
+                Evaluator(spec)
+    except Exception as e:  # noqa: BLE001  (mmdet/mmpose raise KeyError, TypeError, ValueError, AssertionError)
+        raise TransferInputError(
+            f"the config's test_evaluator cannot be built ({cause(e, 200)}); check --cfg-options test_evaluator.*"
+        ) from None
+
+
 def prepare_transfer(
     *,
     task: str,
@@ -163,11 +226,7 @@ def prepare_transfer(
     if notice:
         print(notice, flush=True)
     t = get_task(task)
-    if Path(work_dir).exists() and not Path(work_dir).is_dir():
-        raise TransferInputError(f"--work-dir {work_dir} is a file; pass a folder")
-    metrics_file = Path(work_dir) / METRICS_FILE
-    if metrics_file.exists() and not overwrite:
-        raise TransferInputError(f"{metrics_file} exists; pass another --work-dir or --overwrite to replace it")
+    _check_work_dir(Path(work_dir), cfg_options=cfg_options or {}, overwrite=overwrite)
     overridden = [k for k in _BACKBONE_KEYS if k in (cfg_options or {})]
     if overridden == ["load_from"] and (cfg_options or {}).get("resume") is True:
         overridden = []  # mmengine's resume=True load_from=CKPT: continue this fine-tuning from one of its checkpoints
@@ -190,6 +249,7 @@ def prepare_transfer(
     )
     _resume_in_moved_work_dir(cfg)
     check_coco_inputs(cfg, keypoints=t.is_pose)
+    _check_test_evaluator(cfg)
     path = config_path(task=task, model=spec.model)
     changed = [k for k in (cfg_options or {}) if k.startswith("model.backbone.")]
     unchanged = {k: v for k, v in (cfg_options or {}).items() if k not in changed}
@@ -327,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: parse and run; a :class:`~downstream.TransferInputError` is one stderr line, exit code 2."""
     quiet_mm_imports()
     args = parse_args(argv)
-    work_dir = args.work_dir or default_work_dir(args.task, args.backbone)
+    work_dir = default_work_dir(args.task, args.backbone) if args.work_dir is None else args.work_dir
     inputs = dict(
         task=args.task,
         backbone=args.backbone,

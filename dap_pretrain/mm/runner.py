@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dap_pretrain.errors import brief, print_error, refused_on_every_rank
+from dap_pretrain.errors import brief, cause, print_error, refused_on_every_rank
 from dap_pretrain.mm.head import head_refusal
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
 from dap_pretrain.mm.work_dir import (
@@ -34,7 +34,14 @@ def load_config(config: str | os.PathLike):
 
     if not Path(config).is_file():
         raise DaPMMError(f"config file {config} does not exist; pass one such as configs/mmpretrain/*.py")
-    return Config.fromfile(str(config))
+    try:
+        return Config.fromfile(str(config))
+    except SyntaxError as e:  # mmengine parses a .py config with ast before it runs it
+        raise DaPMMError(f"config file {config} is not valid Python (line {e.lineno}: {e.msg}); fix it") from None
+    except (ValueError, TypeError, OSError) as e:  # a .json/.yaml config mmengine cannot read, a bad _base_
+        raise DaPMMError(
+            f"config file {config} cannot be read ({cause(e, 200)}); pass an mmengine .py config"
+        ) from None
 
 
 def _class_folders(root: Path, split: str) -> list[str]:
@@ -69,6 +76,11 @@ def set_data_root(cfg, data_root: str | os.PathLike) -> None:
         if cfg.get(key):
             dataset = {k: v for k, v in cfg[key]["dataset"].items() if k not in _WHERE_KEYS}
             cfg[key]["dataset"] = dict(type="CustomDataset", data_root=str(root), data_prefix=split, **dataset)
+    if not isinstance(cfg.get("model"), dict) or not isinstance(cfg.model.get("head"), dict):
+        raise DaPMMError(
+            "the config has no model.head (a classifier's); start from one of configs/mmpretrain/*.py, e.g. "
+            "_base_ = ['resnet18_dap75_in1k.py']"
+        )
     cfg.model.head.num_classes = len(classes)
     for preprocessor in (cfg.get("data_preprocessor"), cfg.model.get("data_preprocessor")):
         if preprocessor and "num_classes" in preprocessor:

@@ -133,11 +133,14 @@ def test_first_100_percent_run_given_is_the_baseline_and_repeats_are_one_row(tmp
         json.dumps({"coco/AP": 0.1}),
         json.dumps({"method": "SimpleBaseline", "table": 9, "coco/AP": 0.7, "backbone": "resnet50"}),
         json.dumps({"method": "SimpleBaseline", "table": 9, "coco/AP": "0.7", "backbone": {}}),
+        "a folder",
     ],
-    ids=["missing", "not-json", "no-method", "backbone-not-object", "no-number"],
+    ids=["missing", "not-json", "no-method", "backbone-not-object", "no-number", "a-folder"],
 )
 def test_bad_work_dir_is_one_line_exit_2(tmp_path, capsys, content):
-    if content is not None:
+    if content == "a folder":  # was an IsADirectoryError traceback
+        (tmp_path / "metrics.json").mkdir()
+    elif content is not None:
         (tmp_path / "metrics.json").write_text(content)
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -474,6 +474,52 @@ def test_inputs_that_would_fail_after_the_check_are_refused_by_it(mm, make_expor
     assert a_file.read_text() == "kept"
 
 
+def test_work_dirs_a_run_would_overwrite_or_fail_in_are_refused_by_the_check(mm, make_export, tmp_path, capsys):
+    """A hunt as a new user (session 20) found these passing --check, then a traceback or lost files: work_dir= in
+    --cfg-options wrote into another run's folder (exit 0, and 'wrote' named the unused --work-dir); a transfer
+    into a pretrain_mm run's folder replaced its epoch_1.pth and last_checkpoint; a --work-dir below a file, a
+    resume from a missing load_from and a test evaluator setting mmdet refuses failed with tracebacks, the last
+    one only after training (and, with --overwrite, after the previous run's files were gone). Each is one line,
+    and nothing is written."""
+    r50 = make_export("r50", model="resnet50", compute_fraction=1.0, seed=0)
+    work = tmp_path / "work"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    pretrained = tmp_path / "mm_run"  # a finished tools/pretrain_mm.sh (or dap_pretrain.train) run
+    unfinished = tmp_path / "stopped"  # a transfer stopped after its first checkpoint
+    for folder, files in ((pretrained, ("run.json", "epoch_1.pth", "last_checkpoint")), (unfinished, ("epoch_1.pth",))):
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text(name)
+    (unfinished / "last_checkpoint").write_text(str(unfinished / "epoch_1.pth"))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    cases = [
+        (["--work-dir", str(work), "--cfg-options", f"work_dir={tmp_path / 'other'}"], "pass --work-dir instead"),
+        (["--work-dir", ""], "--work-dir is empty"),
+        (["--work-dir", str(a_file / "sub")], f"--work-dir {a_file / 'sub'} is inside {a_file}, a file"),
+        (["--work-dir", str(pretrained)], "holds a pre-training run (run.json)"),
+        (["--work-dir", str(unfinished)], "holds an unfinished run (last_checkpoint); pass --cfg-options resume=True"),
+        (
+            ["--work-dir", str(work), "--cfg-options", "resume=True", f"load_from={tmp_path / 'gone.pth'}"],
+            f"load_from={tmp_path / 'gone.pth'} is not a file",
+        ),
+        (
+            ["--work-dir", str(work), "--cfg-options", "test_evaluator.metric=nonsense"],
+            "test_evaluator cannot be built (KeyError: \"metric should be one of 'bbox'",
+        ),
+    ]
+    for args in ([], ["--check"]):
+        for argv, expect in cases:
+            assert transfer_main(["faster_rcnn", str(r50), "--data-root", str(COCO_MINI), *argv, *args]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and err.startswith("transfer_coco: error:") and expect in err, (argv, err)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not work.exists() and not (tmp_path / "other").exists()
+    # resume=True continues the unfinished run's folder: not refused by the check
+    argv = ["faster_rcnn", str(r50), "--data-root", str(COCO_MINI), "--work-dir", str(unfinished), "--check"]
+    assert transfer_main([*argv, "--cfg-options", "resume=True"]) == 0
+
+
 def test_a_work_dir_in_use_by_another_run_is_refused(mm, make_export, tmp_path, capsys):
     """Two runs in one work dir (say one per GPU, with the same --work-dir) shared epoch_N.pth and last_checkpoint,
     and the last metrics.json won. The second is now one line, before it writes anything."""

@@ -199,6 +199,29 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         set_data_root(None, tmp_path / "data" / "train")
 
 
+def test_configs_mmengine_cannot_read_or_without_a_head_are_one_line(tmp_path):
+    """A syntax error, a JSON file that is not JSON, and a config without model.head were tracebacks (exit 1),
+    --check included."""
+    from mmengine.config import Config
+
+    from dap_pretrain.mm import DaPMMError
+    from dap_pretrain.mm.runner import load_config, set_data_root
+
+    (tmp_path / "syntax.py").write_text("model = dict(type='X'\n")
+    (tmp_path / "bad.json").write_text('{"a": ')
+    with pytest.raises(DaPMMError, match=r"syntax.py is not valid Python \(line 1: '\(' was never closed\)"):
+        load_config(tmp_path / "syntax.py")
+    with pytest.raises(DaPMMError, match=r"bad.json cannot be read \(JSONDecodeError: Expecting value"):
+        load_config(tmp_path / "bad.json")
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            (tmp_path / "data" / split / cls / "x.jpg").write_bytes(b"")
+    for model in (1, dict(type="ImageClassifier")):
+        with pytest.raises(DaPMMError, match=r"the config has no model.head \(a classifier's\); start from one"):
+            set_data_root(Config(dict(model=model)), tmp_path / "data")
+
+
 def test_a_moved_work_dir_resumes_from_its_own_checkpoint(tmp_path):
     """mmengine's last_checkpoint holds an absolute path: in a copied work dir it names the original (here gone),
     and --resume was refused with 'does not exist'. The copy's own file of that name is used; none is one line."""
