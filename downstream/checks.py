@@ -64,6 +64,35 @@ def check_images(ann: dict, *, img_dir: str | Path, ann_file: str | Path) -> Non
         )
 
 
+def check_samples(ann: dict, *, ann_file: str | Path, keypoints: bool, training: bool) -> None:
+    """Checks that the annotations leave the dataset something to load: mmengine's dataset fails with "need at least
+    one array to concatenate" (a traceback, after ``--check``) on an empty one. mmdet's training set keeps the
+    images with a box of a listed category (``filter_empty_gt``); mmpose's keeps the person instances with
+    keypoints; a test set needs images (detection) or such instances (pose).
+
+    Raises:
+        TransferInputError: nothing would be loaded (names what is missing).
+    """
+    fix = "restore the original COCO file, or point --data-root at a complete one"
+    if not ann["images"]:
+        raise TransferInputError(f"annotation file {ann_file} lists no images; {fix}")
+    image_ids = {im.get("id") for im in ann["images"] if isinstance(im, dict)}
+    anns = [a for a in ann["annotations"] if isinstance(a, dict) and a.get("image_id") in image_ids]
+    if keypoints:
+        if not any((a.get("num_keypoints") or 0) > 0 for a in anns):
+            raise TransferInputError(
+                f"annotation file {ann_file} has no person instance with keypoints (num_keypoints > 0) on its "
+                f"images: pose has nothing to {'train on' if training else 'score'}; {fix}"
+            )
+    elif training:
+        category_ids = {c.get("id") for c in ann["categories"] if isinstance(c, dict)}
+        if not any(a.get("category_id") in category_ids for a in anns):
+            raise TransferInputError(
+                f"annotation file {ann_file} has no box of a listed category on its images (mmdet drops images "
+                f"without one): nothing to train on; {fix}"
+            )
+
+
 def check_person_dets(
     path: str | Path, *, ann: dict | None = None, ann_file: str | Path | None = None, score_thr: float = 0.0
 ) -> None:
@@ -132,6 +161,9 @@ def check_coco_inputs(cfg, *, keypoints: bool) -> None:
         if (ann_file, img_dir) not in checked:
             checked.add((ann_file, img_dir))
             check_images(loaded[ann_file], img_dir=img_dir, ann_file=ann_file)
+        training = name == "train_dataloader"
+        if not (ds.get("bbox_file") and not training):  # a test set on detected boxes: check_person_dets below
+            check_samples(loaded[ann_file], ann_file=ann_file, keypoints=keypoints, training=training)
         if ds.get("bbox_file"):
             thr = (ds.get("filter_cfg") or {}).get("bbox_score_thr", 0.0)
             check_person_dets(ds.bbox_file, ann=loaded[ann_file], ann_file=ann_file, score_thr=thr)

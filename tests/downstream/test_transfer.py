@@ -274,6 +274,26 @@ def _no_keypoints(root):
     shutil.copy(root / "annotations" / "instances_val2017.json", root / "annotations" / "person_keypoints_val2017.json")
 
 
+def _edit(root, name, change):
+    path = root / "annotations" / name
+    ann = json.loads(path.read_text())
+    change(ann)
+    path.unlink()  # data_root links some files to the read-only originals: write a new file, not through the link
+    path.write_text(json.dumps(ann))
+
+
+def _no_val_images(root):  # valid JSON, nothing to load: mmengine's "need at least one array to concatenate"
+    _edit(root, "instances_val2017.json", lambda a: a.update(images=[], annotations=[]))
+
+
+def _unknown_categories(root):  # every box of a category the file does not list: mmdet drops every image
+    _edit(root, "instances_train2017.json", lambda a: [b.update(category_id=12345) for b in a["annotations"]])
+
+
+def _no_visible_keypoints(root):
+    _edit(root, "person_keypoints_train2017.json", lambda a: [b.update(num_keypoints=0) for b in a["annotations"]])
+
+
 @pytest.mark.parametrize(
     "task, mutate, expect",
     [
@@ -282,9 +302,13 @@ def _no_keypoints(root):
         ("faster_rcnn", _not_coco, "malformed (no images, annotations, categories list)"),
         ("faster_rcnn", _wrong_images, "images listed in"),
         ("simplebaseline", _no_keypoints, "has no keypoint category"),
+        ("faster_rcnn", _no_val_images, "instances_val2017.json lists no images"),
+        ("mask_rcnn", _unknown_categories, "has no box of a listed category on its images"),
+        ("simplebaseline", _no_visible_keypoints, "has no person instance with keypoints"),
     ],
-    ids=["malformed-json", "missing-file", "not-coco", "images-mismatch", "no-keypoints"],
-)
+    ids=["malformed-json", "missing-file", "not-coco", "images-mismatch", "no-keypoints", "no-images",
+         "unknown-categories", "no-visible-keypoints"],
+)  # fmt: skip
 def test_bad_annotations(mm, exports, data_root, tmp_path, capsys, task, mutate, expect):
     mutate(data_root)
     work = tmp_path / "work"
