@@ -248,6 +248,11 @@ def prepare_transfer(
         launcher=launcher,
     )
     _resume_in_moved_work_dir(cfg)
+    from dap_pretrain.mm.loaders import dataloader_refusal  # after without_broken_multimodal (dap_pretrain.mm)
+
+    refusal = dataloader_refusal(cfg)
+    if refusal:
+        raise TransferInputError(refusal)
     check_coco_inputs(cfg, keypoints=t.is_pose)
     _check_test_evaluator(cfg)
     path = config_path(task=task, model=spec.model)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dap_pretrain.errors import brief, cause, print_error, refused_on_every_rank
 from dap_pretrain.mm.head import head_refusal
+from dap_pretrain.mm.loaders import dataloader_refusal
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
 from dap_pretrain.mm.work_dir import (
     REPLACED,
@@ -141,6 +142,9 @@ def prepare_config(
         pin_memory=pin_memory,
         persistent_workers=persistent_workers,
     )
+    refusal = dataloader_refusal(cfg)
+    if refusal:
+        raise DaPMMError(refusal)
     if resume is not None:
         if resume != "auto" and not Path(resume).is_file():
             raise DaPMMError(f"--resume {resume} does not exist; pass a checkpoint file or --resume alone")

@@ -222,6 +222,34 @@ def test_configs_mmengine_cannot_read_or_without_a_head_are_one_line(tmp_path):
             set_data_root(Config(dict(model=model)), tmp_path / "data")
 
 
+@pytest.mark.parametrize(
+    "option, expect",
+    [
+        ("train_dataloader.batchsize=4", "train_dataloader.batchsize is not a data loader setting (did you mean "
+         "train_dataloader.batch_size?)"),
+        ("val_dataloader.batch_size=abc", "val_dataloader.batch_size='abc' is not an integer >= 1"),
+        ("test_dataloader.num_workers=-1", "test_dataloader.num_workers=-1 is not an integer >= 0"),
+    ],
+)  # fmt: skip
+def test_data_loader_settings_torch_would_refuse_are_one_line_before_the_run(cifar_tiny, tmp_path, option, expect):
+    """A misspelled or mistyped *_dataloader key passed --check, then torch's DataLoader refused it with a
+    traceback when mmengine built the loader (the test loader only after training). The stock configs pass."""
+    from mmengine.config import DictAction
+
+    from dap_pretrain.mm import DaPMMError
+    from dap_pretrain.mm.runner import prepare_config
+
+    options = DictAction._parse_iterable(option.split("=", 1)[1])  # the value as --cfg-options parses it
+    configs = sorted((Path(__file__).resolve().parents[2] / "configs" / "mmpretrain").glob("*.py"))
+    common = dict(data_root=cifar_tiny, work_dir=tmp_path / "w")
+    with pytest.raises(DaPMMError) as e:
+        prepare_config(config=configs[0], **common, cfg_options={option.split("=", 1)[0]: options})
+    assert str(e.value).startswith(expect) and str(e.value).endswith("in --cfg-options"), str(e.value)
+    for config in configs:
+        prepare_config(config=config, **common)
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_moved_work_dir_resumes_from_its_own_checkpoint(tmp_path):
     """mmengine's last_checkpoint holds an absolute path: in a copied work dir it names the original (here gone),
     and --resume was refused with 'does not exist'. The copy's own file of that name is used; none is one line."""
