@@ -143,10 +143,11 @@ def _resume_in_moved_work_dir(cfg) -> None:
 
 def _check_work_dir(work_dir: Path, *, cfg_options: dict, overwrite: bool) -> None:
     """Refuses, before anything is written, a work dir this run could not use or would overwrite unasked: an empty
-    name, a file or a path through one, a pre-training run's folder (``run.json``: ``dap_pretrain.train`` or
-    ``tools/pretrain_mm.sh``, whose checkpoints a transfer would replace), a finished transfer without
-    ``--overwrite``, an unfinished one (a ``last_checkpoint``) without ``resume=True`` or ``--overwrite``, and a
-    ``work_dir`` or a missing ``load_from`` among ``--cfg-options``."""
+    name, a file or a path through one, an ``--overwrite`` killed before its first checkpoint (``.replaced/``), a
+    pre-training run's folder (``run.json``: ``dap_pretrain.train`` or ``tools/pretrain_mm.sh``, whose checkpoints
+    a transfer would replace), a finished transfer without ``--overwrite``, an unfinished one (a
+    ``last_checkpoint``) without ``resume=True`` or ``--overwrite``, and a ``work_dir`` or a missing ``load_from``
+    among ``--cfg-options``."""
     if "work_dir" in cfg_options:
         raise TransferInputError(
             f"--cfg-options work_dir={cfg_options['work_dir']} bypasses --work-dir (its lock and its --overwrite "
@@ -154,12 +155,14 @@ def _check_work_dir(work_dir: Path, *, cfg_options: dict, overwrite: bool) -> No
         )
     if not str(work_dir) or str(work_dir) == ".":
         raise TransferInputError("--work-dir is empty; pass a folder for the run's checkpoints and metrics.json")
-    for folder in (work_dir, *work_dir.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                where = "is a file" if folder == work_dir else f"is inside {folder}, a file"
-                raise TransferInputError(f"--work-dir {work_dir} {where}; pass a folder")
-            break
+    from dap_pretrain.mm.work_dir import REPLACED, killed_overwrite, not_a_folder
+
+    refusal = not_a_folder(work_dir)
+    if refusal:
+        raise TransferInputError(refusal)
+    resume = cfg_options.get("resume") is True
+    if (work_dir / REPLACED).is_dir() and not (resume or overwrite):  # as tools/pretrain_mm.sh's check_work_dir
+        raise TransferInputError(killed_overwrite(work_dir, "work dir"))
     if (work_dir / "run.json").is_file():
         raise TransferInputError(
             f"--work-dir {work_dir} holds a pre-training run (run.json), whose checkpoints a transfer would replace; "
@@ -168,8 +171,7 @@ def _check_work_dir(work_dir: Path, *, cfg_options: dict, overwrite: bool) -> No
     metrics_file = work_dir / METRICS_FILE
     if metrics_file.exists() and not overwrite:
         raise TransferInputError(f"{metrics_file} exists; pass another --work-dir or --overwrite to replace it")
-    resume = cfg_options.get("resume") is True
-    if (work_dir / "last_checkpoint").is_file() and not (metrics_file.exists() or resume or overwrite):
+    if (work_dir / "last_checkpoint").is_file() and not (resume or overwrite):
         raise TransferInputError(
             f"--work-dir {work_dir} holds an unfinished run (last_checkpoint); pass --cfg-options resume=True to "
             "continue it, or --overwrite to start again"

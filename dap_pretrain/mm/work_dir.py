@@ -41,14 +41,23 @@ _RUN_FILE = re.compile(r"(epoch|iter|best)_.*\.pth|.*\.tmp")  # checkpoints and 
 _SNAPSHOT_MAX_BYTES = 1 << 20  # files kept in memory to restore (config dump, run.json, ...); checkpoints are larger
 
 
+def not_a_folder(work_dir: Path) -> str | None:
+    """Why ``--work-dir`` cannot be a folder (it is a file, or below one: mkdir's NotADirectoryError traceback,
+    after ``--check`` had said "inputs ok"), or ``None``. Shared with ``downstream.transfer``."""
+    if work_dir.exists() and not work_dir.is_dir():
+        return f"--work-dir {work_dir} is a file; pass a folder"
+    blocking = next((p for p in work_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return f"--work-dir {work_dir} is under {blocking}, which is a file; pass a folder elsewhere"
+    return None
+
+
 def check_work_dir(work_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse a work dir that is a file, or that holds another DaP run unless resuming it or told to overwrite it
     (``--resume`` is offered only when the run saved a checkpoint)."""
-    if work_dir.exists() and not work_dir.is_dir():
-        raise DaPMMError(f"--work-dir {work_dir} is a file; pass a folder")
-    blocking = next((p for p in work_dir.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:  # else mkdir's NotADirectoryError traceback, after --check had said "inputs ok"
-        raise DaPMMError(f"--work-dir {work_dir} is under {blocking}, which is a file; pass a folder elsewhere")
+    refusal = not_a_folder(work_dir)
+    if refusal:
+        raise DaPMMError(refusal)
     if (work_dir / REPLACED).is_dir() and not resume and not overwrite:
         raise DaPMMError(killed_overwrite(work_dir, "work dir"))
     held = [m for m in RUN_MARKERS if (work_dir / m).exists()]

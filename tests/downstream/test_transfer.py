@@ -516,11 +516,15 @@ def test_work_dirs_a_run_would_overwrite_or_fail_in_are_refused_by_the_check(mm,
         for name in files:
             (folder / name).write_text(name)
     (unfinished / "last_checkpoint").write_text(str(unfinished / "epoch_1.pth"))
+    killed = tmp_path / "killed"  # an --overwrite killed before its first checkpoint: the old run waits in .replaced/
+    (killed / ".replaced").mkdir(parents=True)
+    (killed / ".replaced" / "metrics.json").write_text("{}")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     cases = [
         (["--work-dir", str(work), "--cfg-options", f"work_dir={tmp_path / 'other'}"], "pass --work-dir instead"),
         (["--work-dir", ""], "--work-dir is empty"),
-        (["--work-dir", str(a_file / "sub")], f"--work-dir {a_file / 'sub'} is inside {a_file}, a file"),
+        (["--work-dir", str(a_file / "sub")], f"--work-dir {a_file / 'sub'} is under {a_file}, which is a file"),
+        (["--work-dir", str(killed)], "holds an --overwrite that was killed before its first checkpoint"),
         (["--work-dir", str(pretrained)], "holds a pre-training run (run.json)"),
         (["--work-dir", str(unfinished)], "holds an unfinished run (last_checkpoint); pass --cfg-options resume=True"),
         (
