@@ -7,6 +7,7 @@ dap_pretrain export``); other architectures for the bad-input tests are written 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,7 @@ def train_export(out_dir: Path, *, data: Path, model: str, extra_args: list[str]
     subprocess.run(
         [sys.executable, "-m", "dap_pretrain", "export", str(ckpt), "--out", str(out_dir)], check=True, cwd=REPO
     )
+    shutil.rmtree(run_dir)  # 360 MB of ResNet-50 checkpoints the tests never read again
     return out_dir
 
 
