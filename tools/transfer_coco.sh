@@ -17,7 +17,7 @@ gpus="" args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --gpus)
-      if [ $# -lt 2 ] || [[ "$2" == -* ]]; then
+      if [ $# -lt 2 ] || { [[ "$2" == -* ]] && ! [[ "$2" =~ ^-[0-9] ]]; }; then  # -1 is a value (refused below)
         echo "transfer_coco: error: --gpus needs a number; pass e.g. --gpus 8" >&2; exit 2
       fi
       gpus="$2"; shift 2 ;;
@@ -29,7 +29,8 @@ if [ -z "$gpus" ]; then
   exec "$PY" -m downstream.transfer "${args[@]}"
 fi
 if ! [[ "$gpus" =~ ^[1-9][0-9]*$ ]]; then
-  echo "transfer_coco: error: --gpus $gpus is not a positive integer; pass e.g. --gpus 8" >&2; exit 2
+  fix="pass e.g. --gpus 8"; [[ "$gpus" =~ ^0+$ ]] && fix="drop --gpus to run one process (on the CPU without a GPU)"
+  echo "transfer_coco: error: --gpus $gpus is not a positive integer; $fix" >&2; exit 2
 fi
 # mmengine's 'pytorch' launcher binds one CUDA device per process: refuse early instead of N tracebacks
 have=$("$PY" -c "import torch; print(torch.cuda.device_count())")

@@ -25,6 +25,7 @@ from downstream.transfer import main as transfer_main
 
 REPO = Path(__file__).resolve().parents[2]
 COCO_MINI = REPO.parent / "shared" / "data" / "coco_mini"
+COCO_POSE_TINY = COCO_MINI.parent / "coco_pose_tiny"
 SCRIPT = REPO / "tools" / "transfer_coco.sh"
 
 _LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
@@ -353,6 +354,9 @@ def test_malformed_meta_and_missing_person_dets(mm, exports, tmp_path, capsys):
     missing = tmp_path / "dets.json"
     argv = ["simplebaseline", str(exports["full"]), "--person-dets", str(missing), *common]
     _assert_refused(capsys, argv, "person detection file", work)
+    dets = COCO_POSE_TINY / "test_coco_det_AP_H_56.json"  # real person boxes, given to a detection task
+    argv = ["faster_rcnn", str(exports["full"]), "--person-dets", str(dets), *common]
+    _assert_refused(capsys, argv, "--person-dets is for simplebaseline only, not faster_rcnn; drop it", work)
 
 
 def test_person_boxes_pose_evaluation_could_not_score(mm, make_export, tmp_path, capsys):
@@ -599,6 +603,27 @@ def test_more_gpus_than_torch_sees_is_one_line(tmp_path):
         f"transfer_coco: error: --gpus {ask} but torch sees {have} CUDA device(s); {fix} "
         "(--gpus N starts N processes through torchrun, one per GPU)"
     ]
+
+
+@pytest.mark.parametrize(
+    "gpus, said",
+    [
+        (["--gpus", "-1"], "--gpus -1 is not a positive integer"),  # was "--gpus needs a number"
+        (["--gpus", "0"], "--gpus 0 is not a positive integer; drop --gpus to run one process"),
+        (["--gpus", "--cfg-options"], "--gpus needs a number"),
+        (["--gpus"], "--gpus needs a number"),
+    ],
+)
+def test_gpus_takes_a_positive_count(tmp_path, gpus, said):
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "faster_rcnn", "EXPORT", "--work-dir", str(tmp_path / "w"), *gpus],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and err[0].startswith(f"transfer_coco: error: {said}"), err
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize(
