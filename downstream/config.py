@@ -173,5 +173,9 @@ def build_transfer_config(
     cfg.work_dir = os.fspath(work_dir)
     cfg.launcher = launcher
     if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+        from dap_pretrain.mm.buildable import merge_options
+
+        refusal = merge_options(cfg, cfg_options)
+        if refusal:
+            raise TransferInputError(refusal)
     return cfg

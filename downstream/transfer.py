@@ -260,9 +260,18 @@ def prepare_transfer(
     path = config_path(task=task, model=spec.model)
     changed = [k for k in (cfg_options or {}) if k.startswith("model.backbone.")]
     unchanged = {k: v for k, v in (cfg_options or {}).items() if k not in changed}
+    from dap_pretrain.mm.buildable import build_refusal
+
+    try:
+        reference = _reference_state_dict(cfg, spec)
+    except Exception:  # the backbone's constructor refused an option (model.backbone.depthh=50): name it
+        refusal = build_refusal(cfg, cfg_options)
+        if refusal:
+            raise TransferInputError(refusal) from None
+        raise
     check_backbone(
         spec=spec,
-        reference=_reference_state_dict(cfg, spec),
+        reference=reference,
         expected=f"the backbone of {path.name}",
         overrides=changed,
         stock_reference=lambda: _reference_state_dict(
@@ -273,6 +282,9 @@ def prepare_transfer(
             spec,
         ),
     )  # fmt: skip
+    refusal = build_refusal(cfg, cfg_options)  # what the run builds before its first step: model, pipelines, ...
+    if refusal:
+        raise TransferInputError(refusal)
     return cfg, spec
 
 

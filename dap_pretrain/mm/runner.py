@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from dap_pretrain.errors import brief, cause, print_error, refused_on_every_rank
+from dap_pretrain.mm.buildable import build_refusal, merge_options
 from dap_pretrain.mm.head import head_refusal
 from dap_pretrain.mm.loaders import dataloader_refusal
 from dap_pretrain.mm.settings import DaPMMError, DaPSettings, resolve_dap, resume_mismatch
@@ -131,7 +132,9 @@ def prepare_config(
     cfg.launcher = launcher
     if cfg_options:
         before = cfg.work_dir
-        cfg.merge_from_dict(cfg_options)
+        refusal = merge_options(cfg, cfg_options)
+        if refusal:
+            raise DaPMMError(refusal)
         given = cfg.get("work_dir")  # an empty or None value keeps the folder above, as before the merge
         cfg.work_dir = before if given in (None, "", "None") else str(given)
     mmpretrain_defaults(  # after the options: the flags and loader defaults see the loaders as they will run
@@ -434,6 +437,9 @@ def pretrain_mm(
         )
         resuming = bool(cfg.get("resume"))  # --resume with nothing to resume yet starts a new run (prepare_config)
         settings = check_config(cfg)
+        refusal = build_refusal(cfg, cfg_options)  # an option mmengine would meet only when it builds the run
+        if refusal:
+            raise DaPMMError(refusal)
         check_resume(cfg, settings)
         work = Path(cfg.work_dir)
         check_work_dir(work, resume=resuming, overwrite=overwrite)

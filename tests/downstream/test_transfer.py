@@ -502,6 +502,37 @@ def test_inputs_that_would_fail_after_the_check_are_refused_by_it(mm, make_expor
     assert a_file.read_text() == "kept"
 
 
+def test_cfg_options_a_build_would_refuse_are_refused_by_the_check(mm, make_export, tmp_path, capsys):
+    """A misspelled key passed --check, then mmengine's TypeError traceback when the Runner built the model, a
+    pipeline (the test loader's after training) or the optimizer; an index past a list's end was mmengine's
+    KeyError traceback from the merge. Each is now the check's one line naming the option (hunt of session 20)."""
+    r50 = make_export("r50", model="resnet50", compute_fraction=1.0, seed=0)
+    work = tmp_path / "work"
+    cases = [
+        ("faster_rcnn", "model.backbone.depthh=50", "model.backbone.depthh: ResNet takes no argument 'depthh' (did "
+         "you mean model.backbone.depth?); fix or drop it"),
+        ("mask_rcnn", "model.roi_head.mask_head.num_convz=2", "model.roi_head.mask_head.num_convz: FCNMaskHead takes "
+         "no argument 'num_convz' (did you mean model.roi_head.mask_head.num_convs?)"),
+        ("faster_rcnn", "test_dataloader.dataset.pipeline.1.scalee=(200,120)", "test_dataloader.dataset.pipeline.1."
+         "scalee: Resize takes no argument 'scalee' (did you mean test_dataloader.dataset.pipeline.1.scale?)"),
+        ("faster_rcnn", "optim_wrapper.optimizer.momentun=0.8", "optim_wrapper.optimizer.momentun: SGD takes no "
+         "argument 'momentun' (did you mean optim_wrapper.optimizer.momentum?)"),
+        ("faster_rcnn", "param_scheduler.5.end=3", "param_scheduler.5.end: param_scheduler has 2 items (LinearLR, "
+         "MultiStepLR), so index 5 is past its end; use param_scheduler.0 to param_scheduler.1"),
+        ("simplebaseline", "train_dataloader.dataset.pipeline.2.directon=horizontal", "train_dataloader.dataset."
+         "pipeline.2.directon: RandomFlip takes no argument 'directon' (did you mean train_dataloader.dataset."
+         "pipeline.2.direction?)"),
+        ("simplebaseline", "model.head.out_channel=17", "model.head.out_channel: HeatmapHead takes no argument "
+         "'out_channel' (did you mean model.head.out_channels?)"),
+    ]  # fmt: skip
+    for task, option, expect in cases:
+        argv = [task, str(r50), "--data-root", str(COCO_MINI), "--work-dir", str(work), "--check"]
+        _assert_refused(capsys, [*argv, "--cfg-options", option], f"transfer_coco: error: --cfg-options {expect}", work)
+    argv = ["faster_rcnn", str(r50), "--data-root", str(COCO_MINI), "--work-dir", str(work), "--check"]
+    assert transfer_main([*argv, "--cfg-options", *FAST["faster_rcnn"]]) == 0  # the tests' own options still build
+    assert "inputs ok" in capsys.readouterr().out
+
+
 def test_work_dirs_a_run_would_overwrite_or_fail_in_are_refused_by_the_check(mm, make_export, tmp_path, capsys):
     """A hunt as a new user (session 20) found these passing --check, then a traceback or lost files: work_dir= in
     --cfg-options wrote into another run's folder (exit 0, and 'wrote' named the unused --work-dir); a transfer

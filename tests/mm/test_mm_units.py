@@ -763,3 +763,71 @@ def test_the_exported_eval_config_is_the_runs():
     assert eval_data_config(cfg) == {"img_size": 64}
     cfg.train_dataloader.dataset.pipeline = []
     assert eval_data_config(cfg) == {}
+
+
+@pytest.mark.parametrize(
+    "option, expect",
+    [
+        (
+            "model.backbone.depthh=18",
+            "--cfg-options model.backbone.depthh: ResNet takes no argument 'depthh' (did you mean "
+            "model.backbone.depth?)",
+        ),
+        (
+            "train_dataloader.dataset.pipeline.1.scalee=32",
+            "--cfg-options train_dataloader.dataset.pipeline.1.scalee: RandomResizedCrop takes no argument 'scalee' "
+            "(did you mean train_dataloader.dataset.pipeline.1.scale?)",
+        ),
+        (
+            "val_dataloader.dataset.pipeline.1.edgee=short",
+            "--cfg-options val_dataloader.dataset.pipeline.1.edgee: ResizeEdge takes no argument 'edgee' (did you "
+            "mean val_dataloader.dataset.pipeline.1.edge?)",
+        ),
+        (
+            "optim_wrapper.optimizer.lrr=0.1",
+            "--cfg-options optim_wrapper.optimizer.lrr: SGD takes no argument 'lrr' (did you mean "
+            "optim_wrapper.optimizer.lr?)",
+        ),
+        ("param_scheduler.gama=0.2", "--cfg-options param_scheduler.gama: MultiStepLR takes no argument 'gama' (did"),
+        (
+            "train_dataloader.dataset.pipeline.9.scale=32",
+            "--cfg-options train_dataloader.dataset.pipeline.9.scale: train_dataloader.dataset.pipeline has 4 items "
+            "(LoadImageFromFile, RandomResizedCrop, RandomFlip, PackInputs), so index 9 is past its end",
+        ),
+        ("model.backbone.depth.x=1", "--cfg-options model.backbone.depth.x=1 cannot be merged into the config (Type"),
+    ],
+)
+def test_cfg_options_a_build_would_refuse_are_refused_by_the_check(tmp_path, cifar_tiny, option, expect):
+    """A misspelled key passed --check ("inputs ok"), then mmengine's TypeError traceback when the Runner built the
+    model, a pipeline (the val loader's after the first epoch) or the optimizer; an index past a list's end was
+    mmengine's KeyError traceback from the merge. Each is now one line naming the option (hunt of session 20)."""
+    from mmengine.config import DictAction
+
+    from dap_pretrain.mm.runner import pretrain_mm
+    from dap_pretrain.mm.settings import DaPMMError
+
+    config = Path(__file__).resolve().parents[2] / "configs/mmpretrain/resnet18_dap75_in1k.py"
+    key, value = option.split("=", 1)
+    options = {key: DictAction._parse_iterable(value)}
+    with pytest.raises(DaPMMError) as e:
+        pretrain_mm(config=config, data_root=cifar_tiny, work_dir=tmp_path / "w", cfg_options=options, check=True)
+    assert str(e.value).startswith(expect) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_build_check_takes_an_amp_optimizer_on_a_cpu_machine(tmp_path):
+    """`--check` on a CPU login node for a GPU job whose config trains with mmengine's AmpOptimWrapper (it needs a
+    GPU to be built): the check builds the same optimizer in a plain wrapper, so it passes there and still names
+    a misspelled optimizer key."""
+    from dap_pretrain.mm.buildable import build_refusal
+
+    body = "optim_wrapper = dict(type='AmpOptimWrapper', loss_scale='dynamic')"
+    cfg = _prepared(tmp_path, body, cfg_options={"optim_wrapper.optimizer.momentum": 0.8})
+    assert cfg.optim_wrapper.type == "AmpOptimWrapper"
+    if not torch.cuda.is_available():
+        assert build_refusal(cfg, {}) is None
+    cfg = _prepared(tmp_path, body, cfg_options={"optim_wrapper.optimizer.momentun": 0.8})
+    assert build_refusal(cfg, {"optim_wrapper.optimizer.momentun": 0.8}).startswith(
+        "--cfg-options optim_wrapper.optimizer.momentun: SGD takes no argument 'momentun' (did you mean "
+        "optim_wrapper.optimizer.momentum?)"
+    )
