@@ -46,6 +46,17 @@ def git_commit() -> str | None:
         return None
 
 
+def inside_class_folders(run_dir: str | os.PathLike, folders) -> Path | None:
+    """The first of ``folders`` (a split folder whose subfolders a dataset reads as classes) that ``run_dir`` lies
+    in or is, else ``None``: a run's folder there becomes a class of the next run that reads the data (an empty
+    one shifts every later label; the trainer's plots are images). Shared by the trainer and ``pretrain_mm``."""
+    run = Path(os.path.abspath(run_dir)).resolve()
+    for folder in folders:
+        if folder and Path(folder).is_dir() and run.is_relative_to(Path(folder).resolve()):
+            return Path(folder)
+    return None
+
+
 def killed_overwrite(folder: Path, what: str) -> str:
     """The refusal for a folder holding ``.replaced/``: an ``--overwrite`` killed (kill -9, out of memory) before
     the new run's first checkpoint, which nothing could undo; the run it replaced is there, not lost."""

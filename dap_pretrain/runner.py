@@ -11,6 +11,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import threading
@@ -58,6 +59,7 @@ from dap_pretrain.data.dataset import (
     dataset_classes,
     dataset_prefix,
     embedded_data_dir,
+    split_folder,
 )
 from dap_pretrain.data.gpu_decode import GpuDecodeLoader, dataset_samples
 from dap_pretrain.data.infobatch import InfoBatchSampler
@@ -76,6 +78,7 @@ from dap_pretrain.run_folder import (
     claim_output,
     drop_replaced,
     git_commit,
+    inside_class_folders,
     release_unused,
     restore_replaced,
     take_over,
@@ -280,6 +283,14 @@ def _build_data(cfg, model_cfg: dict) -> Data:
             "embedded sample; pass --data-dir DIR"
         )
     root = str(embedded_data_dir()) if cfg.data_dir == "embedded" else cfg.data_dir
+    if not dataset_prefix(cfg.dataset) and os.path.isdir(root):  # an ImageFolder tree: class folders per split
+        splits = [s for s in (cfg.train_split, cfg.val_split) if s]
+        inside = inside_class_folders(cfg.output, [split_folder(Path(root), s) for s in splits])
+        if inside is not None:
+            raise UsageError(
+                f"--output {cfg.output} is inside {inside}, whose folders the trainer reads as classes: the run's "
+                f"folder would be read as one; pass an --output outside {root}"
+            )
     extra = {"download": True} if cfg.dataset_download else {}
     train = create_dataset(name=cfg.dataset, root=root, split=cfg.train_split, is_training=True, **extra)
     val = (

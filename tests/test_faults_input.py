@@ -655,3 +655,29 @@ def test_folders_timm_reads_no_images_from_say_why(tmp_path, cifar_tiny, monkeyp
         assert (
             _one_line(excinfo) == f"{denied} cannot be read (permission denied); ask for read access, or copy the data"
         )
+
+
+def _small_tree(src: Path, root: Path) -> Path:
+    for split in ("train", "val"):
+        for cls in sorted(p for p in (src / split).iterdir() if p.is_dir())[:2]:
+            (root / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:4]:
+                os.link(f, root / split / cls.name / f.name)
+    return root
+
+
+def test_an_output_inside_a_split_folder_is_refused(tmp_path, cifar_tiny, capsys):
+    """--output inside train/ (or val/): the run's folder became a class folder of the data it trains on (the
+    check said "class folder .../run has no images", which named no fix for the real mistake; a run that got past
+    it would add its plots as a class's images). Outside the splits, inside --data-dir, is fine."""
+    data = _small_tree(cifar_tiny, tmp_path / "data")
+    before = sorted(str(p.relative_to(data)) for p in data.rglob("*"))
+    flags = ["--data-dir", str(data), "--model", "cifar_resnet20", "--epochs", "1", "--dap-select", "none"]
+    for out, split in ((data / "train" / "run", "train"), (data / "val" / "runs" / "a", "val")):
+        line = _cli_error(capsys, *flags, "--output", str(out), "--check", "1")
+        assert line.endswith(
+            f"--output {out} is inside {data / split}, whose folders the trainer reads as classes: the run's folder "
+            f"would be read as one; pass an --output outside {data}"
+        ), line
+    assert sorted(str(p.relative_to(data)) for p in data.rglob("*")) == before  # nothing written
+    assert train_cli([*flags, "--output", str(data / "runs" / "a"), "--check", "1"]) == 0

@@ -400,7 +400,7 @@ def embedded_data_dir(*, cache_dir: str | os.PathLike | None = None) -> Path:
 SPLIT_SYNONYMS = (("train", "training"), ("val", "valid", "validation", "eval", "evaluation"), ("test",))
 
 
-def _split_folder(root: Path, split: str) -> Path:
+def split_folder(root: Path, split: str) -> Path:
     """The folder timm's ImageFolder search reads for ``split`` (``root`` itself when there is no split folder)."""
     name = split.split("[")[0]
     synonyms = SPLIT_SYNONYMS[:2]
@@ -678,7 +678,7 @@ def create_dataset(
         root = resolve_data_dir(root, cache_dir=cache_dir)
         if not os.access(root, os.R_OK | os.X_OK):
             raise DataError(_unreadable(root))
-        folder = _split_folder(root, split)
+        folder = split_folder(root, split)
         where = str(folder) if folder != root else f"{root} (it has no {split}/ folder)"
         splits = sorted(n for group in SPLIT_SYNONYMS for n in group if (root / n).is_dir()) if folder == root else []
         if is_training and splits:  # a misspelt --train-split: timm would train on every split, val's included

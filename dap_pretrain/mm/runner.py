@@ -25,6 +25,7 @@ from dap_pretrain.mm.work_dir import (
     last_checkpoint_in,
     work_dir_lock,
 )
+from dap_pretrain.run_folder import inside_class_folders
 
 # dataset keys that name where the data is; --data-root replaces them and keeps the rest (pipeline, indices, ...)
 _WHERE_KEYS = ("type", "data_root", "data_prefix", "split", "ann_file", "metainfo", "with_label")
@@ -307,6 +308,12 @@ def _check_data_paths(cfg) -> None:
                     f"{key}.dataset: {path} does not exist (relative to {Path.cwd()}); pass --data-root DIR, an "
                     "ImageFolder tree with train/ and val/, or set the dataset's data_root"
                 )
+        folder = os.path.join(root, prefix) if prefix else root
+        if not dataset.get("ann_file") and "://" not in folder and inside_class_folders(cfg.work_dir, [folder]):
+            raise DaPMMError(  # without ann_file, mmpretrain's dataset names a class after each folder there
+                f"--work-dir {cfg.work_dir} is inside {folder}, whose folders {key}.dataset reads as classes: the "
+                f"work dir would be read as one; pass a --work-dir outside {root}"
+            )
 
 
 def check_config(cfg) -> DaPSettings:

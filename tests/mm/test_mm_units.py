@@ -831,3 +831,30 @@ def test_the_build_check_takes_an_amp_optimizer_on_a_cpu_machine(tmp_path):
         "--cfg-options optim_wrapper.optimizer.momentun: SGD takes no argument 'momentun' (did you mean "
         "optim_wrapper.optimizer.momentum?)"
     )
+
+
+def test_a_work_dir_inside_a_split_folder_is_refused(tmp_path, cifar_tiny):
+    """--work-dir inside train/ or val/ passed --check; mmengine then created it before mmpretrain listed the
+    class folders, so the work dir became an extra (empty) class (mmpretrain only warns "Found no valid file in the
+    folder"), which shifts the label of every class whose name sorts after it."""
+    import os
+
+    from dap_pretrain.mm.runner import pretrain_mm
+    from dap_pretrain.mm.settings import DaPMMError
+
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for cls in sorted(p for p in (cifar_tiny / split).iterdir() if p.is_dir())[:2]:
+            (data / split / cls.name).mkdir(parents=True)
+            for f in sorted(cls.iterdir())[:2]:
+                os.link(f, data / split / cls.name / f.name)
+    config = Path(__file__).resolve().parents[2] / "configs/mmpretrain/resnet18_dap75_in1k.py"
+    for work, split in ((data / "train" / "w", "train"), (data / "val" / "x" / "w", "val")):
+        with pytest.raises(DaPMMError) as e:
+            pretrain_mm(config=config, data_root=data, work_dir=work, check=True)
+        assert str(e.value) == (
+            f"--work-dir {work} is inside {data / split}, whose folders {split}_dataloader.dataset reads as "
+            f"classes: the work dir would be read as one; pass a --work-dir outside {data}"
+        )
+        assert not work.exists()
+    assert pretrain_mm(config=config, data_root=data, work_dir=data / "runs" / "w", check=True) == {}
