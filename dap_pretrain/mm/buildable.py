@@ -11,7 +11,7 @@ training), and an index past a list's end (``pipeline.9.scale``) a ``KeyError`` 
 key; :func:`build_refusal` builds what a run builds from the config before its first step, on the CPU and without
 reading data: the model (weights are not initialised; a backbone that loads its checkpoint at construction does),
 each data loader's dataset with ``lazy_init=True`` (its pipeline of transforms, not its annotations), the optimizer
-wrapper on that model and the parameter schedulers on that optimizer. About 1 s for a Mask R-CNN.
+wrapper on that model and the parameter schedulers on that optimizer. Under 1 s for a Mask R-CNN on 2 cores.
 """
 
 from __future__ import annotations
