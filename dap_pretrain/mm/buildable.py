@@ -96,7 +96,9 @@ def _culprit(error: Exception, options: dict, prefixes: tuple[str, ...], cfg) ->
 def build_refusal(cfg, options: dict | None = None) -> str | None:
     """Builds the run's parts from ``cfg`` (see the module docstring) and returns why one cannot be built, in one
     line, or ``None``. ``options``: the ``--cfg-options`` given; a refusal names the one that set an argument the
-    object does not take, else the part and its ``--cfg-options`` prefix."""
+    object does not take, else the part and its ``--cfg-options`` prefix. The model, datasets and optimizer are
+    built as the Runner builds them; a scheduler is refused only for an option's misspelled argument (see below),
+    and a dataset class without ``lazy_init`` is left to the run."""
     import torch
     from mmengine.optim import build_optim_wrapper
     from mmengine.registry import DATASETS, MODELS, PARAM_SCHEDULERS, init_default_scope
@@ -122,6 +124,8 @@ def build_refusal(cfg, options: dict | None = None) -> str | None:
         try:
             DATASETS.build({**dataset, "lazy_init": True})
         except Exception as e:  # noqa: BLE001
+            if "lazy_init" in str(e):  # a dataset class of the user's own without it: not built here (it would
+                continue  # read its data), and the run builds it as before
             return refuse(e, f"{name}'s dataset", f"{name}.dataset.")
     if cfg.get("optim_wrapper") is None:
         return None
@@ -141,5 +145,9 @@ def build_refusal(cfg, options: dict | None = None) -> str | None:
         try:
             PARAM_SCHEDULERS.build(spec, default_args={"optimizer": optim_wrapper})
         except Exception as e:  # noqa: BLE001
-            return refuse(e, f"param_scheduler {i}", f"param_scheduler.{i}.", "param_scheduler.")
+            # only an option's own misspelling: built here without the Runner's conversion to iterations, a
+            # scheduler that needs the epoch length (OneCycleLR) could fail where the run's does not
+            named = _culprit(e, options, (f"param_scheduler.{i}.", "param_scheduler."), cfg)
+            if named:
+                return named
     return None

@@ -858,3 +858,37 @@ def test_a_work_dir_inside_a_split_folder_is_refused(tmp_path, cifar_tiny):
         )
         assert not work.exists()
     assert pretrain_mm(config=config, data_root=data, work_dir=data / "runs" / "w", check=True) == {}
+
+
+def test_the_build_check_is_no_stricter_than_the_run(tmp_path):
+    """What the check cannot build as the Runner does is left to the run, not refused: a dataset class of the
+    user's own without mmengine's ``lazy_init`` (built here it would read its data), and a scheduler that fails
+    for a reason of its own (the check builds it without the Runner's conversion to iterations). A misspelled
+    option of that scheduler is still named."""
+    from mmengine.optim.scheduler import LinearLR
+    from mmpretrain.registry import DATASETS, PARAM_SCHEDULERS
+
+    from dap_pretrain.mm.buildable import build_refusal
+
+    class NoLazyInitDataset(torch.utils.data.Dataset):
+        def __init__(self, n: int, pipeline=None):
+            self.n = n
+
+    class NeedsTheEpochLength(LinearLR):
+        def __init__(self, optimizer, *, epoch_length=None, **kwargs):
+            super().__init__(optimizer, **kwargs)
+            if epoch_length is None:
+                raise ValueError("needs the epoch length")
+
+    DATASETS.register_module(name="NoLazyInitDatasetForTest", module=NoLazyInitDataset, force=True)
+    PARAM_SCHEDULERS.register_module(name="NeedsTheEpochLengthForTest", module=NeedsTheEpochLength, force=True)
+    body = (
+        "train_dataloader = dict(dataset=dict(_delete_=True, type='NoLazyInitDatasetForTest', n=3))\n"
+        "param_scheduler = dict(_delete_=True, type='NeedsTheEpochLengthForTest', by_epoch=True)"
+    )
+    assert build_refusal(_prepared(tmp_path, body), {}) is None
+    options = {"param_scheduler.by_epok": True}
+    assert build_refusal(_prepared(tmp_path, body, cfg_options=options), options).startswith(
+        "--cfg-options param_scheduler.by_epok: NeedsTheEpochLengthForTest takes no argument 'by_epok' (did you mean "
+        "param_scheduler.by_epoch?)"
+    )
