@@ -126,6 +126,17 @@ def load_run(work_dir: str | Path) -> dict:
         raise TransferInputError(
             f"{path} holds none of Table {run['table']}'s metrics as numbers; rerun the transfer with --overwrite"
         )
+    for _, _, key in TABLE_COLUMNS[run["table"]]:
+        v = run.get(key)
+        if v is None:
+            continue
+        # COCO's metrics are fractions, -1 where there is no such instance; other values were edited by hand or
+        # came from elsewhere, and would show as 5730.0 or nan in the table
+        if not _is_number(v) or not (0 <= v <= 1 or v == -1):
+            raise TransferInputError(
+                f"{path}: {key} is {v!r}, not a COCO metric (a fraction 0-1, or -1 for no such instances); rerun "
+                "the transfer with --overwrite"
+            )
     return run
 
 

@@ -134,8 +134,14 @@ def test_first_100_percent_run_given_is_the_baseline_and_repeats_are_one_row(tmp
         json.dumps({"method": "SimpleBaseline", "table": 9, "coco/AP": 0.7, "backbone": "resnet50"}),
         json.dumps({"method": "SimpleBaseline", "table": 9, "coco/AP": "0.7", "backbone": {}}),
         "a folder",
+        # edited by hand: shown as 5730.0, nan, or '-' beside the other columns (was no error)
+        json.dumps({"method": "SimpleBaseline", "table": 9, "coco/AP": 57.3, "backbone": {}}),
+        '{"method": "SimpleBaseline", "table": 9, "coco/AP": NaN, "backbone": {}}',
+        json.dumps({"method": "SimpleBaseline", "table": 9, "coco/AP": 0.7, "coco/AR": "0.8", "backbone": {}}),
+        json.dumps({"method": "SimpleBaseline", "table": 9, "coco/AP": -0.5, "backbone": {}}),
     ],
-    ids=["missing", "not-json", "no-method", "backbone-not-object", "no-number", "a-folder"],
+    ids="missing not-json no-method backbone-not-object no-number a-folder percent nan string-beside-numbers "
+    "negative".split(),
 )
 def test_bad_work_dir_is_one_line_exit_2(tmp_path, capsys, content):
     if content == "a folder":  # was an IsADirectoryError traceback
