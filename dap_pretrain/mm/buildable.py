@@ -21,8 +21,8 @@ import difflib
 import re
 
 from dap_pretrain.errors import cause
+from dap_pretrain.mm.loaders import LOADERS
 
-LOADERS = ("train_dataloader", "val_dataloader", "test_dataloader")
 _UNEXPECTED = re.compile(r"(\w+(?:\.\w+)*)\(\) got an unexpected keyword argument '(\w+)'")
 
 
@@ -32,7 +32,8 @@ def _step_names(items: list) -> str:
 
 
 def _index_refusal(cfg, key: str) -> str | None:
-    """Why ``key`` indexes past the end of a list of ``cfg`` (or into a list with a name), or ``None``."""
+    """Why mmengine refused to merge ``key``, if it indexes past the end of a list of ``cfg`` (or into a list with
+    a name): the list's steps by name instead of its repr; else ``None``."""
     node, walked = getattr(cfg, "_cfg_dict", cfg), []  # an mmengine Config holds its ConfigDict (a dict)
     for part in key.split("."):
         if isinstance(node, (list, tuple)):
@@ -57,13 +58,12 @@ def merge_options(cfg, options: dict) -> str | None:
     """Merges ``options`` (``--cfg-options`` as mmengine's ``DictAction`` parses them) into ``cfg``, one key at a
     time in their order; returns why one cannot be merged (one line naming it) and stops there, else ``None``."""
     for key, value in options.items():
-        refusal = _index_refusal(cfg, key)
-        if refusal:
-            return refusal
         try:
-            cfg.merge_from_dict({key: value})
+            cfg.merge_from_dict({key: value})  # replaces the config's dict only once the merge has succeeded
         except Exception as e:  # noqa: BLE001  (mmengine raises KeyError, TypeError, AssertionError)
-            return f"--cfg-options {key}={value!r} cannot be merged into the config ({cause(e, 160)}); fix the key"
+            return _index_refusal(cfg, key) or (
+                f"--cfg-options {key}={value!r} cannot be merged into the config ({cause(e, 160)}); fix the key"
+            )
     return None
 
 

@@ -302,13 +302,13 @@ def _check_data_paths(cfg) -> None:
         root = dataset.get("data_root") or ""
         prefix = dataset.get("data_prefix")
         prefix = prefix.get("img_path", "") if isinstance(prefix, dict) else (prefix or dataset.get("split") or "")
-        for path in dict.fromkeys(p for p in (root, os.path.join(root, prefix) if prefix else "") if p):
+        folder = os.path.join(root, prefix) if prefix else root
+        for path in dict.fromkeys(p for p in (root, folder) if p):
             if "://" not in path and not Path(path).is_dir():
                 raise DaPMMError(
                     f"{key}.dataset: {path} does not exist (relative to {Path.cwd()}); pass --data-root DIR, an "
                     "ImageFolder tree with train/ and val/, or set the dataset's data_root"
                 )
-        folder = os.path.join(root, prefix) if prefix else root
         if not dataset.get("ann_file") and "://" not in folder and inside_class_folders(cfg.work_dir, [folder]):
             raise DaPMMError(  # without ann_file, mmpretrain's dataset names a class after each folder there
                 f"--work-dir {cfg.work_dir} is inside {folder}, whose folders {key}.dataset reads as classes: the "
